@@ -1,0 +1,133 @@
+"""The ``silotune`` command line. It starts flows, so it sits beside them, above the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated post-training of open-source language models across data silos.")
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _print_history(history: list[dict[str, Any]], initial: dict[str, Any] | None) -> None:
+    table = Table(title="Rounds (holdout metrics of the global adapter, evaluated at each silo)")
+    silos = sorted({s for h in history for s in h.get("eval", {})})
+    table.add_column("round", justify="right")
+    for s in silos:
+        table.add_column(f"{s} loss / EM", justify="right")
+    table.add_column("weighted loss / EM", justify="right", style="bold")
+    table.add_column("silos in / out", justify="right")
+    rows = ([{"round": 0, **initial, "included": [], "excluded": {}}] if initial else []) + history
+    for h in rows:
+        cells = [str(h["round"]) if h["round"] else "0 (initial)"]
+        for s in silos:
+            ev = h.get("eval", {}).get(s)
+            cells.append(f"{ev['loss']:.3f} / {ev['exact_match']:.2f}" if ev else "-")
+        g = h.get("global_eval") or {}
+        cells.append(f"{g['loss']:.3f} / {g['exact_match']:.2f}" if g else "-")
+        cells.append(f"{len(h.get('included', []))} / {len(h.get('excluded', {}))}" if h["round"] else "")
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+        rounds: Annotated[int | None, typer.Option(help="Override the number of rounds.")] = None) -> None:
+    """Run (or resume) a federation from a YAML config on the embedded default."""
+    from silotune.config import check_local_paths, load_config, parse_config
+    from silotune.errors import SilotuneError
+
+    try:
+        cfg = load_config(config)
+        if rounds is not None:
+            cfg = parse_config({**cfg.model_dump(mode="json"), "rounds": rounds})
+        check_local_paths(cfg)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    from flows.federated_training import federated_training
+
+    out = federated_training(cfg)
+    _print_history(out["history"], None)
+    console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
+    console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
+
+
+@app.command("make-demo-data")
+def make_demo_data(out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
+                   seed: int = 0) -> None:
+    """Write the deterministic, non-IID demo silos (train + holdout per silo, and a union holdout)."""
+    from silotune.demo import make_demo_silos
+
+    paths = make_demo_silos(out, seed=seed)
+    for silo, p in paths.items():
+        console.print(f"{silo}: {p['train']}  {p['eval']}")
+    console.print(f"union holdout: {out / 'union_eval.jsonl'}")
+
+
+@app.command()
+def summary(federation_id: str,
+            store: Annotated[Path, typer.Option(help="Root of the local object store.")] = Path(".silotune/store"),
+            as_json: Annotated[bool, typer.Option("--json", help="Print the raw state as JSON.")] = False) -> None:
+    """Show a federation's rounds and metrics from its stored state."""
+    from silotune.errors import SilotuneError
+    from silotune.federation import load_state
+    from silotune.store import LocalStore
+
+    try:
+        state = load_state(LocalStore(store), federation_id)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    if state is None:
+        _fail(f"no federation {federation_id!r} in {store}")
+    assert state is not None
+    if as_json:
+        console.print_json(state.model_dump_json())
+        return
+    console.print(f"federation [bold]{federation_id}[/]: {state.completed_rounds} round(s) completed; "
+                  f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
+                  f"MLflow run {state.tracking_run_id}")
+    _print_history(state.history, state.initial_eval)
+
+
+@app.command()
+def aggregators() -> None:
+    """List the registered aggregators and server optimizers."""
+    from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS
+
+    console.print("aggregators: " + ", ".join(AGGREGATORS.names()))
+    console.print("server optimizers: " + ", ".join(SERVER_OPTIMIZERS.names()))
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Working folder of the demo.")] = Path("silotune-demo"),
+         rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+         local_steps: Annotated[int, typer.Option(help="Local steps per silo per round.")] = 8,
+         model: Annotated[str, typer.Option(help="Base model (built-in name or local folder).")] = "smollm2-135m-instruct",
+         baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True) -> None:
+    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
+    from flows.demo import run_demo
+
+    ok = run_demo(out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

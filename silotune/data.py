@@ -1,0 +1,196 @@
+"""Silo datasets: reading local files, chat formatting, response-only labels.
+
+A record is either an instruction pair or a chat::
+
+    {"instruction": "...", "response": "...", "system": "optional"}
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+
+Files are JSON Lines (``.jsonl``), a JSON array (``.json``) or Parquet
+(``.parquet``), loaded into a ``datasets.Dataset``. The tokenizer's chat
+template is applied; only assistant tokens (up to and including the end-of-turn
+token) carry a loss, so the model is trained to answer, not to echo prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from silotune.errors import DataError
+
+IGNORE_INDEX = -100
+_ROLES = {"system", "user", "assistant"}
+
+
+def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
+    """Return the record as chat messages, or raise DataError naming ``where``."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must have string 'role' and 'content'")
+            if m["role"] not in _ROLES:
+                raise DataError(f"{where}: messages[{i}].role {m['role']!r} is not one of {sorted(_ROLES)}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataError(f"{where}: no assistant message, so nothing to learn")
+        return out
+    if "instruction" in rec or "response" in rec:
+        for key in ("instruction", "response"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise DataError(f"{where}: field {key!r} must be a non-empty string")
+        msgs = []
+        if isinstance(rec.get("system"), str) and rec["system"]:
+            msgs.append({"role": "system", "content": rec["system"]})
+        msgs.append({"role": "user", "content": rec["instruction"]})
+        msgs.append({"role": "assistant", "content": rec["response"]})
+        return msgs
+    raise DataError(f"{where}: a record needs 'messages' or 'instruction' and 'response'; got keys {sorted(rec)}")
+
+
+def read_records(path: str | Path) -> list[list[dict[str, str]]]:
+    """Read and validate a silo's file into a list of chats. Errors name the file and line/row."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"dataset file not found: {p}")
+    suffix = p.suffix.lower()
+    chats: list[list[dict[str, str]]] = []
+    if suffix == ".jsonl":
+        with p.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                chats.append(_check_record(rec, f"{p}:{lineno}"))
+    elif suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{p}: a .json dataset must be an array of records")
+        chats = [_check_record(r, f"{p}[{i}]") for i, r in enumerate(data)]
+    elif suffix == ".parquet":
+        import datasets
+
+        try:
+            ds = datasets.Dataset.from_parquet(str(p))
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{p}: cannot read Parquet file: {exc}") from None
+        chats = [_check_record(r, f"{p} row {i}") for i, r in enumerate(ds)]
+    else:
+        raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+    if not chats:
+        raise DataError(f"{p}: the dataset is empty")
+    return chats
+
+
+def load_dataset(path: str | Path) -> Any:
+    """A ``datasets.Dataset`` with one ``messages`` column, validated record by record."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"messages": read_records(path)})
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_chat(messages: Sequence[dict[str, str]], tokenizer: Any, max_len: int) -> Example | None:
+    """Token ids with loss only on assistant turns; None if truncation leaves no response token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError("the chat template does not render a prompt as a prefix of its answer")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        # Learn the answer and its end-of-turn token, not the template's trailing whitespace.
+        if eos in answer_ids:
+            answer_ids = answer_ids[: answer_ids.index(eos) + 1]
+        new_prompt = prompt_ids[len(ids):] if prompt_ids[: len(ids)] == ids else None
+        if new_prompt is None:
+            raise DataError("the chat template does not render earlier turns as a token prefix")
+        ids += new_prompt
+        labels += [IGNORE_INDEX] * len(new_prompt)
+        ids += answer_ids
+        labels += answer_ids
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(ids, labels)
+
+
+def encode_dataset(chats: Sequence[Sequence[dict[str, str]]], tokenizer: Any, max_len: int) -> list[Example]:
+    out = [e for e in (encode_chat(c, tokenizer, max_len) for c in chats) if e is not None]
+    if not out:
+        raise DataError(f"no example keeps a response token within max_seq_len={max_len}")
+    return out
+
+
+def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding carries no loss and no attention."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attn[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
+
+
+def batches(examples: Sequence[Example], batch_size: int, *, steps: int, generator: torch.Generator) -> Iterator[list[Example]]:
+    """``steps`` batches drawn by reshuffling epochs with ``generator`` (deterministic per seed)."""
+    order: list[int] = []
+    for _ in range(steps):
+        batch = []
+        while len(batch) < min(batch_size, len(examples)):
+            if not order:
+                order = torch.randperm(len(examples), generator=generator).tolist()
+            batch.append(examples[order.pop()])
+        yield batch
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean token loss of each sequence over its response tokens.
+
+    Returns (loss per sequence [B], response-token count per sequence [B],
+    per-sequence greedy exact match [B]: every response token is the argmax).
+    One example is the privacy unit, so the batch loss is the mean of these.
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    tok_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
+        shift_labels.reshape(-1).clamp_min(0),
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = mask.sum(dim=1)
+    seq_loss = (tok_loss * mask).sum(dim=1) / counts.clamp_min(1)
+    correct = (shift_logits.argmax(dim=-1) == shift_labels) | ~mask
+    exact = correct.all(dim=1) & (counts > 0)
+    return seq_loss, counts, exact

@@ -1,0 +1,89 @@
+"""The federation's layout in the object store, and typed reads/writes over it.
+
+::
+
+    federations/<fid>/state.json                       last completed round (the resume point)
+    federations/<fid>/rounds/<r>/global.safetensors    global adapter broadcast at the start of round r
+    federations/<fid>/rounds/<r>/updates/<silo>.safetensors   silo deltas of round r
+    federations/<fid>/rounds/<r>/manifest.json         what round r produced, with sha256 of every object
+    federations/<fid>/final/                           final adapter in PEFT format
+
+Tensors are stored as safetensors (never pickle). Every read of a tensor object
+can be checked against the sha256 recorded when it was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from silotune.errors import StoreError
+from silotune.store.base import ObjectStore
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FederationLayout:
+    def __init__(self, federation_id: str) -> None:
+        self.fid = federation_id
+        self.prefix = f"federations/{federation_id}"
+
+    def state(self) -> str:
+        return f"{self.prefix}/state.json"
+
+    def global_adapter(self, round_: int) -> str:
+        return f"{self.prefix}/rounds/{round_:05d}/global.safetensors"
+
+    def update(self, round_: int, silo: str) -> str:
+        return f"{self.prefix}/rounds/{round_:05d}/updates/{silo}.safetensors"
+
+    def manifest(self, round_: int) -> str:
+        return f"{self.prefix}/rounds/{round_:05d}/manifest.json"
+
+    def server_state(self, round_: int) -> str:
+        return f"{self.prefix}/rounds/{round_:05d}/server_optimizer.safetensors"
+
+    def final(self, name: str) -> str:
+        return f"{self.prefix}/final/{name}"
+
+
+def put_tensors(store: ObjectStore, key: str, tensors: Mapping[str, torch.Tensor],
+                metadata: Mapping[str, str] | None = None) -> str:
+    """Write tensors as safetensors; return the sha256 of the stored bytes."""
+    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    store.put(key, data)
+    return sha256(data)
+
+
+def get_tensors(store: ObjectStore, key: str, *, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors object; verify its checksum when one is given."""
+    data = store.get(key)
+    if expected_sha256 is not None and sha256(data) != expected_sha256:
+        raise StoreError(f"{key}: sha256 mismatch (stored object changed or was corrupted)")
+    try:
+        return dict(st_load(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"{key}: not a valid safetensors object ({exc})") from None
+
+
+def put_json(store: ObjectStore, key: str, obj: Any) -> str:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    store.put(key, data)
+    return sha256(data)
+
+
+def get_json(store: ObjectStore, key: str) -> Any:
+    data = store.get(key)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{key}: invalid JSON ({exc})") from None

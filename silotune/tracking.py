@@ -1,0 +1,172 @@
+"""The tracking seam: what a federation reports, independent of the backend.
+
+``MlflowTracker`` uses the stateless ``MlflowClient`` API (no active-run globals),
+so any process that knows the run id can log to it: the coordinator, a resumed
+coordinator, or a silo registering the final adapter. One parent run per
+federation; one nested run per round.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from silotune.config import FederationConfig, TrackingSpec
+
+
+class Tracker(Protocol):
+    def start(self, config: FederationConfig, run_id: str | None) -> str | None: ...
+
+    def log_initial(self, run_id: str | None, metrics: Mapping[str, float]) -> None: ...
+
+    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None: ...
+
+    def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None: ...
+
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None: ...
+
+    def run_url(self, run_id: str | None) -> str | None: ...
+
+
+class NullTracker:
+    """Tracks nothing (``tracking.kind: none``)."""
+
+    def start(self, config: FederationConfig, run_id: str | None) -> str | None:
+        return None
+
+    def log_initial(self, run_id: str | None, metrics: Mapping[str, float]) -> None:
+        return None
+
+    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None:
+        return None
+
+    def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
+        return None
+
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        return None
+
+    def run_url(self, run_id: str | None) -> str | None:
+        return None
+
+
+def _flatten(prefix: str, d: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int | float):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+class MlflowTracker:
+    def __init__(self, spec: TrackingSpec) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.spec = spec
+        if spec.uri.startswith("sqlite:///"):
+            Path(spec.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=spec.uri)
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.spec.experiment)
+        if exp is not None:
+            return str(exp.experiment_id)
+        location = None
+        if not self.spec.uri.startswith(("http://", "https://")):
+            root = Path(self.spec.artifact_root).resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            location = root.as_uri()
+        return str(self.client.create_experiment(self.spec.experiment, artifact_location=location))
+
+    def start(self, config: FederationConfig, run_id: str | None) -> str | None:
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        tags = {"silotune.federation_id": config.federation_id, "silotune.fingerprint": config.fingerprint(),
+                "mlflow.runName": config.federation_id, **config.tags}
+        run = self.client.create_run(self._experiment_id(), tags=tags)
+        rid = run.info.run_id
+        params = {
+            "rounds": config.rounds, "seed": config.seed, "model": config.model.name_or_path,
+            "lora.r": config.lora.r, "lora.alpha": config.lora.alpha, "lora.targets": ",".join(config.lora.target_modules),
+            "train.local_steps": config.train.local_steps, "train.batch_size": config.train.batch_size,
+            "train.learning_rate": config.train.learning_rate, "aggregator": config.aggregation.name,
+            "server_optimizer": config.aggregation.server_optimizer, "min_silos": config.aggregation.min_silos,
+            "silos": ",".join(s.name for s in config.silos),
+        }
+        for k, v in params.items():
+            self.client.log_param(rid, k, str(v))
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "federation.yaml"
+            import yaml
+
+            p.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            self.client.log_artifact(rid, str(p))
+        return str(rid)
+
+    def log_initial(self, run_id: str | None, metrics: Mapping[str, float]) -> None:
+        if run_id is None:
+            return
+        for k, v in metrics.items():
+            self.client.log_metric(run_id, k, float(v), step=0)
+
+    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None:
+        if run_id is None:
+            return
+        parent = self.client.get_run(run_id)
+        child = self.client.create_run(
+            parent.info.experiment_id,
+            tags={"mlflow.parentRunId": run_id, "mlflow.runName": f"round-{round_}",
+                  "silotune.round": str(round_)},
+        )
+        cid = child.info.run_id
+        metrics: dict[str, float] = {}
+        metrics.update(_flatten("global.", summary.get("global_eval", {})))
+        for silo, tr in summary.get("train", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.train.", tr))
+        for silo, ev in summary.get("eval", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.eval.", ev))
+        metrics["round.included_silos"] = float(len(summary.get("included", [])))
+        metrics["round.excluded_silos"] = float(len(summary.get("excluded", {})))
+        metrics["round.delta_norm"] = float(summary.get("delta_norm", 0.0))
+        for k, v in metrics.items():
+            self.client.log_metric(cid, k, v, step=round_)
+            self.client.log_metric(run_id, k, v, step=round_)
+        if summary.get("excluded"):
+            self.client.set_tag(cid, "silotune.excluded", "; ".join(f"{k}: {v}" for k, v in summary["excluded"].items())[:5000])
+        self.client.set_terminated(cid)
+
+    def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        if run_id is not None:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
+        if run_id is not None:
+            self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id is not None:
+            self.client.set_terminated(run_id, status=status)
+
+    def run_url(self, run_id: str | None) -> str | None:
+        if run_id is None:
+            return None
+        if self.spec.uri.startswith(("http://", "https://")):
+            exp = self.client.get_run(run_id).info.experiment_id
+            return f"{self.spec.uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+        return f"{self.spec.uri} run {run_id} (view: mlflow ui --backend-store-uri {self.spec.uri})"
+
+
+def open_tracker(spec: TrackingSpec) -> Tracker:
+    if spec.kind == "none":
+        return NullTracker()
+    return MlflowTracker(spec)

@@ -1,0 +1,17 @@
+"""Broadcast: publish the round's global adapter (creating or resuming the federation)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from silotune.config import FederationConfig
+from silotune.federation import FederationState, start_federation
+from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
+
+
+@task(name="broadcast")
+def broadcast(config: FederationConfig) -> FederationState:
+    """Return the federation's resume point; on a fresh federation, write the initial global adapter."""
+    with TRAIN_LOCK:
+        adapter = adapter_for(config)
+    return start_federation(config, store_for(config), adapter)

@@ -1,0 +1,19 @@
+"""Publish the final adapter (PEFT format) to the object store and MLflow."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from silotune.config import FederationConfig
+from silotune.federation import FederationState
+from silotune.publish import publish_final
+from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
+
+
+@task(name="publish-final")
+def publish(config: FederationConfig, state: FederationState) -> str:
+    """Returns where the adapter folder lives (store location + key prefix)."""
+    store = store_for(config)
+    with TRAIN_LOCK:
+        prefix = publish_final(adapter_for(config), state, store, tracker_for(config))
+    return f"{store.describe().rstrip('/')}/{prefix}"

@@ -1,0 +1,59 @@
+"""Process-wide resources of the orchestration layer.
+
+Loading a base model costs seconds to minutes, so a process keeps the models
+it has loaded and reuses them across rounds and silos (silos in one process
+train one after another, each loading the broadcast adapter first). This is
+an explicit, bounded cache owned by the task layer, not by the library.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from silotune.adapters import AdapterModel
+from silotune.config import FederationConfig, LoraSpec, ModelSpec
+from silotune.store import ObjectStore, open_store
+from silotune.tracking import Tracker, open_tracker
+
+
+class ModelCache:
+    """At most ``capacity`` (model, LoRA shape) pairs stay loaded; the least recently used is dropped."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, AdapterModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: ModelSpec, lora: LoraSpec) -> AdapterModel:
+        key = model.model_dump_json() + lora.model_dump_json()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self.capacity:
+                self._items.popitem(last=False)
+            adapter = AdapterModel.create(model, lora, seed=0)
+            self._items[key] = adapter
+            return adapter
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+MODELS = ModelCache()
+# Training mutates the shared model's adapter weights: one silo at a time per process.
+TRAIN_LOCK = threading.Lock()
+
+
+def adapter_for(config: FederationConfig) -> AdapterModel:
+    return MODELS.get(config.model, config.lora)
+
+
+def store_for(config: FederationConfig) -> ObjectStore:
+    return open_store(config.store)
+
+
+def tracker_for(config: FederationConfig) -> Tracker:
+    return open_tracker(config.tracking)
