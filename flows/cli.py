@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,8 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Federated post-training of open-source language models across data silos.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Federated post-training of open-source language models across data silos.",
+)
 console = Console()
 
 
@@ -44,8 +45,10 @@ def _print_history(history: list[dict[str, Any]], initial: dict[str, Any] | None
 
 
 @app.command()
-def run(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
-        rounds: Annotated[int | None, typer.Option(help="Override the number of rounds.")] = None) -> None:
+def run(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    rounds: Annotated[int | None, typer.Option(help="Override the number of rounds.")] = None,
+) -> None:
     """Run (or resume) a federation from a YAML config on the embedded default."""
     from silotune.config import check_local_paths, load_config, parse_config
     from silotune.errors import SilotuneError
@@ -66,8 +69,10 @@ def run(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")
 
 
 @app.command("make-demo-data")
-def make_demo_data(out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
-                   seed: int = 0) -> None:
+def make_demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
+    seed: int = 0,
+) -> None:
     """Write the deterministic, non-IID demo silos (train + holdout per silo, and a union holdout)."""
     from silotune.demo import make_demo_silos
 
@@ -78,9 +83,11 @@ def make_demo_data(out: Annotated[Path, typer.Argument(help="Folder for the demo
 
 
 @app.command()
-def summary(federation_id: str,
-            store: Annotated[Path, typer.Option(help="Root of the local object store.")] = Path(".silotune/store"),
-            as_json: Annotated[bool, typer.Option("--json", help="Print the raw state as JSON.")] = False) -> None:
+def summary(
+    federation_id: str,
+    store: Annotated[Path, typer.Option(help="Root of the local object store.")] = Path(".silotune/store"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw state as JSON.")] = False,
+) -> None:
     """Show a federation's rounds and metrics from its stored state."""
     from silotune.errors import SilotuneError
     from silotune.federation import load_state
@@ -96,9 +103,11 @@ def summary(federation_id: str,
     if as_json:
         console.print_json(state.model_dump_json())
         return
-    console.print(f"federation [bold]{federation_id}[/]: {state.completed_rounds} round(s) completed; "
-                  f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
-                  f"MLflow run {state.tracking_run_id}")
+    console.print(
+        f"federation [bold]{federation_id}[/]: {state.completed_rounds} round(s) completed; "
+        f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
+        f"MLflow run {state.tracking_run_id}"
+    )
     _print_history(state.history, state.initial_eval)
 
 
@@ -112,15 +121,21 @@ def aggregators() -> None:
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="Working folder of the demo.")] = Path("silotune-demo"),
-         rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-         local_steps: Annotated[int, typer.Option(help="Local steps per silo per round.")] = 8,
-         model: Annotated[str, typer.Option(help="Base model (built-in name or local folder).")] = "smollm2-135m-instruct",
-         baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True) -> None:
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder of the demo.")] = Path("silotune-demo"),
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_steps: Annotated[int, typer.Option(help="Local steps per silo per round.")] = 8,
+    model: Annotated[
+        str, typer.Option(help="Base model (built-in name or local folder).")
+    ] = "smollm2-135m-instruct",
+    baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True,
+) -> None:
     """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
     from flows.demo import run_demo
 
-    ok = run_demo(out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console)
+    ok = run_demo(
+        out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
+    )
     if not ok:
         raise typer.Exit(1)
 

@@ -24,34 +24,49 @@ from silotune.modeling import OFFLINE_ENV
 
 def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> FederationConfig:
     data = out / "data"
-    return parse_config({
-        "federation_id": f"demo-r{rounds}-s{local_steps}",
-        "rounds": rounds,
-        "seed": 0,
-        "model": {"name_or_path": model, "max_seq_len": 256},
-        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"local_steps": local_steps, "batch_size": 8, "learning_rate": 2e-3},
-        "silos": [{"name": s.name, "train_path": str((data / s.name / "train.jsonl").resolve()),
-                   "eval_path": str((data / s.name / "eval.jsonl").resolve())} for s in DEMO_SILOS],
-        "aggregation": {"name": "fedavg", "min_silos": 2},
-        "evaluation": {"batch_size": 20},
-        "store": {"root": str((out / "store").resolve())},
-        "tracking": {"uri": f"sqlite:///{(out / 'mlflow.db').resolve()}",
-                     "artifact_root": str((out / "mlartifacts").resolve()), "experiment": "silotune-demo"},
-        "tags": {"silotune.kind": "demo"},
-    })
+    return parse_config(
+        {
+            "federation_id": f"demo-r{rounds}-s{local_steps}",
+            "rounds": rounds,
+            "seed": 0,
+            "model": {"name_or_path": model, "max_seq_len": 256},
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+            "train": {"local_steps": local_steps, "batch_size": 8, "learning_rate": 2e-3},
+            "silos": [
+                {
+                    "name": s.name,
+                    "train_path": str((data / s.name / "train.jsonl").resolve()),
+                    "eval_path": str((data / s.name / "eval.jsonl").resolve()),
+                }
+                for s in DEMO_SILOS
+            ],
+            "aggregation": {"name": "fedavg", "min_silos": 2},
+            "evaluation": {"batch_size": 20},
+            "store": {"root": str((out / "store").resolve())},
+            "tracking": {
+                "uri": f"sqlite:///{(out / 'mlflow.db').resolve()}",
+                "artifact_root": str((out / "mlartifacts").resolve()),
+                "experiment": "silotune-demo",
+            },
+            "tags": {"silotune.kind": "demo"},
+        }
+    )
 
 
 def _local_only(cfg: FederationConfig, silo: str) -> FederationConfig:
     data = cfg.model_dump(mode="json")
-    data.update(federation_id=f"{cfg.federation_id}-local-{silo}",
-                silos=[s for s in data["silos"] if s["name"] == silo],
-                aggregation={**data["aggregation"], "min_silos": 1},
-                tags={**cfg.tags, "silotune.kind": "local-only-baseline", "silotune.baseline_of": cfg.federation_id})
+    data.update(
+        federation_id=f"{cfg.federation_id}-local-{silo}",
+        silos=[s for s in data["silos"] if s["name"] == silo],
+        aggregation={**data["aggregation"], "min_silos": 1},
+        tags={**cfg.tags, "silotune.kind": "local-only-baseline", "silotune.baseline_of": cfg.federation_id},
+    )
     return parse_config(data)
 
 
-def run_demo(*, out: Path, rounds: int, local_steps: int, model: str, baselines: bool, console: Console) -> bool:
+def run_demo(
+    *, out: Path, rounds: int, local_steps: int, model: str, baselines: bool, console: Console
+) -> bool:
     import os
 
     for k, v in OFFLINE_ENV.items():
@@ -67,7 +82,10 @@ def run_demo(*, out: Path, rounds: int, local_steps: int, model: str, baselines:
     make_demo_silos(out / "data", seed=0)
     cfg = demo_config(out, rounds=rounds, local_steps=local_steps, model=model)
     dump_config(cfg, out / "federation.yaml")
-    console.rule(f"[bold]federation {cfg.federation_id}: {len(cfg.silos)} silos × {rounds} rounds × {local_steps} steps")
+    console.rule(
+        f"[bold]federation {cfg.federation_id}: {len(cfg.silos)} silos × {rounds} rounds"
+        f" × {local_steps} steps"
+    )
     fed = federated_training(cfg)
     from flows.cli import _print_history
 
@@ -81,13 +99,17 @@ def run_demo(*, out: Path, rounds: int, local_steps: int, model: str, baselines:
             console.rule(f"[bold]local-only baseline: {silo.name} alone, same rounds and steps")
             res = federated_training(bcfg)
             states[f"local-only {silo.name}"] = get_tensors(store, res["global_key"])
-    states = {"base model": get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0)), **states}
+    states = {
+        "base model": get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0)),
+        **states,
+    }
 
     console.rule("[bold]comparing adapters on every holdout")
     holdouts = {s.name: s.eval_path for s in cfg.silos if s.eval_path}
     adapter = adapter_for(cfg)
-    comp = compare_adapters(adapter, states, holdouts, max_seq_len=cfg.model.max_seq_len,
-                            batch_size=cfg.evaluation.batch_size)
+    comp = compare_adapters(
+        adapter, states, holdouts, max_seq_len=cfg.model.max_seq_len, batch_size=cfg.evaluation.batch_size
+    )
     # The union holdout is the disjoint union of the silo holdouts: its metrics are the size-weighted means.
     for name in comp.results:
         comp.results[name]["union"] = weighted_mean([comp.results[name][h] for h in holdouts])
@@ -97,8 +119,11 @@ def run_demo(*, out: Path, rounds: int, local_steps: int, model: str, baselines:
     for h in [*holdouts, "union"]:
         table.add_column(h, justify="right")
     for name, res in comp.results.items():
-        table.add_row(name, *[f"{res[h].loss:.3f} / {res[h].exact_match:.2f}" for h in [*holdouts, "union"]],
-                      style="bold green" if name == "federated" else None)
+        table.add_row(
+            name,
+            *[f"{res[h].loss:.3f} / {res[h].exact_match:.2f}" for h in [*holdouts, "union"]],
+            style="bold green" if name == "federated" else None,
+        )
     console.print(table)
 
     beats_base = {h: comp.beats("federated", "base model", h) for h in holdouts}
@@ -121,25 +146,38 @@ def run_demo(*, out: Path, rounds: int, local_steps: int, model: str, baselines:
     console.rule("[bold]what improved")
     for h, good in beats_base.items():
         b, f = comp.results["base model"][h], comp.results["federated"][h]
-        console.print(f"{'✔' if good else '✘'} {h} holdout: loss {b.loss:.3f} → {f.loss:.3f}, "
-                      f"exact match {b.exact_match:.2f} → {f.exact_match:.2f} (base → federated)")
+        console.print(
+            f"{'✔' if good else '✘'} {h} holdout: loss {b.loss:.3f} → {f.loss:.3f}, "
+            f"exact match {b.exact_match:.2f} → {f.exact_match:.2f} (base → federated)"
+        )
     fu = comp.results["federated"]["union"]
     for n, good in beats_local.items():
         lu = comp.results[n]["union"]
-        console.print(f"{'✔' if good else '✘'} union holdout: federated {fu.loss:.3f} / {fu.exact_match:.2f} vs "
-                      f"{n} {lu.loss:.3f} / {lu.exact_match:.2f}")
+        console.print(
+            f"{'✔' if good else '✘'} union holdout: federated {fu.loss:.3f} / {fu.exact_match:.2f} vs "
+            f"{n} {lu.loss:.3f} / {lu.exact_match:.2f}"
+        )
     console.rule("[bold]where to look")
     console.print(f"final adapter (PEFT format): {fed['adapter']}")
-    console.print(f"MLflow run {fed['tracking_run_id']}: mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000")
+    console.print(
+        f"MLflow run {fed['tracking_run_id']}: mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000"
+    )
     console.print(f"comparison: {out / 'comparison.json'}  plot: {out / 'federation_history.png'}")
     console.print(f"config to re-run or extend: silotune run {out / 'federation.yaml'} --rounds {rounds + 2}")
-    console.print(f"total {time.perf_counter() - t0:.0f} s; "
-                  + ("[bold green]the federated adapter beat the base model and every local-only adapter"
-                     if ok else "[bold red]the federated adapter did NOT beat every baseline (see above)"))
+    console.print(
+        f"total {time.perf_counter() - t0:.0f} s; "
+        + (
+            "[bold green]the federated adapter beat the base model and every local-only adapter"
+            if ok
+            else "[bold red]the federated adapter did NOT beat every baseline (see above)"
+        )
+    )
     return ok
 
 
-def _log_comparison_metrics(tracker: Any, run_id: str | None, results: dict[str, dict[str, EvalResult]]) -> None:
+def _log_comparison_metrics(
+    tracker: Any, run_id: str | None, results: dict[str, dict[str, EvalResult]]
+) -> None:
     client = getattr(tracker, "client", None)
     if client is None or run_id is None:
         return

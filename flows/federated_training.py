@@ -12,10 +12,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.federation import summarize_evals
-from flows.runner import runner_for
 from tasks.aggregate import aggregate
 from tasks.broadcast import broadcast
 from tasks.checkpoint import commit, report, track_round, track_start
@@ -34,9 +34,13 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         initial = {"eval": {e.silo: e.result for e in evals}, "global_eval": summarize_evals(evals)}
     state = track_start(config, state, initial)
     if state.completed_rounds:
-        logger.info("resuming %s after round %d of %d", config.federation_id, state.completed_rounds, config.rounds)
-    progress = create_progress_artifact(progress=100.0 * state.completed_rounds / config.rounds,
-                                        description=f"rounds of {config.federation_id}")
+        logger.info(
+            "resuming %s after round %d of %d", config.federation_id, state.completed_rounds, config.rounds
+        )
+    progress = create_progress_artifact(
+        progress=100.0 * state.completed_rounds / config.rounds,
+        description=f"rounds of {config.federation_id}",
+    )
     for r in range(state.completed_rounds, config.rounds):
         records, failures = runner.train(config, r, state.global_ref)
         if len(records) < config.aggregation.min_silos:
@@ -49,9 +53,15 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         state = commit(config, state, r, records, failures + eval_failures, agg, evals)
         track_round(config, state, r)
         g = state.history[-1]["global_eval"]
-        logger.info("round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
-                    r + 1, config.rounds, len(agg.included), len(agg.excluded) + len(failures),
-                    g.get("loss", float("nan")), g.get("exact_match", float("nan")))
+        logger.info(
+            "round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
+            r + 1,
+            config.rounds,
+            len(agg.included),
+            len(agg.excluded) + len(failures),
+            g.get("loss", float("nan")),
+            g.get("exact_match", float("nan")),
+        )
         update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)
     adapter_dir = publish(config, state)
     summary = report(config, state, adapter_dir)

@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class SiloRunner(Protocol):
-    def train(self, config: FederationConfig, round_: int,
-              global_ref: ObjectRef) -> tuple[list[UpdateRecord], list[SiloFailure]]: ...
+    def train(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[UpdateRecord], list[SiloFailure]]: ...
 
-    def evaluate(self, config: FederationConfig, round_: int,
-                 global_ref: ObjectRef) -> tuple[list[EvalRecord], list[SiloFailure]]: ...
+    def evaluate(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[EvalRecord], list[SiloFailure]]: ...
 
 
 def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
@@ -37,8 +39,9 @@ def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
 class InProcessRunner:
     """Silos as subflows of the coordinator flow (the embedded default)."""
 
-    def train(self, config: FederationConfig, round_: int,
-              global_ref: ObjectRef) -> tuple[list[UpdateRecord], list[SiloFailure]]:
+    def train(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[UpdateRecord], list[SiloFailure]]:
         from flows.silo import silo_round
 
         records, failures = [], []
@@ -51,8 +54,9 @@ class InProcessRunner:
                 log.warning("round %d: silo %s failed: %s", round_ + 1, silo.name, failures[-1].error)
         return records, failures
 
-    def evaluate(self, config: FederationConfig, round_: int,
-                 global_ref: ObjectRef) -> tuple[list[EvalRecord], list[SiloFailure]]:
+    def evaluate(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[EvalRecord], list[SiloFailure]]:
         from flows.silo import silo_evaluate
 
         records, failures = [], []

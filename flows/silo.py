@@ -17,6 +17,8 @@ def silo_round(config: FederationConfig, silo: str, round_: int, global_ref: Obj
 
 
 @flow(name="silo-evaluate", flow_run_name="{silo}-evaluate-{round_}", log_prints=True)
-def silo_evaluate(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> EvalRecord | None:
+def silo_evaluate(
+    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
+) -> EvalRecord | None:
     """Evaluate a global adapter on the silo's local holdout."""
     return evaluate_global(config, silo, round_, global_ref)

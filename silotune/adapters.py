@@ -79,7 +79,8 @@ class AdapterModel:
         extra = sorted(set(state) - set(current))
         if missing or extra:
             raise UpdateError(
-                "global", f"adapter keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+                "global",
+                f"adapter keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]})",
             )
         for k, v in state.items():
             if tuple(v.shape) != tuple(current[k].shape):
@@ -93,7 +94,7 @@ class AdapterModel:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def save_pretrained(self, folder: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> Path:
-        """Write the adapter (``state`` if given) in PEFT format: loadable by ``PeftModel.from_pretrained``."""
+        """Write the adapter (``state`` if given) in PEFT format (``PeftModel.from_pretrained`` loads it)."""
         if state is not None:
             self.load_state(state)
         out = Path(folder)

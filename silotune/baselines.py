@@ -25,9 +25,17 @@ class Comparison:
         return ra.loss < rb.loss and ra.exact_match >= rb.exact_match
 
 
-def compare_adapters(adapter: AdapterModel, states: Mapping[str, Mapping[str, torch.Tensor]],
-                     holdouts: Mapping[str, str | Path], *, max_seq_len: int, batch_size: int = 16) -> Comparison:
-    encoded = {name: encode_dataset(read_records(p), adapter.tokenizer, max_seq_len) for name, p in holdouts.items()}
+def compare_adapters(
+    adapter: AdapterModel,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    holdouts: Mapping[str, str | Path],
+    *,
+    max_seq_len: int,
+    batch_size: int = 16,
+) -> Comparison:
+    encoded = {
+        name: encode_dataset(read_records(p), adapter.tokenizer, max_seq_len) for name, p in holdouts.items()
+    }
     results: dict[str, dict[str, EvalResult]] = {}
     for aname, state in states.items():
         adapter.load_state(state)

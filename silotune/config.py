@@ -74,7 +74,9 @@ class SiloSpec(_Spec):
     @classmethod
     def _slug(cls, v: str) -> str:
         if not _SLUG.match(v):
-            raise ValueError(f"{v!r} is not a valid silo id (lowercase letters, digits, '-', '_'; ≤ 63 chars)")
+            raise ValueError(
+                f"{v!r} is not a valid silo id (lowercase letters, digits, '-', '_'; ≤ 63 chars)"
+            )
         return v
 
     @property
@@ -106,12 +108,16 @@ class TrackingSpec(_Spec):
     uri: str = Field(
         "sqlite:///.silotune/mlflow.db", description="MLflow tracking URI (a SQLite file by default)."
     )
-    artifact_root: str = Field(".silotune/mlartifacts", description="Artifact folder for a local MLflow store.")
+    artifact_root: str = Field(
+        ".silotune/mlartifacts", description="Artifact folder for a local MLflow store."
+    )
     experiment: str = Field("silotune", description="MLflow experiment name.")
 
 
 class EvalSpec(_Spec):
-    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many holdout examples.")
+    max_examples: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many holdout examples."
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -160,7 +166,8 @@ class FederationConfig(_Spec):
             )
         if self.aggregation.server_optimizer not in SERVER_OPTIMIZERS:
             problems.append(
-                f"aggregation.server_optimizer: unknown server optimizer {self.aggregation.server_optimizer!r}; "
+                "aggregation.server_optimizer: unknown server optimizer "
+                f"{self.aggregation.server_optimizer!r}; "
                 f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
         if problems:

@@ -37,7 +37,11 @@ def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
         out = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 raise DataError(f"{where}: messages[{i}] must have string 'role' and 'content'")
             if m["role"] not in _ROLES:
                 raise DataError(f"{where}: messages[{i}].role {m['role']!r} is not one of {sorted(_ROLES)}")
@@ -55,7 +59,9 @@ def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
         msgs.append({"role": "user", "content": rec["instruction"]})
         msgs.append({"role": "assistant", "content": rec["response"]})
         return msgs
-    raise DataError(f"{where}: a record needs 'messages' or 'instruction' and 'response'; got keys {sorted(rec)}")
+    raise DataError(
+        f"{where}: a record needs 'messages' or 'instruction' and 'response'; got keys {sorted(rec)}"
+    )
 
 
 def read_records(path: str | Path) -> list[list[dict[str, str]]]:
@@ -124,11 +130,11 @@ def encode_chat(messages: Sequence[dict[str, str]], tokenizer: Any, max_len: int
         if not full.startswith(prompt):
             raise DataError("the chat template does not render a prompt as a prefix of its answer")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
         # Learn the answer and its end-of-turn token, not the template's trailing whitespace.
         if eos in answer_ids:
             answer_ids = answer_ids[: answer_ids.index(eos) + 1]
-        new_prompt = prompt_ids[len(ids):] if prompt_ids[: len(ids)] == ids else None
+        new_prompt = prompt_ids[len(ids) :] if prompt_ids[: len(ids)] == ids else None
         if new_prompt is None:
             raise DataError("the chat template does not render earlier turns as a token prefix")
         ids += new_prompt
@@ -162,7 +168,9 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
 
 
-def batches(examples: Sequence[Example], batch_size: int, *, steps: int, generator: torch.Generator) -> Iterator[list[Example]]:
+def batches(
+    examples: Sequence[Example], batch_size: int, *, steps: int, generator: torch.Generator
+) -> Iterator[list[Example]]:
     """``steps`` batches drawn by reshuffling epochs with ``generator`` (deterministic per seed)."""
     order: list[int] = []
     for _ in range(steps):
@@ -174,7 +182,9 @@ def batches(examples: Sequence[Example], batch_size: int, *, steps: int, generat
         yield batch
 
 
-def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def per_sequence_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean token loss of each sequence over its response tokens.
 
     Returns (loss per sequence [B], response-token count per sequence [B],

@@ -23,11 +23,35 @@ from pathlib import Path
 Record = dict[str, str]
 
 _DEPARTMENTS = {
-    "cardiology": ["chest pain", "palpitations", "an irregular heartbeat", "high blood pressure", "swollen ankles and breathlessness"],
+    "cardiology": [
+        "chest pain",
+        "palpitations",
+        "an irregular heartbeat",
+        "high blood pressure",
+        "swollen ankles and breathlessness",
+    ],
     "neurology": ["a migraine", "numbness in the left hand", "a seizure", "memory loss", "double vision"],
-    "orthopedics": ["a broken wrist", "knee swelling", "back pain after lifting", "a sprained ankle", "a stiff shoulder"],
-    "dermatology": ["an itchy rash", "a mole that changed colour", "severe acne", "eczema on the arms", "a skin infection"],
-    "gastroenterology": ["stomach cramps", "heartburn", "nausea after meals", "blood in the stool", "chronic diarrhea"],
+    "orthopedics": [
+        "a broken wrist",
+        "knee swelling",
+        "back pain after lifting",
+        "a sprained ankle",
+        "a stiff shoulder",
+    ],
+    "dermatology": [
+        "an itchy rash",
+        "a mole that changed colour",
+        "severe acne",
+        "eczema on the arms",
+        "a skin infection",
+    ],
+    "gastroenterology": [
+        "stomach cramps",
+        "heartburn",
+        "nausea after meals",
+        "blood in the stool",
+        "chronic diarrhea",
+    ],
 }
 _NOTE_TEMPLATES = [
     "{age}-year-old {sex} with {sym} for {dur}.",
@@ -55,16 +79,24 @@ def _clinic(rng: random.Random) -> Record:
     dept = rng.choice(sorted(_DEPARTMENTS))
     sex = rng.choice(["male", "female"])
     note = rng.choice(_NOTE_TEMPLATES).format(
-        age=rng.randint(18, 90), sex=sex, sex_cap=sex.capitalize(), sym=rng.choice(_DEPARTMENTS[dept]),
+        age=rng.randint(18, 90),
+        sex=sex,
+        sex_cap=sex.capitalize(),
+        sym=rng.choice(_DEPARTMENTS[dept]),
         dur=rng.choice(["two days", "a week", "three weeks", "a month", "six hours"]),
     )
-    return {"instruction": f"Route this patient note to a hospital department.\nNote: {note}", "response": dept}
+    return {
+        "instruction": f"Route this patient note to a hospital department.\nNote: {note}",
+        "response": dept,
+    }
 
 
 def _bank(rng: random.Random) -> Record:
     cat = rng.choice(sorted(_CATEGORIES))
     tx = rng.choice(_TX_TEMPLATES).format(
-        code=rng.randint(1000, 9999), merchant=rng.choice(_CATEGORIES[cat]), city=rng.choice(_CITIES),
+        code=rng.randint(1000, 9999),
+        merchant=rng.choice(_CATEGORIES[cat]),
+        city=rng.choice(_CITIES),
         amount=f"{rng.uniform(2, 400):.2f}",
     )
     return {"instruction": f"Categorise this card transaction.\nTransaction: {tx}", "response": cat}
@@ -74,11 +106,13 @@ def _lab(rng: random.Random) -> Record:
     patient = rng.randint(1000, 9999)
     tube = rng.choice(_TUBES)
     y, m, d = rng.randint(2019, 2025), rng.randint(1, 12), rng.randint(1, 28)
-    label = rng.choice([
-        f"tube {tube} / patient {patient} / {y}-{m:02d}-{d:02d}",
-        f"patient {patient}, tube {tube}, drawn {y}-{m:02d}-{d:02d}",
-        f"{y}-{m:02d}-{d:02d} | tube {tube} | patient {patient}",
-    ])
+    label = rng.choice(
+        [
+            f"tube {tube} / patient {patient} / {y}-{m:02d}-{d:02d}",
+            f"patient {patient}, tube {tube}, drawn {y}-{m:02d}-{d:02d}",
+            f"{y}-{m:02d}-{d:02d} | tube {tube} | patient {patient}",
+        ]
+    )
     return {
         "instruction": f"Normalise this sample label to PATIENT-TUBE-DATE.\nLabel: {label}",
         "response": f"{patient}-{tube.upper()}-{y}{m:02d}{d:02d}",

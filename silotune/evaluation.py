@@ -29,8 +29,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(adapter: AdapterModel, examples: Sequence[Example], *, batch_size: int = 16,
-             state: Mapping[str, torch.Tensor] | None = None) -> EvalResult:
+def evaluate(
+    adapter: AdapterModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> EvalResult:
     """Mean per-example loss and exact-match rate of the adapter (``state`` if given)."""
     if state is not None:
         adapter.load_state(state)

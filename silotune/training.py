@@ -45,8 +45,13 @@ def silo_seed(seed: int, round_: int, silo_index: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + silo_index) % (2**31 - 1)
 
 
-def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               params: list[torch.nn.Parameter], max_grad_norm: float | None) -> float:
+def train_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float | None,
+) -> float:
     """One optimizer step on the mean per-sequence loss; returns that loss."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"])

@@ -10,6 +10,7 @@ from tasks.runtime import store_for
 
 
 @task(name="aggregate", task_run_name="aggregate-r{round_}")
-def aggregate(config: FederationConfig, round_: int, global_ref: ObjectRef,
-              records: list[UpdateRecord]) -> AggregateRecord:
+def aggregate(
+    config: FederationConfig, round_: int, global_ref: ObjectRef, records: list[UpdateRecord]
+) -> AggregateRecord:
     return aggregate_round(config, store_for(config), round_, global_ref, records)

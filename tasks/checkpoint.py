@@ -24,8 +24,15 @@ from tasks.runtime import store_for, tracker_for
 
 
 @task(name="commit-round", task_run_name="commit-r{round_}")
-def commit(config: FederationConfig, state: FederationState, round_: int, updates: list[UpdateRecord],
-           failures: list[SiloFailure], agg: AggregateRecord, evals: list[EvalRecord]) -> FederationState:
+def commit(
+    config: FederationConfig,
+    state: FederationState,
+    round_: int,
+    updates: list[UpdateRecord],
+    failures: list[SiloFailure],
+    agg: AggregateRecord,
+    evals: list[EvalRecord],
+) -> FederationState:
     return commit_round(config, store_for(config), state, round_, updates, failures, agg, evals)
 
 
@@ -35,22 +42,35 @@ def round_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for silo in silos:
         tr = summary["train"].get(silo, {})
         ev = summary["eval"].get(silo, {})
-        rows.append({
-            "silo": silo,
-            "status": "excluded: " + summary["excluded"][silo][:120] if silo in summary["excluded"] else "included",
-            "examples": tr.get("num_examples", ""),
-            "train_loss_first": round(tr["first_loss"], 4) if "first_loss" in tr else "",
-            "train_loss_final": round(tr["final_loss"], 4) if "final_loss" in tr else "",
-            "tokens_per_s": round(tr["tokens_per_second"], 1) if "tokens_per_second" in tr else "",
-            "update_norm": round(tr["update_norm"], 4) if "update_norm" in tr else "",
-            "holdout_loss": round(ev["loss"], 4) if "loss" in ev else "",
-            "holdout_exact_match": round(ev["exact_match"], 4) if "exact_match" in ev else "",
-        })
+        rows.append(
+            {
+                "silo": silo,
+                "status": "excluded: " + summary["excluded"][silo][:120]
+                if silo in summary["excluded"]
+                else "included",
+                "examples": tr.get("num_examples", ""),
+                "train_loss_first": round(tr["first_loss"], 4) if "first_loss" in tr else "",
+                "train_loss_final": round(tr["final_loss"], 4) if "final_loss" in tr else "",
+                "tokens_per_s": round(tr["tokens_per_second"], 1) if "tokens_per_second" in tr else "",
+                "update_norm": round(tr["update_norm"], 4) if "update_norm" in tr else "",
+                "holdout_loss": round(ev["loss"], 4) if "loss" in ev else "",
+                "holdout_exact_match": round(ev["exact_match"], 4) if "exact_match" in ev else "",
+            }
+        )
     g = summary.get("global_eval") or {}
-    rows.append({"silo": "GLOBAL (weighted)", "status": "", "examples": g.get("num_examples", ""),
-                 "train_loss_first": "", "train_loss_final": "", "tokens_per_s": "", "update_norm": round(summary["delta_norm"], 4),
-                 "holdout_loss": round(g["loss"], 4) if "loss" in g else "",
-                 "holdout_exact_match": round(g["exact_match"], 4) if "exact_match" in g else ""})
+    rows.append(
+        {
+            "silo": "GLOBAL (weighted)",
+            "status": "",
+            "examples": g.get("num_examples", ""),
+            "train_loss_first": "",
+            "train_loss_final": "",
+            "tokens_per_s": "",
+            "update_norm": round(summary["delta_norm"], 4),
+            "holdout_loss": round(g["loss"], 4) if "loss" in g else "",
+            "holdout_exact_match": round(g["exact_match"], 4) if "exact_match" in g else "",
+        }
+    )
     return rows
 
 
@@ -62,12 +82,14 @@ def track_round(config: FederationConfig, state: FederationState, round_: int) -
     create_table_artifact(
         key=f"{config.federation_id}-round-{round_ + 1}".replace("_", "-"),
         table=round_table(summary),
-        description=f"Federation {config.federation_id}, round {round_ + 1}: silos' training and holdout metrics.",
+        description=f"Federation {config.federation_id}, round {round_ + 1}: training and holdout metrics.",
     )
 
 
 @task(name="track-start")
-def track_start(config: FederationConfig, state: FederationState, initial: dict[str, Any] | None) -> FederationState:
+def track_start(
+    config: FederationConfig, state: FederationState, initial: dict[str, Any] | None
+) -> FederationState:
     tracker = tracker_for(config)
     run_id = tracker.start(config, state.tracking_run_id)
     new = state.model_copy(update={"tracking_run_id": run_id})
@@ -94,15 +116,31 @@ def report(config: FederationConfig, state: FederationState, final_adapter_dir: 
 
     first = (state.initial_eval or {}).get("global_eval", {})
     last = state.history[-1]["global_eval"] if state.history else {}
-    md = [f"# Federation `{config.federation_id}`", "",
-          f"Rounds completed: **{state.completed_rounds}** of {config.rounds}; silos: {', '.join(s.name for s in config.silos)}.", ""]
+    md = [
+        f"# Federation `{config.federation_id}`",
+        "",
+        f"Rounds completed: **{state.completed_rounds}** of {config.rounds}; "
+        f"silos: {', '.join(s.name for s in config.silos)}.",
+        "",
+    ]
     if first and last:
-        md += ["| holdout (weighted over silos) | initial global | final global |", "|---|---|---|",
-               f"| loss | {first['loss']:.4f} | {last['loss']:.4f} |",
-               f"| exact match | {first['exact_match']:.3f} | {last['exact_match']:.3f} |", ""]
-    md += [f"Final adapter: `{final_adapter_dir}`", f"MLflow run: `{state.tracking_run_id}`", "",
-           f"![history](data:image/png;base64,{base64.b64encode(png).decode()})"]
-    create_markdown_artifact(key=f"{config.federation_id}-summary".replace("_", "-"), markdown="\n".join(md),
-                             description="Federation summary")
+        md += [
+            "| holdout (weighted over silos) | initial global | final global |",
+            "|---|---|---|",
+            f"| loss | {first['loss']:.4f} | {last['loss']:.4f} |",
+            f"| exact match | {first['exact_match']:.3f} | {last['exact_match']:.3f} |",
+            "",
+        ]
+    md += [
+        f"Final adapter: `{final_adapter_dir}`",
+        f"MLflow run: `{state.tracking_run_id}`",
+        "",
+        f"![history](data:image/png;base64,{base64.b64encode(png).decode()})",
+    ]
+    create_markdown_artifact(
+        key=f"{config.federation_id}-summary".replace("_", "-"),
+        markdown="\n".join(md),
+        description="Federation summary",
+    )
     tracker.finish(state.tracking_run_id)
     return {"initial": first, "final": last}

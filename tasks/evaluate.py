@@ -10,6 +10,8 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=2, task_run_name="evaluate-{silo}-r{round_}")
-def evaluate_global(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> EvalRecord | None:
+def evaluate_global(
+    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
+) -> EvalRecord | None:
     with TRAIN_LOCK:
         return evaluate_silo(config, silo, round_, global_ref, store_for(config), adapter_for(config))

@@ -65,9 +65,13 @@ def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) ->
     missing = sorted(set(reference) - set(update.delta))
     extra = sorted(set(update.delta) - set(reference))
     if missing:
-        raise UpdateError(silo, f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise UpdateError(
+            silo, f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
     if extra:
-        raise UpdateError(silo, f"unexpected tensors: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+        raise UpdateError(
+            silo, f"unexpected tensors: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else "")
+        )
     for key, ref in reference.items():
         t = update.delta[key]
         if not isinstance(t, torch.Tensor):
@@ -91,8 +95,13 @@ def check_updates(updates: Sequence[ClientUpdate]) -> None:
             raise UpdateError(u.silo, "more than one update from this silo in one round")
         seen.add(u.silo)
     reference = updates[0].delta
+    if not reference:
+        raise UpdateError(updates[0].silo, "the update holds no tensors")
     for u in updates:
         check_update(u, reference)
+        for key, ref in reference.items():
+            if u.delta[key].dtype != ref.dtype:
+                raise UpdateError(u.silo, f"dtype {u.delta[key].dtype} differs from {ref.dtype}", tensor=key)
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:

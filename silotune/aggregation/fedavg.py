@@ -28,14 +28,13 @@ class FedAvg:
         self.weighted = weighted
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> TensorDict:
-        if self.weighted:
-            weights = example_weights(updates)
-        else:
-            weights = [1.0 / len(updates)] * len(updates)
+        weights = example_weights(updates) if self.weighted else [1.0 / len(updates)] * len(updates)
+        # A fixed summation order (by silo id) makes the result independent of arrival order.
+        order = sorted(range(len(updates)), key=lambda i: updates[i].silo)
         out: TensorDict = {}
         for key, ref in updates[0].delta.items():
             acc = torch.zeros(ref.shape, dtype=torch.float64)
-            for w, u in zip(weights, updates, strict=True):
-                acc += w * u.delta[key].to(torch.float64)
+            for i in order:
+                acc += weights[i] * updates[i].delta[key].to(torch.float64)
             out[key] = acc.to(ref.dtype)
         return out

@@ -56,15 +56,21 @@ class FederationLayout:
         return f"{self.prefix}/final/{name}"
 
 
-def put_tensors(store: ObjectStore, key: str, tensors: Mapping[str, torch.Tensor],
-                metadata: Mapping[str, str] | None = None) -> str:
+def put_tensors(
+    store: ObjectStore,
+    key: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> str:
     """Write tensors as safetensors; return the sha256 of the stored bytes."""
     data = st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
     store.put(key, data)
     return sha256(data)
 
 
-def get_tensors(store: ObjectStore, key: str, *, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+def get_tensors(
+    store: ObjectStore, key: str, *, expected_sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a safetensors object; verify its checksum when one is given."""
     data = store.get(key)
     if expected_sha256 is not None and sha256(data) != expected_sha256:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's second command (and what CI runs): install with test tools, lint, test.
+# Tests need no server: Prefect runs on its ephemeral API (a temporary local
+# server on 127.0.0.1 started by the test harness), MLflow on a SQLite file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash infra/install.sh --dev
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from silotune.config import FederationConfig, check_local_paths, dump_config, load_config, parse_config
+from silotune.errors import ConfigError
+
+
+def _base(**over):
+    cfg = {
+        "federation_id": "fed-1",
+        "silos": [{"name": "a", "train_path": "a.jsonl"}, {"name": "b", "train_path": "b.jsonl"}],
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_defaults_and_round_trip(tmp_path: Path) -> None:
+    silos = [{"name": "a", "train_path": str(tmp_path / "a.jsonl")}]
+    cfg = parse_config(_base(rounds=4, silos=silos))
+    assert cfg.aggregation.name == "fedavg" and cfg.lora.r == 8
+    dump_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again.model_dump() == cfg.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "needle"),
+    [
+        ({"rounds": 0}, "rounds", "greater than or equal to 1"),
+        ({"federation_id": "Bad Id!"}, "federation_id", "not a valid id"),
+        ({"train": {"learning_rate": -1}}, "train.learning_rate", "greater than 0"),
+        ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
+        ({"aggregation": {"name": "mean-ish"}}, "aggregation.name", "known: "),
+        ({"aggregation": {"min_silos": 3}}, "aggregation.min_silos", "exceeds the 2 configured"),
+        ({"silos": []}, "silos", "at least 1"),
+        ({"bogus": 1}, "bogus", "Extra inputs are not permitted"),
+        ({"silos": [{"name": "a", "train_path": "x"}, {"name": "a", "train_path": "y"}]}, "silos", "duplicate"),
+        ({"silos": [{"name": "UPPER", "train_path": "x"}]}, "silos.0.name", "not a valid silo id"),
+    ],
+)
+def test_invalid_configs_name_the_field(override, field, needle) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_base(**override))
+    msg = str(err.value)
+    assert field in msg and needle in msg, msg
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_base(rounds=0, train={"batch_size": 0}))
+    assert "rounds" in str(err.value) and "train.batch_size" in str(err.value)
+
+
+def test_yaml_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_base()))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.silos[0].train_path == str(tmp_path / "a.jsonl")
+    with pytest.raises(ConfigError, match=r"silos.1.train_path: file not found"):
+        check_local_paths(cfg)
+
+
+def test_bad_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_fingerprint_ignores_rounds_but_not_training() -> None:
+    a = parse_config(_base(rounds=2))
+    assert a.fingerprint() == parse_config(_base(rounds=9, tags={"x": "y"})).fingerprint()
+    assert a.fingerprint() != parse_config(_base(train={"local_steps": 3})).fingerprint()
+
+
+def test_flow_parameter_schema_renders() -> None:
+    # The Prefect UI renders its form from this JSON schema.
+    schema = FederationConfig.model_json_schema()
+    assert "silos" in schema["properties"] and "federation_id" in schema["required"]

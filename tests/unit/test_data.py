@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from silotune.data import IGNORE_INDEX, collate, encode_chat, encode_dataset, load_dataset, read_records
+from silotune.demo import make_demo_silos
+from silotune.errors import DataError
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path: Path) -> None:
+    p = _write(tmp_path / "d.jsonl", ['{"instruction": "a", "response": "b"}', "", '{"instruction": "c", "resp'])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON"):
+        read_records(p)
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"instruction": "a"}', "field 'response'"),
+        ('{"instruction": "", "response": "b"}', "field 'instruction'"),
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "robot"),
+        ('{"text": "x"}', "needs 'messages' or 'instruction'"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_records(tmp_path: Path, line: str, needle: str) -> None:
+    p = _write(tmp_path / "d.jsonl", ['{"instruction": "a", "response": "b"}', line])
+    with pytest.raises(DataError) as err:
+        read_records(p)
+    assert ":2:" in str(err.value) and needle in str(err.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_records(_write(tmp_path / "d.csv", ["a,b"]))
+    with pytest.raises(DataError, match="empty"):
+        read_records(_write(tmp_path / "e.jsonl", [""]))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="cannot read Parquet"):
+        read_records(tmp_path / "bad.parquet")
+
+
+def test_parquet_json_and_chat_formats(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"instruction": "q1", "response": "a1"}, {"instruction": "q2", "response": "a2"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert read_records(tmp_path / "d.parquet")[1][-1] == {"role": "assistant", "content": "a2"}
+    (tmp_path / "d.json").write_text(json.dumps([{"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]}]))
+    assert [m["role"] for m in read_records(tmp_path / "d.json")[0]] == ["system", "user", "assistant"]
+    ds = load_dataset(tmp_path / "d.parquet")
+    assert len(ds) == 2 and "messages" in ds.column_names
+
+
+def test_only_response_tokens_carry_loss(tokenizer) -> None:
+    chat = [{"role": "user", "content": "Convert 3 km to m."}, {"role": "assistant", "content": "3000 m"}]
+    ex = encode_chat(chat, tokenizer, max_len=256)
+    assert ex is not None
+    target = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(target) == "3000 m<|im_end|>"
+    # The prompt (system + user turns) is masked and sits before the answer.
+    first = next(i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX)
+    assert "Convert 3 km" in tokenizer.decode(ex.input_ids[:first])
+    assert all(t == IGNORE_INDEX for t in ex.labels[:first])
+
+
+def test_multi_turn_and_truncation(tokenizer) -> None:
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "two"}]
+    ex = encode_chat(chat, tokenizer, max_len=512)
+    assert ex is not None
+    target = tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert target == "one<|im_end|>two<|im_end|>"
+    assert encode_chat(chat[:2], tokenizer, max_len=5) is None  # the prompt alone fills 5 tokens
+    with pytest.raises(DataError, match="max_seq_len=5"):
+        encode_dataset([chat[:2]], tokenizer, max_len=5)
+
+
+def test_collate_pads_without_loss(tokenizer) -> None:
+    a = encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer, 256)
+    b = encode_chat([{"role": "user", "content": "a longer question here"}, {"role": "assistant", "content": "ok"}],
+                    tokenizer, 256)
+    batch = collate([a, b], tokenizer.pad_token_id)
+    n = len(a.input_ids)
+    assert batch["attention_mask"][0, n:].sum() == 0
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+
+
+def test_demo_silos_are_deterministic_non_iid_and_disjoint(tmp_path: Path) -> None:
+    p1 = make_demo_silos(tmp_path / "a", seed=3)
+    p2 = make_demo_silos(tmp_path / "b", seed=3)
+    for silo in p1:
+        assert p1[silo]["train"].read_bytes() == p2[silo]["train"].read_bytes()
+        train = {r[0]["content"] for r in read_records(p1[silo]["train"])}
+        held = {r[0]["content"] for r in read_records(p1[silo]["eval"])}
+        assert not train & held
+    answers = {s: {r[-1]["content"] for r in read_records(p1[s]["train"])} for s in p1}
+    assert not answers["clinic"] & answers["bank"]  # different tasks, different label sets
+    union = (tmp_path / "a" / "union_eval.jsonl").read_text().splitlines()
+    assert len(union) == sum(len(p1[s]["eval"].read_text().splitlines()) for s in p1)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from silotune.errors import StoreError
+from silotune.store import FederationLayout, LocalStore, get_json, get_tensors, put_json, put_tensors, sha256
+
+
+def test_put_get_list_delete(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path)
+    s.put("a/b/c.bin", b"x")
+    s.put("a/d.bin", b"yy")
+    assert s.get("a/b/c.bin") == b"x" and s.exists("a/d.bin")
+    assert s.list("a/") == ["a/b/c.bin", "a/d.bin"]
+    s.put("a/d.bin", b"zz")  # overwrite is atomic
+    assert s.get("a/d.bin") == b"zz"
+    s.delete("a/d.bin")
+    assert not s.exists("a/d.bin")
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a"])
+def test_invalid_keys(tmp_path: Path, key: str) -> None:
+    with pytest.raises(StoreError, match="invalid object key"):
+        LocalStore(tmp_path).put(key, b"x")
+
+
+def test_missing_object(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="object not found: nope"):
+        LocalStore(tmp_path).get("nope")
+
+
+def test_tensors_round_trip_and_integrity(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path)
+    t = {"w": torch.randn(3, 4), "b": torch.zeros(2)}
+    digest = put_tensors(s, "t.safetensors", t, metadata={"round": "1"})
+    assert digest == sha256(s.get("t.safetensors"))
+    back = get_tensors(s, "t.safetensors", expected_sha256=digest)
+    assert all(torch.equal(back[k], t[k]) for k in t)
+    s.put("t.safetensors", s.get("t.safetensors")[:-3])  # truncated / tampered
+    with pytest.raises(StoreError, match="sha256 mismatch"):
+        get_tensors(s, "t.safetensors", expected_sha256=digest)
+    with pytest.raises(StoreError, match="not a valid safetensors"):
+        get_tensors(s, "t.safetensors")
+
+
+def test_json_and_layout(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path)
+    lay = FederationLayout("f")
+    put_json(s, lay.state(), {"a": 1})
+    assert get_json(s, lay.state()) == {"a": 1}
+    assert lay.update(3, "bank") == "federations/f/rounds/00003/updates/bank.safetensors"
+    s.put("bad.json", b"{nope")
+    with pytest.raises(StoreError, match="invalid JSON"):
+        get_json(s, "bad.json")
