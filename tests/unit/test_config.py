@@ -38,7 +38,11 @@ def test_defaults_and_round_trip(tmp_path: Path) -> None:
         ({"aggregation": {"min_silos": 3}}, "aggregation.min_silos", "exceeds the 2 configured"),
         ({"silos": []}, "silos", "at least 1"),
         ({"bogus": 1}, "bogus", "Extra inputs are not permitted"),
-        ({"silos": [{"name": "a", "train_path": "x"}, {"name": "a", "train_path": "y"}]}, "silos", "duplicate"),
+        (
+            {"silos": [{"name": "a", "train_path": "x"}, {"name": "a", "train_path": "y"}]},
+            "silos",
+            "duplicate",
+        ),
         ({"silos": [{"name": "UPPER", "train_path": "x"}]}, "silos.0.name", "not a valid silo id"),
     ],
 )

@@ -16,7 +16,9 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path: Path) -> None:
-    p = _write(tmp_path / "d.jsonl", ['{"instruction": "a", "response": "b"}', "", '{"instruction": "c", "resp'])
+    p = _write(
+        tmp_path / "d.jsonl", ['{"instruction": "a", "response": "b"}', "", '{"instruction": "c", "resp']
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:3: invalid JSON"):
         read_records(p)
 
@@ -58,8 +60,19 @@ def test_parquet_json_and_chat_formats(tmp_path: Path) -> None:
     rows = [{"instruction": "q1", "response": "a1"}, {"instruction": "q2", "response": "a2"}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     assert read_records(tmp_path / "d.parquet")[1][-1] == {"role": "assistant", "content": "a2"}
-    (tmp_path / "d.json").write_text(json.dumps([{"messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]}]))
+    (tmp_path / "d.json").write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "x"},
+                    ]
+                }
+            ]
+        )
+    )
     assert [m["role"] for m in read_records(tmp_path / "d.json")[0]] == ["system", "user", "assistant"]
     ds = load_dataset(tmp_path / "d.parquet")
     assert len(ds) == 2 and "messages" in ds.column_names
@@ -78,8 +91,12 @@ def test_only_response_tokens_carry_loss(tokenizer) -> None:
 
 
 def test_multi_turn_and_truncation(tokenizer) -> None:
-    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "one"},
-            {"role": "user", "content": "b"}, {"role": "assistant", "content": "two"}]
+    chat = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "two"},
+    ]
     ex = encode_chat(chat, tokenizer, max_len=512)
     assert ex is not None
     target = tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX])
@@ -90,9 +107,14 @@ def test_multi_turn_and_truncation(tokenizer) -> None:
 
 
 def test_collate_pads_without_loss(tokenizer) -> None:
-    a = encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer, 256)
-    b = encode_chat([{"role": "user", "content": "a longer question here"}, {"role": "assistant", "content": "ok"}],
-                    tokenizer, 256)
+    a = encode_chat(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer, 256
+    )
+    b = encode_chat(
+        [{"role": "user", "content": "a longer question here"}, {"role": "assistant", "content": "ok"}],
+        tokenizer,
+        256,
+    )
     batch = collate([a, b], tokenizer.pad_token_id)
     n = len(a.input_ids)
     assert batch["attention_mask"][0, n:].sum() == 0

@@ -31,17 +31,42 @@ def test_result_does_not_depend_on_arrival_order() -> None:
 @pytest.mark.parametrize(
     ("bad", "needle"),
     [
-        (ClientUpdate("evil", {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 3)}, 1),
-         "silo 'evil', tensor 'a.lora_B.weight': shape (3, 3)"),
-        (ClientUpdate("evil", {"a.lora_A.weight": torch.ones(2, 3, dtype=torch.int64),
-                               "a.lora_B.weight": torch.ones(3, 2)}, 1), "not floating point"),
-        (ClientUpdate("evil", {"a.lora_A.weight": torch.full((2, 3), float("nan")),
-                               "a.lora_B.weight": torch.ones(3, 2)}, 1), "6 non-finite"),
+        (
+            ClientUpdate(
+                "evil", {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 3)}, 1
+            ),
+            "silo 'evil', tensor 'a.lora_B.weight': shape (3, 3)",
+        ),
+        (
+            ClientUpdate(
+                "evil",
+                {"a.lora_A.weight": torch.ones(2, 3, dtype=torch.int64), "a.lora_B.weight": torch.ones(3, 2)},
+                1,
+            ),
+            "not floating point",
+        ),
+        (
+            ClientUpdate(
+                "evil",
+                {"a.lora_A.weight": torch.full((2, 3), float("nan")), "a.lora_B.weight": torch.ones(3, 2)},
+                1,
+            ),
+            "6 non-finite",
+        ),
         (ClientUpdate("evil", {"a.lora_A.weight": torch.ones(2, 3)}, 1), "missing tensors: a.lora_B.weight"),
         (_u("evil", 1.0, 1, extra=torch.ones(1)), "unexpected tensors: extra"),
         (_u("evil", 1.0, 0), "num_examples must be a positive integer"),
-        (ClientUpdate("evil", {"a.lora_A.weight": torch.ones(2, 3, dtype=torch.float64),
-                               "a.lora_B.weight": torch.ones(3, 2)}, 1), "dtype torch.float64 differs"),
+        (
+            ClientUpdate(
+                "evil",
+                {
+                    "a.lora_A.weight": torch.ones(2, 3, dtype=torch.float64),
+                    "a.lora_B.weight": torch.ones(3, 2),
+                },
+                1,
+            ),
+            "dtype torch.float64 differs",
+        ),
         (_u("a", 2.0, 1), "more than one update"),
     ],
 )
