@@ -57,11 +57,27 @@ class Side:
     name: str
     tokens_per_s: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time (all threads)
     first_loss: float = float("nan")
 
     @property
     def median(self) -> float:
         return statistics.median(self.tokens_per_s)
+
+    def add(self, wall: float, cpu: float, tokens: int, first_loss: float) -> None:
+        self.seconds.append(wall)
+        self.cpu_seconds.append(cpu)
+        self.tokens_per_s.append(tokens / wall)
+        self.first_loss = first_loss
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "median_tokens_per_s": self.median,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "first_loss": self.first_loss,
+        }
 
 
 def lab_examples(tokenizer: Any, seq_len: int, *, pack: bool) -> list[Example]:
@@ -111,16 +127,27 @@ def check_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
             raise SystemExit(f"weights differ between the two models at {k}")
 
 
+class Clock:
+    """Wall and process-CPU seconds between ``start()`` and ``stop()``."""
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+
 def run_bare(
     model: Any, init: TensorDict, batches_: Sequence[dict[str, torch.Tensor]], spec: TrainSpec
-) -> tuple[float, list[float]]:
-    """The baseline loop; returns (seconds, losses). Resetting the adapter is not timed."""
+) -> tuple[float, float, list[float]]:
+    """The baseline loop; returns (wall s, CPU s, losses). Resetting the adapter is not timed."""
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, dict(init))
     model.train()
     losses = []
-    start = time.perf_counter()
+    clock = Clock()
+    clock.start()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     for b in batches_:
@@ -129,19 +156,20 @@ def run_bare(
         out.loss.backward()
         opt.step()
         losses.append(out.loss.detach())
-    seconds = time.perf_counter() - start
+    wall, cpu = clock.stop()
     model.eval()
-    return seconds, [float(x) for x in losses]
+    return wall, cpu, [float(x) for x in losses]
 
 
 def run_silotune(
     adapter: AdapterModel, init: TensorDict, examples: Sequence[Example], spec: TrainSpec, seed: int
-) -> tuple[float, int, float]:
-    """One silo's local training exactly as a silo runs it; returns (seconds, tokens, first loss)."""
-    start = time.perf_counter()
+) -> tuple[float, float, int, float]:
+    """One silo's local training exactly as a silo runs it; returns (wall s, CPU s, tokens, first loss)."""
+    clock = Clock()
+    clock.start()
     _, result = train_local(adapter, init, examples, spec, seed=seed, progress=False)
-    seconds = time.perf_counter() - start
-    return seconds, result.tokens, result.first_loss
+    wall, cpu = clock.stop()
+    return wall, cpu, result.tokens, result.first_loss
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,39 +214,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_silotune(adapter, init, examples, warm_spec, args.seed)
     run_bare(bare, init, bare_batches[:1], spec)
 
+    load_before = os.getloadavg()[0]
     a, b = Side("silotune train_local"), Side("bare peft+torch")
     for r in range(args.repeats):
-        s, tok, loss = run_silotune(adapter, init, examples, spec, args.seed)
+        wall, cpu, tok, loss = run_silotune(adapter, init, examples, spec, args.seed)
         if tok != tokens:
             raise SystemExit(f"silotune trained on {tok} tokens, the baseline on {tokens}: batches differ")
-        a.seconds.append(s)
-        a.tokens_per_s.append(tok / s)
-        a.first_loss = loss
-        s, losses = run_bare(bare, init, bare_batches, spec)
-        b.seconds.append(s)
-        b.tokens_per_s.append(tokens / s)
-        b.first_loss = losses[0]
+        a.add(wall, cpu, tokens, loss)
+        wall, cpu, losses = run_bare(bare, init, bare_batches, spec)
+        b.add(wall, cpu, tokens, losses[0])
         print(
             f"  repeat {r + 1}/{args.repeats}: silotune {a.tokens_per_s[-1]:8.1f} tok/s   "
-            f"bare {b.tokens_per_s[-1]:8.1f} tok/s",
+            f"bare {b.tokens_per_s[-1]:8.1f} tok/s   (ratio {a.tokens_per_s[-1] / b.tokens_per_s[-1]:.3f})",
             file=sys.stderr,
             flush=True,
         )
+    load_after = os.getloadavg()[0]
     if torch.get_num_threads() != threads:
         raise SystemExit("the torch thread count changed during the run")
 
     ratio = a.median / b.median
+    paired = statistics.median(x / y for x, y in zip(a.tokens_per_s, b.tokens_per_s, strict=True))
+    cpu_ratio = statistics.median(b.cpu_seconds) / statistics.median(a.cpu_seconds)
     print()
     print(
         f"model {args.model}  batch {shape[0]}x{shape[1]}  {args.steps} steps x {args.repeats} repeats  "
-        f"{tokens} non-pad tokens/repeat  threads {threads}  (setup {setup_s:.1f}s)"
+        f"{tokens} non-pad tokens/repeat  threads {threads}  setup {setup_s:.1f}s  "
+        f"load avg {load_before:.2f} -> {load_after:.2f}"
     )
-    print(f"{'side':<22}{'median tok/s':>14}{'min':>10}{'max':>10}{'median s':>10}{'1st loss':>10}")
+    print(
+        f"{'side':<22}{'median tok/s':>14}{'min':>10}{'max':>10}{'median s':>10}{'CPU s':>10}{'1st loss':>10}"
+    )
     for side in (a, b):
         print(
             f"{side.name:<22}{side.median:>14.1f}{min(side.tokens_per_s):>10.1f}"
-            f"{max(side.tokens_per_s):>10.1f}{statistics.median(side.seconds):>10.3f}{side.first_loss:>10.4f}"
+            f"{max(side.tokens_per_s):>10.1f}{statistics.median(side.seconds):>10.3f}"
+            f"{statistics.median(side.cpu_seconds):>10.3f}{side.first_loss:>10.4f}"
         )
+    print(
+        f"median of paired (adjacent) ratios = {paired:.3f}; CPU-time ratio bare/silotune = {cpu_ratio:.3f}"
+    )
+    if load_before > threads + 0.5 or load_after > threads + 0.5:
+        print(f"warning: load average above {threads} threads; other processes shared the CPUs")
     print(f"ratio silotune/bare = {ratio:.2f} (target >= {TARGET})")
 
     if args.json:
@@ -231,12 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "tokens_per_repeat": tokens,
             "threads": threads,
+            "load_avg": [load_before, load_after],
             "torch": torch.__version__,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
-            "silotune": {"tokens_per_s": a.tokens_per_s, "seconds": a.seconds, "median": a.median},
-            "bare": {"tokens_per_s": b.tokens_per_s, "seconds": b.seconds, "median": b.median},
+            "silotune": a.as_dict(),
+            "bare": b.as_dict(),
             "ratio": ratio,
+            "paired_ratio": paired,
+            "cpu_time_ratio": cpu_ratio,
             "target": TARGET,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

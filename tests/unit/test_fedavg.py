@@ -77,7 +77,7 @@ def test_malformed_updates_name_silo_and_tensor(bad: ClientUpdate, needle: str) 
 
 
 def test_unknown_aggregator_lists_known_ones() -> None:
-    with pytest.raises(KeyError, match="known: .*fedavg"):
+    with pytest.raises(KeyError, match=r"known: .*fedavg"):
         build_aggregator("average-ish")
     with pytest.raises(TypeError, match="fedavg"):
         build_aggregator("fedavg", momentum=0.9)
