@@ -99,17 +99,28 @@ def run_demo(
             console.rule(f"[bold]local-only baseline: {silo.name} alone, same rounds and steps")
             res = federated_training(bcfg)
             states[f"local-only {silo.name}"] = get_tensors(store, res["global_key"])
-    states = {
-        "base model": get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0)),
-        **states,
-    }
+    base_state = get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0))
 
     console.rule("[bold]comparing adapters on every holdout")
     holdouts = {s.name: s.eval_path for s in cfg.silos if s.eval_path}
     adapter = adapter_for(cfg)
+    # Base and federated adapters were already scored on every silo holdout inside the flow (round 0 and
+    # the last round); only the local-only adapters still need scoring on the other silos' holdouts.
+    scored = {
+        "base model": (fed.get("initial_eval") or {}).get("eval", {}),
+        "federated": fed["history"][-1]["eval"],
+    }
+    to_score = {n: st for n, st in states.items() if set(scored.get(n, {})) != set(holdouts)}
+    if set(scored["base model"]) != set(holdouts):
+        to_score["base model"] = base_state
     comp = compare_adapters(
-        adapter, states, holdouts, max_seq_len=cfg.model.max_seq_len, batch_size=cfg.evaluation.batch_size
+        adapter, to_score, holdouts, max_seq_len=cfg.model.max_seq_len, batch_size=cfg.evaluation.batch_size
     )
+    for name, per in scored.items():
+        if name not in to_score:
+            comp.results[name] = {h: EvalResult(**per[h]) for h in holdouts}
+    order = ["base model", "federated", *[n for n in states if n.startswith("local-only")]]
+    comp.results.update({n: comp.results.pop(n) for n in order})
     # The union holdout is the disjoint union of the silo holdouts: its metrics are the size-weighted means.
     for name in comp.results:
         comp.results[name]["union"] = weighted_mean([comp.results[name][h] for h in holdouts])

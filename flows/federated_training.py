@@ -71,6 +71,7 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         "initial": summary["initial"],
         "final": summary["final"],
         "history": state.history,
+        "initial_eval": state.initial_eval,
         "adapter": adapter_dir,
         "tracking_run_id": state.tracking_run_id,
         "tracking_uri": config.tracking.uri if config.tracking.kind == "mlflow" else None,
