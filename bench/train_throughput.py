@@ -19,8 +19,16 @@ consecutive lab records, truncated to ``--seq-len`` tokens, so a batch is exactl
 ``batch × seq-len`` tokens (the loss still falls only on assistant turns); ``--no-pack`` uses the
 single-turn records instead (about 85 tokens each, right-padded to the longest in the batch).
 Throughput counts non-pad tokens (the attention mask). Each side gets one untimed warm-up step;
-the two measurements are interleaved (A B A B ...) ``--repeats`` times so machine noise hits both,
-and the median tokens/s of each side is reported with their ratio.
+then (silotune, bare) pairs of runs are interleaved ``--repeats`` times so machine noise hits both
+(``--order abba``, the default, alternates who goes first: A B, B A, A B, ...; ``--order abab`` is
+A B, A B, ...). Reported: the median tokens/s of each side and their ratio (the last line), plus the
+median of the per-pair ratios and the ratio of process CPU seconds, as cross-checks.
+
+On a small shared machine another process using the cores can slow a step tenfold (OpenMP threads
+spin while a sibling is descheduled), so from ``/proc/stat`` the script also measures how many cores
+other processes used during each run; a pair where that reaches ``--noisy-cores`` (0.1) is shown
+but not counted, and rerun, up to ``--max-extra`` (3) extra pairs. If no pair was quiet, all are
+counted and a warning says the numbers are not trustworthy.
 """
 
 from __future__ import annotations
@@ -54,28 +62,32 @@ TARGET = 0.95
 
 @dataclass
 class Side:
+    """One side's timed runs (one per repeat, in order)."""
+
     name: str
     tokens_per_s: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time (all threads)
+    others: list[float] = field(default_factory=list)  # cores used by other processes meanwhile
     first_loss: float = float("nan")
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.tokens_per_s)
-
-    def add(self, wall: float, cpu: float, tokens: int, first_loss: float) -> None:
+    def add(self, wall: float, cpu: float, others: float, tokens: int, first_loss: float) -> None:
         self.seconds.append(wall)
         self.cpu_seconds.append(cpu)
+        self.others.append(others)
         self.tokens_per_s.append(tokens / wall)
         self.first_loss = first_loss
 
-    def as_dict(self) -> dict[str, Any]:
+    def median(self, keep: Sequence[int]) -> float:
+        return statistics.median(self.tokens_per_s[i] for i in keep)
+
+    def as_dict(self, keep: Sequence[int]) -> dict[str, Any]:
         return {
             "tokens_per_s": self.tokens_per_s,
-            "median_tokens_per_s": self.median,
+            "median_tokens_per_s": self.median(keep),
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,
+            "other_processes_cores": self.others,
             "first_loss": self.first_loss,
         }
 
@@ -127,20 +139,34 @@ def check_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
             raise SystemExit(f"weights differ between the two models at {k}")
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy (or stolen by a hypervisor) since boot; nan off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 class Clock:
-    """Wall and process-CPU seconds between ``start()`` and ``stop()``."""
+    """Wall seconds, this process's CPU seconds, and the cores other processes used in between."""
 
     def start(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._wall, self._cpu, self._busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
 
-    def stop(self) -> tuple[float, float]:
-        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+    def stop(self) -> tuple[float, float, float]:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        others = max(0.0, _busy_cpu_seconds() - self._busy - cpu) / wall
+        return wall, cpu, others
 
 
 def run_bare(
     model: Any, init: TensorDict, batches_: Sequence[dict[str, torch.Tensor]], spec: TrainSpec
-) -> tuple[float, float, list[float]]:
-    """The baseline loop; returns (wall s, CPU s, losses). Resetting the adapter is not timed."""
+) -> tuple[float, float, float, list[float]]:
+    """The baseline loop; returns (wall s, CPU s, other processes' cores, losses). The reset is not timed."""
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, dict(init))
@@ -156,20 +182,20 @@ def run_bare(
         out.loss.backward()
         opt.step()
         losses.append(out.loss.detach())
-    wall, cpu = clock.stop()
+    wall, cpu, others = clock.stop()
     model.eval()
-    return wall, cpu, [float(x) for x in losses]
+    return wall, cpu, others, [float(x) for x in losses]
 
 
 def run_silotune(
     adapter: AdapterModel, init: TensorDict, examples: Sequence[Example], spec: TrainSpec, seed: int
-) -> tuple[float, float, int, float]:
-    """One silo's local training exactly as a silo runs it; returns (wall s, CPU s, tokens, first loss)."""
+) -> tuple[float, float, float, int, float]:
+    """``train_local`` as a silo runs it; returns (wall s, CPU s, others' cores, tokens, first loss)."""
     clock = Clock()
     clock.start()
     _, result = train_local(adapter, init, examples, spec, seed=seed, progress=False)
-    wall, cpu = clock.stop()
-    return wall, cpu, result.tokens, result.first_loss
+    wall, cpu, others = clock.stop()
+    return wall, cpu, others, result.tokens, result.first_loss
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,9 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps per repeat and side")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved (silotune, bare) pairs to count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    ap.add_argument(
+        "--order",
+        choices=("abba", "abab"),
+        default="abba",
+        help="interleaving: abba alternates who goes first (A B, B A, ...); abab always runs silotune first",
+    )
+    ap.add_argument(
+        "--noisy-cores",
+        type=float,
+        default=0.1,
+        help="a pair during which other processes used this many cores or more is rerun, not counted",
+    )
+    ap.add_argument("--max-extra", type=int, default=3, help="at most this many pairs rerun for noise")
     ap.add_argument("--no-pack", dest="pack", action="store_false", help="single-turn examples, padded")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -214,48 +253,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_silotune(adapter, init, examples, warm_spec, args.seed)
     run_bare(bare, init, bare_batches[:1], spec)
 
-    load_before = os.getloadavg()[0]
     a, b = Side("silotune train_local"), Side("bare peft+torch")
-    for r in range(args.repeats):
-        wall, cpu, tok, loss = run_silotune(adapter, init, examples, spec, args.seed)
+
+    def measure_silotune() -> None:
+        wall, cpu, others, tok, loss = run_silotune(adapter, init, examples, spec, args.seed)
         if tok != tokens:
             raise SystemExit(f"silotune trained on {tok} tokens, the baseline on {tokens}: batches differ")
-        a.add(wall, cpu, tokens, loss)
-        wall, cpu, losses = run_bare(bare, init, bare_batches, spec)
-        b.add(wall, cpu, tokens, losses[0])
+        a.add(wall, cpu, others, tokens, loss)
+
+    def measure_bare() -> None:
+        wall, cpu, others, losses = run_bare(bare, init, bare_batches, spec)
+        b.add(wall, cpu, others, tokens, losses[0])
+
+    # Pairs until `repeats` of them ran on a quiet machine (other processes under --noisy-cores during
+    # both halves), at most `repeats + max_extra` pairs.
+    clean: list[int] = []
+    r = 0
+    while len(clean) < args.repeats and r < args.repeats + args.max_extra:
+        # abba: A B, B A, A B, ... (a linear drift in machine speed hits both sides alike).
+        first_bare = args.order == "abba" and r % 2 == 1
+        for measure in (measure_bare, measure_silotune) if first_bare else (measure_silotune, measure_bare):
+            measure()
+        noisy = a.others[r] >= args.noisy_cores or b.others[r] >= args.noisy_cores  # nan (no /proc): quiet
+        if not noisy:
+            clean.append(r)
         print(
-            f"  repeat {r + 1}/{args.repeats}: silotune {a.tokens_per_s[-1]:8.1f} tok/s   "
-            f"bare {b.tokens_per_s[-1]:8.1f} tok/s   (ratio {a.tokens_per_s[-1] / b.tokens_per_s[-1]:.3f})",
+            f"  pair {r + 1} ({'B A' if first_bare else 'A B'}): silotune {a.tokens_per_s[r]:8.1f} tok/s   "
+            f"bare {b.tokens_per_s[r]:8.1f} tok/s   ratio {a.tokens_per_s[r] / b.tokens_per_s[r]:.3f}   "
+            f"other processes {a.others[r]:.2f}/{b.others[r]:.2f} cores"
+            + ("  (noisy, not counted)" if noisy else ""),
             file=sys.stderr,
             flush=True,
         )
-    load_after = os.getloadavg()[0]
+        r += 1
     if torch.get_num_threads() != threads:
         raise SystemExit("the torch thread count changed during the run")
+    keep = clean or list(range(r))
 
-    ratio = a.median / b.median
-    paired = statistics.median(x / y for x, y in zip(a.tokens_per_s, b.tokens_per_s, strict=True))
-    cpu_ratio = statistics.median(b.cpu_seconds) / statistics.median(a.cpu_seconds)
+    ratio = a.median(keep) / b.median(keep)
+    paired = statistics.median(a.tokens_per_s[i] / b.tokens_per_s[i] for i in keep)
+    cpu_ratio = statistics.median(b.cpu_seconds[i] for i in keep) / statistics.median(
+        a.cpu_seconds[i] for i in keep
+    )
     print()
     print(
-        f"model {args.model}  batch {shape[0]}x{shape[1]}  {args.steps} steps x {args.repeats} repeats  "
-        f"{tokens} non-pad tokens/repeat  threads {threads}  setup {setup_s:.1f}s  "
-        f"load avg {load_before:.2f} -> {load_after:.2f}"
+        f"model {args.model}  batch {shape[0]}x{shape[1]}  {args.steps} steps/run  "
+        f"{len(keep)} of {r} pairs counted  {tokens} non-pad tokens/run  threads {threads}  "
+        f"setup {setup_s:.1f}s"
     )
     print(
         f"{'side':<22}{'median tok/s':>14}{'min':>10}{'max':>10}{'median s':>10}{'CPU s':>10}{'1st loss':>10}"
     )
     for side in (a, b):
+        tps = [side.tokens_per_s[i] for i in keep]
         print(
-            f"{side.name:<22}{side.median:>14.1f}{min(side.tokens_per_s):>10.1f}"
-            f"{max(side.tokens_per_s):>10.1f}{statistics.median(side.seconds):>10.3f}"
-            f"{statistics.median(side.cpu_seconds):>10.3f}{side.first_loss:>10.4f}"
+            f"{side.name:<22}{side.median(keep):>14.1f}{min(tps):>10.1f}{max(tps):>10.1f}"
+            f"{statistics.median(side.seconds[i] for i in keep):>10.3f}"
+            f"{statistics.median(side.cpu_seconds[i] for i in keep):>10.3f}{side.first_loss:>10.4f}"
         )
-    print(
-        f"median of paired (adjacent) ratios = {paired:.3f}; CPU-time ratio bare/silotune = {cpu_ratio:.3f}"
-    )
-    if load_before > threads + 0.5 or load_after > threads + 0.5:
-        print(f"warning: load average above {threads} threads; other processes shared the CPUs")
+    print(f"median of paired ratios = {paired:.3f}; CPU-time ratio bare/silotune = {cpu_ratio:.3f}")
+    if not clean:
+        print(
+            f"warning: other processes used >= {args.noisy_cores} cores during every pair; "
+            "these numbers are not trustworthy, rerun on a quiet machine"
+        )
+    elif len(clean) < args.repeats:
+        print(f"warning: only {len(clean)} quiet pairs of the {args.repeats} asked for")
     print(f"ratio silotune/bare = {ratio:.2f} (target >= {TARGET})")
 
     if args.json:
@@ -266,14 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "packed": args.pack,
             "steps": args.steps,
             "repeats": args.repeats,
-            "tokens_per_repeat": tokens,
+            "pairs_run": r,
+            "pairs_counted": keep,
+            "order": args.order,
+            "tokens_per_run": tokens,
             "threads": threads,
-            "load_avg": [load_before, load_after],
             "torch": torch.__version__,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
-            "silotune": a.as_dict(),
-            "bare": b.as_dict(),
+            "silotune": a.as_dict(keep),
+            "bare": b.as_dict(keep),
             "ratio": ratio,
             "paired_ratio": paired,
             "cpu_time_ratio": cpu_ratio,
