@@ -133,3 +133,27 @@ def test_demo_silos_are_deterministic_non_iid_and_disjoint(tmp_path: Path) -> No
     assert not answers["clinic"] & answers["bank"]  # different tasks, different label sets
     union = (tmp_path / "a" / "union_eval.jsonl").read_text().splitlines()
     assert len(union) == sum(len(p1[s]["eval"].read_text().splitlines()) for s in p1)
+
+
+def test_per_sequence_loss_matches_a_naive_loop() -> None:
+    import torch
+
+    from silotune.data import per_sequence_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=gen)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 3:] = torch.tensor([1, 2, 3])
+    labels[1, 1:] = torch.tensor([4, 5, 6, 7, 8])
+    labels[2, 5] = int(logits[2, 4].argmax())  # one answer token that greedy decoding gets right
+    loss, counts, exact = per_sequence_loss(logits, labels)
+    for b in range(3):
+        terms = [
+            torch.nn.functional.cross_entropy(logits[b, t - 1][None], labels[b, t][None])
+            for t in range(1, 6)
+            if labels[b, t] != IGNORE_INDEX
+        ]
+        assert torch.allclose(loss[b], torch.stack(terms).mean())
+        assert int(counts[b]) == len(terms)
+    assert exact is not None and exact.tolist() == [False, False, True]
+    assert per_sequence_loss(logits, labels, with_exact=False)[2] is None
