@@ -10,7 +10,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+
+def _offline() -> None:
+    """Nothing leaves the machine: no hub downloads, no telemetry (set before Prefect is imported)."""
+    import os
+
+    from silotune.modeling import OFFLINE_ENV
+
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 app = typer.Typer(
+    callback=_offline,
     add_completion=False,
     no_args_is_help=True,
     help="Federated post-training of open-source language models across data silos.",

@@ -25,7 +25,15 @@ BUILTIN_MODELS = (SMOLLM2, TINY)
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Hub access is never wanted; transformers and datasets honour these.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    # Prefect's local server would otherwise send usage telemetry off the machine.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+}
 
 
 def cache_root() -> Path:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Tests never reach a hub.
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+# Tests never reach a hub, and the local Prefect server sends no telemetry.
+from silotune.modeling import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 
 
