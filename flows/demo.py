@@ -19,7 +19,6 @@ from rich.table import Table
 from silotune.config import FederationConfig, dump_config, parse_config
 from silotune.demo import DEMO_SILOS, make_demo_silos
 from silotune.evaluation import EvalResult, weighted_mean
-from silotune.modeling import OFFLINE_ENV
 
 
 def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> FederationConfig:
@@ -67,10 +66,6 @@ def _local_only(cfg: FederationConfig, silo: str) -> FederationConfig:
 def run_demo(
     *, out: Path, rounds: int, local_steps: int, model: str, baselines: bool, console: Console
 ) -> bool:
-    import os
-
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
     from flows.federated_training import federated_training
     from silotune.baselines import compare_adapters
     from silotune.report import plot_history

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from silotune import __version__
-from silotune.adapters import AdapterModel, TensorDict, global_norm, tensor_bytes
+from silotune.adapters import AdapterModel, TensorDict, global_norm
 from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
@@ -289,7 +289,7 @@ def aggregate_round(
 
 
 def summarize_evals(evals: Sequence[EvalRecord]) -> dict[str, float | int]:
-    results = [EvalResult(**{k: v for k, v in e.result.items()}) for e in evals]  # type: ignore[arg-type]
+    results = [EvalResult(**e.result) for e in evals]  # type: ignore[arg-type]
     return weighted_mean(results).as_dict() if results else {}
 
 
@@ -344,11 +344,3 @@ def commit_round(
     )
     save_state(store, new_state)
     return new_state
-
-
-def update_bytes(store: ObjectStore, records: Sequence[UpdateRecord]) -> int:
-    return sum(len(store.get(r.update.key)) for r in records)
-
-
-def adapter_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return tensor_bytes(state)

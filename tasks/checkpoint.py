@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,6 @@ def report(config: FederationConfig, state: FederationState, final_adapter_dir: 
         p = Path(tmp) / "federation_history.png"
         p.write_bytes(png)
         tracker.log_file(state.tracking_run_id, p, "plots")
-    import base64
-
     first = (state.initial_eval or {}).get("global_eval", {})
     last = state.history[-1]["global_eval"] if state.history else {}
     md = [
