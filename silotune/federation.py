@@ -31,6 +31,8 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import silo_seed, train_local
 
@@ -168,7 +170,8 @@ def train_silo(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    examples = _silo_examples(config, spec.train_path, adapter)
+    records = poison_silo_records(spec, read_records(spec.train_path), seed=silo_seed(config.seed, 0, index))
+    examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
     d, result = train_local(
         adapter,
         global_state,
@@ -178,6 +181,7 @@ def train_silo(
         desc=f"round {round_ + 1} · {silo}",
         progress=progress,
     )
+    d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     key = FederationLayout(config.federation_id).update(round_, silo)
     sha = put_tensors(
         store,
@@ -261,6 +265,7 @@ def aggregate_round(
             f"quorum is {config.aggregation.min_silos}; excluded: {excluded or 'none'}"
         )
     aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
+    prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
     combined = aggregator.aggregate(updates)
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options

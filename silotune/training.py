@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
 from silotune.config import TrainSpec
 from silotune.data import Example, batches, collate, per_sequence_loss
+from silotune.fedprox import attach_proximal_term, detach_proximal_term
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def train_local(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    proximal = attach_proximal_term(params, spec.proximal_mu)  # FedProx; None when mu == 0
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout, if configured
     pad_id = adapter.tokenizer.pad_token_id
@@ -96,6 +98,7 @@ def train_local(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
+    detach_proximal_term(proximal)
     seconds = time.perf_counter() - start
     model.eval()
     d = delta(adapter.state(), global_state)
