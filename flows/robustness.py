@@ -80,7 +80,8 @@ def robustness_grid(
     notes = [
         f"model {model}; {preset.rounds} rounds × {preset.local_steps} local steps × "
         f"batch {preset.batch_size}, "
-        f"lr {preset.learning_rate}; LoRA r=8 on q,v; data scale {preset.data_scale}.",
+        f"lr {preset.learning_rate}; LoRA r=8 on {','.join(preset.target_modules)}; "
+        f"data scale {preset.data_scale}.",
         f"4 silos: clinic, bank, lab (honest, with holdouts) and {MALICIOUS} (other half of the clinic data, "
         "no holdout), which runs the row's attack; 'none' = all honest.",
         "union holdout = clinic + bank + lab holdouts (the honest silos').",

@@ -42,6 +42,8 @@ class GridPreset:
     data_scale: float
     max_seq_len: int
     gaussian_std: float
+    target_modules: tuple[str, ...]
+    torch_threads: int | None
     attacks: tuple[str, ...]
     rules: tuple[str, ...]
 
@@ -51,14 +53,18 @@ MODEL_POISONING = ("sign_flip", "scale", "gaussian", "nan", "free_rider")
 ALL_RULES = ("fedavg", "median", "trimmed_mean", "multi_krum", "norm_bounded", "fltrust")
 
 PRESETS: dict[str, GridPreset] = {
+    # The tiny random model barely learns (eval loss ~10.8 -> ~10.6 in a few steps): compare losses.
+    # All linear layers adapted, and one torch thread (faster than two on a shared 2-core machine).
     "tiny-llama": GridPreset(
-        rounds=3,
-        local_steps=4,
-        batch_size=8,
+        rounds=2,
+        local_steps=3,
+        batch_size=4,
         learning_rate=5e-2,
         data_scale=0.5,
         max_seq_len=128,
         gaussian_std=0.5,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        torch_threads=1,
         attacks=ALL_ATTACKS,
         rules=ALL_RULES,
     ),
@@ -70,6 +76,8 @@ PRESETS: dict[str, GridPreset] = {
         data_scale=0.5,
         max_seq_len=256,
         gaussian_std=0.05,
+        target_modules=("q_proj", "v_proj"),
+        torch_threads=None,
         attacks=("none", "sign_flip", "scale", "backdoor"),
         rules=("fedavg", "median", "norm_bounded"),
     ),
@@ -189,8 +197,9 @@ def grid_configs(
                     "rounds": preset.rounds,
                     "seed": seed,
                     "model": {"name_or_path": model, "max_seq_len": preset.max_seq_len},
-                    "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                    "lora": {"r": 8, "alpha": 16, "target_modules": list(preset.target_modules)},
                     "train": {
+                        "torch_threads": preset.torch_threads,
                         "local_steps": preset.local_steps,
                         "batch_size": preset.batch_size,
                         "learning_rate": preset.learning_rate,
@@ -360,12 +369,12 @@ def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = (
         lines += [
             "## Backdoor (trigger → attacker's answer on the union holdout)",
             "",
-            "| rule | attack success (%) | false trigger (%) | target loss with trigger |",
-            "|---|---|---|---|",
+            "| attack | rule | attack success (%) | false trigger (%) | target loss with trigger |",
+            "|---|---|---|---|---|",
         ]
         for r in bd:
             lines.append(
-                f"| {r.rule} | {100 * (r.backdoor_success or 0):.1f} "
+                f"| {r.attack} | {r.rule} | {100 * (r.backdoor_success or 0):.1f} "
                 f"| {100 * (r.backdoor_false_trigger or 0):.1f} | {r.backdoor_target_loss:.3f} |"
             )
         lines.append("")
