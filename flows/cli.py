@@ -129,6 +129,12 @@ def aggregators() -> None:
     from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS
 
     console.print("aggregators: " + ", ".join(AGGREGATORS.names()))
+    sums = [n for n in AGGREGATORS.names() if not getattr(AGGREGATORS.get(n), "needs_plaintext", True)]
+    console.print(
+        "  work on encrypted/masked updates (sums only): "
+        + ", ".join(sums)
+        + "; every other rule needs each silo's update in plaintext"
+    )
     console.print("server optimizers: " + ", ".join(SERVER_OPTIMIZERS.names()))
 
 
