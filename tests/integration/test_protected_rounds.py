@@ -404,7 +404,7 @@ def test_flow_runs_secagg_with_dp_and_signing_and_the_ledger_command(tmp_path, d
         tmp_path, demo_data, "flowsec", silos=("clinic", "bank", "lab"),
         security={"protection": "secagg", "signing": True},
         privacy={"sample_dp": {"noise_multiplier": 1.0, "delta": 1e-3},
-                 "client_dp": {"clip_norm": 0.5, "noise_multiplier": 0.3, "delta": 1e-2}},
+                 "client_dp": {"clip_norm": 0.05, "noise_multiplier": 0.3, "delta": 1e-2}},
     )
     setup_local_keys(cfg)
     out = federated_training(cfg)
