@@ -240,7 +240,7 @@ def _dp_sgd_loop(
             if batch_examples:
                 batch = collate(batch_examples, pad_id)
                 tokens += int(batch["attention_mask"].sum())
-                out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])  # ew needs it positional
                 seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
                 loss = seq_loss.mean()
                 loss.backward()

@@ -436,3 +436,37 @@ def test_flow_runs_ckks_and_a_silo_publishes_the_final_adapter(tmp_path, demo_da
         (final / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
     model = PeftModel.from_pretrained(load_base_model(resolve_model_path("tiny-llama")), final)
     assert model is not None
+
+
+def test_dp_sgd_refuses_a_wrapper_whose_parameters_are_not_the_optimizers(
+    tmp_path, demo_data, tiny_adapter, monkeypatch
+) -> None:
+    """The Opacus + PEFT pitfall: a model copied or moved after wrapping trains stale tensors."""
+    import copy
+
+    import opacus.grad_sample.utils as gs_utils
+
+    from silotune.data import encode_dataset, read_records
+    from silotune.training import DPSGD, train_local
+
+    real = gs_utils.prepare_module
+    monkeypatch.setattr(gs_utils, "prepare_module", lambda m, *a, **k: real(copy.deepcopy(m), *a, **k))
+    cfg = _config(tmp_path, demo_data, "pitfall")
+    examples = encode_dataset(read_records(cfg.silos[0].train_path), tiny_adapter.tokenizer, 128)
+    before = tiny_adapter.state()
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, noise_seed=1)
+    with pytest.raises(RuntimeError, match="not the optimizer's"):
+        train_local(tiny_adapter, before, examples, cfg.train, seed=0, progress=False, dp=dp)
+    assert all(torch.equal(before[k], v) for k, v in tiny_adapter.state().items())
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_dp_sgd_grad_sample_modes_train(tmp_path, demo_data, tiny_adapter, mode) -> None:
+    from silotune.data import encode_dataset, read_records
+    from silotune.training import DPSGD, train_local
+
+    cfg = _config(tmp_path, demo_data, "modes")
+    examples = encode_dataset(read_records(cfg.silos[0].train_path), tiny_adapter.tokenizer, 128)
+    dp = DPSGD(noise_multiplier=0.5, max_grad_norm=1.0, sample_rate=0.25, noise_seed=3, grad_sample_mode=mode)
+    d, res = train_local(tiny_adapter, tiny_adapter.state(), examples, cfg.train, seed=0, progress=False, dp=dp)
+    assert res.tokens > 0 and all(torch.isfinite(v).all() and v.abs().max() > 0 for v in d.values())
