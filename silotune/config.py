@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.errors import ConfigError
+from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -141,6 +142,14 @@ class SiloSpec(_Spec):
         None,
         description="EVALUATION ONLY: the silo's data poisoning (backdoor, answer flipping; None: clean).",
     )
+    private_dir: str | None = Field(
+        None,
+        description=(
+            "Folder at the silo that only the silo reads: its signing key, the shared CKKS secret "
+            "context, its DP noise secret, its privacy ledger and per-round protocol state "
+            "(default '.silotune/silos/<name>')."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -154,6 +163,10 @@ class SiloSpec(_Spec):
     @property
     def pool(self) -> str:
         return self.work_pool or f"silo-{self.name}"
+
+    @property
+    def private_folder(self) -> str:
+        return self.private_dir or f".silotune/silos/{self.name}"
 
 
 class AggregationSpec(_Spec):
@@ -171,6 +184,64 @@ class AggregationSpec(_Spec):
             "each round the coordinator trains on it from the global adapter to get the root update."
         ),
     )
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy on what leaves a silo; each part is optional.
+
+    ``sample_dp``: DP-SGD during local training (the privacy unit is one training
+    example of a silo; ε composes over every step of every round in the silo's ledger).
+    ``client_dp``: each silo clips its delta and adds its share of Gaussian noise
+    (DP-FedAvg; the privacy unit is a whole silo; ε composes over rounds).
+    """
+
+    sample_dp: SampleDPConfig | None = Field(None, description="DP-SGD with Opacus at every silo.")
+    client_dp: ClientDPConfig | None = Field(None, description="Client-level DP (clip + distributed noise).")
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = Field(
+        "hooks", description="How Opacus computes per-example gradients for DP-SGD."
+    )
+
+
+PROTECTIONS = ("none", "ckks", "secagg")
+
+
+class SecuritySpec(_Spec):
+    """What the coordinator may see of an update, and how uploads are authenticated."""
+
+    protection: Literal["none", "ckks", "secagg"] = Field(
+        "none",
+        description=(
+            "'none': plaintext updates (any aggregator); 'ckks': silos encrypt with a shared CKKS key "
+            "the coordinator never holds, the coordinator sums ciphertexts and silos decrypt the "
+            "aggregate; 'secagg': pairwise masking, the coordinator learns only the sum."
+        ),
+    )
+    ckks_preset: str = Field("packed-n4096", description="CKKS parameter preset (see silotune.crypto.ckks).")
+    secagg_max_dropout: float = Field(
+        1 / 3, ge=0.0, lt=0.5, description="Secure aggregation: fraction of silos that may drop after keys."
+    )
+    signing: bool = Field(
+        False,
+        description=(
+            "Sign every upload with the silo's Ed25519 key; the coordinator verifies against the public "
+            "keys in keys_dir and excludes unsigned, tampered, replayed or foreign updates."
+        ),
+    )
+    keys_dir: str = Field(
+        ".silotune/coordinator",
+        description="Coordinator folder: silos/<silo>.pem public keys and ckks.public (never a secret key).",
+    )
+    ffa_lora: bool | None = Field(
+        None,
+        description=(
+            "FFA-LoRA: freeze LoRA A, train and exchange only B, so sums of deltas are exact model sums "
+            "(None: on whenever protection or client DP is on)."
+        ),
+    )
+
+    @property
+    def protected(self) -> bool:
+        return self.protection != "none"
 
 
 class StoreSpec(_Spec):
@@ -211,6 +282,8 @@ class FederationConfig(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     silos: Annotated[list[SiloSpec], Field(min_length=1)]
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -249,10 +322,75 @@ class FederationConfig(_Spec):
                 f"{self.aggregation.server_optimizer!r}; "
                 f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
-        problems += _robustness_problems(self)
+        problems.extend(self._security_problems())
+        problems.extend(_robustness_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _security_problems(self) -> list[str]:
+
+        problems: list[str] = []
+        sec, agg = self.security, self.aggregation
+        if sec.protected:
+            problem = plaintext_aggregation_problem(agg, protection=f"security.protection={sec.protection!r}")
+            if problem is not None:
+                problems.append(problem)
+            if agg.options and agg.name == "fedavg" and agg.options.get("weighted", True):
+                problems.append(
+                    "aggregation.options.weighted: under protection the silos weight their own updates "
+                    "before they leave the silo; leave aggregation.options empty"
+                )
+            if sec.ffa_lora is False:
+                problems.append(
+                    "security.ffa_lora: false is not allowed with protection: averaging LoRA A and B "
+                    "separately is not the average of B·A, and only a sum can be computed on protected "
+                    "updates; use FFA-LoRA (leave ffa_lora unset)"
+                )
+        if sec.protection == "ckks":
+            if agg.server_optimizer != "sgd" or agg.server_options.get("lr", 1.0) != 1.0:
+                problems.append(
+                    f"aggregation.server_optimizer: {agg.server_optimizer!r} with options "
+                    f"{agg.server_options or '{}'} needs the aggregate in plaintext at the coordinator; with "
+                    "protection 'ckks' only silos can decrypt it, so only plain 'sgd' with lr=1 applies"
+                )
+            if sec.ckks_preset not in _ckks_presets():
+                problems.append(
+                    f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
+                    f"{', '.join(_ckks_presets())}"
+                )
+        if sec.protection == "secagg" and len(self.silos) < 2:
+            problems.append("security.protection: secure aggregation needs at least 2 silos")
+        if self.privacy.client_dp is not None:
+            dp = self.privacy.client_dp
+            if 1.0 / len(self.silos) <= dp.delta:
+                problems.append(
+                    f"privacy.client_dp.delta: {dp.delta} must be < 1/{len(self.silos)} (one over the number "
+                    "of silos); otherwise releasing one silo's update outright meets the guarantee"
+                )
+            if agg.name == "fedavg" and agg.options.get("weighted", True) and not sec.protected:
+                problems.append(
+                    "aggregation.options.weighted: client-level DP bounds each silo's contribution to a "
+                    "sum; example-weighted FedAvg scales one silo's contribution by n_k/n. Set "
+                    "aggregation.options: {weighted: false}"
+                )
+        return problems
+
+    def client_noise_cohort(self) -> int:
+        """Silos whose client-DP noise is guaranteed to reach what the coordinator sees.
+
+        Protected (ckks/secagg): the coordinator sees only sums of at least ``min_silos``
+        updates, so the noise is split among them. Plaintext: it sees each update, so
+        each silo adds the full noise itself.
+        """
+        return self.aggregation.min_silos if self.security.protected else 1
+
+    @property
+    def ffa_lora(self) -> bool:
+        """Whether LoRA A is frozen and only B is trained and exchanged."""
+        if self.security.ffa_lora is not None:
+            return self.security.ffa_lora
+        return self.security.protected or self.privacy.client_dp is not None
 
     @property
     def adversarial(self) -> bool:
@@ -271,6 +409,12 @@ class FederationConfig(_Spec):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _ckks_presets() -> list[str]:
+    from silotune.crypto.ckks import CKKS_PRESETS
+
+    return CKKS_PRESETS.names()
+
+
 def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:
     """The problem with running ``aggregation`` on protected updates, or None if it can.
 
@@ -278,6 +422,8 @@ def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: s
     (e.g. "CKKS encryption", "secure-aggregation masking"). A robust rule that
     must see individual updates (median, Krum, trimmed mean, norm bounding at the
     coordinator, FLTrust) cannot, and the message says why and what to use instead.
+    The reason comes from the aggregator class (``needs_plaintext``, ``plaintext_reason``);
+    one that declares nothing is treated as needing plaintext.
     """
     from silotune.aggregation import AGGREGATORS, plaintext_requirement
 
@@ -288,23 +434,29 @@ def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: s
         return None
     return (
         f"aggregation.name: {reason}; it cannot run with {protection}, which hides every single "
-        "update from the coordinator. Use 'fedavg' (sums work on protected updates) with client-side "
-        "clipping, or turn the protection off to use a Byzantine-robust rule"
+        "update from the coordinator. Use 'fedavg' (a sum) with client-side clipping "
+        "(privacy.client_dp), or protection 'none' to defend with a robust rule"
     )
 
 
 def _robustness_problems(config: FederationConfig) -> list[str]:
-    """Aggregator options and the FLTrust root data set, checked before any training."""
+    """Aggregator options, the FLTrust root data set and FedProx, checked before any training."""
     from silotune.aggregation import AGGREGATORS, build_aggregator
 
+    problems: list[str] = []
+    if config.train.proximal_mu > 0 and config.privacy.sample_dp is not None:
+        problems.append(
+            "train.proximal_mu: FedProx's proximal term is added to the summed gradient, which DP-SGD "
+            "(privacy.sample_dp) replaces by its clipped, noised per-example sum, so the term would be "
+            "silently dropped; use proximal_mu 0 with DP-SGD"
+        )
     agg = config.aggregation
     if agg.name not in AGGREGATORS:
-        return []  # reported above, with the known names
-    problems: list[str] = []
+        return problems  # reported above, with the known names
     try:
         aggregator = build_aggregator(agg.name, **agg.options)
     except (TypeError, ValueError) as exc:
-        return [f"aggregation.options: {exc}"]
+        return [*problems, f"aggregation.options: {exc}"]
     needs_root = hasattr(aggregator, "set_root_update")
     if needs_root and agg.root_data_path is None:
         problems.append(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from silotune.adapters import AdapterModel
+from silotune.adapters import AdapterModel, lora_b_keys
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError
@@ -43,7 +43,8 @@ def train_root_update(
 ) -> RootUpdateRecord:
     """Train on the root data set from round ``round_``'s global adapter; store the delta.
 
-    Same recipe (``config.train``) as the silos, with a seed no silo uses.
+    Same recipe (``config.train``) as the silos, with a seed no silo uses, and the
+    same tensors (LoRA B only under FFA-LoRA). No DP: the root data set is public.
     Idempotent: the same inputs write the same object under the same key.
     """
     path = config.aggregation.root_data_path
@@ -51,6 +52,7 @@ def train_root_update(
         raise ConfigError("aggregation.root_data_path is not set: there is no root data set to train on")
     global_state = get_tensors(store, global_key, expected_sha256=global_sha256)
     examples = encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
+    keys = lora_b_keys(global_state) if config.ffa_lora else sorted(global_state)
     d, result = train_local(
         adapter,
         global_state,
@@ -59,6 +61,8 @@ def train_root_update(
         seed=silo_seed(config.seed, round_, len(config.silos)),
         desc=f"round {round_ + 1} · root data",
         progress=progress,
+        frozen=sorted(set(global_state) - set(keys)),
+        exchanged=keys,
     )
     key = FederationLayout(config.federation_id).root_update(round_)
     sha = put_tensors(

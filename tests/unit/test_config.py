@@ -126,3 +126,22 @@ def test_root_data_path_resolves_against_the_config_folder(tmp_path: Path) -> No
     assert cfg.aggregation.root_data_path == str(tmp_path / "root.jsonl")
     with pytest.raises(ConfigError, match=r"aggregation\.root_data_path: file not found"):
         check_local_paths(cfg)
+
+
+def test_fedprox_is_refused_with_dp_sgd() -> None:
+    with pytest.raises(ConfigError, match=r"train\.proximal_mu: FedProx's proximal term .* silently dropped"):
+        parse_config(_base(train={"proximal_mu": 0.1}, privacy={"sample_dp": {"noise_multiplier": 1.0}}))
+
+
+@pytest.mark.parametrize("protection", ["ckks", "secagg"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "norm_bounded"])
+def test_robust_rules_are_refused_with_protection_giving_the_rule_s_reason(
+    protection: str, name: str
+) -> None:
+    from silotune.aggregation import AGGREGATORS
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(_base(aggregation={"name": name}, security={"protection": protection}))
+    msg = str(info.value)
+    assert f"aggregator {name!r} needs every silo's update in plaintext" in msg
+    assert AGGREGATORS.get(name).plaintext_reason in msg and protection in msg
