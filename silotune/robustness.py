@@ -418,7 +418,11 @@ def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = (
 
 
 def plot_grid(rows: Sequence[GridRow], *, title: str) -> bytes:
-    """Grouped bars: union-holdout loss and exact match per attack, one bar per rule; PNG bytes."""
+    """Grouped bars per attack, one bar per rule; PNG bytes.
+
+    With a clean FedAvg row the bars are the *change* against it (union loss, and
+    exact match in points), so small differences stay visible; otherwise raw values.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,29 +434,58 @@ def plot_grid(rows: Sequence[GridRow], *, title: str) -> bytes:
     clean = _clean(rows)
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(attacks)), 7), sharex=True)
     width = 0.8 / max(1, len(rules))
-    for ax, metric, label in (
-        (axes[0], "union_loss", "union holdout loss"),
-        (axes[1], "union_exact_match", "union holdout exact match"),
-    ):
+    panels = (
+        (axes[0], "union_loss", 1.0, "union holdout loss"),
+        (axes[1], "union_exact_match", 100.0, "union holdout exact match (%)"),
+    )
+    for ax, metric, unit, label in panels:
+        base = unit * getattr(clean, metric) if clean is not None else 0.0
         for j, rule in enumerate(rules):
             xs = [i + (j - (len(rules) - 1) / 2) * width for i in range(len(attacks))]
-            ys = [getattr(by[(a, rule)], metric) if (a, rule) in by else math.nan for a in attacks]
+            ys = [
+                unit * getattr(by[(a, rule)], metric) - base if (a, rule) in by else math.nan for a in attacks
+            ]
             ax.bar(xs, ys, width=width, label=rule)
         if clean is not None:
-            ax.axhline(
-                getattr(clean, metric), color="black", linestyle="--", linewidth=1, label="clean FedAvg"
-            )
-        ax.set_ylabel(label)
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            label = f"{label}\nminus clean FedAvg ({base:.3g})"
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=min(4, len(rules) + 1))
+    axes[0].legend(fontsize=7, ncol=min(6, len(rules)), loc="upper left", bbox_to_anchor=(0, 1.18))
     axes[1].set_xticks(range(len(attacks)))
     axes[1].set_xticklabels(attacks, rotation=20)
-    fig.suptitle(title)
+    fig.suptitle(title, y=0.995)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def rows_from_records(records: Sequence[Mapping[str, Any]]) -> list[GridRow]:
+    """Rows back from ``grid.json`` (to redraw a table or plot without rerunning the grid)."""
+
+    def opt(v: Any) -> float | None:
+        return None if v in ("", None) else float(v)
+
+    return [
+        GridRow(
+            attack=r["attack"],
+            rule=r["rule"],
+            union_loss=float(r["union_loss"]),
+            union_exact_match=float(r["union_exact_match"]),
+            initial_loss=math.nan,
+            included_last_round=0,
+            excluded_last_round=0,
+            mallory_included_rounds=int(r["mallory_included_rounds"]),
+            rounds=int(r["rounds"]),
+            backdoor_success=opt(r["backdoor_success"]),
+            backdoor_false_trigger=opt(r["backdoor_false_trigger"]),
+            backdoor_target_loss=opt(r["backdoor_target_loss"]),
+            seconds=float(r["seconds"]),
+        )
+        for r in records
+    ]
 
 
 def write_results(

@@ -85,3 +85,13 @@ def test_write_results_writes_every_file(tmp_path: Path) -> None:
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert paths["csv"].read_text().startswith("attack,rule,union_loss")
     assert set(paths) == {"csv", "markdown", "png", "json"}
+
+
+def test_rows_round_trip_through_grid_json(tmp_path: Path) -> None:
+    import json
+
+    from silotune.robustness import rows_from_records, table_records
+
+    paths = write_results(rows(), tmp_path, title="t")
+    again = rows_from_records(json.loads(paths["json"].read_text()))
+    assert table_records(again) == table_records(rows())
