@@ -350,7 +350,8 @@ def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = (
         ("Union-holdout loss (lower is better)", lambda r: f"{r.union_loss:.3f}"),
         ("Union-holdout exact match (%)", lambda r: f"{100 * r.union_exact_match:.1f}"),
         (
-            f"Rounds in which `{MALICIOUS}`'s update was aggregated",
+            f"Rounds in which `{MALICIOUS}`'s update passed validation (the rule may still drop or "
+            "down-weight it)",
             lambda r: f"{r.mallory_included_rounds}/{r.rounds}",
         ),
     ):
