@@ -28,11 +28,15 @@ from silotune import __version__
 from silotune.adapters import AdapterModel, TensorDict, global_norm
 from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
 from silotune.config import FederationConfig
-from silotune.data import encode_dataset, read_records
+from silotune.data import encode_file, is_preference_file
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
+from silotune.methods.objectives import build_objective
+from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.training import silo_seed, train_local
+
+__all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +91,7 @@ class AggregateRecord(BaseModel):
 
 
 # --- initial adapter -------------------------------------------------------------------------
-
-
-def initial_adapter(template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
-    """PEFT's default LoRA init (A: Kaiming-uniform, B: zeros), drawn from ``seed`` alone.
-
-    Independent of any global RNG state, so the same seed always yields the same
-    starting adapter, whichever process or silo computes it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    out: TensorDict = {}
-    for key in sorted(template):
-        t = torch.empty_like(template[key])
-        if "lora_B" in key or "lora_embedding_B" in key:
-            torch.nn.init.zeros_(t)
-        else:
-            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
-        out[key] = t
-    return out
+# ``initial_adapter`` (LoRA) and every other method's first global: silotune.methods.
 
 
 def load_state(store: ObjectStore, federation_id: str) -> FederationState | None:
@@ -133,7 +120,7 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
         # The referenced global must still be intact before any silo trains on it.
         get_tensors(store, existing.global_ref.key, expected_sha256=existing.global_ref.sha256)
         return existing
-    init = initial_adapter(adapter.state(), config.seed)
+    init = adapter.initial_state(config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     state = FederationState(
@@ -150,8 +137,8 @@ def save_state(store: ObjectStore, state: FederationState) -> None:
 # --- silo side --------------------------------------------------------------------------------
 
 
-def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel) -> list[Any]:
-    return encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
+def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False) -> list[Any]:
+    return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
 
 
 def train_silo(
@@ -168,7 +155,8 @@ def train_silo(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    examples = _silo_examples(config, spec.train_path, adapter)
+    objective = build_objective(config.objective_for(silo))
+    examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
     d, result = train_local(
         adapter,
         global_state,
@@ -177,6 +165,7 @@ def train_silo(
         seed=silo_seed(config.seed, round_, index),
         desc=f"round {round_ + 1} · {silo}",
         progress=progress,
+        objective=objective,
     )
     key = FederationLayout(config.federation_id).update(round_, silo)
     sha = put_tensors(
@@ -212,10 +201,16 @@ def evaluate_silo(
     if spec.eval_path is None:
         return None
     state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    examples = _silo_examples(config, spec.eval_path, adapter)
+    examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
     if config.evaluation.max_examples:
         examples = examples[: config.evaluation.max_examples]
-    res = evaluate(adapter, examples, batch_size=config.evaluation.batch_size, state=state)
+    res = evaluate(
+        adapter,
+        examples,
+        batch_size=config.evaluation.batch_size,
+        state=state,
+        beta=config.objective_for(silo).beta,
+    )
     return EvalRecord(silo=silo, round=round_, result=res.as_dict())
 
 

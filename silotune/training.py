@@ -1,4 +1,4 @@
-"""The local post-training recipe a silo runs each round (LoRA SFT).
+"""The local post-training recipe a silo runs each round (SFT by default; any method).
 
 Reads top to bottom: seed, fresh optimizer, ``local_steps`` AdamW steps on
 per-sequence losses, then the delta against the global adapter it started from.
@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -73,8 +74,13 @@ def train_local(
     seed: int,
     desc: str = "local training",
     progress: bool = True,
+    objective: Any | None = None,
 ) -> tuple[TensorDict, TrainResult]:
-    """Train the adapter from ``global_state`` on ``examples``; return (delta, report)."""
+    """Train the adapter from ``global_state`` on ``examples``; return (delta, report).
+
+    ``objective`` (from :func:`silotune.methods.objectives.build_objective`) replaces the SFT
+    batch and step, e.g. DPO on preference pairs; None is SFT.
+    """
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     adapter.load_state(global_state)
@@ -90,9 +96,14 @@ def train_local(
     start = time.perf_counter()
     bar = tqdm(total=spec.local_steps, desc=desc, unit="step", disable=not progress, leave=False)
     for batch_examples in batches(examples, spec.batch_size, steps=spec.local_steps, generator=gen):
-        batch = collate(batch_examples, pad_id)
-        tokens += int(batch["attention_mask"].sum())
-        losses.append(train_step(model, batch, optimizer, params, spec.max_grad_norm))
+        if objective is None:
+            batch = collate(batch_examples, pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(train_step(model, batch, optimizer, params, spec.max_grad_norm))
+        else:
+            batch = objective.collate(batch_examples, pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(objective.step(adapter, batch, optimizer, params, spec.max_grad_norm))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
