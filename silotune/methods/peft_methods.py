@@ -180,8 +180,26 @@ class QLoRA(LoRA):
             path, quantization_config=q, dtype=compute, device_map={"": device}
         )
         model.config.use_cache = False
+        _keep_canonical_4bit_layout(model)
         # Freezes the base and keeps non-quantised weights (norms, embeddings) in fp32 for stable training.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _keep_canonical_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight the
+    first time it runs in eval mode without gradients, rounding its absmax constants to
+    bf16, and never unpacks it for training: later training steps then take the
+    inference kernel (no gradient to the layer's input) and every save or
+    re-pack rounds the base again. A federation alternates evaluation and training
+    every round, so the frozen base would drift and gradients would stop at
+    quantised layers. The canonical layout (dequantise, fp32 matmul) is exact
+    and differentiable in both modes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 class IA3Options(MethodOptions):
