@@ -157,7 +157,12 @@ SHAPES: dict[str, ModelShape] = {
     )
 }
 # Built-in model names that silotune can load, mapped to their shapes.
-MODEL_SHAPES = {"smollm2-135m-instruct": "smollm2-135m", "tiny-llama": None}
+# Model descriptor names (silotune.openness) mapped to their shapes.
+MODEL_SHAPES = {
+    "smollm2-135m-instruct": "smollm2-135m",
+    "tinyllama-1.1b": "llama-1b",
+    "mistral-7b": "llama-2-7b",  # 7.24B with GQA; Llama-2-7B's dimensions are within a few % of its memory
+}
 
 
 def shape_for_params(params_b: float) -> ModelShape:
@@ -303,6 +308,7 @@ def estimate(
     compute_bytes: int | None = None,
     adapter_bytes: int = 4,
     optimizer_states: int = 2,
+    mixed_precision: bool = False,
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     num_virtual_tokens: int = 16,
@@ -316,6 +322,8 @@ def estimate(
     4 after PEFT's ``prepare_model_for_kbit_training``). ``compute_bytes``: activation dtype
     (default: ``weight_bytes``). ``adapter_bytes``: trainable parameters, their gradients and
     AdamW moments (4: fp32). ``optimizer_states``: 2 for Adam/AdamW, 0 for SGD.
+    ``mixed_precision``: full fine-tuning of a 16-bit model with fp32 master weights and fp32
+    moments (the usual recipe: 2 + 2 + 4 + 8 = 16 bytes per parameter).
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
@@ -340,7 +348,10 @@ def estimate(
         weights += trainable * adapter_bytes  # the adapter itself (full FT trains the weights in place)
     grad_bytes = adapter_bytes if method != "full" else weight_bytes
     gradients = trainable * grad_bytes
-    optimizer = trainable * grad_bytes * optimizer_states
+    if method == "full" and mixed_precision:
+        optimizer = trainable * (4 + 4 * optimizer_states)  # fp32 master copy + fp32 moments
+    else:
+        optimizer = trainable * grad_bytes * optimizer_states
 
     rows = batch * (2 if objective == "dpo" else 1)
     tokens = rows * (seq + (num_virtual_tokens if method == "prompt_tuning" else 0))

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +63,13 @@ class MethodOptions(BaseModel):
 
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30 % more compute."
+    )
+    base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description=(
+            "Storage and compute dtype of the (unquantised) base. float32 on CPUs; bfloat16 halves the "
+            "weights on GPUs. PEFT keeps adapters in float32 either way."
+        ),
     )
 
 
@@ -121,6 +128,19 @@ METHODS: Registry[type[Any]] = Registry("post-training method")
 
 def parse_options(method: Method, options: Mapping[str, Any]) -> MethodOptions:
     return method.options_model.model_validate(dict(options))
+
+
+def load_base(path: Path, options: MethodOptions) -> Any:
+    """The base model at ``options.base_dtype`` (float32: exactly ``modeling.load_base_model``)."""
+    from silotune.modeling import load_base_model
+
+    if options.base_dtype == "float32":
+        return load_base_model(path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.base_dtype))
+    model.config.use_cache = False
+    return model
 
 
 def trainable_names(model: torch.nn.Module) -> Iterator[str]:

@@ -25,6 +25,7 @@ from silotune.methods.base import (
     Payload,
     Support,
     TensorDict,
+    load_base,
 )
 
 
@@ -59,10 +60,8 @@ class FullFineTuning:
     }
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
-        from silotune.modeling import load_base_model
-
         assert isinstance(options, FullOptions)
-        model = load_base_model(path)
+        model = load_base(path, options)
         if options.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for p in model.parameters():
@@ -74,7 +73,7 @@ class FullFineTuning:
             if out is not None:
                 for p in out.parameters():
                     p.requires_grad_(False)
-        return Built(model=model, extras={"path": path})
+        return Built(model=model, extras={"path": path, "options": options})
 
     def state(self, built: Built) -> TensorDict:
         # named_parameters() lists a tied weight once, so the LM head is not exchanged twice.
@@ -90,17 +89,13 @@ class FullFineTuning:
 
     def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
         # The base model is the starting point; nothing is random, so the seed is unused.
-        from silotune.modeling import load_base_model
-
-        base = dict(load_base_model(built.extras["path"]).named_parameters())
+        base = dict(load_base(built.extras["path"], built.extras["options"]).named_parameters())
         return {k: base[k].detach().clone().contiguous() for k in sorted(template)}
 
     def reference_logits(self, built: Built, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from silotune.modeling import load_base_model
-
         ref = built.extras.get("reference")
         if ref is None:
-            ref = load_base_model(built.extras["path"]).eval()
+            ref = load_base(built.extras["path"], built.extras["options"]).eval()
             ref.requires_grad_(False)
             built.extras["reference"] = ref
         with torch.no_grad():
@@ -110,6 +105,4 @@ class FullFineTuning:
         built.model.save_pretrained(folder)
 
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
-        from silotune.modeling import load_base_model
-
-        return load_base_model(folder)
+        return load_base(folder, options)

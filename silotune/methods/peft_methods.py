@@ -26,6 +26,7 @@ from silotune.methods.base import (
     Payload,
     Support,
     TensorDict,
+    load_base,
 )
 
 
@@ -104,9 +105,7 @@ class _PeftMethod:
         built.model.save_pretrained(folder)
 
     def _load_base(self, path: Path, options: MethodOptions) -> Any:
-        from silotune.modeling import load_base_model
-
-        return load_base_model(path)
+        return load_base(path, options)
 
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
         """The published artifact on a fresh base, ready for inference."""
@@ -175,9 +174,9 @@ class QLoRA(LoRA):
             )
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The silo training loop runs on the CPU (as every method's), so the quantised base lives there too.
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=q, dtype=compute, device_map={"": device}
+            path, quantization_config=q, dtype=compute, device_map={"": "cpu"}
         )
         model.config.use_cache = False
         _keep_canonical_4bit_layout(model)
