@@ -164,7 +164,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--cpu-dry-run", action="store_true", help="check the mechanics on CPU (no memory numbers)")
+    ap.add_argument(
+        "--cpu-dry-run", action="store_true", help="check the mechanics on CPU (no memory numbers)"
+    )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_memory.json")
     args = ap.parse_args()
 
@@ -191,16 +193,27 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "estimate"}), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2))
+            args.out.write_text(
+                json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
+            )
     gib = 1024**3
-    print(f"\nQLoRA (NF4 + double quant, bf16 compute, fp32 LoRA, AdamW), batch {args.batch} × seq {args.seq}, {device}")
-    print(f"{'shape':<14} {'recipe':<13} {'weights est/meas GiB':>21} {'peak est GiB':>13} {'peak meas GiB':>14} {'est/meas':>9} {'step s':>7}")
+    print(
+        "\nQLoRA (NF4 + double quant, bf16 compute, fp32 LoRA, AdamW), "
+        f"batch {args.batch} × seq {args.seq}, {device}"
+    )
+    print(
+        f"{'shape':<14} {'recipe':<13} {'weights est/meas GiB':>21} {'peak est GiB':>13} "
+        f"{'peak meas GiB':>14} {'est/meas':>9} {'step s':>7}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<14} {r['recipe']:<13} ERROR {r['error']}")
             continue
-        print(f"{r['shape']:<14} {r['recipe']:<13} {r['weights_estimate'] / gib:>9.2f} / {r['weights_measured'] / gib:<9.2f} "
-              f"{r['peak_estimate'] / gib:>13.2f} {r['peak_measured'] / gib:>14.2f} {r['ratio']:>9.2f} {r['step_s'][-1]:>7.2f}")
+        print(
+            f"{r['shape']:<14} {r['recipe']:<13} {r['weights_estimate'] / gib:>9.2f} / "
+            f"{r['weights_measured'] / gib:<9.2f} {r['peak_estimate'] / gib:>13.2f} "
+            f"{r['peak_measured'] / gib:>14.2f} {r['ratio']:>9.2f} {r['step_s'][-1]:>7.2f}"
+        )
     print(f"written: {args.out}")
     return 0
 

@@ -36,17 +36,16 @@ def _status_kib(field: str) -> int:
 def _child(method: str, model: str, batch: int, seq: int, steps: int, threads: int) -> dict[str, object]:
     import gc
 
+    # Everything building the model will import, so the baseline holds the whole runtime.
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     from silotune.adapters import AdapterModel
     from silotune.config import LoraSpec, MethodSpec, ModelSpec
     from silotune.training import train_step
-
-    # Everything building the model will import, so the baseline holds the whole runtime.
-    import bitsandbytes  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     torch.set_num_threads(threads)
     rss_imports = _status_kib("VmRSS") * 1024
@@ -106,8 +105,22 @@ def main() -> int:
     shape = ModelShape.from_hf_config(json.loads((path / "config.json").read_text()), name=args.model)
     rows = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -117,18 +130,34 @@ def main() -> int:
         m = json.loads(line.removeprefix("RESULT "))
         est = estimate(shape, method, batch=args.batch, seq=args.seq)  # CPU: fp32 weights and compute
         measured = m["peak"] - m["rss_imports"]
-        rows.append({**m, "estimate": est.as_dict(), "measured": measured, "ratio": est.total / measured,
-                     "weights_measured": m["rss_loaded"] - m["rss_imports"],
-                     "weights_estimate": est.weights + est.quant_constants})
-    print(f"\nPeak training memory, {args.model}, batch {args.batch} × seq {args.seq}, {args.steps} AdamW steps, CPU fp32")
-    print(f"{'method':<8} {'trainable':>11} {'est. total':>11} {'measured':>10} {'est/meas':>9} "
-          f"{'est. weights':>13} {'loaded':>8} {'step s':>7}")
+        rows.append(
+            {
+                **m,
+                "estimate": est.as_dict(),
+                "measured": measured,
+                "ratio": est.total / measured,
+                "weights_measured": m["rss_loaded"] - m["rss_imports"],
+                "weights_estimate": est.weights + est.quant_constants,
+            }
+        )
+    print(
+        f"\nPeak training memory, {args.model}, batch {args.batch} × seq {args.seq}, "
+        f"{args.steps} AdamW steps, CPU fp32"
+    )
+    print(
+        f"{'method':<8} {'trainable':>11} {'est. total':>11} {'measured':>10} {'est/meas':>9} "
+        f"{'est. weights':>13} {'loaded':>8} {'step s':>7}"
+    )
     for r in rows:
-        print(f"{r['method']:<8} {r['trainable']:>11,} {r['estimate']['total'] / MIB:>8.0f} MiB "
-              f"{r['measured'] / MIB:>6.0f} MiB {r['ratio']:>9.2f} {r['weights_estimate'] / MIB:>9.0f} MiB "
-              f"{r['weights_measured'] / MIB:>4.0f} MiB {sum(r['step_s']) / len(r['step_s']):>7.1f}")
-    print("measured = peak RSS during the steps (VmHWM, reset after loading) − RSS after imports;\n"
-          "loaded = RSS after building the model − RSS after imports")
+        print(
+            f"{r['method']:<8} {r['trainable']:>11,} {r['estimate']['total'] / MIB:>8.0f} MiB "
+            f"{r['measured'] / MIB:>6.0f} MiB {r['ratio']:>9.2f} {r['weights_estimate'] / MIB:>9.0f} MiB "
+            f"{r['weights_measured'] / MIB:>4.0f} MiB {sum(r['step_s']) / len(r['step_s']):>7.1f}"
+        )
+    print(
+        "measured = peak RSS during the steps (VmHWM, reset after loading) − RSS after imports;\n"
+        "loaded = RSS after building the model − RSS after imports"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -162,7 +162,7 @@ def methods() -> None:
         table.add_column(col)
     for name in METHODS.names():
         m = get_method(name)
-        d = ", ".join(f"{k}{'' if v.level == 'full' else ' (' + v.level + ')'}" for k, v in m.defenses.items())
+        d = ", ".join(k + ("" if v.level == "full" else f" ({v.level})") for k, v in m.defenses.items())
         table.add_row(name, m.trains, m.payload.value, d)
     console.print(table)
     console.print("objectives: sft (instruction tuning), dpo (preference pairs; reference = the frozen base)")
@@ -177,8 +177,14 @@ def models() -> None:
     for col in ("name", "openness", "licence", "open data", "weights", "usage limits"):
         table.add_column(col)
     for d in BUILTIN_DESCRIPTORS.values():
-        table.add_row(d.name, d.openness.value, d.licence, "yes" if d.open_training_data else "no",
-                      d.weights.value, "; ".join(u.text for u in d.usage_limits) or "-")
+        table.add_row(
+            d.name,
+            d.openness.value,
+            d.licence,
+            "yes" if d.open_training_data else "no",
+            d.weights.value,
+            "; ".join(u.text for u in d.usage_limits) or "-",
+        )
     console.print(table)
 
 
@@ -205,9 +211,16 @@ def print_plan(plan: Any) -> None:
     for col in ("silo", "memory", "method", "bits", "rank", "ckpt", "estimate", "reason"):
         table.add_column(col)
     for s in plan.silos:
-        table.add_row(s.name, f"{s.device} ({s.budget_gb:g} GB usable)" if s.budget_gb else s.device, s.method,
-                      str(s.bits or "-"), str(s.rank or "-"), "yes" if s.gradient_checkpointing else "-",
-                      f"{s.estimate_gb:.2f} GB" if s.estimate_gb is not None else "-", s.reason)
+        table.add_row(
+            s.name,
+            f"{s.device} ({s.budget_gb:g} GB usable)" if s.budget_gb else s.device,
+            s.method,
+            str(s.bits or "-"),
+            str(s.rank or "-"),
+            "yes" if s.gradient_checkpointing else "-",
+            f"{s.estimate_gb:.2f} GB" if s.estimate_gb is not None else "-",
+            s.reason,
+        )
     console.print(table)
     table = Table(title="Defenses")
     for col in ("defense", "recommended", "reason"):
@@ -223,39 +236,73 @@ def print_plan(plan: Any) -> None:
 def plan(
     answers: Annotated[Path | None, typer.Argument(help="Answers file (YAML); options override it.")] = None,
     privacy: Annotated[str | None, typer.Option(help="strict | moderate | none")] = None,
-    autonomy: Annotated[bool | None, typer.Option("--autonomy/--no-autonomy", help="Clients must control training and inference.")] = None,
-    silo: Annotated[list[str] | None, typer.Option(help="NAME:VRAM_GB[:RAM_GB] or NAME:none; repeat per silo.")] = None,
-    model: Annotated[str | None, typer.Option(help="Plan for this model descriptor (see `silotune models`).")] = None,
-    model_size: Annotated[float | None, typer.Option(help="Desired model size, billions of parameters.")] = None,
-    permissive_only: Annotated[bool | None, typer.Option("--permissive-only", help="Only permissive licences.")] = None,
-    open_data: Annotated[bool | None, typer.Option("--open-data", help="The training data must be open.")] = None,
-    monthly_users: Annotated[float | None, typer.Option(help="Expected monthly active users of the product.")] = None,
+    autonomy: Annotated[
+        bool | None,
+        typer.Option("--autonomy/--no-autonomy", help="Clients must control training and inference."),
+    ] = None,
+    silo: Annotated[
+        list[str] | None, typer.Option(help="NAME:VRAM_GB[:RAM_GB] or NAME:none; repeat per silo.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Plan for this model descriptor (see `silotune models`).")
+    ] = None,
+    model_size: Annotated[
+        float | None, typer.Option(help="Desired model size, billions of parameters.")
+    ] = None,
+    permissive_only: Annotated[
+        bool | None, typer.Option("--permissive-only", help="Only permissive licences.")
+    ] = None,
+    open_data: Annotated[
+        bool | None, typer.Option("--open-data", help="The training data must be open.")
+    ] = None,
+    monthly_users: Annotated[
+        float | None, typer.Option(help="Expected monthly active users of the product.")
+    ] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
-    untrusted_silos: Annotated[bool | None, typer.Option("--untrusted-silos", help="Some silo may poison updates.")] = None,
-    provider_api: Annotated[str | None, typer.Option(help="none | finetune | chat: closed access the team has.")] = None,
-    write_config: Annotated[Path | None, typer.Option(help="Write a federation config implementing the plan.")] = None,
+    untrusted_silos: Annotated[
+        bool | None, typer.Option("--untrusted-silos", help="Some silo may poison updates.")
+    ] = None,
+    provider_api: Annotated[
+        str | None, typer.Option(help="none | finetune | chat: closed access the team has.")
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="Write a federation config implementing the plan.")
+    ] = None,
 ) -> None:
-    """Walk the paper's Figure 2 decision tree: openness class, method per silo, defenses, each with its reason."""
+    """Walk the paper's Figure 2 decision tree: openness class, method per silo and defenses, with reasons."""
     from silotune.errors import SilotuneError
     from silotune.plan import load_answers, make_plan, parse_answers
     from silotune.plan import write_config as write
 
     over: dict[str, Any] = {
-        "privacy": privacy, "autonomy": autonomy, "model": model, "model_size_b": model_size,
-        "objective": objective, "untrusted_silos": untrusted_silos, "provider_api": provider_api,
+        "privacy": privacy,
+        "autonomy": autonomy,
+        "model": model,
+        "model_size_b": model_size,
+        "objective": objective,
+        "untrusted_silos": untrusted_silos,
+        "provider_api": provider_api,
     }
     if silo:
         over["silos"] = [_silo_option(s) for s in silo]
-    lic = {k: v for k, v in {"permissive_only": permissive_only, "open_data_required": open_data,
-                             "monthly_active_users": monthly_users}.items() if v is not None}
+    lic = {
+        k: v
+        for k, v in {
+            "permissive_only": permissive_only,
+            "open_data_required": open_data,
+            "monthly_active_users": monthly_users,
+        }.items()
+        if v is not None
+    }
     try:
         if answers is not None:
             a = load_answers(answers, **over)
             if lic:
                 a = parse_answers({**a.model_dump(), "licence": {**a.licence.model_dump(), **lic}})
         else:
-            a = parse_answers({**{k: v for k, v in over.items() if v is not None}, "licence": lic},
-                              source="options")
+            a = parse_answers(
+                {**{k: v for k, v in over.items() if v is not None}, "licence": lic}, source="options"
+            )
         result = make_plan(a)
         print_plan(result)
         if write_config is not None:

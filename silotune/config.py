@@ -68,7 +68,8 @@ class MethodSpec(_Spec):
 
     name: str = Field("lora", description="Method name: lora, qlora, full, ia3 or prompt_tuning.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Method options, e.g. {'bits': 4} for qlora, {'num_virtual_tokens': 16}."
+        default_factory=dict,
+        description="Method options, e.g. {'bits': 4} for qlora, {'num_virtual_tokens': 16}.",
     )
 
 
@@ -82,7 +83,9 @@ class ObjectiveSpec(_Spec):
             "(prompt, chosen, rejected) pairs (Rafailov et al. 2023), the practical stand-in for RLHF."
         ),
     )
-    beta: float = Field(0.1, gt=0, le=10.0, description="DPO temperature: how far the policy may move from the reference.")
+    beta: float = Field(
+        0.1, gt=0, le=10.0, description="DPO temperature: how far the policy may move from the reference."
+    )
 
 
 class TrainSpec(_Spec):
@@ -111,7 +114,8 @@ class SiloSpec(_Spec):
         ),
     )
     objective: ObjectiveSpec | None = Field(
-        None, description="This silo's own objective (e.g. dpo for a preference silo). None: the federation's."
+        None,
+        description="This silo's own objective (e.g. dpo for a preference silo). None: the federation's.",
     )
 
     @field_validator("name")

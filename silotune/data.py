@@ -40,7 +40,7 @@ def _is_pair(rec: Any) -> bool:
 
 
 def _check_pair(rec: Any, where: str) -> dict[str, str]:
-    """Return a preference record ``{prompt, chosen, rejected[, system]}``, or raise DataError naming ``where``."""
+    """Return a preference record ``{prompt, chosen, rejected[, system]}``; DataError names ``where``."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if not _is_pair(rec):
@@ -60,7 +60,11 @@ def _check_pair(rec: Any, where: str) -> dict[str, str]:
 
 def _pair_chat(pair: dict[str, str], answer: str) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": pair["system"]}] if "system" in pair else []
-    return [*msgs, {"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[answer]}]
+    return [
+        *msgs,
+        {"role": "user", "content": pair["prompt"]},
+        {"role": "assistant", "content": pair[answer]},
+    ]
 
 
 def _check_record(rec: Any, where: str) -> list[dict[str, str]]:

@@ -62,7 +62,9 @@ def evaluate(
 
         pairs: Sequence[Any] = examples
         base = evaluate(adapter, [p.chosen for p in pairs], batch_size=batch_size)
-        pref = evaluate_pairs(adapter, pairs, pad_id=adapter.tokenizer.pad_token_id, beta=beta, batch_size=batch_size)
+        pref = evaluate_pairs(
+            adapter, pairs, pad_id=adapter.tokenizer.pad_token_id, beta=beta, batch_size=batch_size
+        )
         return replace(base, **{k: getattr(pref, k) for k in _PREF_FIELDS})
     model = adapter.model
     model.eval()

@@ -16,24 +16,22 @@ Round ``r`` (0-based):
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
 from silotune import __version__
-from silotune.adapters import AdapterModel, TensorDict, global_norm
+from silotune.adapters import AdapterModel, global_norm
 from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
 from silotune.config import FederationConfig
 from silotune.data import encode_file, is_preference_file
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
-from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
+from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import silo_seed, train_local
 
 __all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
@@ -137,7 +135,9 @@ def save_state(store: ObjectStore, state: FederationState) -> None:
 # --- silo side --------------------------------------------------------------------------------
 
 
-def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False) -> list[Any]:
+def _silo_examples(
+    config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False
+) -> list[Any]:
     return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
 
 

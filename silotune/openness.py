@@ -76,7 +76,9 @@ class ModelDescriptor(BaseModel):
     name: str
     openness: Openness
     licence: str = Field(description="SPDX id or the licence's name.")
-    permissive: bool = Field(description="Whether the licence allows use and redistribution without conditions.")
+    permissive: bool = Field(
+        description="Whether the licence allows use and redistribution without conditions."
+    )
     usage_limits: tuple[UsageLimit, ...] = ()
     open_training_data: bool = Field(False, description="Whether the training data/recipe is published.")
     weights: WeightsLocation
@@ -185,7 +187,7 @@ BUILTIN_DESCRIPTORS: dict[str, ModelDescriptor] = {
             permissive=False,
             weights=WeightsLocation.PROVIDER,
             provider_methods=("lora", "sft"),
-            notes="A hosted fine-tuning service (e.g. Together.AI-style): upload data, get a LoRA trained there.",
+            notes="A hosted fine-tuning service (Together.AI-style): upload data, get a LoRA trained there.",
         ),
         ModelDescriptor(
             name="chat-api",
@@ -269,13 +271,13 @@ def check_table1(descriptor: ModelDescriptor, method: str, objective: str) -> li
             )
         elif name in ("full", "dpo", "qlora"):
             problems.append(
-                f"{row} ({name}) is impossible on a gray-box model ({descriptor.name}): the weights stay with "
-                "the provider (paper Table 1)"
+                f"{row} ({name}) is impossible on a gray-box model ({descriptor.name}): the weights stay "
+                "with the provider (paper Table 1)"
             )
         elif name not in descriptor.provider_methods:
             problems.append(
-                f"{row} ({name}) is only partially available on a gray-box model, and {descriptor.name}'s API "
-                f"exposes only {list(descriptor.provider_methods) or 'nothing'} (paper Table 1)"
+                f"{row} ({name}) is only partially available on a gray-box model, and {descriptor.name}'s "
+                f"API exposes only {list(descriptor.provider_methods) or 'nothing'} (paper Table 1)"
             )
     return problems
 
@@ -300,9 +302,13 @@ def check_licence(
     """Licence problems of using ``descriptor`` under the given constraints (empty: none known)."""
     problems = []
     mau = descriptor.limit("monthly_active_users")
-    if mau is not None and mau.value is not None and monthly_active_users is not None:
-        if monthly_active_users > mau.value:
-            problems.append(f"{descriptor.name} ({descriptor.licence}): {mau.text}")
+    if (
+        mau is not None
+        and mau.value is not None
+        and monthly_active_users is not None
+        and monthly_active_users > mau.value
+    ):
+        problems.append(f"{descriptor.name} ({descriptor.licence}): {mau.text}")
     if permissive_only and not descriptor.permissive:
         problems.append(f"{descriptor.name}: licence {descriptor.licence!r} is not permissive")
     if open_data_required and not descriptor.open_training_data:

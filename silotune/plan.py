@@ -57,7 +57,9 @@ class SiloAnswers(_Answers):
     name: str
     vram_gb: float = Field(0.0, ge=0, description="GPU memory of the silo's largest GPU (0: no GPU).")
     ram_gb: float = Field(16.0, ge=0, description="CPU memory available for training.")
-    local_compute: bool = Field(True, description="Whether the silo may run models on its own machines at all.")
+    local_compute: bool = Field(
+        True, description="Whether the silo may run models on its own machines at all."
+    )
 
 
 class LicenceAnswers(_Answers):
@@ -76,15 +78,21 @@ class PlanAnswers(_Answers):
     autonomy: bool = Field(True, description="Clients must control their own training and inference.")
     silos: list[SiloAnswers] = Field(min_length=1)
     model: str | None = Field(None, description="A model descriptor name to plan for (else chosen by size).")
-    model_size_b: float | None = Field(None, gt=0, description="Desired model size in billions (else: largest that fits).")
+    model_size_b: float | None = Field(
+        None, gt=0, description="Desired model size in billions (else: largest that fits)."
+    )
     licence: LicenceAnswers = Field(default_factory=LicenceAnswers)
     objective: Literal["sft", "dpo"] = "sft"
     untrusted_silos: bool = Field(False, description="Some silo may send poisoned updates.")
-    curious_coordinator: bool = Field(True, description="The coordinator must not see any single silo's update.")
+    curious_coordinator: bool = Field(
+        True, description="The coordinator must not see any single silo's update."
+    )
     provider_api: Literal["none", "finetune", "chat"] = Field(
         "none", description="Closed access the team already has: a fine-tuning API (gray-box) or a chat API."
     )
-    prefer_full_finetuning: bool = Field(False, description="Use full fine-tuning where every silo can afford it.")
+    prefer_full_finetuning: bool = Field(
+        False, description="Use full fine-tuning where every silo can afford it."
+    )
     batch: int = Field(4, ge=1)
     seq: int = Field(512, ge=16)
 
@@ -180,8 +188,10 @@ def _fit(shape: memory.ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers)
             )
             gb = est.total / 1e9
             if gb <= budget:
-                what = "LoRA on a 16-bit base" if method == "lora" and gpu else (
-                    "LoRA on an fp32 base" if method == "lora" else f"QLoRA, {bits}-bit base"
+                what = (
+                    "LoRA on a 16-bit base"
+                    if method == "lora" and gpu
+                    else ("LoRA on an fp32 base" if method == "lora" else f"QLoRA, {bits}-bit base")
                 )
                 why = (
                     f"{what} at rank {rank} needs ~{gb:.1f} GB (estimate: {est.summary()}) of the "
@@ -210,15 +220,28 @@ def _fit(shape: memory.ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers)
 def _full_fits(shape: memory.ModelShape, silo: SiloAnswers, a: PlanAnswers) -> SiloPlan | None:
     budget, device = _budget(silo)
     wbytes = 2 if silo.vram_gb > 0 else 4
-    est = memory.estimate(shape, "full", batch=a.batch, seq=a.seq, weight_bytes=wbytes,
-                          gradient_checkpointing=True, objective=a.objective)
+    est = memory.estimate(
+        shape,
+        "full",
+        batch=a.batch,
+        seq=a.seq,
+        weight_bytes=wbytes,
+        gradient_checkpointing=True,
+        objective=a.objective,
+    )
     gb = est.total / 1e9
     if gb > budget:
         return None
     return SiloPlan(
-        name=silo.name, budget_gb=round(budget, 1), device=device, method="full", gradient_checkpointing=True,
+        name=silo.name,
+        budget_gb=round(budget, 1),
+        device=device,
+        method="full",
+        gradient_checkpointing=True,
         estimate_gb=round(gb, 2),
-        reason=f"full fine-tuning needs ~{gb:.1f} GB (estimate: {est.summary()}) of {budget:.1f} GB on {device}",
+        reason=(
+            f"full fine-tuning needs ~{gb:.1f} GB (estimate: {est.summary()}) of {budget:.1f} GB on {device}"
+        ),
     )
 
 
@@ -230,11 +253,16 @@ def _candidates(a: PlanAnswers, need_open_source: bool) -> list[ModelDescriptor]
     out = [
         d
         for d in BUILTIN_DESCRIPTORS.values()
-        if d.openness.has_weights and d.params_b and d.name != "tiny-llama"
+        if d.openness.has_weights
+        and d.params_b
+        and d.name != "tiny-llama"
         and (d.openness is Openness.OPEN_SOURCE or not need_open_source)
     ]
     if a.model_size_b is not None:
-        return sorted(out, key=lambda d: (abs(math.log((d.params_b or 1) / a.model_size_b)), d.openness != "open-source"))
+        return sorted(
+            out,
+            key=lambda d: (abs(math.log((d.params_b or 1) / a.model_size_b)), d.openness != "open-source"),
+        )
     return sorted(out, key=lambda d: -(d.params_b or 0))
 
 
@@ -258,7 +286,11 @@ def make_plan(a: PlanAnswers) -> Plan:
 
     if not local:
         if must_be_local:
-            why = "strict privacy" if a.privacy == "strict" else ("privacy" if a.privacy != "none" else "autonomy")
+            why = (
+                "strict privacy"
+                if a.privacy == "strict"
+                else ("privacy" if a.privacy != "none" else "autonomy")
+            )
             return Plan(
                 openness=Openness.OPEN_SOURCE,
                 openness_reason=(
@@ -268,8 +300,12 @@ def make_plan(a: PlanAnswers) -> Plan:
                 ),
                 model=None,
                 model_reason="no local compute",
-                silos=[SiloPlan(name=s.name, budget_gb=0, device="none", method="none", reason="no local compute")
-                       for s in a.silos],
+                silos=[
+                    SiloPlan(
+                        name=s.name, budget_gb=0, device="none", method="none", reason="no local compute"
+                    )
+                    for s in a.silos
+                ],
                 defenses=[],
                 warnings=[f"a closed model would violate the requirement: {PRIVACY_REASON}"],
                 feasible=False,
@@ -280,21 +316,42 @@ def make_plan(a: PlanAnswers) -> Plan:
         return Plan(
             openness=cls,
             openness_reason=(
-                "no silo can run a model locally and neither privacy nor autonomy is required, so only a closed "
-                f"model remains (paper Figure 2); {'the provider exposes fine-tuning' if gray else 'only a chat API is available'}"
+                "no silo can run a model locally and neither privacy nor autonomy is required, so only a "
+                "closed model remains (paper Figure 2); "
+                + ("the provider exposes fine-tuning" if gray else "only a chat API is available")
             ),
             model="hosted-finetune-api" if gray else "chat-api",
             model_reason="the team's existing provider access",
-            silos=[SiloPlan(name=s.name, budget_gb=0, device="none", method=method,
-                            reason=f"paper Table 1: a {cls.value} model allows {method}") for s in a.silos],
-            defenses=[
-                Recommendation(item=d, recommended=False, reason="the provider, not the client, controls training and "
-                               "aggregation, so the client cannot apply it (paper section 3, Table 4)")
-                for d in ("differential_privacy", "secure_aggregation", "homomorphic_encryption", "robust_aggregation")
+            silos=[
+                SiloPlan(
+                    name=s.name,
+                    budget_gb=0,
+                    device="none",
+                    method=method,
+                    reason=f"paper Table 1: a {cls.value} model allows {method}",
+                )
+                for s in a.silos
             ],
-            warnings=[f"privacy: {PRIVACY_REASON}",
-                      "autonomy: the provider can change or withdraw the model; clients cannot serve it themselves",
-                      "federated learning adds little here: no client trains or holds model weights (paper open question 1)"],
+            defenses=[
+                Recommendation(
+                    item=d,
+                    recommended=False,
+                    reason="the provider, not the client, controls training and "
+                    "aggregation, so the client cannot apply it (paper section 3, Table 4)",
+                )
+                for d in (
+                    "differential_privacy",
+                    "secure_aggregation",
+                    "homomorphic_encryption",
+                    "robust_aggregation",
+                )
+            ],
+            warnings=[
+                f"privacy: {PRIVACY_REASON}",
+                "autonomy: the provider can change or withdraw the model; clients cannot serve it themselves",
+                "federated learning adds little here: no client trains or holds model weights "
+                "(paper open question 1)",
+            ],
             feasible=False,
         )
 
@@ -316,15 +373,24 @@ def make_plan(a: PlanAnswers) -> Plan:
         silo_plans = _plan_silos(_shape(d), local, a, allow_exclusion=True) or []
     for s in a.silos:
         if s not in local:
-            silo_plans.append(SiloPlan(name=s.name, budget_gb=0, device="none", method="none",
-                                       reason="no local compute: this silo cannot train locally and is left out"))
+            silo_plans.append(
+                SiloPlan(
+                    name=s.name,
+                    budget_gb=0,
+                    device="none",
+                    method="none",
+                    reason="no local compute: this silo cannot train locally and is left out",
+                )
+            )
             warnings.append(f"silo {s.name} has no local compute and is excluded (paper: heterogeneity)")
     excluded = [p.name for p in silo_plans if p.method == "none"]
 
     cls = chosen.openness
     reasons = []
     if a.privacy != "none":
-        reasons.append(f"{a.privacy} privacy: data must stay in the silo, so training and inference run locally")
+        reasons.append(
+            f"{a.privacy} privacy: data must stay in the silo, so training and inference run locally"
+        )
     if a.autonomy:
         reasons.append("autonomy: each client controls and serves its own model")
     if need_os:
@@ -336,13 +402,19 @@ def make_plan(a: PlanAnswers) -> Plan:
         f"{chosen.name} ({chosen.params_b:g}B, {chosen.licence}"
         + (", open training data" if chosen.open_training_data else "")
         + "): "
-        + ("the model asked for" if a.model else
-           ("closest to the requested size that " if a.model_size_b else "the largest that ")
-           + ("every silo can train" if not excluded else "the most silos can train"))
+        + (
+            "the model asked for"
+            if a.model
+            else ("closest to the requested size that " if a.model_size_b else "the largest that ")
+            + ("every silo can train" if not excluded else "the most silos can train")
+        )
     )
-    warnings += check_licence(chosen, monthly_active_users=a.licence.monthly_active_users,
-                              permissive_only=a.licence.permissive_only,
-                              open_data_required=a.licence.open_data_required)
+    warnings += check_licence(
+        chosen,
+        monthly_active_users=a.licence.monthly_active_users,
+        permissive_only=a.licence.permissive_only,
+        open_data_required=a.licence.open_data_required,
+    )
     for lim in chosen.usage_limits:
         warnings.append(f"licence: {lim.text}")
     if any(s.vram_gb > 0 for s in local):
@@ -377,10 +449,16 @@ def _plan_silos(
         return None
     fits = [_fit(shape, s, LORA_RANKS[-1], a) for s in silos]
     return [
-        f if f is not None else SiloPlan(
-            name=s.name, budget_gb=round(_budget(s)[0], 1), device=_budget(s)[1], method="none",
+        f
+        if f is not None
+        else SiloPlan(
+            name=s.name,
+            budget_gb=round(_budget(s)[0], 1),
+            device=_budget(s)[1],
+            method="none",
             reason=f"even QLoRA 4-bit at rank {LORA_RANKS[-1]} with checkpointing does not fit "
-            f"{_budget(s)[0]:.1f} GB for {shape.name}; this silo is left out")
+            f"{_budget(s)[0]:.1f} GB for {shape.name}; this silo is left out",
+        )
         for f, s in zip(fits, silos, strict=True)
     ]
 
@@ -392,29 +470,55 @@ def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
     out: list[Recommendation] = []
     encrypted = a.curious_coordinator and a.privacy != "none"
     dp = a.privacy == "strict"
-    out.append(Recommendation(
-        item="differential_privacy", recommended=dp,
-        reason=("strict privacy: bound what updates reveal against membership inference and gradient inversion "
-                "(paper Table 4); per-silo accountant, ε over all rounds (e.g. ε ≤ 8, δ = 1e-5)") if dp else
-               "not required by the answers; clip updates anyway so one silo's influence is bounded",
-    ))
-    out.append(Recommendation(
-        item="secure_aggregation", recommended=encrypted,
-        reason=("the coordinator must not see any single silo's update: pairwise masks cancel in the sum "
-                "(paper Table 4)") if encrypted else "the coordinator may see individual updates",
-    ))
-    out.append(Recommendation(
-        item="homomorphic_encryption", recommended=False,
-        reason=("an alternative to secure aggregation when silos drop out often: CKKS sums ciphertexts, "
-                "at ~8-20× the update's size") if encrypted else "not needed without a curious coordinator",
-    ))
+    out.append(
+        Recommendation(
+            item="differential_privacy",
+            recommended=dp,
+            reason=(
+                "strict privacy: bound what updates reveal against membership inference and gradient "
+                "inversion "
+                "(paper Table 4); per-silo accountant, ε over all rounds (e.g. ε ≤ 8, δ = 1e-5)"
+            )
+            if dp
+            else "not required by the answers; clip updates anyway so one silo's influence is bounded",
+        )
+    )
+    out.append(
+        Recommendation(
+            item="secure_aggregation",
+            recommended=encrypted,
+            reason=(
+                "the coordinator must not see any single silo's update: pairwise masks cancel in the sum "
+                "(paper Table 4)"
+            )
+            if encrypted
+            else "the coordinator may see individual updates",
+        )
+    )
+    out.append(
+        Recommendation(
+            item="homomorphic_encryption",
+            recommended=False,
+            reason=(
+                "an alternative to secure aggregation when silos drop out often: CKKS sums ciphertexts, "
+                "at ~8-20× the update's size"
+            )
+            if encrypted
+            else "not needed without a curious coordinator",
+        )
+    )
     robust = a.untrusted_silos and not encrypted
     if a.untrusted_silos and encrypted:
-        reason = ("poisoning is a concern, but robust statistics (median, trimmed mean, Krum) need plaintext "
-                  "updates, which secure aggregation hides: bound every update's norm at the silo (client-side "
-                  "clipping) and rely on DP noise; the tension is inherent (design: threat model)")
+        reason = (
+            "poisoning is a concern, but robust statistics (median, trimmed mean, Krum) need plaintext "
+            "updates, which secure aggregation hides: bound every update's norm at the silo (client-side "
+            "clipping) and rely on DP noise; the tension is inherent (design: threat model)"
+        )
     elif robust:
-        reason = "untrusted silos may poison updates: a coordinate-wise trimmed mean bounds their influence (paper Table 4)"
+        reason = (
+            "untrusted silos may poison updates: a coordinate-wise trimmed mean bounds their influence "
+            "(paper Table 4)"
+        )
     else:
         reason = "all silos are trusted"
     out.append(Recommendation(item="robust_aggregation", recommended=robust, reason=reason))
@@ -423,15 +527,26 @@ def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
             continue
         for d, support in get_method(m).defenses.items():
             if support.level is not Support.FULL:
-                out.append(Recommendation(item=f"{Defense(d).value} with {m}", recommended=False,
-                                          reason=f"{support.level.value}: {support.reason}"))
+                out.append(
+                    Recommendation(
+                        item=f"{Defense(d).value} with {m}",
+                        recommended=False,
+                        reason=f"{support.level.value}: {support.reason}",
+                    )
+                )
     if a.objective == "dpo":
-        out.append(Recommendation(
-            item="dpo_reference_model", recommended=True,
-            reason=("DPO's only auxiliary model is the frozen base (adapter disabled); it never leaves the silo, "
-                    "so the paper's open question on protecting RLHF's reward/policy models does not arise and "
-                    "secure aggregation/encryption protect DPO updates fully"),
-        ))
+        out.append(
+            Recommendation(
+                item="dpo_reference_model",
+                recommended=True,
+                reason=(
+                    "DPO's only auxiliary model is the frozen base (adapter disabled); it never leaves the "
+                    "silo, so the paper's open question on protecting RLHF's reward/policy models does not "
+                    "arise and "
+                    "secure aggregation/encryption protect DPO updates fully"
+                ),
+            )
+        )
     return out
 
 
@@ -439,7 +554,7 @@ def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
 
 
 def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[str, Any]:
-    """A federation config (mapping) implementing ``plan``; raises ConfigError if nothing can train locally."""
+    """A federation config (mapping) implementing ``plan``; ConfigError if nothing can train locally."""
     from silotune.config import parse_config
 
     if not plan.feasible or plan.model is None:
@@ -454,12 +569,20 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
     else:
         method = _method_of(training[0])
         rank = first.rank or 8
-        lora = {"r": rank, "alpha": 2 * rank,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"] if rank >= 16 else ["q_proj", "v_proj"]}
+        lora = {
+            "r": rank,
+            "alpha": 2 * rank,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]
+            if rank >= 16
+            else ["q_proj", "v_proj"],
+        }
     silos = []
     for p in training:
-        entry: dict[str, Any] = {"name": p.name, "train_path": f"{data_root}/{p.name}/train.jsonl",
-                                 "eval_path": f"{data_root}/{p.name}/eval.jsonl"}
+        entry: dict[str, Any] = {
+            "name": p.name,
+            "train_path": f"{data_root}/{p.name}/train.jsonl",
+            "eval_path": f"{data_root}/{p.name}/eval.jsonl",
+        }
         m = _method_of(p) if p.method != "full" else method
         if m != method:
             entry["method"] = m
@@ -467,7 +590,9 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
     kinds = {"differential_privacy", "secure_aggregation", "homomorphic_encryption", "robust_aggregation"}
     defenses = [d.item for d in plan.defenses if d.recommended and d.item in kinds]
     robust = any(d.item == "robust_aggregation" and d.recommended for d in plan.defenses)
-    name_or_path = plan.model if plan.model in ("smollm2-135m-instruct", "tiny-llama") else f"models/{plan.model}"
+    name_or_path = (
+        plan.model if plan.model in ("smollm2-135m-instruct", "tiny-llama") else f"models/{plan.model}"
+    )
     cfg: dict[str, Any] = {
         "federation_id": a.name,
         "rounds": 10,
@@ -475,10 +600,19 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
         **({"lora": lora} if lora else {}),
         "method": method,
         "objective": {"name": a.objective},
-        "train": {"local_steps": 20, "batch_size": a.batch, "learning_rate": 2e-4 if first.method != "full" else 1e-5},
+        "train": {
+            "local_steps": 20,
+            "batch_size": a.batch,
+            "learning_rate": 2e-4 if first.method != "full" else 1e-5,
+        },
         "silos": silos,
-        "aggregation": {"name": "trimmed_mean", "options": {"trim_ratio": 0.2}, "min_silos": max(1, len(silos) // 2 + 1)}
-        if robust else {"name": "fedavg", "min_silos": max(1, len(silos) // 2 + 1)},
+        "aggregation": {
+            "name": "trimmed_mean",
+            "options": {"trim_ratio": 0.2},
+            "min_silos": max(1, len(silos) // 2 + 1),
+        }
+        if robust
+        else {"name": "fedavg", "min_silos": max(1, len(silos) // 2 + 1)},
         "tags": {"silotune.plan.openness": plan.openness.value, "silotune.plan.defenses": ",".join(defenses)},
     }
     parse_config(cfg, source="plan")  # the written config must pass the same validation as any other

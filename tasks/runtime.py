@@ -18,7 +18,7 @@ from silotune.tracking import Tracker, open_tracker
 
 
 class ModelCache:
-    """At most ``capacity`` (model, method, LoRA shape) triples stay loaded; the least recently used is dropped."""
+    """At most ``capacity`` (model, method, LoRA shape) triples stay loaded; the oldest is dropped first."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity

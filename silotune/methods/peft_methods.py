@@ -142,11 +142,18 @@ class LoRA(_PeftMethod):
 
 class QLoRAOptions(MethodOptions):
     bits: Literal[4, 8] = Field(4, description="Base weight bits: 4 (NF4/FP4, QLoRA) or 8 (LLM.int8).")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4: Dettmers et al. 2023).")
-    double_quant: bool = Field(True, description="Quantise the per-block absmax constants too (~0.37 bit/param saved).")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type (NF4: Dettmers et al. 2023)."
+    )
+    double_quant: bool = Field(
+        True, description="Quantise the per-block absmax constants too (~0.37 bit/param saved)."
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="Dtype of the dequantised matmuls. float32 on CPUs without bf16 units (bf16 is 15-20× slower there).",
+        description=(
+            "Dtype of the dequantised matmuls. float32 on CPUs without bf16 units "
+            "(bf16 is 15-20× slower there)."
+        ),
     )
 
 
@@ -276,8 +283,12 @@ class PromptTuning(_PeftMethod):
             "paper Table 4: limited for prompt tuning; the soft prompt is tiny, so noise calibrated to its "
             "few thousand values costs more utility per unit of ε",
         ),
-        Defense.SECURE_AGGREGATION: DefenseSupport(Support.FULL, "a soft prompt is a dense tensor; masking applies"),
-        Defense.HOMOMORPHIC_ENCRYPTION: DefenseSupport(Support.FULL, "a soft prompt fits one CKKS ciphertext"),
+        Defense.SECURE_AGGREGATION: DefenseSupport(
+            Support.FULL, "a soft prompt is a dense tensor; masking applies"
+        ),
+        Defense.HOMOMORPHIC_ENCRYPTION: DefenseSupport(
+            Support.FULL, "a soft prompt fits one CKKS ciphertext"
+        ),
         Defense.ROBUST_AGGREGATION: DefenseSupport(
             Support.LIMITED,
             "paper Table 4: limited for prompt tuning; a whole update is one small prompt, so a poisoned "
@@ -313,7 +324,9 @@ class PromptTuning(_PeftMethod):
         if options.init == "text":
             from silotune.modeling import load_tokenizer
 
-            ids = load_tokenizer(built.extras["path"])(options.init_text, add_special_tokens=False)["input_ids"]
+            ids = load_tokenizer(built.extras["path"])(options.init_text, add_special_tokens=False)[
+                "input_ids"
+            ]
             ids = (ids * math.ceil(n / max(1, len(ids))))[:n]
             idx = torch.tensor(ids, dtype=torch.long)
         else:

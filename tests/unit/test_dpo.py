@@ -30,7 +30,9 @@ def test_preference_records_validate_with_line_numbers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"p\.jsonl:1: 'chosen' and 'rejected' are identical"):
         read_preferences(p)
     p.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"p\.jsonl:1: a preference record needs 'prompt', 'chosen' and 'rejected'"):
+    with pytest.raises(
+        DataError, match=r"p\.jsonl:1: a preference record needs 'prompt', 'chosen' and 'rejected'"
+    ):
         read_preferences(p)
     assert not is_preference_file(p)
 
@@ -39,7 +41,11 @@ def test_pairs_read_as_chats_are_the_chosen_answer(tmp_path: Path) -> None:
     p = tmp_path / "p.json"
     p.write_text(json.dumps([{"prompt": "q", "chosen": "yes", "rejected": "no", "system": "be brief"}]))
     assert read_records(p) == [
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "yes"},
+        ]
     ]
     assert is_preference_file(p)
 
@@ -60,8 +66,12 @@ def test_dpo_loss_golden_values() -> None:
     loss, margin = dpo_loss(z, z, z, z, beta=0.1)
     assert torch.allclose(loss, torch.full((3,), math.log(2.0)))
     # Policy prefers chosen by 2 nats more than the reference does: loss = -log σ(β·2).
-    loss, margin = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
-    assert float(margin) == pytest.approx(1.0) and float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+    loss, margin = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
+    assert float(margin) == pytest.approx(1.0) and float(loss) == pytest.approx(
+        -math.log(1 / (1 + math.exp(-1.0)))
+    )
     assert build_objective(None) is None
     assert isinstance(build_objective(parse_config_objective("dpo")), DPO)
 
@@ -79,7 +89,15 @@ def test_dpo_refuses_instruction_data(tiny_adapter, demo_data) -> None:
 
     ex = encode_dataset(read_records(demo_data["clinic"]["train"]), tiny_adapter.tokenizer, 64)
     with pytest.raises(DataError, match="objective 'dpo' needs preference pairs"):
-        train_local(tiny_adapter, tiny_adapter.state(), ex, TrainSpec(local_steps=1), seed=0, progress=False, objective=DPO())
+        train_local(
+            tiny_adapter,
+            tiny_adapter.state(),
+            ex,
+            TrainSpec(local_steps=1),
+            seed=0,
+            progress=False,
+            objective=DPO(),
+        )
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -125,5 +143,7 @@ def test_federated_dpo_raises_the_heldout_preference_margin(method: str, tmp_pat
     b, a = before.result, after.result
     assert a["pref_margin"] > b["pref_margin"] and a["reward_margin"] > 0 and a["dpo_loss"] < b["dpo_loss"]
     assert a["reward_accuracy"] > 0.5
-    print(f"\n{method} DPO held-out: margin {b['pref_margin']:.3f} -> {a['pref_margin']:.3f}, "
-          f"accuracy {b['pref_accuracy']:.2f} -> {a['pref_accuracy']:.2f}, dpo loss {b['dpo_loss']:.3f} -> {a['dpo_loss']:.3f}")
+    print(
+        f"\n{method} DPO held-out: margin {b['pref_margin']:.3f} -> {a['pref_margin']:.3f}, "
+        f"accuracy {b['pref_accuracy']:.2f} -> {a['pref_accuracy']:.2f}, dpo loss {b['dpo_loss']:.3f} -> {a['dpo_loss']:.3f}"
+    )

@@ -42,8 +42,15 @@ def test_paper_section_2_2_figures() -> None:
     # The QLoRA paper's recipe: r=64 on every linear layer, adapters in bf16; it reports ~41 GB.
     q65 = estimate(SHAPES["llama-65b"], "qlora", lora_r=64, lora_targets=ALL, adapter_bytes=2, **kw)
     assert 38 < q65.total / 1e9 < 48
-    f65 = estimate(SHAPES["llama-65b"], "full", batch=1, seq=512, weight_bytes=2, mixed_precision=True,
-                   gradient_checkpointing=True)
+    f65 = estimate(
+        SHAPES["llama-65b"],
+        "full",
+        batch=1,
+        seq=512,
+        weight_bytes=2,
+        mixed_precision=True,
+        gradient_checkpointing=True,
+    )
     assert f65.total / 1e9 > 780
 
 

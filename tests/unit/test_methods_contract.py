@@ -129,8 +129,16 @@ def test_qlora_and_lora_silos_federate_together(tmp_path: Path, demo_data) -> No
     cfg = parse_config(data)
     store = LocalStore(cfg.store.root)
     state = start_federation(cfg, store, adapter_for(cfg))
-    recs = [train_silo(cfg, s, 0, state.global_ref, store, adapter_for(cfg, s), progress=False) for s in ("clinic", "bank")]
-    assert type(adapter_for(cfg, "bank").model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    recs = [
+        train_silo(cfg, s, 0, state.global_ref, store, adapter_for(cfg, s), progress=False)
+        for s in ("clinic", "bank")
+    ]
+    assert (
+        type(
+            adapter_for(cfg, "bank").model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        ).__name__
+        == "Linear4bit"
+    )
     agg = aggregate_round(cfg, store, 0, state.global_ref, recs)
     assert agg.included == ["clinic", "bank"]
 

@@ -52,14 +52,21 @@ def test_table1(descriptor: str, method: str, objective: str, allowed: bool) -> 
 
 def test_config_refuses_weights_methods_on_closed_models_with_reasons() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_config(_cfg(model={"name_or_path": "tiny-llama", "descriptor": "chat-api"}, method={"name": "full"}))
+        parse_config(
+            _cfg(model={"name_or_path": "tiny-llama", "descriptor": "chat-api"}, method={"name": "full"})
+        )
     msg = str(err.value)
-    assert "full fine-tuning (full) needs the model's weights, which a black-box model (chat-api) does not expose" in msg
+    assert (
+        "full fine-tuning (full) needs the model's weights, which a black-box model (chat-api) does not expose"
+        in msg
+    )
     assert "refusing to use the remote model" in msg and "never leaves the silo" in msg
 
 
 def test_config_refuses_sending_silo_data_to_a_remote_api() -> None:
-    with pytest.raises(ConfigError, match="refusing to use the remote model https://api.example.com/v1") as err:
+    with pytest.raises(
+        ConfigError, match=r"refusing to use the remote model https://api\.example\.com/v1"
+    ) as err:
         parse_config(_cfg(model={"name_or_path": "https://api.example.com/v1"}))
     assert PRIVACY_REASON[:60] in str(err.value)
     # A gray-box provider's fine-tuning API is refused for the same reason, even for a method it offers.
@@ -68,8 +75,19 @@ def test_config_refuses_sending_silo_data_to_a_remote_api() -> None:
 
 
 def test_inline_descriptor_and_unknown_name() -> None:
-    cfg = parse_config(_cfg(model={"name_or_path": "tiny-llama", "descriptor": {
-        "openness": "open-weight", "licence": "custom", "permissive": False, "weights": "local"}}))
+    cfg = parse_config(
+        _cfg(
+            model={
+                "name_or_path": "tiny-llama",
+                "descriptor": {
+                    "openness": "open-weight",
+                    "licence": "custom",
+                    "permissive": False,
+                    "weights": "local",
+                },
+            }
+        )
+    )
     assert cfg.model.descriptor["licence"] == "custom"
     with pytest.raises(ConfigError, match="unknown model descriptor 'gpt-9'; known: chat-api"):
         parse_config(_cfg(model={"name_or_path": "tiny-llama", "descriptor": "gpt-9"}))
@@ -80,7 +98,10 @@ def test_llama_700m_monthly_user_clause() -> None:
     assert check_licence(d, monthly_active_users=1e6) == []
     (p,) = check_licence(d, monthly_active_users=800e6)
     assert "700 million monthly active users" in p
-    assert check_licence(BUILTIN_DESCRIPTORS["mistral-7b"], monthly_active_users=800e6, permissive_only=True) == []
+    assert (
+        check_licence(BUILTIN_DESCRIPTORS["mistral-7b"], monthly_active_users=800e6, permissive_only=True)
+        == []
+    )
 
 
 def test_default_config_fingerprint_is_unchanged_by_the_new_fields() -> None:
@@ -89,8 +110,9 @@ def test_default_config_fingerprint_is_unchanged_by_the_new_fields() -> None:
     import json
 
     cfg = parse_config(_cfg())
-    payload = cfg.model_dump(mode="json", exclude={"rounds", "tracking", "tags", "evaluation", "store",
-                                                   "method", "objective"})
+    payload = cfg.model_dump(
+        mode="json", exclude={"rounds", "tracking", "tags", "evaluation", "store", "method", "objective"}
+    )
     payload["model"].pop("descriptor")
     for s in payload["silos"]:
         s.pop("method"), s.pop("objective")

@@ -26,7 +26,11 @@ def test_hospital_consortium_strict_privacy_24gb() -> None:
     assert p.model == "mistral-7b"  # permissive licence required: Apache-2.0, not a Llama licence
     assert {s.method for s in p.silos} == {"lora"} and all(s.rank == 16 for s in p.silos)
     assert all(s.estimate_gb is not None and s.estimate_gb <= 21.6 for s in p.silos)
-    assert _rec(p, "differential_privacy") and _rec(p, "secure_aggregation") and not _rec(p, "robust_aggregation")
+    assert (
+        _rec(p, "differential_privacy")
+        and _rec(p, "secure_aggregation")
+        and not _rec(p, "robust_aggregation")
+    )
     cfg = parse_config(to_config(a, p))
     assert cfg.method.options["base_dtype"] == "bfloat16" and cfg.model.descriptor == "mistral-7b"
 
@@ -69,17 +73,25 @@ def test_mixed_budget_consortium_mixes_bit_widths_in_one_federation() -> None:
     assert (by["clinic-12g"].method, by["clinic-12g"].bits) == ("qlora", 4)
     assert by["office-cpu"].device.startswith("CPU") and "slow" in by["office-cpu"].reason
     assert len({s.rank for s in p.silos}) == 1  # one adapter shape: every silo aggregates
-    assert _rec(p, "robust_aggregation") and not _rec(p, "secure_aggregation") and _rec(p, "dpo_reference_model")
+    assert (
+        _rec(p, "robust_aggregation") and not _rec(p, "secure_aggregation") and _rec(p, "dpo_reference_model")
+    )
     cfg = parse_config(to_config(a, p))
     assert cfg.aggregation.name == "trimmed_mean" and cfg.objective.name == "dpo"
     assert {s.name: (s.method.name if s.method else cfg.method.name) for s in cfg.silos} == {
-        "lab-a100": "lora", "lab-4090": "lora", "clinic-12g": "qlora", "office-cpu": "lora"}
+        "lab-a100": "lora",
+        "lab-4090": "lora",
+        "clinic-12g": "qlora",
+        "office-cpu": "lora",
+    }
 
 
 def test_licence_answers_steer_the_openness_class() -> None:
     base = {"silos": [{"name": "a", "vram_gb": 24}], "model_size_b": 8, "privacy": "moderate"}
     assert make_plan(parse_answers(base)).model in ("llama-3.1-8b", "mistral-7b")
-    big = make_plan(parse_answers({**base, "model": "llama-3.1-8b", "licence": {"monthly_active_users": 9e8}}))
+    big = make_plan(
+        parse_answers({**base, "model": "llama-3.1-8b", "licence": {"monthly_active_users": 9e8}})
+    )
     assert any("700 million monthly active users" in w for w in big.warnings)
     os_only = make_plan(parse_answers({**base, "licence": {"monthly_active_users": 9e8}}))
     assert os_only.openness is Openness.OPEN_SOURCE and "700M monthly-user limit" in os_only.openness_reason
@@ -93,8 +105,22 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path) -> None:
     from flows.cli import app
 
     out = tmp_path / "fed.yaml"
-    res = CliRunner().invoke(app, ["plan", "--privacy", "strict", "--silo", "a:8", "--silo", "b:0:32",
-                                   "--model-size", "0.135", "--write-config", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "--privacy",
+            "strict",
+            "--silo",
+            "a:8",
+            "--silo",
+            "b:0:32",
+            "--model-size",
+            "0.135",
+            "--write-config",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "openness class" in res.output and "Method per silo" in res.output
     cfg = parse_config(yaml.safe_load(out.read_text()))
