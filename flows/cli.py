@@ -123,6 +123,127 @@ def summary(
     _print_history(state.history, state.initial_eval)
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Key material: silo identities, the shared CKKS key.")
+app.add_typer(keys_app, name="keys")
+
+
+def _load(config: Path) -> Any:
+    from silotune.config import load_config
+    from silotune.errors import SilotuneError
+
+    try:
+        return load_config(config)
+    except SilotuneError as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("setup")
+def keys_setup(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")]) -> None:
+    """One machine holds every silo (embedded default, demos): create every key the config needs."""
+    from silotune.keys import setup_local_keys
+
+    done = setup_local_keys(_load(config))
+    for line in done or ["nothing to do: every key already exists"]:
+        console.print(line)
+
+
+@keys_app.command("silo")
+def keys_silo(
+    silo: str,
+    config: Annotated[Path, typer.Option(help="Federation config (YAML).")],
+    overwrite: bool = False,
+) -> None:
+    """At a silo: create its Ed25519 signing key; give the printed public key file to the coordinator."""
+    from silotune.keys import create_silo_identity
+
+    cfg = _load(config)
+    pub = create_silo_identity(cfg, silo, overwrite=overwrite)
+    console.print(
+        f"public key: {pub}\ncopy it to the coordinator as {cfg.security.keys_dir}/silos/{silo}.pem"
+    )
+
+
+@keys_app.command("ckks")
+def keys_ckks(
+    silo: str,
+    config: Annotated[Path, typer.Option(help="Federation config (YAML).")],
+) -> None:
+    """At one silo: create the federation's CKKS secret context (copy it to every silo out of band)."""
+    from silotune.keys import SiloVault, create_ckks_secret
+
+    cfg = _load(config)
+    vault = SiloVault.for_silo(cfg.silo(silo))
+    try:
+        create_ckks_secret(vault.ckks_path, cfg.security.ckks_preset)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    console.print(
+        f"secret context: {vault.ckks_path} (mode 0600). Copy it to every silo's private folder; "
+        f"never to the coordinator. Then run `silotune keys ckks-public {silo} --config {config}`."
+    )
+
+
+@keys_app.command("ckks-public")
+def keys_ckks_public(
+    silo: str,
+    config: Annotated[Path, typer.Option(help="Federation config (YAML).")],
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: the coordinator's).")] = None,
+) -> None:
+    """At a silo: export the public context (no secret key) for the coordinator."""
+    from silotune.keys import CoordinatorKeys, SiloVault, export_ckks_public
+
+    cfg = _load(config)
+    dest = out or CoordinatorKeys.for_config(cfg).ckks_path
+    export_ckks_public(SiloVault.for_silo(cfg.silo(silo)).ckks_path, dest)
+    console.print(f"public context: {dest}")
+
+
+@app.command()
+def ledger(
+    federation_id: str,
+    store: Annotated[Path, typer.Option(help="Root of the local object store.")] = Path(".silotune/store"),
+) -> None:
+    """A federation's privacy ledger: ε spent per silo per round, DP settings, protection, bytes."""
+    from silotune.federation import load_state
+    from silotune.store import LocalStore
+
+    state = load_state(LocalStore(store), federation_id)
+    if state is None:
+        _fail(f"no federation {federation_id!r} in {store}")
+    assert state is not None
+    table = Table(title=f"Privacy ledger of {federation_id}")
+    for col in (
+        "round",
+        "silo",
+        "sample ε (δ)",
+        "σ",
+        "q",
+        "C",
+        "client ε",
+        "client z",
+        "protection",
+        "up / down",
+    ):
+        table.add_column(col, justify="right")
+    for h in state.history:
+        for silo in sorted(h.get("train", {})):
+            pv = h.get("privacy", {}).get(silo, {})
+            b = h.get("bytes", {}).get(silo, {})
+            table.add_row(
+                str(h["round"]),
+                silo,
+                f"{pv['dp.epsilon']:.3f} ({pv['dp.delta']:g})" if "dp.epsilon" in pv else "-",
+                f"{pv['dp.noise_multiplier']:.3f}" if "dp.noise_multiplier" in pv else "-",
+                f"{pv['dp.sample_rate']:.3f}" if "dp.sample_rate" in pv else "-",
+                f"{pv.get('dp.max_grad_norm', pv.get('client_dp.clip_norm', 0)):g}" if pv else "-",
+                f"{h['client_dp_epsilon']:.3f}" if "client_dp_epsilon" in h else "-",
+                f"{pv['client_dp.noise_multiplier']:.3f}" if "client_dp.noise_multiplier" in pv else "-",
+                h.get("protection", "none"),
+                f"{b.get('up', 0):,} / {b.get('down', 0):,}" if b else "-",
+            )
+    console.print(table)
+
+
 @app.command()
 def aggregators() -> None:
     """List the registered aggregators and server optimizers."""

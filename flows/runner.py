@@ -9,7 +9,7 @@ coordinator flow does not change.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from silotune.config import FederationConfig
 from silotune.federation import EvalRecord, ObjectRef, SiloFailure, UpdateRecord
@@ -25,6 +25,17 @@ class SiloRunner(Protocol):
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
     ) -> tuple[list[EvalRecord], list[SiloFailure]]: ...
+
+    def step(
+        self,
+        config: FederationConfig,
+        stage: str,
+        round_: int,
+        *,
+        silos: list[str] | None = None,
+        global_ref: ObjectRef | None = None,
+        run_id: str | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]: ...
 
 
 def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
@@ -69,6 +80,31 @@ class InProcessRunner:
             else:
                 failures.append(_failure(silo.name, round_, "evaluate", state))
         return records, failures
+
+
+    def step(
+        self,
+        config: FederationConfig,
+        stage: str,
+        round_: int,
+        *,
+        silos: list[str] | None = None,
+        global_ref: ObjectRef | None = None,
+        run_id: str | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
+        """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
+        from flows.silo import silo_step
+
+        results: dict[str, Any] = {}
+        failures: list[SiloFailure] = []
+        for name in silos or [s.name for s in config.silos]:
+            state = silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
+            if state.is_completed():
+                results[name] = state.result()
+            else:
+                failures.append(_failure(name, round_, stage, state))
+                log.warning("round %d: silo %s failed %s: %s", round_ + 1, name, stage, failures[-1].error)
+        return results, failures
 
 
 def runner_for(config: FederationConfig) -> SiloRunner:

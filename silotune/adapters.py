@@ -9,7 +9,8 @@ full fine-tuning. Which method is which lives in :mod:`silotune.methods`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from silotune.methods.peft_methods import lora_config
 
 TensorDict = dict[str, torch.Tensor]
 
-__all__ = ["AdapterModel", "TensorDict", "apply_delta", "delta", "global_norm", "lora_config", "tensor_bytes"]
+__all__ = [
+    "AdapterModel",
+    "TensorDict",
+    "apply_delta",
+    "delta",
+    "global_norm",
+    "lora_b_keys",
+    "lora_config",
+    "tensor_bytes",
+]
 
 
 @dataclass
@@ -94,6 +104,25 @@ class AdapterModel:
         """Logits of the frozen reference policy (the base model), for preference optimisation."""
         return self.method.reference_logits(self._built(), input_ids, attention_mask)  # type: ignore[no-any-return]
 
+    @contextmanager
+    def frozen(self, keys: Sequence[str]) -> Iterator[None]:
+        """Within the block, the adapter tensors named by ``keys`` (state keys) get no gradient."""
+        if not keys:
+            yield
+            return
+        by_key = {name.replace(".default.", "."): p for name, p in self.model.named_parameters()}
+        missing = sorted(set(keys) - set(by_key))
+        if missing:
+            raise KeyError(f"cannot freeze unknown adapter tensors {missing[:3]}")
+        params = [by_key[k] for k in keys if by_key[k].requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -107,6 +136,11 @@ class AdapterModel:
         return out
 
 
+def lora_b_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The LoRA B tensors: what FFA-LoRA trains and exchanges (A stays at its seeded init)."""
+    return sorted(k for k in state if "lora_B" in k or "lora_embedding_B" in k)
+
+
 def delta(local: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]) -> TensorDict:
     """``local - global`` key by key."""
     if set(local) != set(global_):
@@ -115,10 +149,11 @@ def delta(local: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]
 
 
 def apply_delta(global_: Mapping[str, torch.Tensor], d: Mapping[str, torch.Tensor]) -> TensorDict:
-    """``global + delta`` key by key (the inverse of :func:`delta`)."""
-    if set(d) != set(global_):
-        raise ValueError("adapter key sets differ")
-    return {k: (global_[k] + d[k]).contiguous() for k in global_}
+    """``global + delta`` key by key (the inverse of :func:`delta`); ``d`` may cover a subset of keys."""
+    extra = set(d) - set(global_)
+    if extra:
+        raise ValueError(f"delta has tensors the adapter lacks: {sorted(extra)[:3]}")
+    return {k: (global_[k] + d[k]).contiguous() if k in d else global_[k] for k in global_}
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.errors import ConfigError
+from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -106,6 +107,14 @@ class SiloSpec(_Spec):
     train_path: str = Field(description="Training data: a .jsonl/.json or .parquet file.")
     eval_path: str | None = Field(None, description="The silo's local holdout, same formats.")
     work_pool: str | None = Field(None, description="Prefect work pool of the silo (default 'silo-<name>').")
+    private_dir: str | None = Field(
+        None,
+        description=(
+            "Folder at the silo that only the silo reads: its signing key, the shared CKKS secret "
+            "context, its DP noise secret, its privacy ledger and per-round protocol state "
+            "(default '.silotune/silos/<name>')."
+        ),
+    )
     method: MethodSpec | None = Field(
         None,
         description=(
@@ -131,6 +140,10 @@ class SiloSpec(_Spec):
     def pool(self) -> str:
         return self.work_pool or f"silo-{self.name}"
 
+    @property
+    def private_folder(self) -> str:
+        return self.private_dir or f".silotune/silos/{self.name}"
+
 
 class AggregationSpec(_Spec):
     """How the coordinator combines silo deltas and steps the global adapter."""
@@ -140,6 +153,64 @@ class AggregationSpec(_Spec):
     server_optimizer: str = Field("sgd", description="Server optimizer name ('sgd' with lr=1 is FedAvg).")
     server_options: dict[str, Any] = Field(default_factory=dict, description="Server optimizer options.")
     min_silos: int = Field(1, ge=1, description="Quorum: a round fails if fewer silos contribute.")
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy on what leaves a silo; each part is optional.
+
+    ``sample_dp``: DP-SGD during local training (the privacy unit is one training
+    example of a silo; ε composes over every step of every round in the silo's ledger).
+    ``client_dp``: each silo clips its delta and adds its share of Gaussian noise
+    (DP-FedAvg; the privacy unit is a whole silo; ε composes over rounds).
+    """
+
+    sample_dp: SampleDPConfig | None = Field(None, description="DP-SGD with Opacus at every silo.")
+    client_dp: ClientDPConfig | None = Field(None, description="Client-level DP (clip + distributed noise).")
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = Field(
+        "hooks", description="How Opacus computes per-example gradients for DP-SGD."
+    )
+
+
+PROTECTIONS = ("none", "ckks", "secagg")
+
+
+class SecuritySpec(_Spec):
+    """What the coordinator may see of an update, and how uploads are authenticated."""
+
+    protection: Literal["none", "ckks", "secagg"] = Field(
+        "none",
+        description=(
+            "'none': plaintext updates (any aggregator); 'ckks': silos encrypt with a shared CKKS key "
+            "the coordinator never holds, the coordinator sums ciphertexts and silos decrypt the "
+            "aggregate; 'secagg': pairwise masking, the coordinator learns only the sum."
+        ),
+    )
+    ckks_preset: str = Field("packed-n4096", description="CKKS parameter preset (see silotune.crypto.ckks).")
+    secagg_max_dropout: float = Field(
+        1 / 3, ge=0.0, lt=0.5, description="Secure aggregation: fraction of silos that may drop after keys."
+    )
+    signing: bool = Field(
+        False,
+        description=(
+            "Sign every upload with the silo's Ed25519 key; the coordinator verifies against the public "
+            "keys in keys_dir and excludes unsigned, tampered, replayed or foreign updates."
+        ),
+    )
+    keys_dir: str = Field(
+        ".silotune/coordinator",
+        description="Coordinator folder: silos/<silo>.pem public keys and ckks.public (never a secret key).",
+    )
+    ffa_lora: bool | None = Field(
+        None,
+        description=(
+            "FFA-LoRA: freeze LoRA A, train and exchange only B, so sums of deltas are exact model sums "
+            "(None: on whenever protection or client DP is on)."
+        ),
+    )
+
+    @property
+    def protected(self) -> bool:
+        return self.protection != "none"
 
 
 class StoreSpec(_Spec):
@@ -182,6 +253,8 @@ class FederationConfig(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     silos: Annotated[list[SiloSpec], Field(min_length=1)]
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -220,6 +293,7 @@ class FederationConfig(_Spec):
                 f"{self.aggregation.server_optimizer!r}; "
                 f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
+        problems.extend(self._security_problems())
         # Methods, objectives and the model's openness (paper Table 1): every problem at once.
         from silotune.methods.validation import validate_federation
 
@@ -227,6 +301,79 @@ class FederationConfig(_Spec):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _security_problems(self) -> list[str]:
+        from silotune.aggregation import AGGREGATORS
+
+        problems: list[str] = []
+        sec, agg = self.security, self.aggregation
+        if sec.protected:
+            cls = AGGREGATORS.get(agg.name) if agg.name in AGGREGATORS else None
+            if cls is not None and getattr(cls, "needs_plaintext", agg.name != "fedavg"):
+                problems.append(
+                    f"aggregation.name: {agg.name!r} needs every silo's update in plaintext (it compares "
+                    f"or ranks individual updates), but security.protection={sec.protection!r} hides them "
+                    "from the coordinator; use 'fedavg' (a sum) with client-side clipping "
+                    "(privacy.client_dp), or protection 'none' to defend with a robust rule"
+                )
+            if agg.options and agg.name == "fedavg" and agg.options.get("weighted", True):
+                problems.append(
+                    "aggregation.options.weighted: under protection the silos weight their own updates "
+                    "before they leave the silo; leave aggregation.options empty"
+                )
+            if sec.ffa_lora is False:
+                problems.append(
+                    "security.ffa_lora: false is not allowed with protection: averaging LoRA A and B "
+                    "separately is not the average of B·A, and only a sum can be computed on protected "
+                    "updates; use FFA-LoRA (leave ffa_lora unset)"
+                )
+        if sec.protection == "ckks":
+            if agg.server_optimizer != "sgd" or agg.server_options.get("lr", 1.0) != 1.0:
+                problems.append(
+                    f"aggregation.server_optimizer: {agg.server_optimizer!r} with options "
+                    f"{agg.server_options or '{}'} needs the aggregate in plaintext at the coordinator; with "
+                    "protection 'ckks' only silos can decrypt it, so only plain 'sgd' with lr=1 applies"
+                )
+            if sec.ckks_preset not in _ckks_presets():
+                problems.append(
+                    f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
+                    f"{', '.join(_ckks_presets())}"
+                )
+        if sec.protection == "secagg" and len(self.silos) < 2:
+            problems.append("security.protection: secure aggregation needs at least 2 silos")
+        if self.privacy.client_dp is not None:
+            dp = self.privacy.client_dp
+            if 1.0 / len(self.silos) <= dp.delta:
+                problems.append(
+                    f"privacy.client_dp.delta: {dp.delta} must be < 1/{len(self.silos)} (one over the number "
+                    "of silos); otherwise releasing one silo's update outright meets the guarantee"
+                )
+            if agg.name == "fedavg" and agg.options.get("weighted", True) and not sec.protected:
+                problems.append(
+                    "aggregation.options.weighted: client-level DP bounds each silo's contribution to a "
+                    "sum; example-weighted FedAvg scales one silo's contribution by n_k/n. Set "
+                    "aggregation.options: {weighted: false}"
+                )
+        return problems
+
+    def client_noise_cohort(self) -> int:
+        """Silos whose client-DP noise is guaranteed to reach what the coordinator sees.
+
+        Protected (ckks/secagg): the coordinator sees only sums of at least ``min_silos``
+        updates, so the noise is split among them. Plaintext: it sees each update, so
+        each silo adds the full noise itself.
+        """
+        return self.aggregation.min_silos if self.security.protected else 1
+
+    @property
+    def ffa_lora(self) -> bool:
+        """Whether LoRA A is frozen and only B is trained and exchanged."""
+        # FFA-LoRA is about LoRA's B·A product; IA3 scales, soft prompts and full weights sum exactly.
+        if any(self.method_for(s.name).name not in ("lora", "qlora") for s in self.silos):
+            return False
+        if self.security.ffa_lora is not None:
+            return self.security.ffa_lora
+        return self.security.protected or self.privacy.client_dp is not None
 
     def method_for(self, silo: str) -> MethodSpec:
         """The method ``silo`` runs: its own, else the federation's."""
@@ -257,6 +404,12 @@ class FederationConfig(_Spec):
                 if silo.get(key) is None:
                     silo.pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _ckks_presets() -> list[str]:
+    from silotune.crypto.ckks import CKKS_PRESETS
+
+    return CKKS_PRESETS.names()
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -8,6 +8,7 @@ federation; one nested run per round.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -113,7 +114,21 @@ class MlflowTracker:
             "server_optimizer": config.aggregation.server_optimizer,
             "min_silos": config.aggregation.min_silos,
             "silos": ",".join(s.name for s in config.silos),
+            "security.protection": config.security.protection,
+            "security.signing": config.security.signing,
+            "security.ffa_lora": config.ffa_lora,
+            "privacy.sample_dp": config.privacy.sample_dp.model_dump_json()
+            if config.privacy.sample_dp
+            else "off",
+            "privacy.client_dp": config.privacy.client_dp.model_dump_json()
+            if config.privacy.client_dp
+            else "off",
         }
+        if config.security.protection == "ckks":
+            from silotune.crypto.ckks import ckks_preset
+
+            params["security.ckks_preset"] = config.security.ckks_preset
+            params["security.ckks_params"] = ckks_preset(config.security.ckks_preset).model_dump_json()
         for k, v in params.items():
             self.client.log_param(rid, k, str(v))
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,9 +164,17 @@ class MlflowTracker:
             metrics.update(_flatten(f"silo.{silo}.train.", tr))
         for silo, ev in summary.get("eval", {}).items():
             metrics.update(_flatten(f"silo.{silo}.eval.", ev))
+        for silo, pv in summary.get("privacy", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.", pv))
+        for silo, b in summary.get("bytes", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.bytes_", b))
+        if "client_dp_epsilon" in summary:
+            metrics["client_dp.epsilon"] = float(summary["client_dp_epsilon"])
         metrics["round.included_silos"] = float(len(summary.get("included", [])))
         metrics["round.excluded_silos"] = float(len(summary.get("excluded", {})))
-        metrics["round.delta_norm"] = float(summary.get("delta_norm", 0.0))
+        if summary.get("delta_norm") is not None:
+            metrics["round.delta_norm"] = float(summary["delta_norm"])
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # e.g. delta_norm under CKKS
         for k, v in metrics.items():
             self.client.log_metric(cid, k, v, step=round_)
             self.client.log_metric(run_id, k, v, step=round_)

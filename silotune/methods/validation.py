@@ -91,6 +91,21 @@ def validate_federation(config: Any) -> list[str]:
                 "silos: their methods exchange different tensors, which cannot be aggregated into one global "
                 f"({groups}); LoRA and QLoRA silos mix freely at the same LoRA shape"
             )
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and getattr(privacy, "sample_dp", None) is not None:
+        dpo = sorted(s.name for s in config.silos if config.objective_for(s.name).name == "dpo")
+        if dpo:
+            problems.append(
+                f"privacy.sample_dp: DP-SGD clips per row, but a preference pair (two rows) is the privacy "
+                f"unit of DPO silos {dpo}; use privacy.client_dp, which protects each silo's whole update"
+            )
+    security = getattr(config, "security", None)
+    if security is not None and getattr(security, "ffa_lora", None):
+        others = sorted({spec.name for _, spec in specs if spec.name not in ("lora", "qlora")})
+        if others:
+            problems.append(
+                f"security.ffa_lora: FFA-LoRA freezes LoRA's A matrices, but method(s) {others} have none"
+            )
     uses_bnb = any(spec.name == "qlora" for _, spec in specs)
     if uses_bnb and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs the bitsandbytes package (pip install bitsandbytes)")
