@@ -85,10 +85,10 @@ def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
     seed: int = 0,
 ) -> None:
-    """Write the deterministic, non-IID demo silos (train + holdout per silo, and a union holdout)."""
+    """Write the deterministic, non-IID demo silos (train + holdout each, a union holdout, a DPO silo)."""
     from silotune.demo import make_demo_silos
 
-    paths = make_demo_silos(out, seed=seed)
+    paths = make_demo_silos(out, seed=seed, preferences=True)
     for silo, p in paths.items():
         console.print(f"{silo}: {p['train']}  {p['eval']}")
     console.print(f"union holdout: {out / 'union_eval.jsonl'}")

@@ -379,6 +379,23 @@ class FederationConfig(_Spec):
         """The method ``silo`` runs: its own, else the federation's."""
         return self.silo(silo).method or self.method
 
+    def lora_for(self, silo: str | None) -> LoraSpec:
+        """The LoRA shape ``silo`` trains: the federation's, or its own rank-``rank`` slice of it.
+
+        A slice keeps ``alpha / r`` (so the shared components compute the same function).
+        """
+        if silo is None:
+            return self.lora
+        rank = self.method_for(silo).options.get("rank")
+        if rank is None or rank == self.lora.r:
+            return self.lora
+        return self.lora.model_copy(update={"r": rank, "alpha": self.lora.alpha * rank / self.lora.r})
+
+    def silo_ranks(self) -> dict[str, int] | None:
+        """Each silo's LoRA rank when they differ (heterogeneous ranks), else None."""
+        ranks = {s.name: self.lora_for(s.name).r for s in self.silos}
+        return ranks if len(set(ranks.values())) > 1 or set(ranks.values()) != {self.lora.r} else None
+
     def objective_for(self, silo: str) -> ObjectiveSpec:
         """The objective ``silo`` optimises: its own, else the federation's."""
         return self.silo(silo).objective or self.objective

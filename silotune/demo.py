@@ -11,8 +11,8 @@ LoRA steps on a CPU, so a federation visibly beats every silo training alone:
 Each silo gets its own train file and holdout; ``union_eval.jsonl`` holds all
 holdouts together. Nothing here is private data: the records are synthetic.
 
-A fourth, preference silo (``prefs``, written beside the others but not part of
-the default demo federation) holds (prompt, chosen, rejected) pairs for DPO:
+A fourth, preference silo (``prefs``, written by ``silotune make-demo-data``
+beside the others but not part of the default demo federation) holds (prompt, chosen, rejected) pairs for DPO:
 a triage desk that prefers the correct department, stated plainly, over a wrong
 department or an unhelpful refusal; its holdout pairs never share a prompt
 with training.
@@ -167,12 +167,12 @@ def _write_jsonl(path: Path, records: list[Record]) -> None:
 
 
 def make_demo_silos(
-    out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, preferences: bool = True
+    out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, preferences: bool = False
 ) -> dict[str, dict[str, Path]]:
     """Write each silo's ``train.jsonl`` and ``eval.jsonl`` plus ``union_eval.jsonl``.
 
     With ``preferences`` the preference silo ``prefs`` is written too (its own RNG
-    stream: the other silos' files are the same either way).
+    stream: the other silos' files are the same either way; it is not in the union holdout).
 
     The same seed always gives byte-identical files. Holdout records are drawn
     until they differ from every training record of the silo.

@@ -27,11 +27,18 @@ from pydantic import BaseModel, Field
 from silotune import __version__
 from silotune import protection as prot
 from silotune.adapters import AdapterModel, global_norm, lora_b_keys
-from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
+from silotune.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    build_server_optimizer,
+    check_update,
+    example_weights,
+)
 from silotune.config import FederationConfig
 from silotune.data import encode_file, is_preference_file
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
@@ -174,6 +181,7 @@ def train_silo(
     global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
     objective = build_objective(config.objective_for(silo))
     examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
+    full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
     privacy: dict[str, float] = {}
@@ -200,6 +208,7 @@ def train_silo(
         exchanged=keys,
         objective=objective,
     )
+    d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
     if plan is not None:
         privacy.update(prot.record_sample_dp(config, silo, round_, plan))
     if config.privacy.client_dp is not None:
@@ -241,6 +250,7 @@ def evaluate_silo(
     if spec.eval_path is None:
         return None
     state = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
+    state = hetero.truncate(state, config.lora_for(silo).r)
     examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
     if config.evaluation.max_examples:
         examples = examples[: config.evaluation.max_examples]
@@ -394,6 +404,14 @@ def aggregate_round(
         aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
         combined = aggregator.aggregate(updates)
         included = [u.silo for u in updates]
+        if config.silo_ranks() is not None:  # validated: plaintext FedAvg only
+            combined = hetero.rescale_by_coverage(
+                combined,
+                [config.lora_for(u.silo).r for u in updates],
+                example_weights(updates)
+                if config.aggregation.options.get("weighted", True)
+                else [1.0 / len(updates)] * len(updates),
+            )
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options
     )

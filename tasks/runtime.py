@@ -51,7 +51,7 @@ TRAIN_LOCK = threading.Lock()
 def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
     """The trainable model of ``silo`` (its own method, if it has one), else of the federation."""
     method = config.method_for(silo) if silo is not None else config.method
-    return MODELS.get(config.model, config.lora, method)
+    return MODELS.get(config.model, config.lora_for(silo), method)
 
 
 def store_for(config: FederationConfig) -> ObjectStore:

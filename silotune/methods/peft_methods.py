@@ -114,6 +114,17 @@ class _PeftMethod:
         return PeftModel.from_pretrained(self._load_base(base_path, options), folder)
 
 
+class LoRAOptions(MethodOptions):
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "A silo's own smaller rank: it trains the first `rank` components of the federation's "
+            "`lora.r` adapter and uploads them zero-padded (heterogeneous ranks, HetLoRA). None: lora.r."
+        ),
+    )
+
+
 @METHODS.register("lora")
 class LoRA(_PeftMethod):
     """Low-rank adapters on a full-precision base (Hu et al. 2021)."""
@@ -121,7 +132,7 @@ class LoRA(_PeftMethod):
     name: ClassVar[str] = "lora"
     title: ClassVar[str] = "LoRA"
     payload: ClassVar[Payload] = Payload.ADAPTER
-    options_model: ClassVar[type[MethodOptions]] = MethodOptions
+    options_model: ClassVar[type[MethodOptions]] = LoRAOptions
     trains: ClassVar[str] = "low-rank A/B matrices on the `lora.target_modules` linear layers"
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
@@ -140,7 +151,7 @@ class LoRA(_PeftMethod):
         return initial_lora(template, seed)
 
 
-class QLoRAOptions(MethodOptions):
+class QLoRAOptions(LoRAOptions):
     bits: Literal[4, 8] = Field(4, description="Base weight bits: 4 (NF4/FP4, QLoRA) or 8 (LLM.int8).")
     quant_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="4-bit data type (NF4: Dettmers et al. 2023)."

@@ -45,7 +45,8 @@ def exchange_signature(spec: Any, lora: Any) -> tuple[Any, ...]:
     method = get_method(spec.name)
     opts = parse_options(method, spec.options)
     if spec.name in ("lora", "qlora"):
-        # The base's precision (fp32, 8-bit, NF4) does not change the adapter's shape or meaning.
+        # The base's precision (fp32, 8-bit, NF4) and a silo's smaller rank (uploaded zero-padded)
+        # do not change what is exchanged.
         return ("lora", lora.r, lora.alpha, tuple(sorted(lora.target_modules)))
     if spec.name == "ia3":
         return ("ia3", tuple(sorted(opts.target_modules)), tuple(sorted(opts.feedforward_modules)))  # type: ignore[attr-defined]
@@ -54,6 +55,34 @@ def exchange_signature(spec: Any, lora: Any) -> tuple[Any, ...]:
     if spec.name == "full":
         return ("full", opts.train_embeddings)  # type: ignore[attr-defined]
     return (spec.name, tuple(sorted(opts.model_dump().items())))
+
+
+def _rank_problems(config: Any) -> list[str]:
+    """Heterogeneous LoRA ranks: each at most lora.r, and only where zero-padding averages correctly."""
+    ranks = {s.name: config.method_for(s.name).options.get("rank") for s in config.silos}
+    ranks = {k: v for k, v in ranks.items() if v is not None}
+    if not ranks:
+        return []
+    problems = [
+        f"silos: {name}'s rank {r} exceeds the federation's lora.r={config.lora.r} (a silo trains a slice)"
+        for name, r in sorted(ranks.items())
+        if isinstance(r, int) and r > config.lora.r
+    ]
+    if config.method.options.get("rank") is not None:
+        problems.append("method.options.rank: set a smaller rank per silo; the federation's rank is lora.r")
+    why = (
+        "heterogeneous LoRA ranks average zero-padded updates per rank component, which needs plaintext "
+        "updates and a linear aggregator"
+    )
+    if config.aggregation.name != "fedavg":
+        problems.append(f"aggregation.name: {why}: use 'fedavg', not {config.aggregation.name!r}")
+    security = getattr(config, "security", None)
+    if security is not None and (security.protection != "none" or security.ffa_lora):
+        problems.append(f"security: {why}; protection and FFA-LoRA are not supported with them yet")
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and privacy.client_dp is not None:
+        problems.append("privacy.client_dp: its noise would fill the zero padding of low-rank silos' updates")
+    return problems
 
 
 def validate_federation(config: Any) -> list[str]:
@@ -106,6 +135,7 @@ def validate_federation(config: Any) -> list[str]:
             problems.append(
                 f"security.ffa_lora: FFA-LoRA freezes LoRA's A matrices, but method(s) {others} have none"
             )
+    problems += _rank_problems(config)
     uses_bnb = any(spec.name == "qlora" for _, spec in specs)
     if uses_bnb and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method: qlora needs the bitsandbytes package (pip install bitsandbytes)")
