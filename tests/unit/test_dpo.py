@@ -134,11 +134,11 @@ def test_federated_dpo_raises_the_heldout_preference_margin(method: str, tmp_pat
     before = evaluate_silo(cfg, "a", -1, state.global_ref, store, adapter)
     assert before is not None and before.result["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     ref = state.global_ref
-    for r in range(2):
+    for r in range(2 if method == "lora" else 1):  # full FT moves faster; one round keeps the test short
         recs = [train_silo(cfg, s, r, ref, store, adapter, progress=False) for s in ("a", "b")]
         assert all(rec.train["first_loss"] == pytest.approx(math.log(2), abs=0.05) for rec in recs) or r > 0
         ref = aggregate_round(cfg, store, r, ref, recs).next_global
-    after = evaluate_silo(cfg, "a", 1, ref, store, adapter)
+    after = evaluate_silo(cfg, "a", 9, ref, store, adapter)
     assert after is not None
     b, a = before.result, after.result
     assert a["pref_margin"] > b["pref_margin"] and a["reward_margin"] > 0 and a["dpo_loss"] < b["dpo_loss"]
