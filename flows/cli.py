@@ -19,6 +19,9 @@ def _offline() -> None:
 
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    # The embedded API starts in-process; on a busy 2-core machine its first start
+    # (database migrations) can take longer than Prefect's default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 app = typer.Typer(
