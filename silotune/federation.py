@@ -32,6 +32,8 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import DPSGD, silo_seed, train_local
 
@@ -183,7 +185,8 @@ def train_silo(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
-    examples = _silo_examples(config, spec.train_path, adapter)
+    records = poison_silo_records(spec, read_records(spec.train_path), seed=silo_seed(config.seed, 0, index))
+    examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
     privacy: dict[str, float] = {}
@@ -209,6 +212,7 @@ def train_silo(
         frozen=frozen,
         exchanged=keys,
     )
+    d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
         privacy.update(prot.record_sample_dp(config, silo, round_, plan))
     if config.privacy.client_dp is not None:
@@ -395,6 +399,7 @@ def aggregate_round(
                 log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
         _require_quorum(config, round_, [u.silo for u in updates], excluded)
         aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
+        prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
         combined = aggregator.aggregate(updates)
         included = [u.silo for u in updates]
     optimizer = build_server_optimizer(

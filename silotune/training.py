@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
 from silotune.config import TrainSpec
 from silotune.data import Example, batches, collate, per_sequence_loss
+from silotune.fedprox import attach_proximal_term, detach_proximal_term
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def train_local(
     model = adapter.model
     with adapter.frozen(frozen):
         params = [p for p in model.parameters() if p.requires_grad]
+        proximal = attach_proximal_term(params, spec.proximal_mu)  # FedProx; None when mu == 0
         model.train()
         start = time.perf_counter()
         if dp is None:
@@ -141,6 +143,7 @@ def train_local(
                 adapter, examples, spec, params, dp, seed=seed, desc=desc, progress=progress
             )
         seconds = time.perf_counter() - start
+        detach_proximal_term(proximal)
         model.eval()
     d = delta(adapter.state(), global_state)
     if exchanged is not None:
@@ -240,7 +243,9 @@ def _dp_sgd_loop(
             if batch_examples:
                 batch = collate(batch_examples, pad_id)
                 tokens += int(batch["attention_mask"].sum())
-                out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])  # ew needs it positional
+                out = gsm(
+                    batch["input_ids"], attention_mask=batch["attention_mask"]
+                )  # ew needs it positional
                 seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
                 loss = seq_loss.mean()
                 loss.backward()
