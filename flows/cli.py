@@ -19,6 +19,9 @@ def _offline() -> None:
 
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    # The embedded API starts in-process; on a busy 2-core machine its first start
+    # (database migrations) can take longer than Prefect's default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 app = typer.Typer(
@@ -250,6 +253,12 @@ def aggregators() -> None:
     from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS
 
     console.print("aggregators: " + ", ".join(AGGREGATORS.names()))
+    sums = [n for n in AGGREGATORS.names() if not getattr(AGGREGATORS.get(n), "needs_plaintext", True)]
+    console.print(
+        "  work on encrypted/masked updates (sums only): "
+        + ", ".join(sums)
+        + "; every other rule needs each silo's update in plaintext"
+    )
     console.print("server optimizers: " + ", ".join(SERVER_OPTIMIZERS.names()))
 
 
@@ -271,6 +280,82 @@ def demo(
     )
     if not ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def audit(
+    config: Annotated[Path, typer.Argument(help="Config (YAML) of a finished federation.")],
+    max_examples: Annotated[
+        int, typer.Option(help="Members and non-members each subsampled to this many (0: all).")
+    ] = 200,
+    out: Annotated[Path | None, typer.Option(help="Also write audit.json/.md/_roc.png here.")] = None,
+) -> None:
+    """Audit a finished federation: membership inference (loss and reference-model attacks: ROC AUC,
+    TPR at 1% FPR) and backdoor success of poisoned silos; logged to the federation's MLflow run."""
+    from silotune.config import check_local_paths, load_config
+    from silotune.errors import SilotuneError
+
+    try:
+        cfg = load_config(config)
+        check_local_paths(cfg)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    from flows.audit import audit_federation_flow
+
+    try:
+        res = audit_federation_flow(cfg, max_examples or None, str(out) if out else None)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    table = Table(title=f"Audit of {cfg.federation_id} after {res['rounds']} round(s)")
+    for c in ("membership attack", "ROC AUC", "TPR @ 1% FPR", "members / non-members"):
+        table.add_column(c, justify="right")
+    for name, r in res["mia"].items():
+        table.add_row(
+            name,
+            f"{r['auc']:.3f}",
+            f"{r['tpr_at_1pct_fpr']:.3f}",
+            f"{r['num_members']} / {r['num_nonmembers']}",
+        )
+    console.print(table)
+    for silo, b in res["backdoor"].items():
+        console.print(
+            f"backdoor of silo {silo}: attack success {b['attack_success_rate']:.3f}, "
+            f"false trigger {b['false_trigger_rate']:.3f} on {int(b['num_prompts'])} prompts"
+        )
+    if res["clean"]:
+        console.print("clean holdout utility: " + ", ".join(f"{k} {v:.4f}" for k, v in res["clean"].items()))
+    console.print(f"logged to MLflow run {res['tracking_run_id']} ({cfg.tracking.uri})")
+
+
+@app.command("robustness-grid")
+def robustness_grid_cmd(
+    out: Annotated[Path, typer.Option(help="Working folder (data, store, MLflow, results).")] = Path(
+        "silotune-robustness"
+    ),
+    model: Annotated[
+        str, typer.Option(help="'tiny-llama' (full grid, minutes) or 'smollm2-135m-instruct' (fewer cells).")
+    ] = "tiny-llama",
+    attack: Annotated[
+        list[str] | None, typer.Option(help="Only these attacks (repeat the option); default: the preset's.")
+    ] = None,
+    rule: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these aggregation rules (repeatable); default: the preset's."),
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override the preset's rounds.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="Override the preset's local steps.")] = None,
+) -> None:
+    """Attacks × aggregation rules on 4 demo silos (1 malicious): results table (CSV, markdown), plot,
+    MLflow run and Prefect artifact. EVALUATION ONLY: the malicious silo is simulated."""
+    from flows.robustness import robustness_grid
+
+    res = robustness_grid(
+        str(out), model=model, attacks=attack, rules=rule, rounds=rounds, local_steps=local_steps
+    )
+    console.print(Path(res["paths"]["markdown"]).read_text())
+    for k, p in res["paths"].items():
+        console.print(f"{k}: {p}")
+    console.print(f"MLflow run {res['mlflow_run_id']}")
 
 
 @app.command()

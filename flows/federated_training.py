@@ -16,7 +16,7 @@ from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.federation import summarize_evals
-from tasks.aggregate import aggregate
+from tasks.aggregate import aggregate, root_update
 from tasks.broadcast import broadcast
 from tasks.checkpoint import commit, report, track_round, track_start
 from tasks.publish import publish
@@ -60,6 +60,8 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
             survivors = close_upload(config, r, records)
             _, unmask_failures = runner.step(config, "secagg-unmask", r, silos=survivors)
             failures += unmask_failures
+        if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
+            root_update(config, r, state.global_ref)
         agg = aggregate(config, r, state.global_ref, records)
         evals, eval_failures = runner.evaluate(config, r, agg.next_global)
         state = commit(config, state, r, records, failures + eval_failures, agg, evals)

@@ -81,7 +81,6 @@ class InProcessRunner:
                 failures.append(_failure(silo.name, round_, "evaluate", state))
         return records, failures
 
-
     def step(
         self,
         config: FederationConfig,

@@ -98,6 +98,70 @@ class TrainSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping per step (None: off).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "FedProx (Li et al., MLSys 2020): weight mu of the proximal term (mu/2)·||w - w_global||² "
+            "added to every local step's loss; 0 is plain FedAvg local training."
+        ),
+    )
+
+
+class AttackSpec(_Spec):
+    """EVALUATION ONLY: the silo replaces its honest update by a poisoned one (model poisoning).
+
+    Used to measure robust aggregation; a real deployment never sets it. See
+    ``silotune/attacks.py`` for the attacks and their options.
+    """
+
+    name: str = Field(description="Attack name: sign_flip, scale, gaussian, nan, free_rider.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword options of the attack (e.g. {'factor': 10} for scale)."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> AttackSpec:
+        from silotune.poisoning import check_attack
+
+        check_attack(self.name, self.options)
+        return self
+
+
+class PoisonSpec(_Spec):
+    """EVALUATION ONLY: the silo poisons its own training data before local training (data poisoning).
+
+    ``backdoor``: a fraction of the silo's records get ``trigger`` inserted in the
+    last user turn and ``target`` as the answer (Bagdasaryan et al., AISTATS 2020;
+    Wan et al., "Poisoning Language Models During Instruction Tuning", ICML 2023).
+    ``flip_fraction``: a fraction of the records get another record's (different)
+    answer, i.e. label flipping for the classification silos.
+    """
+
+    backdoor_trigger: str | None = Field(
+        None, min_length=1, description="Trigger phrase (None: no backdoor)."
+    )
+    backdoor_target: str | None = Field(
+        None, min_length=1, description="The attacker's answer to triggered prompts."
+    )
+    backdoor_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of records that get the trigger."
+    )
+    flip_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of records whose answer is flipped."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoisonSpec:
+        if (self.backdoor_trigger is None) != (self.backdoor_target is None):
+            raise ValueError(
+                "backdoor_trigger and backdoor_target go together: set both for a backdoor, or neither"
+            )
+        if self.backdoor_trigger is None and self.flip_fraction == 0.0:
+            raise ValueError(
+                "poisoning does nothing: set backdoor_trigger/backdoor_target or flip_fraction > 0"
+            )
+        return self
 
 
 class SiloSpec(_Spec):
@@ -107,6 +171,14 @@ class SiloSpec(_Spec):
     train_path: str = Field(description="Training data: a .jsonl/.json or .parquet file.")
     eval_path: str | None = Field(None, description="The silo's local holdout, same formats.")
     work_pool: str | None = Field(None, description="Prefect work pool of the silo (default 'silo-<name>').")
+    attack: AttackSpec | None = Field(
+        None,
+        description="EVALUATION ONLY: a simulated Byzantine silo's model-poisoning attack (None: honest).",
+    )
+    poison: PoisonSpec | None = Field(
+        None,
+        description="EVALUATION ONLY: the silo's data poisoning (backdoor, answer flipping; None: clean).",
+    )
     private_dir: str | None = Field(
         None,
         description=(
@@ -153,6 +225,13 @@ class AggregationSpec(_Spec):
     server_optimizer: str = Field("sgd", description="Server optimizer name ('sgd' with lr=1 is FedAvg).")
     server_options: dict[str, Any] = Field(default_factory=dict, description="Server optimizer options.")
     min_silos: int = Field(1, ge=1, description="Quorum: a round fails if fewer silos contribute.")
+    root_data_path: str | None = Field(
+        None,
+        description=(
+            "FLTrust only: the coordinator's small, clean, public root data set (.jsonl/.json/.parquet); "
+            "each round the coordinator trains on it from the global adapter to get the root update."
+        ),
+    )
 
 
 class PrivacySpec(_Spec):
@@ -294,6 +373,7 @@ class FederationConfig(_Spec):
                 f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
         problems.extend(self._security_problems())
+        problems.extend(_robustness_problems(self))
         # Methods, objectives and the model's openness (paper Table 1): every problem at once.
         from silotune.methods.validation import validate_federation
 
@@ -303,19 +383,13 @@ class FederationConfig(_Spec):
         return self
 
     def _security_problems(self) -> list[str]:
-        from silotune.aggregation import AGGREGATORS
 
         problems: list[str] = []
         sec, agg = self.security, self.aggregation
         if sec.protected:
-            cls = AGGREGATORS.get(agg.name) if agg.name in AGGREGATORS else None
-            if cls is not None and getattr(cls, "needs_plaintext", agg.name != "fedavg"):
-                problems.append(
-                    f"aggregation.name: {agg.name!r} needs every silo's update in plaintext (it compares "
-                    f"or ranks individual updates), but security.protection={sec.protection!r} hides them "
-                    "from the coordinator; use 'fedavg' (a sum) with client-side clipping "
-                    "(privacy.client_dp), or protection 'none' to defend with a robust rule"
-                )
+            problem = plaintext_aggregation_problem(agg, protection=f"security.protection={sec.protection!r}")
+            if problem is not None:
+                problems.append(problem)
             if agg.options and agg.name == "fedavg" and agg.options.get("weighted", True):
                 problems.append(
                     "aggregation.options.weighted: under protection the silos weight their own updates "
@@ -375,6 +449,11 @@ class FederationConfig(_Spec):
             return self.security.ffa_lora
         return self.security.protected or self.privacy.client_dp is not None
 
+    @property
+    def adversarial(self) -> bool:
+        """True when any silo simulates an attack (an evaluation experiment, never a deployment)."""
+        return any(s.attack is not None or s.poison is not None for s in self.silos)
+
     def method_for(self, silo: str) -> MethodSpec:
         """The method ``silo`` runs: its own, else the federation's."""
         return self.silo(silo).method or self.method
@@ -429,6 +508,61 @@ def _ckks_presets() -> list[str]:
     return CKKS_PRESETS.names()
 
 
+def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:
+    """The problem with running ``aggregation`` on protected updates, or None if it can.
+
+    ``protection`` names what hides the silos' updates from the coordinator
+    (e.g. "CKKS encryption", "secure-aggregation masking"). A robust rule that
+    must see individual updates (median, Krum, trimmed mean, norm bounding at the
+    coordinator, FLTrust) cannot, and the message says why and what to use instead.
+    The reason comes from the aggregator class (``needs_plaintext``, ``plaintext_reason``);
+    one that declares nothing is treated as needing plaintext.
+    """
+    from silotune.aggregation import AGGREGATORS, plaintext_requirement
+
+    if aggregation.name not in AGGREGATORS:
+        return None  # reported as an unknown aggregator
+    reason = plaintext_requirement(aggregation.name)
+    if reason is None:
+        return None
+    return (
+        f"aggregation.name: {reason}; it cannot run with {protection}, which hides every single "
+        "update from the coordinator. Use 'fedavg' (a sum) with client-side clipping "
+        "(privacy.client_dp), or protection 'none' to defend with a robust rule"
+    )
+
+
+def _robustness_problems(config: FederationConfig) -> list[str]:
+    """Aggregator options, the FLTrust root data set and FedProx, checked before any training."""
+    from silotune.aggregation import AGGREGATORS, build_aggregator
+
+    problems: list[str] = []
+    if config.train.proximal_mu > 0 and config.privacy.sample_dp is not None:
+        problems.append(
+            "train.proximal_mu: FedProx's proximal term is added to the summed gradient, which DP-SGD "
+            "(privacy.sample_dp) replaces by its clipped, noised per-example sum, so the term would be "
+            "silently dropped; use proximal_mu 0 with DP-SGD"
+        )
+    agg = config.aggregation
+    if agg.name not in AGGREGATORS:
+        return problems  # reported above, with the known names
+    try:
+        aggregator = build_aggregator(agg.name, **agg.options)
+    except (TypeError, ValueError) as exc:
+        return [*problems, f"aggregation.options: {exc}"]
+    needs_root = hasattr(aggregator, "set_root_update")
+    if needs_root and agg.root_data_path is None:
+        problems.append(
+            f"aggregation.root_data_path: aggregator {agg.name!r} needs the coordinator's root data set "
+            "(a small clean public data set it trains on each round)"
+        )
+    if not needs_root and agg.root_data_path is not None:
+        problems.append(
+            f"aggregation.root_data_path: only a root-data aggregator (fltrust) uses it, not {agg.name!r}"
+        )
+    return problems
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid federation config ({source}):"]
     for err in exc.errors():
@@ -458,6 +592,10 @@ def load_config(path: str | Path) -> FederationConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
     base = p.parent.resolve()
+    agg = raw.get("aggregation")
+    root = agg.get("root_data_path") if isinstance(agg, dict) else None
+    if isinstance(agg, dict) and isinstance(root, str) and not Path(root).is_absolute():
+        agg["root_data_path"] = str(base / root)
     for silo in raw.get("silos") or []:
         if isinstance(silo, dict):
             for key in ("train_path", "eval_path"):
@@ -478,5 +616,8 @@ def check_local_paths(config: FederationConfig) -> None:
             value = getattr(s, key)
             if value is not None and not Path(value).is_file():
                 problems.append(f"  - silos.{i}.{key}: file not found: {value}")
+    root = config.aggregation.root_data_path
+    if root is not None and not Path(root).is_file():
+        problems.append(f"  - aggregation.root_data_path: file not found: {root}")
     if problems:
         raise ConfigError("invalid federation config:\n" + "\n".join(problems))

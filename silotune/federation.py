@@ -35,12 +35,14 @@ from silotune.aggregation import (
     example_weights,
 )
 from silotune.config import FederationConfig
-from silotune.data import encode_file, is_preference_file
+from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
+from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import DPSGD, silo_seed, train_local
 
@@ -180,7 +182,12 @@ def train_silo(
     index = [s.name for s in config.silos].index(silo)
     global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
     objective = build_objective(config.objective_for(silo))
-    examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
+    if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
+        raw = read_records(spec.train_path)
+        records = poison_silo_records(spec, raw, seed=silo_seed(config.seed, 0, index))
+        examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    else:
+        examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
     full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
@@ -209,6 +216,7 @@ def train_silo(
         objective=objective,
     )
     d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
+    d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
         privacy.update(prot.record_sample_dp(config, silo, round_, plan))
     if config.privacy.client_dp is not None:
@@ -402,6 +410,7 @@ def aggregate_round(
                 log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
         _require_quorum(config, round_, [u.silo for u in updates], excluded)
         aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
+        prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
         combined = aggregator.aggregate(updates)
         included = [u.silo for u in updates]
         if config.silo_ranks() is not None:  # validated: plaintext FedAvg only

@@ -26,6 +26,8 @@ class Tracker(Protocol):
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None: ...
+
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None: ...
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None: ...
@@ -46,6 +48,9 @@ class NullTracker:
         return None
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
         return None
 
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
@@ -192,6 +197,12 @@ class MlflowTracker:
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
         if run_id is not None:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
+        if run_id is None:
+            return
+        for k, v in metrics.items():
+            self.client.log_metric(run_id, k, float(v), step=step)
 
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
         if run_id is not None:

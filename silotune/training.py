@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
 from silotune.config import TrainSpec
 from silotune.data import Example, batches, collate, per_sequence_loss
+from silotune.fedprox import attach_proximal_term, detach_proximal_term
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def train_local(
     model = adapter.model
     with adapter.frozen(frozen):
         params = [p for p in model.parameters() if p.requires_grad]
+        proximal = attach_proximal_term(params, spec.proximal_mu)  # FedProx; None when mu == 0
         model.train()
         start = time.perf_counter()
         if dp is None:
@@ -160,6 +162,7 @@ def train_local(
                 adapter, examples, spec, params, dp, seed=seed, desc=desc, progress=progress
             )
         seconds = time.perf_counter() - start
+        detach_proximal_term(proximal)
         model.eval()
     d = delta(adapter.state(), global_state)
     if exchanged is not None:

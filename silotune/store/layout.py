@@ -61,6 +61,10 @@ class FederationLayout:
     def server_state(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/server_optimizer.safetensors"
 
+    def root_update(self, round_: int) -> str:
+        """The coordinator's own update on its root data set (FLTrust), round ``round_``."""
+        return f"{self.prefix}/rounds/{round_:05d}/root_update.safetensors"
+
     def final(self, name: str) -> str:
         return f"{self.prefix}/final/{name}"
 
