@@ -19,6 +19,9 @@ def _offline() -> None:
 
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    # The embedded API starts in-process; on a busy 2-core machine its first start
+    # (database migrations) can take longer than Prefect's default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 app = typer.Typer(
@@ -85,10 +88,10 @@ def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
     seed: int = 0,
 ) -> None:
-    """Write the deterministic, non-IID demo silos (train + holdout per silo, and a union holdout)."""
+    """Write the deterministic, non-IID demo silos (train + holdout each, a union holdout, a DPO silo)."""
     from silotune.demo import make_demo_silos
 
-    paths = make_demo_silos(out, seed=seed)
+    paths = make_demo_silos(out, seed=seed, preferences=True)
     for silo, p in paths.items():
         console.print(f"{silo}: {p['train']}  {p['eval']}")
     console.print(f"union holdout: {out / 'union_eval.jsonl'}")
@@ -353,6 +356,197 @@ def robustness_grid_cmd(
     for k, p in res["paths"].items():
         console.print(f"{k}: {p}")
     console.print(f"MLflow run {res['mlflow_run_id']}")
+
+
+@app.command()
+def methods() -> None:
+    """List the post-training methods: what each trains and exchanges, and which defenses apply."""
+    from silotune.methods import METHODS, get_method
+
+    table = Table(title="Post-training methods (paper Tables 1 and 4)")
+    for col in ("method", "trains", "exchanges", "defenses (full / limited)"):
+        table.add_column(col)
+    for name in METHODS.names():
+        m = get_method(name)
+        d = ", ".join(k + ("" if v.level == "full" else f" ({v.level})") for k, v in m.defenses.items())
+        table.add_row(name, m.trains, m.payload.value, d)
+    console.print(table)
+    console.print("objectives: sft (instruction tuning), dpo (preference pairs; reference = the frozen base)")
+
+
+@app.command()
+def models() -> None:
+    """List the built-in model descriptors: openness class, licence, usage limits, open data."""
+    from silotune.openness import BUILTIN_DESCRIPTORS
+
+    table = Table(title="Model descriptors")
+    for col in ("name", "openness", "licence", "open data", "weights", "usage limits"):
+        table.add_column(col)
+    for d in BUILTIN_DESCRIPTORS.values():
+        table.add_row(
+            d.name,
+            d.openness.value,
+            d.licence,
+            "yes" if d.open_training_data else "no",
+            d.weights.value,
+            "; ".join(u.text for u in d.usage_limits) or "-",
+        )
+    console.print(table)
+
+
+@app.command()
+def estimate(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")]) -> None:
+    """Estimated peak training memory of every silo of a federation (see silotune/memory.py)."""
+    from silotune.config import load_config
+    from silotune.errors import SilotuneError
+    from silotune.methods.memory_model import estimate_silo, model_shape
+
+    try:
+        cfg = load_config(config)
+        shape = model_shape(cfg)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    table = Table(
+        title=f"Peak training memory per silo ({shape.name}, batch {cfg.train.batch_size} × "
+        f"seq {cfg.model.max_seq_len})"
+    )
+    for col in ("silo", "method", "objective", "trainable", "estimate", "breakdown"):
+        table.add_column(col)
+    for s in cfg.silos:
+        e = estimate_silo(cfg, s.name, shape=shape)
+        table.add_row(
+            s.name,
+            cfg.method_for(s.name).name,
+            cfg.objective_for(s.name).name,
+            f"{e.trainable_params:,}",
+            f"{e.total / 2**30:.2f} GiB",
+            e.summary(),
+        )
+    console.print(table)
+
+
+def _silo_option(text: str) -> dict[str, Any]:
+    """NAME:VRAM_GB[:RAM_GB] (VRAM 0: no GPU; RAM default 16), or NAME:none (no local compute)."""
+    parts = text.split(":")
+    if len(parts) == 2 and parts[1] == "none":
+        return {"name": parts[0], "local_compute": False, "vram_gb": 0, "ram_gb": 0}
+    if len(parts) not in (2, 3):
+        raise typer.BadParameter(f"--silo {text!r}: use NAME:VRAM_GB[:RAM_GB] or NAME:none")
+    try:
+        out: dict[str, Any] = {"name": parts[0], "vram_gb": float(parts[1])}
+        if len(parts) == 3:
+            out["ram_gb"] = float(parts[2])
+    except ValueError:
+        raise typer.BadParameter(f"--silo {text!r}: sizes must be numbers (GB)") from None
+    return out
+
+
+def print_plan(plan: Any) -> None:
+    console.print(f"[bold]openness class:[/] {plan.openness.value}  [dim]{plan.openness_reason}[/]")
+    console.print(f"[bold]model:[/] {plan.model or '-'}  [dim]{plan.model_reason}[/]")
+    table = Table(title="Method per silo")
+    for col in ("silo", "memory", "method", "bits", "rank", "ckpt", "estimate", "reason"):
+        table.add_column(col)
+    for s in plan.silos:
+        table.add_row(
+            s.name,
+            f"{s.device} ({s.budget_gb:g} GB usable)" if s.budget_gb else s.device,
+            s.method,
+            str(s.bits or "-"),
+            str(s.rank or "-"),
+            "yes" if s.gradient_checkpointing else "-",
+            f"{s.estimate_gb:.2f} GB" if s.estimate_gb is not None else "-",
+            s.reason,
+        )
+    console.print(table)
+    table = Table(title="Defenses")
+    for col in ("defense", "recommended", "reason"):
+        table.add_column(col)
+    for d in plan.defenses:
+        table.add_row(d.item, "yes" if d.recommended else "no", d.reason)
+    console.print(table)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def plan(
+    answers: Annotated[Path | None, typer.Argument(help="Answers file (YAML); options override it.")] = None,
+    privacy: Annotated[str | None, typer.Option(help="strict | moderate | none")] = None,
+    autonomy: Annotated[
+        bool | None,
+        typer.Option("--autonomy/--no-autonomy", help="Clients must control training and inference."),
+    ] = None,
+    silo: Annotated[
+        list[str] | None, typer.Option(help="NAME:VRAM_GB[:RAM_GB] or NAME:none; repeat per silo.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Plan for this model descriptor (see `silotune models`).")
+    ] = None,
+    model_size: Annotated[
+        float | None, typer.Option(help="Desired model size, billions of parameters.")
+    ] = None,
+    permissive_only: Annotated[
+        bool | None, typer.Option("--permissive-only", help="Only permissive licences.")
+    ] = None,
+    open_data: Annotated[
+        bool | None, typer.Option("--open-data", help="The training data must be open.")
+    ] = None,
+    monthly_users: Annotated[
+        float | None, typer.Option(help="Expected monthly active users of the product.")
+    ] = None,
+    objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
+    untrusted_silos: Annotated[
+        bool | None, typer.Option("--untrusted-silos", help="Some silo may poison updates.")
+    ] = None,
+    provider_api: Annotated[
+        str | None, typer.Option(help="none | finetune | chat: closed access the team has.")
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="Write a federation config implementing the plan.")
+    ] = None,
+) -> None:
+    """Walk the paper's Figure 2 decision tree: openness class, method per silo and defenses, with reasons."""
+    from silotune.errors import SilotuneError
+    from silotune.plan import load_answers, make_plan, parse_answers
+    from silotune.plan import write_config as write
+
+    over: dict[str, Any] = {
+        "privacy": privacy,
+        "autonomy": autonomy,
+        "model": model,
+        "model_size_b": model_size,
+        "objective": objective,
+        "untrusted_silos": untrusted_silos,
+        "provider_api": provider_api,
+    }
+    if silo:
+        over["silos"] = [_silo_option(s) for s in silo]
+    lic = {
+        k: v
+        for k, v in {
+            "permissive_only": permissive_only,
+            "open_data_required": open_data,
+            "monthly_active_users": monthly_users,
+        }.items()
+        if v is not None
+    }
+    try:
+        if answers is not None:
+            a = load_answers(answers, **over)
+            if lic:
+                a = parse_answers({**a.model_dump(), "licence": {**a.licence.model_dump(), **lic}})
+        else:
+            a = parse_answers(
+                {**{k: v for k, v in over.items() if v is not None}, "licence": lic}, source="options"
+            )
+        result = make_plan(a)
+        print_plan(result)
+        if write_config is not None:
+            write(a, result, write_config)
+            console.print(f"federation config written: [bold]{write_config}[/]")
+    except SilotuneError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:  # pragma: no cover

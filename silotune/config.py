@@ -39,6 +39,14 @@ class ModelSpec(_Spec):
         ),
     )
     max_seq_len: int = Field(256, ge=16, le=8192, description="Sequences are truncated to this many tokens.")
+    descriptor: str | dict[str, Any] | None = Field(
+        None,
+        description=(
+            "What the model is (openness class, licence, usage limits, open training data, where the weights "
+            "live): a built-in descriptor name (see `silotune models`) or a mapping with the same fields. "
+            "None: inferred from name_or_path. Config validation applies the paper's Table 1 to it."
+        ),
+    )
 
 
 class LoraSpec(_Spec):
@@ -49,6 +57,35 @@ class LoraSpec(_Spec):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Module names to adapt."
+    )
+
+
+class MethodSpec(_Spec):
+    """Which post-training method every silo runs (see ``silotune methods``).
+
+    ``lora`` and ``qlora`` take their adapter shape from the ``lora`` section;
+    every method validates its own ``options`` (unknown keys are refused).
+    """
+
+    name: str = Field("lora", description="Method name: lora, qlora, full, ia3 or prompt_tuning.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method options, e.g. {'bits': 4} for qlora, {'num_virtual_tokens': 16}.",
+    )
+
+
+class ObjectiveSpec(_Spec):
+    """What local training optimises: supervised fine-tuning or direct preference optimisation."""
+
+    name: Literal["sft", "dpo"] = Field(
+        "sft",
+        description=(
+            "'sft': next-token loss on the response (instruction tuning); 'dpo': sigmoid DPO loss on "
+            "(prompt, chosen, rejected) pairs (Rafailov et al. 2023), the practical stand-in for RLHF."
+        ),
+    )
+    beta: float = Field(
+        0.1, gt=0, le=10.0, description="DPO temperature: how far the policy may move from the reference."
     )
 
 
@@ -149,6 +186,17 @@ class SiloSpec(_Spec):
             "context, its DP noise secret, its privacy ledger and per-round protocol state "
             "(default '.silotune/silos/<name>')."
         ),
+    )
+    method: MethodSpec | None = Field(
+        None,
+        description=(
+            "This silo's own method (e.g. qlora on a small GPU while others run lora); it must exchange the "
+            "same tensors as the federation's method. None: the federation's method."
+        ),
+    )
+    objective: ObjectiveSpec | None = Field(
+        None,
+        description="This silo's own objective (e.g. dpo for a preference silo). None: the federation's.",
     )
 
     @field_validator("name")
@@ -279,6 +327,8 @@ class FederationConfig(_Spec):
     seed: int = Field(0, ge=0, description="Seeds the initial adapter and every silo's data order.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     silos: Annotated[list[SiloSpec], Field(min_length=1)]
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
@@ -324,6 +374,10 @@ class FederationConfig(_Spec):
             )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
+        # Methods, objectives and the model's openness (paper Table 1): every problem at once.
+        from silotune.methods.validation import validate_federation
+
+        problems.extend(validate_federation(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -388,6 +442,9 @@ class FederationConfig(_Spec):
     @property
     def ffa_lora(self) -> bool:
         """Whether LoRA A is frozen and only B is trained and exchanged."""
+        # FFA-LoRA is about LoRA's B·A product; IA3 scales, soft prompts and full weights sum exactly.
+        if any(self.method_for(s.name).name not in ("lora", "qlora") for s in self.silos):
+            return False
         if self.security.ffa_lora is not None:
             return self.security.ffa_lora
         return self.security.protected or self.privacy.client_dp is not None
@@ -396,6 +453,31 @@ class FederationConfig(_Spec):
     def adversarial(self) -> bool:
         """True when any silo simulates an attack (an evaluation experiment, never a deployment)."""
         return any(s.attack is not None or s.poison is not None for s in self.silos)
+
+    def method_for(self, silo: str) -> MethodSpec:
+        """The method ``silo`` runs: its own, else the federation's."""
+        return self.silo(silo).method or self.method
+
+    def lora_for(self, silo: str | None) -> LoraSpec:
+        """The LoRA shape ``silo`` trains: the federation's, or its own rank-``rank`` slice of it.
+
+        A slice keeps ``alpha / r`` (so the shared components compute the same function).
+        """
+        if silo is None:
+            return self.lora
+        rank = self.method_for(silo).options.get("rank")
+        if rank is None or rank == self.lora.r:
+            return self.lora
+        return self.lora.model_copy(update={"r": rank, "alpha": self.lora.alpha * rank / self.lora.r})
+
+    def silo_ranks(self) -> dict[str, int] | None:
+        """Each silo's LoRA rank when they differ (heterogeneous ranks), else None."""
+        ranks = {s.name: self.lora_for(s.name).r for s in self.silos}
+        return ranks if len(set(ranks.values())) > 1 or set(ranks.values()) != {self.lora.r} else None
+
+    def objective_for(self, silo: str) -> ObjectiveSpec:
+        """The objective ``silo`` optimises: its own, else the federation's."""
+        return self.silo(silo).objective or self.objective
 
     def silo(self, name: str) -> SiloSpec:
         for s in self.silos:
@@ -406,6 +488,17 @@ class FederationConfig(_Spec):
     def fingerprint(self) -> str:
         """Hash of everything that determines the trained adapters (not rounds, tracking or tags)."""
         payload = self.model_dump(mode="json", exclude={"rounds", "tracking", "tags", "evaluation", "store"})
+        # Fields added after 0.1.0 stay out of the hash while unset, so federations started before
+        # they existed still resume.
+        for key, default in (("method", MethodSpec()), ("objective", ObjectiveSpec())):
+            if getattr(self, key) == default:
+                payload.pop(key)
+        if self.model.descriptor is None:
+            payload["model"].pop("descriptor")
+        for silo in payload["silos"]:
+            for key in ("method", "objective"):
+                if silo.get(key) is None:
+                    silo.pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,16 +26,27 @@ from pydantic import BaseModel, Field
 
 from silotune import __version__
 from silotune import protection as prot
-from silotune.adapters import AdapterModel, TensorDict, global_norm, lora_b_keys
-from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
+from silotune.adapters import AdapterModel, global_norm, lora_b_keys
+from silotune.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    build_server_optimizer,
+    check_update,
+    example_weights,
+)
 from silotune.config import FederationConfig
-from silotune.data import encode_dataset, read_records
+from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.methods import hetero
+from silotune.methods.objectives import build_objective
+from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.poisoning import attack_silo_update, poison_silo_records
 from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import DPSGD, silo_seed, train_local
+
+__all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +106,7 @@ class AggregateRecord(BaseModel):
 
 
 # --- initial adapter -------------------------------------------------------------------------
-
-
-def initial_adapter(template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
-    """PEFT's default LoRA init (A: Kaiming-uniform, B: zeros), drawn from ``seed`` alone.
-
-    Independent of any global RNG state, so the same seed always yields the same
-    starting adapter, whichever process or silo computes it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    out: TensorDict = {}
-    for key in sorted(template):
-        t = torch.empty_like(template[key])
-        if "lora_B" in key or "lora_embedding_B" in key:
-            torch.nn.init.zeros_(t)
-        else:
-            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
-        out[key] = t
-    return out
+# ``initial_adapter`` (LoRA) and every other method's first global: silotune.methods.
 
 
 def load_state(store: ObjectStore, federation_id: str) -> FederationState | None:
@@ -141,7 +135,7 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
         # The referenced global must still be intact before any silo trains on it.
         get_tensors(store, existing.global_ref.key, expected_sha256=existing.global_ref.sha256)
         return existing
-    init = initial_adapter(adapter.state(), config.seed)
+    init = adapter.initial_state(config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     state = FederationState(
@@ -158,8 +152,10 @@ def save_state(store: ObjectStore, state: FederationState) -> None:
 # --- silo side --------------------------------------------------------------------------------
 
 
-def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel) -> list[Any]:
-    return encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
+def _silo_examples(
+    config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False
+) -> list[Any]:
+    return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
 
 
 def exchanged_keys(config: FederationConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -185,8 +181,14 @@ def train_silo(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
-    records = poison_silo_records(spec, read_records(spec.train_path), seed=silo_seed(config.seed, 0, index))
-    examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    objective = build_objective(config.objective_for(silo))
+    if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
+        raw = read_records(spec.train_path)
+        records = poison_silo_records(spec, raw, seed=silo_seed(config.seed, 0, index))
+        examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    else:
+        examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
+    full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
     privacy: dict[str, float] = {}
@@ -211,7 +213,9 @@ def train_silo(
         dp=dp,
         frozen=frozen,
         exchanged=keys,
+        objective=objective,
     )
+    d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
         privacy.update(prot.record_sample_dp(config, silo, round_, plan))
@@ -254,10 +258,17 @@ def evaluate_silo(
     if spec.eval_path is None:
         return None
     state = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
-    examples = _silo_examples(config, spec.eval_path, adapter)
+    state = hetero.truncate(state, config.lora_for(silo).r)
+    examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
     if config.evaluation.max_examples:
         examples = examples[: config.evaluation.max_examples]
-    res = evaluate(adapter, examples, batch_size=config.evaluation.batch_size, state=state)
+    res = evaluate(
+        adapter,
+        examples,
+        batch_size=config.evaluation.batch_size,
+        state=state,
+        beta=config.objective_for(silo).beta,
+    )
     return EvalRecord(silo=silo, round=round_, result=res.as_dict())
 
 
@@ -402,6 +413,14 @@ def aggregate_round(
         prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
         combined = aggregator.aggregate(updates)
         included = [u.silo for u in updates]
+        if config.silo_ranks() is not None:  # validated: plaintext FedAvg only
+            combined = hetero.rescale_by_coverage(
+                combined,
+                [config.lora_for(u.silo).r for u in updates],
+                example_weights(updates)
+                if config.aggregation.options.get("weighted", True)
+                else [1.0 / len(updates)] * len(updates),
+            )
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options
     )

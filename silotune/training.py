@@ -1,4 +1,4 @@
-"""The local post-training recipe a silo runs each round (LoRA SFT), optionally with DP-SGD.
+"""The local post-training recipe a silo runs each round (SFT by default, any method), optionally DP-SGD.
 
 Reads top to bottom: seed, fresh optimizer, ``local_steps`` AdamW steps on
 per-sequence losses, then the delta against the global adapter it started from.
@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -119,12 +120,23 @@ def train_local(
     dp: DPSGD | None = None,
     frozen: Sequence[str] = (),
     exchanged: Sequence[str] | None = None,
+    objective: Any | None = None,
 ) -> tuple[TensorDict, TrainResult]:
     """Train the adapter from ``global_state`` on ``examples``; return (delta, report).
 
     ``frozen``: adapter tensors kept fixed (FFA-LoRA freezes every LoRA A). ``exchanged``:
     the tensors whose delta is returned (default: all). ``dp``: run DP-SGD instead.
+    ``objective`` (:func:`silotune.methods.objectives.build_objective`) replaces the SFT batch
+    and step, e.g. DPO on preference pairs; None is SFT.
     """
+    if dp is not None and objective is not None:
+        from silotune.errors import ConfigError
+
+        raise ConfigError(
+            f"{desc}: DP-SGD with objective {type(objective).__name__} is not supported: its per-example "
+            "clipping treats each row as a privacy unit, but a preference pair is two rows; use client-level "
+            "DP (privacy.client_dp), which protects the whole update"
+        )
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     adapter.load_state(global_state)
@@ -136,7 +148,14 @@ def train_local(
         start = time.perf_counter()
         if dp is None:
             losses, tokens = _sgd_loop(
-                adapter, examples, spec, params, seed=seed, desc=desc, progress=progress
+                adapter,
+                examples,
+                spec,
+                params,
+                seed=seed,
+                desc=desc,
+                progress=progress,
+                objective=objective,
             )
         else:
             losses, tokens = _dp_sgd_loop(
@@ -175,6 +194,7 @@ def _sgd_loop(
     seed: int,
     desc: str,
     progress: bool,
+    objective: Any | None = None,
 ) -> tuple[list[float], int]:
     model = adapter.model
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
@@ -185,9 +205,14 @@ def _sgd_loop(
     tokens = 0
     bar = tqdm(total=spec.local_steps, desc=desc, unit="step", disable=not progress, leave=False)
     for batch_examples in batches(examples, spec.batch_size, steps=spec.local_steps, generator=gen):
-        batch = collate(batch_examples, pad_id)
-        tokens += int(batch["attention_mask"].sum())
-        losses.append(train_step(model, batch, optimizer, params, spec.max_grad_norm))
+        if objective is None:
+            batch = collate(batch_examples, pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(train_step(model, batch, optimizer, params, spec.max_grad_norm))
+        else:
+            batch = objective.collate(batch_examples, pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(objective.step(adapter, batch, optimizer, params, spec.max_grad_norm))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
@@ -243,9 +268,8 @@ def _dp_sgd_loop(
             if batch_examples:
                 batch = collate(batch_examples, pad_id)
                 tokens += int(batch["attention_mask"].sum())
-                out = gsm(
-                    batch["input_ids"], attention_mask=batch["attention_mask"]
-                )  # ew needs it positional
+                # ew mode needs input_ids positional
+                out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
                 seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
                 loss = seq_loss.mean()
                 loss.backward()
