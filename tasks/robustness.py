@@ -24,10 +24,9 @@ def publish_grid(
     if tracking.kind == "mlflow":
         tracker = MlflowTracker(tracking)
         client = tracker.client
-        exp = client.get_experiment_by_name(tracking.experiment)
-        exp_id = exp.experiment_id if exp is not None else tracker._experiment_id()
         run = client.create_run(
-            exp_id, tags={"mlflow.runName": grid_id, "silotune.kind": "robustness-grid-summary"}
+            tracker._experiment_id(),  # the cells' experiment (created by the first cell)
+            tags={"mlflow.runName": grid_id, "silotune.kind": "robustness-grid-summary"},
         )
         run_id = run.info.run_id
         for rec in table_records(rows):
