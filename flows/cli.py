@@ -152,6 +152,122 @@ def demo(
         raise typer.Exit(1)
 
 
+stack_app = typer.Typer(no_args_is_help=True, help="The real stack on loopback: S3, Prefect server, MLflow, workers.")
+silo_app = typer.Typer(no_args_is_help=True, help="Commands run at a silo.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(silo_app, name="silo")
+
+_STATE = Annotated[Path, typer.Option("--state-dir", help="The stack's state folder.")]
+
+
+@stack_app.command("up")
+def stack_up(
+    state_dir: _STATE = Path(".silotune/stack"),
+    silos: Annotated[
+        str | None, typer.Option(help="Comma-separated silo names (first start; default clinic,bank,lab).")
+    ] = None,
+    auto_ports: Annotated[bool, typer.Option(help="Free ephemeral ports instead of 4200/5000/8333.")] = False,
+) -> None:
+    """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy."""
+    from flows.stack import StackError, up
+
+    try:
+        st = up(state_dir, silos=silos.split(",") if silos else None, auto_ports=auto_ports, echo=console.print)
+    except StackError as exc:
+        _fail(str(exc))
+    console.print(f"Prefect UI: [bold]{st.prefect_ui}[/]   MLflow UI: [bold]{st.mlflow_uri}[/]")
+    console.print(f"stop with: silotune stack down --state-dir {state_dir}")
+
+
+@stack_app.command("down")
+def stack_down(state_dir: _STATE = Path(".silotune/stack")) -> None:
+    """Stop every part of the stack; data stays in the state folder."""
+    from flows.stack import StackError, down
+
+    try:
+        down(state_dir, echo=console.print)
+    except StackError as exc:
+        _fail(str(exc))
+
+
+@stack_app.command("status")
+def stack_status(state_dir: _STATE = Path(".silotune/stack")) -> None:
+    """Which parts run, and where the UIs are."""
+    import json
+
+    from flows.stack import status
+
+    console.print_json(json.dumps(status(state_dir)))
+
+
+@stack_app.command("config")
+def stack_config(
+    config: Annotated[Path, typer.Argument(help="A federation config (YAML) to point at the stack.")],
+    out: Annotated[Path, typer.Option(help="Where to write the result.")],
+    state_dir: _STATE = Path(".silotune/stack"),
+) -> None:
+    """Rewrite a config's store/tracking/orchestration sections for the running stack."""
+    from flows.stack import Stack
+    from silotune.config import dump_config, load_config, parse_config
+
+    st = Stack.load(state_dir)
+    cfg = load_config(config)
+    data = cfg.model_dump(mode="json")
+    data.update(store=st.store_spec(), tracking=st.tracking_spec(), orchestration={"mode": "workpools"})
+    dump_config(parse_config(data), out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Argument(help="The work pool to serve (e.g. 'coordinator').")],
+    query_seconds: Annotated[
+        float, typer.Option(help="Fallback polling interval (runs start on their Scheduled event).")
+    ] = 5.0,
+) -> None:
+    """Serve a work pool in this process (flow runs execute in-process; models stay loaded)."""
+    from flows.agent import serve
+
+    serve(pool, query_seconds=query_seconds)
+
+
+@silo_app.command("join")
+def silo_join(
+    name: Annotated[str, typer.Argument(help="The silo's name in the federation config.")],
+    api_url: Annotated[
+        str | None, typer.Option(help="The coordinator's Prefect API (default: $PREFECT_API_URL).")
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="Work pool (default silo-<name>).")] = None,
+    train_path: Annotated[str | None, typer.Option(help="Local training data (overrides the config).")] = None,
+    eval_path: Annotated[str | None, typer.Option(help="Local holdout (overrides the config).")] = None,
+    query_seconds: Annotated[
+        float, typer.Option(help="Fallback polling interval (runs start on their Scheduled event).")
+    ] = 5.0,
+) -> None:
+    """Join a federation from a silo: serve the silo's pool against the coordinator's Prefect API.
+
+    The silo's S3 keys come from its own environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the
+    variable names the federation config's store section gives); its data paths from the options here.
+    """
+    import os
+
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("no Prefect API: pass --api-url http://<coordinator>:4200/api or set PREFECT_API_URL")
+    from flows.agent import ensure_silo_deployments, serve
+    from tasks.runtime import register_local_silo
+
+    pool = pool or f"silo-{name}"
+    if train_path or eval_path:
+        register_local_silo(name, train_path=train_path, eval_path=eval_path)
+    created = ensure_silo_deployments(pool)
+    if created:
+        console.print(f"registered {', '.join(created)}")
+    console.print(f"silo {name}: serving pool {pool} at {os.environ['PREFECT_API_URL']}")
+    serve(pool, query_seconds=query_seconds)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,15 +1,19 @@
 """The silo-runner seam: how the coordinator gets work done at each silo.
 
 The coordinator flow only talks to a ``SiloRunner``. The embedded runner calls
-the silo flows as subflows in this process, one silo after another. A runner
-for the real stack submits the same flows to each silo's work pool; the
+the silo flows as subflows in this process, one silo after another. The
+work-pool runner (``orchestration.mode: workpools``, the real stack) submits the
+same flows as runs of each silo's deployments (``silo-round/<pool>``,
+``silo-evaluate/<pool>``), all silos at once, and waits for them; the
 coordinator flow does not change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Protocol
+import time
+from typing import Any, Protocol
 
 from silotune.config import FederationConfig
 from silotune.federation import EvalRecord, ObjectRef, SiloFailure, UpdateRecord
@@ -71,5 +75,211 @@ class InProcessRunner:
         return records, failures
 
 
+class WorkPoolRunner:
+    """Silos as flow runs on their own work pools, submitted concurrently, awaited with timeouts.
+
+    A run nobody picks up within ``orchestration.pickup_timeout_s`` (no worker on the pool) or that does
+    not finish within ``orchestration.silo_timeout_s`` (worker killed mid-run, host gone) becomes a
+    :class:`SiloFailure` and its run is marked crashed, so the round goes on with the quorum instead of
+    hanging. Results come back through Prefect's persisted results (the silo flows set
+    ``persist_result=True``; the stack's result storage is an S3 bucket).
+    """
+
+    def __init__(self) -> None:
+        self._deployments: dict[str, Any] = {}
+
+    def train(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[UpdateRecord], list[SiloFailure]]:
+        return self._run("silo-round", "train", config, round_, global_ref)
+
+    def evaluate(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[EvalRecord], list[SiloFailure]]:
+        records, failures = self._run("silo-evaluate", "evaluate", config, round_, global_ref)
+        return [r for r in records if r is not None], failures
+
+    def _run(
+        self, flow_name: str, stage: str, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[list[Any], list[SiloFailure]]:
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        submitted, failures = self._submit(flow_name, stage, config, round_, global_ref)
+        final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
+        failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
+        records: list[Any] = []
+        for silo in config.silos:
+            state = final.get(silo.name)
+            if state is None:
+                continue
+            if state.is_completed():
+                try:
+                    records.append(state.result())
+                    continue
+                except Exception as exc:
+                    failures.append(
+                        SiloFailure(
+                            silo=silo.name,
+                            round=round_,
+                            stage=stage,
+                            error=f"result of {flow_name} unreadable: {type(exc).__name__}: {exc}",
+                        )
+                    )
+            else:
+                failures.append(_failure(silo.name, round_, stage, state))
+        for f in failures:
+            _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
+        return records, failures
+
+    def _submit(
+        self, flow_name: str, stage: str, config: FederationConfig, round_: int, global_ref: ObjectRef
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
+        """Create every silo's run on its pool, then return (one API call per silo, tens of ms).
+
+        The runs are tagged ``federation:<id>`` and ``silo:<name>`` rather than linked as subflows: the link
+        is one more insert per silo. On the stack's SQLite database an insert that overlaps the server's
+        own writes fails as busy (HTTP 503) and Prefect's client waits 2 s before retrying; a round would
+        pay that several times. So creation is retried here, quickly, under an idempotency key (a retry
+        never makes a second run).
+        """
+        from prefect.client.orchestration import get_client
+
+        submitted: dict[str, Any] = {}
+        failures: list[SiloFailure] = []
+        parent = _current_flow_run_id()
+        with get_client(sync_client=True) as client:
+            for s in config.silos:
+                name = f"{flow_name}/{s.pool}"
+                try:
+                    if name not in self._deployments:
+                        self._deployments[name] = client.read_deployment_by_name(name).id
+                    t0 = time.perf_counter()
+                    submitted[s.name] = _create_run(
+                        client,
+                        self._deployments[name],
+                        parameters={"config": config, "silo": s.name, "round_": round_, "global_ref": global_ref},
+                        tags=[f"federation:{config.federation_id}", f"silo:{s.name}", f"round:{round_ + 1}"],
+                        idempotency_key=f"{parent}:{name}:{round_}",
+                    )
+                    _logger().info(
+                        "%s run %s on pool %s created in %.2f s",
+                        flow_name,
+                        submitted[s.name].id,
+                        s.pool,
+                        time.perf_counter() - t0,
+                    )
+                except Exception as exc:  # e.g. the silo's deployment is not registered
+                    failures.append(
+                        SiloFailure(
+                            silo=s.name,
+                            round=round_,
+                            stage=stage,
+                            error=f"could not submit {name}: {type(exc).__name__}: {exc}",
+                        )
+                    )
+        return submitted, failures
+
+
+def _logger() -> Any:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _current_flow_run_id() -> str:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else "no-parent"
+
+
+def _create_run(client: Any, deployment_id: Any, **kwargs: Any) -> Any:
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    delay = 0.05
+    for attempt in range(30):
+        try:
+            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+                return client.create_flow_run_from_deployment(deployment_id, **kwargs)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code not in (429, 503) or attempt == 29:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    raise AssertionError("unreachable")
+
+
+async def _await_final(
+    submitted: dict[str, Any], config: FederationConfig, flow_name: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Wait until every run is final, woken by the runs' state events; enforce the pickup/finish timeouts.
+
+    Returns the final states by silo, and the silos given up on with the reason (their runs are marked
+    Crashed so that a late worker does not run them after the round moved on).
+    """
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.states import Crashed
+
+    orch = config.orchestration
+    pending = {fr.id: name for name, fr in submitted.items()}
+    final: dict[str, Any] = {}
+    lost: dict[str, str] = {}
+    if not pending:
+        return final, lost
+    start = time.monotonic()
+    flt = EventFilter(
+        event=EventNameFilter(prefix=["prefect.flow-run."]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{i}" for i in pending]),
+    )
+    async with get_client() as client, get_events_subscriber(filter=flt) as events:
+        it = events.__aiter__()
+        while pending:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
+            )
+            waited = time.monotonic() - start
+            for fr in runs:
+                name = pending[fr.id]
+                state = fr.state
+                if state is not None and state.is_final():
+                    final[name] = state
+                    del pending[fr.id]
+                    continue
+                pool = config.silo(name).pool
+                reason = None
+                if (state is None or state.is_scheduled()) and waited > orch.pickup_timeout_s:
+                    reason = (
+                        f"no worker picked up {flow_name} on pool {pool!r} within {orch.pickup_timeout_s:.0f} s "
+                        f"(is the silo's worker running? `silotune silo join {name}`)"
+                    )
+                elif waited > orch.silo_timeout_s:
+                    reason = (
+                        f"{flow_name} on pool {pool!r} did not finish within {orch.silo_timeout_s:.0f} s "
+                        f"(state {state.name if state else '?'}: worker lost or silo too slow)"
+                    )
+                if reason:
+                    await client.set_flow_run_state(fr.id, Crashed(message=reason), force=True)
+                    lost[name] = reason
+                    del pending[fr.id]
+            if pending:
+                # Wake on the next state event of any pending run; poll anyway every poll_s (timeouts,
+                # or an event delivered before the state is readable).
+                with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                    await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
+    return final, lost
+
+
 def runner_for(config: FederationConfig) -> SiloRunner:
+    if config.orchestration.mode == "workpools":
+        return WorkPoolRunner()
     return InProcessRunner()

@@ -1,4 +1,10 @@
-"""The silo's flows: one local round, one evaluation. They run on the silo's work pool."""
+"""The silo's flows: one local round, one evaluation. They run on the silo's work pool.
+
+Their results (small records: object keys, hashes, metrics) are persisted so the
+coordinator can read them from another process or host: with the real stack the
+default result storage is the stack's S3 result bucket (a prefect-aws ``S3Bucket``
+block), serialized as JSON (never pickle).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,30 @@ from silotune.config import FederationConfig
 from silotune.federation import EvalRecord, ObjectRef, UpdateRecord
 from tasks.evaluate import evaluate_global
 from tasks.local_train import local_train
+from tasks.runtime import localize
 
 
-@flow(name="silo-round", flow_run_name="{silo}-round-{round_}", log_prints=True)
+@flow(
+    name="silo-round",
+    flow_run_name="{silo}-round-{round_}",
+    log_prints=True,
+    persist_result=True,
+    result_serializer="json",
+)
 def silo_round(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> UpdateRecord:
     """Fetch the global adapter, post-train locally, upload the update; return its record."""
-    return local_train(config, silo, round_, global_ref)
+    return local_train(localize(config, silo), silo, round_, global_ref)
 
 
-@flow(name="silo-evaluate", flow_run_name="{silo}-evaluate-{round_}", log_prints=True)
+@flow(
+    name="silo-evaluate",
+    flow_run_name="{silo}-evaluate-{round_}",
+    log_prints=True,
+    persist_result=True,
+    result_serializer="json",
+)
 def silo_evaluate(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
 ) -> EvalRecord | None:
     """Evaluate a global adapter on the silo's local holdout."""
-    return evaluate_global(config, silo, round_, global_ref)
+    return evaluate_global(localize(config, silo), silo, round_, global_ref)
