@@ -45,7 +45,9 @@ from silotune.demo import DEMO_SILOS, make_demo_silos  # noqa: E402
 TARGET_S = 2.0
 
 
-def make_config(fid: str, data: dict[str, Any], silos: list[str], args: argparse.Namespace, **sections: Any) -> FederationConfig:
+def make_config(
+    fid: str, data: dict[str, Any], silos: list[str], args: argparse.Namespace, **sections: Any
+) -> FederationConfig:
     return parse_config(
         {
             "federation_id": fid,
@@ -55,7 +57,8 @@ def make_config(fid: str, data: dict[str, Any], silos: list[str], args: argparse
             "lora": {"r": 4},
             "train": {"local_steps": args.steps, "batch_size": 4, "learning_rate": 5e-2, "torch_threads": 1},
             "silos": [
-                {"name": s, "train_path": str(data[s]["train"]), "eval_path": str(data[s]["eval"])} for s in silos
+                {"name": s, "train_path": str(data[s]["train"]), "eval_path": str(data[s]["eval"])}
+                for s in silos
             ],
             "aggregation": {"min_silos": len(silos)},
             "evaluation": {"max_examples": 8, "batch_size": 8},
@@ -72,11 +75,15 @@ def round_breakdown(client: Any, coordinator_run_id: Any, rounds: int) -> list[d
     """Per round: wall seconds, silo work, coordinator task work, overhead (rounds 2..R)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
-    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[coordinator_run_id])))
+    tasks = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[coordinator_run_id]))
+    )
     by_name = {t.name: t for t in tasks if t.end_time is not None}
     silo_runs = [
         fr
-        for fr in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-")), limit=200)
+        for fr in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-")), limit=200
+        )
         if fr.end_time is not None and ("-round-" in fr.name or "-evaluate-" in fr.name)
     ]
     out = []
@@ -137,7 +144,10 @@ def run_stack(cfg_for: Any, silos: list[str], state_dir: Path) -> tuple[list[dic
 
             t0 = time.perf_counter()
             fr = run_deployment(
-                "federated-training/federated-training", parameters={"config": cfg}, timeout=1800, poll_interval=1
+                "federated-training/federated-training",
+                parameters={"config": cfg},
+                timeout=1800,
+                poll_interval=1,
             )
             total = time.perf_counter() - t0
             assert fr.state is not None and fr.state.is_completed(), fr.state
@@ -187,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
-    print(f"config: tiny-llama, {len(silos)} silos, {args.rounds} rounds ({args.rounds - 1} warm), {args.steps} local step(s)")
+    print(
+        f"config: tiny-llama, {len(silos)} silos, {args.rounds} rounds ({args.rounds - 1} warm), "
+        f"{args.steps} local step(s)"
+    )
     for label, rows in (("embedded", emb_rows), ("stack", stk_rows)):
         for r in rows:
             print(
@@ -197,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     e_round, s_round = med(emb_rows, "seconds"), med(stk_rows, "seconds")
     e_ovh, s_ovh = med(emb_rows, "overhead"), med(stk_rows, "overhead")
-    print(f"stack start-up: {up_s:.1f} s; whole federation: embedded {emb_total:.1f} s, stack {stk_total:.1f} s")
-    print(f"warm round (median): embedded {e_round:.2f} s, stack {s_round:.2f} s, ratio stack/embedded {s_round / e_round:.2f}")
+    print(
+        f"stack start-up: {up_s:.1f} s; whole federation: embedded {emb_total:.1f} s, stack {stk_total:.1f} s"
+    )
+    print(
+        f"warm round (median): embedded {e_round:.2f} s, stack {s_round:.2f} s, "
+        f"ratio stack/embedded {s_round / e_round:.2f}"
+    )
     print(
         f"warm-round orchestration overhead (median): embedded {e_ovh:.2f} s, stack {s_ovh:.2f} s "
         f"(target ≤ {TARGET_S:.1f} s: {'met' if s_ovh <= TARGET_S else 'NOT met'})"

@@ -122,7 +122,9 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         try:
             code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
             if code != 0:
-                await self._propose_crashed_state(flow_run, "the flow run engine failed in the silotune worker")
+                await self._propose_crashed_state(
+                    flow_run, "the flow run engine failed in the silotune worker"
+                )
         finally:
             self._release_limit_slot(flow_run.id)
 
@@ -150,7 +152,9 @@ async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
                 pool_id = (await client.read_work_pool(pool)).id
             flt = EventFilter(
                 event=EventNameFilter(name=["prefect.flow-run.Scheduled"]),
-                related=EventRelatedFilter(resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]),
+                related=EventRelatedFilter(
+                    resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]
+                ),
             )
             async with get_events_subscriber(filter=flt) as events:
                 async for _ in events:
@@ -160,7 +164,9 @@ async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
             await anyio.sleep(2)
 
 
-def serve(pool: str, *, name: str | None = None, query_seconds: float = 5.0, limit: int | None = None) -> None:
+def serve(
+    pool: str, *, name: str | None = None, query_seconds: float = 5.0, limit: int | None = None
+) -> None:
     """Serve ``pool`` until SIGTERM/SIGINT: runs start on their Scheduled event, polls are the fallback."""
     from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
 
@@ -200,7 +206,7 @@ def ensure_silo_deployments(pool: str) -> list[str]:
                     name=pool,
                     work_pool_name=pool,
                     tags=["silotune", "silo"],
-                    description=f"{fl.name} at the silo behind pool {pool} (registered by the silo's worker).",
+                    description=f"{fl.name} at the silo behind pool {pool} (registered by its worker).",
                 ).apply()
                 created.append(f"{fl.name}/{pool}")
     return created

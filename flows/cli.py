@@ -152,7 +152,9 @@ def demo(
         raise typer.Exit(1)
 
 
-stack_app = typer.Typer(no_args_is_help=True, help="The real stack on loopback: S3, Prefect server, MLflow, workers.")
+stack_app = typer.Typer(
+    no_args_is_help=True, help="The real stack on loopback: S3, Prefect server, MLflow, workers."
+)
 silo_app = typer.Typer(no_args_is_help=True, help="Commands run at a silo.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(silo_app, name="silo")
@@ -172,7 +174,8 @@ def stack_up(
     from flows.stack import StackError, up
 
     try:
-        st = up(state_dir, silos=silos.split(",") if silos else None, auto_ports=auto_ports, echo=console.print)
+        names = silos.split(",") if silos else None
+        st = up(state_dir, silos=names, auto_ports=auto_ports, echo=console.print)
     except StackError as exc:
         _fail(str(exc))
     console.print(f"Prefect UI: [bold]{st.prefect_ui}[/]   MLflow UI: [bold]{st.mlflow_uri}[/]")
@@ -238,7 +241,9 @@ def silo_join(
         str | None, typer.Option(help="The coordinator's Prefect API (default: $PREFECT_API_URL).")
     ] = None,
     pool: Annotated[str | None, typer.Option(help="Work pool (default silo-<name>).")] = None,
-    train_path: Annotated[str | None, typer.Option(help="Local training data (overrides the config).")] = None,
+    train_path: Annotated[str | None, typer.Option(help="Local training data (overrides the config).")] = (
+        None
+    ),
     eval_path: Annotated[str | None, typer.Option(help="Local holdout (overrides the config).")] = None,
     query_seconds: Annotated[
         float, typer.Option(help="Fallback polling interval (runs start on their Scheduled event).")

@@ -157,7 +157,12 @@ class WorkPoolRunner:
                     submitted[s.name] = _create_run(
                         client,
                         self._deployments[name],
-                        parameters={"config": config, "silo": s.name, "round_": round_, "global_ref": global_ref},
+                        parameters={
+                            "config": config,
+                            "silo": s.name,
+                            "round_": round_,
+                            "global_ref": global_ref,
+                        },
                         tags=[f"federation:{config.federation_id}", f"silo:{s.name}", f"round:{round_ + 1}"],
                         idempotency_key=f"{parent}:{name}:{round_}",
                     )
@@ -259,7 +264,8 @@ async def _await_final(
                 reason = None
                 if (state is None or state.is_scheduled()) and waited > orch.pickup_timeout_s:
                     reason = (
-                        f"no worker picked up {flow_name} on pool {pool!r} within {orch.pickup_timeout_s:.0f} s "
+                        f"no worker picked up {flow_name} on pool {pool!r} "
+                        f"within {orch.pickup_timeout_s:.0f} s "
                         f"(is the silo's worker running? `silotune silo join {name}`)"
                     )
                 elif waited > orch.silo_timeout_s:

@@ -247,7 +247,10 @@ def _wait(what: str, check: Any, timeout: float, stack: Stack, name: str, interv
     while time.monotonic() < deadline:
         pid = stack.pids.get(name)
         if pid is not None and not _alive(pid):
-            raise StackError(f"{what} exited during start-up; log {stack.logs / name}.log:\n{_tail(stack.logs / f'{name}.log')}")
+            raise StackError(
+                f"{what} exited during start-up; log {stack.logs / name}.log:\n"
+                f"{_tail(stack.logs / f'{name}.log')}"
+            )
         try:
             if check():
                 return
@@ -261,7 +264,7 @@ def _wait(what: str, check: Any, timeout: float, stack: Stack, name: str, interv
 
 
 def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback URL built here
+    with urllib.request.urlopen(url, timeout=2) as r:
         return bool(200 <= r.status < 300)
 
 
@@ -322,7 +325,9 @@ def _write_identities(stack: Stack) -> None:
         "identities": [
             {
                 "name": ident,
-                "credentials": [{"accessKey": creds[ident]["access_key"], "secretKey": creds[ident]["secret_key"]}],
+                "credentials": [
+                    {"accessKey": creds[ident]["access_key"], "secretKey": creds[ident]["secret_key"]}
+                ],
                 "actions": acts,
             }
             for ident, acts in actions.items()
@@ -406,7 +411,7 @@ def _start_prefect(stack: Stack) -> None:
         "PREFECT_SERVER_API_PORT": str(stack.ports["prefect"]),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{stack.root / 'prefect' / 'prefect.db'}",
         "PREFECT_UI_API_URL": stack.prefect_api,
-        # SQLite busy errors become 503s that clients retry after 2 s; log them so slow rounds can be explained.
+        # SQLite busy errors become 503s that clients retry after 2 s; log them to explain slow rounds.
         "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
         # Automations are not used here; their service writes bookkeeping rows for every event.
         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
@@ -468,7 +473,7 @@ def _configure_prefect(stack: Stack) -> None:
 
 
 def deploy(stack: Stack) -> None:
-    """Register the deployments of ``deployments/prefect.yaml`` for this stack's pools (``prefect deploy``)."""
+    """Register ``deployments/prefect.yaml``'s deployments for this stack's pools (``prefect deploy``)."""
     names = ["federated-training/federated-training", "scheduled-retraining/nightly"]
     available = _declared_silo_deployments()
     for s in stack.silos:
@@ -482,7 +487,10 @@ def deploy(stack: Stack) -> None:
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     (stack.logs / "deploy.log").write_text(out.stdout + out.stderr)
     if out.returncode != 0:
-        raise StackError(f"prefect deploy failed (log {stack.logs / 'deploy.log'}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        raise StackError(
+            f"prefect deploy failed (log {stack.logs / 'deploy.log'}):\n"
+            f"{out.stdout[-3000:]}{out.stderr[-3000:]}"
+        )
 
 
 def _declared_silo_deployments() -> set[str]:
@@ -572,7 +580,9 @@ def up(
     stack = Stack.load(root)
     if stack.ports and any(_alive(p) for p in stack.pids.values()):
         running = sorted(n for n, p in stack.pids.items() if _alive(p))
-        raise StackError(f"stack in {stack.root} is already running ({', '.join(running)}); `silotune stack down` first")
+        raise StackError(
+            f"stack in {stack.root} is already running ({', '.join(running)}); `silotune stack down` first"
+        )
     if not stack.ports:
         stack.ports = free_ports(DEFAULT_PORTS) if auto_ports else dict(DEFAULT_PORTS)
     if silos is not None:
@@ -582,16 +592,27 @@ def up(
     stack.pids = {}
     busy = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p))
     if busy:
-        raise StackError(f"port(s) already in use on 127.0.0.1: {', '.join(busy)} (another stack? `silotune stack down`)")
+        raise StackError(
+            f"port(s) already in use on 127.0.0.1: {', '.join(busy)} (another stack? `silotune stack down`)"
+        )
     stack.save()
     _write_identities(stack)
     try:
         _start_seaweedfs(stack)
         _start_prefect(stack)
         _wait_seaweedfs(stack, timeout)
-        echo(f"SeaweedFS S3     {stack.s3_endpoint}  (buckets {DATA_BUCKET}, {RESULTS_BUCKET}, {MLFLOW_BUCKET})")
+        echo(
+            f"SeaweedFS S3     {stack.s3_endpoint}  "
+            f"(buckets {DATA_BUCKET}, {RESULTS_BUCKET}, {MLFLOW_BUCKET})"
+        )
         _start_mlflow(stack)
-        _wait("Prefect server", lambda: _http_ok(f"{stack.prefect_api}/health"), timeout, stack, "prefect-server")
+        _wait(
+            "Prefect server",
+            lambda: _http_ok(f"{stack.prefect_api}/health"),
+            timeout,
+            stack,
+            "prefect-server",
+        )
         echo(f"Prefect server   {stack.prefect_ui}")
         _configure_prefect(stack)
         for pool in stack.pools():
@@ -677,7 +698,10 @@ def prefect_api(stack: Stack) -> Iterator[None]:
     os.environ.update(env)
     try:
         with temporary_settings(
-            {PREFECT_API_URL: stack.prefect_api, PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"s3-bucket/{RESULTS_BLOCK}"}
+            {
+                PREFECT_API_URL: stack.prefect_api,
+                PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"s3-bucket/{RESULTS_BLOCK}",
+            }
         ):
             yield
     finally:
