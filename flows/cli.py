@@ -60,8 +60,16 @@ def _print_history(history: list[dict[str, Any]], initial: dict[str, Any] | None
 def run(
     config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
     rounds: Annotated[int | None, typer.Option(help="Override the number of rounds.")] = None,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Stack state folder (workpools mode, no $PREFECT_API_URL).")
+    ] = Path(".silotune/stack"),
 ) -> None:
-    """Run (or resume) a federation from a YAML config on the embedded default."""
+    """Run (or resume) a federation from a YAML config.
+
+    ``orchestration.mode: embedded`` (default) runs it in this process; ``workpools`` submits it to the
+    ``federated-training`` deployment of the stack at $PREFECT_API_URL (or the one in --state-dir) and
+    waits: silos run on their own pools.
+    """
     from silotune.config import check_local_paths, load_config, parse_config
     from silotune.errors import SilotuneError
 
@@ -69,15 +77,55 @@ def run(
         cfg = load_config(config)
         if rounds is not None:
             cfg = parse_config({**cfg.model_dump(mode="json"), "rounds": rounds})
-        check_local_paths(cfg)
+        if cfg.orchestration.mode == "embedded":
+            check_local_paths(cfg)
     except SilotuneError as exc:
         _fail(str(exc))
-    from flows.federated_training import federated_training
+    if cfg.orchestration.mode == "workpools":
+        out = _run_on_stack(cfg, state_dir)
+    else:
+        from flows.federated_training import federated_training
 
-    out = federated_training(cfg)
+        out = federated_training(cfg)
     _print_history(out["history"], None)
     console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
     console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
+
+
+def _run_on_stack(cfg: Any, state_dir: Path) -> dict[str, Any]:
+    import contextlib
+    import os
+
+    from flows.stack import Stack, prefect_api
+
+    ctx: Any = contextlib.nullcontext()
+    if not os.environ.get("PREFECT_API_URL"):
+        st = Stack.load(state_dir)
+        if not st.ports:
+            _fail(f"orchestration.mode is 'workpools' but no $PREFECT_API_URL and no stack in {state_dir}")
+        ctx = prefect_api(st)
+    with ctx:
+        from prefect.deployments import run_deployment
+
+        fr = run_deployment(
+            "federated-training/federated-training", parameters={"config": cfg}, timeout=None, poll_interval=2
+        )
+        console.print(f"flow run {fr.name} ({fr.id}): {fr.state.name if fr.state else '?'}")
+        if fr.state is None or not fr.state.is_completed():
+            _fail(f"federation {cfg.federation_id} did not complete: {fr.state.message if fr.state else ''}")
+        return fr.state.result()
+
+
+@app.command("config-json")
+def config_json(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")]) -> None:
+    """Print a validated config as JSON (e.g. for `prefect deployment run ... --param config=...`)."""
+    from silotune.config import load_config
+    from silotune.errors import SilotuneError
+
+    try:
+        print(load_config(config).model_dump_json())
+    except SilotuneError as exc:
+        _fail(str(exc))
 
 
 @app.command("make-demo-data")
