@@ -30,6 +30,9 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 log = logging.getLogger("silotune.agent")
 
 
+WAKE_DELAY_S = 0.3
+
+
 class InProcessResult(BaseWorkerResult):
     """What the worker reports for a run (status 0: the engine ran; the run's own state says how it went)."""
 
@@ -158,6 +161,10 @@ async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
             )
             async with get_events_subscriber(filter=flt) as events:
                 async for _ in events:
+                    # The coordinator creates every silo's run within a fraction of a second; claiming
+                    # ours right away would put our writes in the middle of those creations, and on
+                    # SQLite overlapping writes fail as busy (503, retried after 2 s). Let them land.
+                    await anyio.sleep(WAKE_DELAY_S)
                     await worker.get_and_submit_flow_runs()
         except Exception as exc:  # server restarting, pool not created yet: retry
             log.debug("event subscription for pool %s: %s; retrying", pool, exc)
