@@ -41,9 +41,11 @@ def served_flows() -> dict[str, Any]:
     """The flows a silotune worker can run without loading code from storage, by flow name."""
     from flows.federated_training import federated_training
     from flows.retraining import scheduled_retraining
-    from flows.silo import silo_evaluate, silo_round
+    from flows.silo import silo_evaluate, silo_round, silo_step
 
-    return {f.name: f for f in (silo_round, silo_evaluate, federated_training, scheduled_retraining)}
+    return {
+        f.name: f for f in (silo_round, silo_evaluate, silo_step, federated_training, scheduled_retraining)
+    }
 
 
 class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessResult]):
@@ -197,15 +199,15 @@ def serve(
 
 
 def ensure_silo_deployments(pool: str) -> list[str]:
-    """Register ``silo-round/<pool>`` and ``silo-evaluate/<pool>`` if the coordinator has not (a new silo)."""
+    """Register ``silo-round|silo-evaluate|silo-step/<pool>`` if the coordinator has not (a new silo)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from flows.silo import silo_evaluate, silo_round
+    from flows.silo import silo_evaluate, silo_round, silo_step
 
     created = []
     with get_client(sync_client=True) as client:
-        for fl in (silo_round, silo_evaluate):
+        for fl in (silo_round, silo_evaluate, silo_step):
             try:
                 client.read_deployment_by_name(f"{fl.name}/{pool}")
             except ObjectNotFound:

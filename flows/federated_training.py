@@ -16,10 +16,11 @@ from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.federation import summarize_evals
-from tasks.aggregate import aggregate
+from tasks.aggregate import aggregate, root_update
 from tasks.broadcast import broadcast
 from tasks.checkpoint import commit, report, track_round, track_start
 from tasks.publish import publish
+from tasks.secure import close_upload
 
 
 @flow(name="federated-training", flow_run_name="{config.federation_id}", log_prints=True)
@@ -41,13 +42,26 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         progress=100.0 * state.completed_rounds / config.rounds,
         description=f"rounds of {config.federation_id}",
     )
+    secagg = config.security.protection == "secagg"
     for r in range(state.completed_rounds, config.rounds):
-        records, failures = runner.train(config, r, state.global_ref)
+        failures = []
+        if secagg:  # keys for this round: adverts, then encrypted shares
+            for phase in ("secagg-advertise", "secagg-share"):
+                _, phase_failures = runner.step(config, phase, r)
+                failures += phase_failures
+        records, train_failures = runner.train(config, r, state.global_ref)
+        failures += train_failures
         if len(records) < config.aggregation.min_silos:
             raise QuorumError(
                 f"round {r + 1}: only {len(records)} silo(s) returned an update, quorum is "
                 f"{config.aggregation.min_silos}; failures: {[f.model_dump() for f in failures]}"
             )
+        if secagg:  # survivors fixed, then they reveal the shares that remove the masks
+            survivors = close_upload(config, r, records)
+            _, unmask_failures = runner.step(config, "secagg-unmask", r, silos=survivors)
+            failures += unmask_failures
+        if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
+            root_update(config, r, state.global_ref)
         agg = aggregate(config, r, state.global_ref, records)
         evals, eval_failures = runner.evaluate(config, r, agg.next_global)
         state = commit(config, state, r, records, failures + eval_failures, agg, evals)
@@ -63,7 +77,24 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
             g.get("exact_match", float("nan")),
         )
         update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)
-    adapter_dir = publish(config, state)
+    if config.security.protection == "ckks":  # only silos hold the key: one of them publishes
+        published, publish_failures = {}, []
+        for silo in config.silos:
+            published, publish_failures = runner.step(
+                config,
+                "publish",
+                state.completed_rounds,
+                silos=[silo.name],
+                global_ref=state.global_ref,
+                run_id=state.tracking_run_id,
+            )
+            if published:
+                break
+        if not published:
+            raise RuntimeError(f"no silo could publish the final adapter: {publish_failures}")
+        adapter_dir = next(iter(published.values()))
+    else:
+        adapter_dir = publish(config, state)
     summary = report(config, state, adapter_dir)
     return {
         "federation_id": config.federation_id,

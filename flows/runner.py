@@ -30,6 +30,17 @@ class SiloRunner(Protocol):
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
     ) -> tuple[list[EvalRecord], list[SiloFailure]]: ...
 
+    def step(
+        self,
+        config: FederationConfig,
+        stage: str,
+        round_: int,
+        *,
+        silos: list[str] | None = None,
+        global_ref: ObjectRef | None = None,
+        run_id: str | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]: ...
+
 
 def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
     message = getattr(state, "message", None) or str(state)
@@ -74,6 +85,30 @@ class InProcessRunner:
                 failures.append(_failure(silo.name, round_, "evaluate", state))
         return records, failures
 
+    def step(
+        self,
+        config: FederationConfig,
+        stage: str,
+        round_: int,
+        *,
+        silos: list[str] | None = None,
+        global_ref: ObjectRef | None = None,
+        run_id: str | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
+        """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
+        from flows.silo import silo_step
+
+        results: dict[str, Any] = {}
+        failures: list[SiloFailure] = []
+        for name in silos or [s.name for s in config.silos]:
+            state = silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
+            if state.is_completed():
+                results[name] = state.result()
+            else:
+                failures.append(_failure(name, round_, stage, state))
+                log.warning("round %d: silo %s failed %s: %s", round_ + 1, name, stage, failures[-1].error)
+        return results, failures
+
 
 class WorkPoolRunner:
     """Silos as flow runs on their own work pools, submitted concurrently, awaited with timeouts.
@@ -91,48 +126,79 @@ class WorkPoolRunner:
     def train(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
     ) -> tuple[list[UpdateRecord], list[SiloFailure]]:
-        return self._run("silo-round", "train", config, round_, global_ref)
+        params = {"round_": round_, "global_ref": global_ref}
+        results, failures = self._run("silo-round", "train", config, round_, params)
+        return list(results.values()), failures
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
-        records, failures = self._run("silo-evaluate", "evaluate", config, round_, global_ref)
-        return [r for r in records if r is not None], failures
+        params = {"round_": round_, "global_ref": global_ref}
+        results, failures = self._run("silo-evaluate", "evaluate", config, round_, params)
+        return [r for r in results.values() if r is not None], failures
+
+    def step(
+        self,
+        config: FederationConfig,
+        stage: str,
+        round_: int,
+        *,
+        silos: list[str] | None = None,
+        global_ref: ObjectRef | None = None,
+        run_id: str | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
+        """A protocol step (``flows.silo.silo_step``) as a run of ``silo-step/<pool>`` at each silo."""
+        params = {"stage": stage, "round_": round_, "global_ref": global_ref, "run_id": run_id}
+        return self._run("silo-step", stage, config, round_, params, silos=silos)
 
     def _run(
-        self, flow_name: str, stage: str, config: FederationConfig, round_: int, global_ref: ObjectRef
-    ) -> tuple[list[Any], list[SiloFailure]]:
+        self,
+        flow_name: str,
+        stage: str,
+        config: FederationConfig,
+        round_: int,
+        params: dict[str, Any],
+        *,
+        silos: list[str] | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
         from prefect.utilities.asyncutils import run_coro_as_sync
 
-        submitted, failures = self._submit(flow_name, stage, config, round_, global_ref)
+        names = silos or [s.name for s in config.silos]
+        submitted, failures = self._submit(flow_name, stage, config, round_, params, names)
         final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
         failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
-        records: list[Any] = []
-        for silo in config.silos:
-            state = final.get(silo.name)
+        results: dict[str, Any] = {}
+        for name in names:
+            state = final.get(name)
             if state is None:
                 continue
             if state.is_completed():
                 try:
-                    records.append(state.result())
+                    results[name] = state.result()
                     continue
                 except Exception as exc:
                     failures.append(
                         SiloFailure(
-                            silo=silo.name,
+                            silo=name,
                             round=round_,
                             stage=stage,
                             error=f"result of {flow_name} unreadable: {type(exc).__name__}: {exc}",
                         )
                     )
             else:
-                failures.append(_failure(silo.name, round_, stage, state))
+                failures.append(_failure(name, round_, stage, state))
         for f in failures:
             _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
-        return records, failures
+        return results, failures
 
     def _submit(
-        self, flow_name: str, stage: str, config: FederationConfig, round_: int, global_ref: ObjectRef
+        self,
+        flow_name: str,
+        stage: str,
+        config: FederationConfig,
+        round_: int,
+        params: dict[str, Any],
+        names: list[str],
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
         """Create every silo's run on its pool, then return (one API call per silo, tens of ms).
 
@@ -148,35 +214,31 @@ class WorkPoolRunner:
         failures: list[SiloFailure] = []
         parent = _current_flow_run_id()
         with get_client(sync_client=True) as client:
-            for s in config.silos:
-                name = f"{flow_name}/{s.pool}"
+            for silo in names:
+                pool = config.silo(silo).pool
+                name = f"{flow_name}/{pool}"
                 try:
                     if name not in self._deployments:
                         self._deployments[name] = client.read_deployment_by_name(name).id
                     t0 = time.perf_counter()
-                    submitted[s.name] = _create_run(
+                    submitted[silo] = _create_run(
                         client,
                         self._deployments[name],
-                        parameters={
-                            "config": config,
-                            "silo": s.name,
-                            "round_": round_,
-                            "global_ref": global_ref,
-                        },
-                        tags=[f"federation:{config.federation_id}", f"silo:{s.name}", f"round:{round_ + 1}"],
-                        idempotency_key=f"{parent}:{name}:{round_}",
+                        parameters={"config": config, "silo": silo, **params},
+                        tags=[f"federation:{config.federation_id}", f"silo:{silo}", f"round:{round_ + 1}"],
+                        idempotency_key=f"{parent}:{name}:{stage}:{round_}",
                     )
                     _logger().info(
                         "%s run %s on pool %s created in %.2f s",
                         flow_name,
-                        submitted[s.name].id,
-                        s.pool,
+                        submitted[silo].id,
+                        pool,
                         time.perf_counter() - t0,
                     )
                 except Exception as exc:  # e.g. the silo's deployment is not registered
                     failures.append(
                         SiloFailure(
-                            silo=s.name,
+                            silo=silo,
                             round=round_,
                             stage=stage,
                             error=f"could not submit {name}: {type(exc).__name__}: {exc}",

@@ -284,7 +284,8 @@ def _bin(name: str) -> str:
 def _identities(silos: Iterable[str]) -> dict[str, list[str]]:
     """What each identity may do (SeaweedFS actions; ``*`` matches across ``/``).
 
-    Silos read global adapters and write only their own update slot; they write Prefect results.
+    Silos read global adapters and write only their own update slot (and their own secure-aggregation
+    messages); they write Prefect results.
     """
     ids = {
         "admin": ["Admin", "Read", "Write", "List", "Tagging"],
@@ -299,8 +300,19 @@ def _identities(silos: Iterable[str]) -> dict[str, list[str]]:
     }
     for s in silos:
         ids[f"silo-{s}"] = [
+            # The global adapter (plaintext, or its CKKS ciphertext and pointer), secure-aggregation
+            # messages addressed to silos; never another silo's update.
             f"Read:{DATA_BUCKET}/*/global.safetensors",
-            f"Write:{DATA_BUCKET}/*/updates/{s}.safetensors",
+            f"Read:{DATA_BUCKET}/*/global.json",
+            f"Read:{DATA_BUCKET}/*/aggregate.ckks",
+            f"Read:{DATA_BUCKET}/*/secagg/*",
+            # Its own update slot (any encoding) and its own secure-aggregation messages.
+            f"Write:{DATA_BUCKET}/*/updates/{s}.*",
+            f"Write:{DATA_BUCKET}/*/secagg/adverts/{s}",
+            f"Write:{DATA_BUCKET}/*/secagg/shares/*/{s}",
+            f"Write:{DATA_BUCKET}/*/secagg/unmask/{s}",
+            # With CKKS only a silo can decrypt, so the publishing silo writes the final adapter.
+            f"Write:{DATA_BUCKET}/*/final/*",
             f"Read:{RESULTS_BUCKET}",
             f"Write:{RESULTS_BUCKET}",
         ]
@@ -477,7 +489,7 @@ def deploy(stack: Stack) -> None:
     names = ["federated-training/federated-training", "scheduled-retraining/nightly"]
     available = _declared_silo_deployments()
     for s in stack.silos:
-        for flow_name in ("silo-round", "silo-evaluate"):
+        for flow_name in ("silo-round", "silo-evaluate", "silo-step"):
             if f"{flow_name}/silo-{s}" in available:
                 names.append(f"{flow_name}/silo-{s}")
     cmd = [_bin("prefect"), "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml"]
@@ -496,12 +508,13 @@ def deploy(stack: Stack) -> None:
 def _declared_silo_deployments() -> set[str]:
     import yaml
 
+    flows = {":silo_round": "silo-round", ":silo_evaluate": "silo-evaluate", ":silo_step": "silo-step"}
     data = yaml.safe_load((REPO_ROOT / "deployments" / "prefect.yaml").read_text())
     out = set()
     for d in data.get("deployments", []):
-        flow_name = "silo-round" if d["entrypoint"].endswith(":silo_round") else "silo-evaluate"
-        if d["entrypoint"].startswith("flows/silo.py"):
-            out.add(f"{flow_name}/{d['name']}")
+        for suffix, flow_name in flows.items():
+            if d["entrypoint"].endswith(suffix):
+                out.add(f"{flow_name}/{d['name']}")
     return out
 
 

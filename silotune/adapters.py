@@ -1,80 +1,93 @@
-"""LoRA adapters: attach, read, write, diff and save in PEFT format.
+"""Trainable models: a base model made trainable by a post-training method.
 
-An adapter state is a flat ``dict[str, Tensor]`` keyed by PEFT's own state-dict
-names (``get_peft_model_state_dict``), so it saves to safetensors and loads back
-into any PEFT model of the same base and LoRA shape.
+An adapter state is a flat ``dict[str, Tensor]`` of the tensors a method
+exchanges: PEFT's own state-dict names (``get_peft_model_state_dict``) for
+LoRA, QLoRA, IA3 and prompt tuning, so it saves to safetensors and loads back
+into any PEFT model of the same base and shape; the model's parameter names for
+full fine-tuning. Which method is which lives in :mod:`silotune.methods`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from silotune.config import LoraSpec, ModelSpec
+from silotune.config import LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import UpdateError
+from silotune.methods.base import Built
+from silotune.methods.peft_methods import lora_config
 
 TensorDict = dict[str, torch.Tensor]
 
-
-def lora_config(spec: LoraSpec) -> Any:
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        bias="none",
-    )
+__all__ = [
+    "AdapterModel",
+    "TensorDict",
+    "apply_delta",
+    "delta",
+    "global_norm",
+    "lora_b_keys",
+    "lora_config",
+    "tensor_bytes",
+]
 
 
 @dataclass
 class AdapterModel:
-    """A base model with one LoRA adapter attached, plus its tokenizer.
+    """A base model made trainable by one post-training method (LoRA by default), plus its tokenizer.
 
     Loading the base model is the expensive part (seconds to minutes); an
-    ``AdapterModel`` is kept alive across rounds and only its adapter weights
+    ``AdapterModel`` is kept alive across rounds and only its exchanged weights
     are swapped with :meth:`load_state`.
     """
 
-    model: Any  # peft.PeftModel
+    model: Any  # peft.PeftModel, or a transformers model for full fine-tuning
     tokenizer: Any
     model_path: Path
+    method_spec: MethodSpec = field(default_factory=MethodSpec)
+    built: Built | None = None
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, model_spec: ModelSpec, lora_spec: LoraSpec, *, seed: int) -> AdapterModel:
-        from peft import get_peft_model
+    def create(
+        cls, model_spec: ModelSpec, lora_spec: LoraSpec, *, seed: int, method: MethodSpec | None = None
+    ) -> AdapterModel:
+        from silotune.methods import get_method, parse_options
+        from silotune.modeling import load_tokenizer, resolve_model_path
 
-        from silotune.modeling import load_base_model, load_tokenizer, resolve_model_path
-
+        spec = method or MethodSpec()
+        impl = get_method(spec.name)
         path = resolve_model_path(model_spec.name_or_path)
         tokenizer = load_tokenizer(path)
-        base = load_base_model(path)
-        # LoRA's A matrices are random at init; seeding here makes the initial global adapter reproducible.
-        torch.manual_seed(seed)
-        model = get_peft_model(base, lora_config(lora_spec))
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_" not in name:
-                raise RuntimeError(f"unexpected trainable parameter {name}")
-        return cls(model=model, tokenizer=tokenizer, model_path=path)
+        built = impl.build(path, parse_options(impl, spec.options), lora_spec, seed=seed)
+        out = cls(model=built.model, tokenizer=tokenizer, model_path=path, method_spec=spec, built=built)
+        out._shapes = {k: tuple(v.shape) for k, v in out.state().items()}
+        return out
+
+    @property
+    def method(self) -> Any:
+        from silotune.methods import get_method
+
+        return get_method(self.method_spec.name)
+
+    def _built(self) -> Built:
+        return self.built if self.built is not None else Built(model=self.model)
 
     def state(self) -> TensorDict:
-        """A detached copy of the adapter weights (float tensors only)."""
-        from peft import get_peft_model_state_dict
+        """A detached copy of the exchanged weights (float tensors only)."""
+        return self.method.state(self._built())
 
-        sd = get_peft_model_state_dict(self.model)
-        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    def initial_state(self, seed: int) -> TensorDict:
+        """The federation's first global for this method, drawn from ``seed`` alone."""
+        return self.method.initial_state(self._built(), self.state(), seed)
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the adapter weights; keys and shapes must match exactly."""
-        from peft import set_peft_model_state_dict
-
-        current = self.state()
+        """Replace the exchanged weights; keys and shapes must match exactly."""
+        current = self._shapes or {k: tuple(v.shape) for k, v in self.state().items()}
         missing = sorted(set(current) - set(state))
         extra = sorted(set(state) - set(current))
         if missing or extra:
@@ -83,24 +96,49 @@ class AdapterModel:
                 f"adapter keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]})",
             )
         for k, v in state.items():
-            if tuple(v.shape) != tuple(current[k].shape):
-                raise UpdateError("global", f"shape {tuple(v.shape)} != {tuple(current[k].shape)}", tensor=k)
-        result = set_peft_model_state_dict(self.model, dict(state))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise UpdateError("global", f"PEFT did not load keys {unexpected[:3]}")
+            if tuple(v.shape) != current[k]:
+                raise UpdateError("global", f"shape {tuple(v.shape)} != {current[k]}", tensor=k)
+        self.method.load_state(self._built(), state)
+
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen reference policy (the base model), for preference optimisation."""
+        return self.method.reference_logits(self._built(), input_ids, attention_mask)  # type: ignore[no-any-return]
+
+    @contextmanager
+    def frozen(self, keys: Sequence[str]) -> Iterator[None]:
+        """Within the block, the adapter tensors named by ``keys`` (state keys) get no gradient."""
+        if not keys:
+            yield
+            return
+        by_key = {name.replace(".default.", "."): p for name, p in self.model.named_parameters()}
+        missing = sorted(set(keys) - set(by_key))
+        if missing:
+            raise KeyError(f"cannot freeze unknown adapter tensors {missing[:3]}")
+        params = [by_key[k] for k in keys if by_key[k].requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def save_pretrained(self, folder: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> Path:
-        """Write the adapter (``state`` if given) in PEFT format (``PeftModel.from_pretrained`` loads it)."""
+        """Write the artifact (``state`` if given): a PEFT folder, or a full model folder for FFT."""
         if state is not None:
             self.load_state(state)
         out = Path(folder)
-        self.model.save_pretrained(out)
+        self.method.save(self._built(), out)
         self.tokenizer.save_pretrained(out)
         return out
+
+
+def lora_b_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The LoRA B tensors: what FFA-LoRA trains and exchanges (A stays at its seeded init)."""
+    return sorted(k for k in state if "lora_B" in k or "lora_embedding_B" in k)
 
 
 def delta(local: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]) -> TensorDict:
@@ -111,10 +149,11 @@ def delta(local: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]
 
 
 def apply_delta(global_: Mapping[str, torch.Tensor], d: Mapping[str, torch.Tensor]) -> TensorDict:
-    """``global + delta`` key by key (the inverse of :func:`delta`)."""
-    if set(d) != set(global_):
-        raise ValueError("adapter key sets differ")
-    return {k: (global_[k] + d[k]).contiguous() for k in global_}
+    """``global + delta`` key by key (the inverse of :func:`delta`); ``d`` may cover a subset of keys."""
+    extra = set(d) - set(global_)
+    if extra:
+        raise ValueError(f"delta has tensors the adapter lacks: {sorted(extra)[:3]}")
+    return {k: (global_[k] + d[k]).contiguous() if k in d else global_[k] for k in global_}
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

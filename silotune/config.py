@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.errors import ConfigError
+from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -38,6 +39,14 @@ class ModelSpec(_Spec):
         ),
     )
     max_seq_len: int = Field(256, ge=16, le=8192, description="Sequences are truncated to this many tokens.")
+    descriptor: str | dict[str, Any] | None = Field(
+        None,
+        description=(
+            "What the model is (openness class, licence, usage limits, open training data, where the weights "
+            "live): a built-in descriptor name (see `silotune models`) or a mapping with the same fields. "
+            "None: inferred from name_or_path. Config validation applies the paper's Table 1 to it."
+        ),
+    )
 
 
 class LoraSpec(_Spec):
@@ -51,6 +60,35 @@ class LoraSpec(_Spec):
     )
 
 
+class MethodSpec(_Spec):
+    """Which post-training method every silo runs (see ``silotune methods``).
+
+    ``lora`` and ``qlora`` take their adapter shape from the ``lora`` section;
+    every method validates its own ``options`` (unknown keys are refused).
+    """
+
+    name: str = Field("lora", description="Method name: lora, qlora, full, ia3 or prompt_tuning.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method options, e.g. {'bits': 4} for qlora, {'num_virtual_tokens': 16}.",
+    )
+
+
+class ObjectiveSpec(_Spec):
+    """What local training optimises: supervised fine-tuning or direct preference optimisation."""
+
+    name: Literal["sft", "dpo"] = Field(
+        "sft",
+        description=(
+            "'sft': next-token loss on the response (instruction tuning); 'dpo': sigmoid DPO loss on "
+            "(prompt, chosen, rejected) pairs (Rafailov et al. 2023), the practical stand-in for RLHF."
+        ),
+    )
+    beta: float = Field(
+        0.1, gt=0, le=10.0, description="DPO temperature: how far the policy may move from the reference."
+    )
+
+
 class TrainSpec(_Spec):
     """Local post-training at each silo in one round."""
 
@@ -60,6 +98,70 @@ class TrainSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping per step (None: off).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "FedProx (Li et al., MLSys 2020): weight mu of the proximal term (mu/2)·||w - w_global||² "
+            "added to every local step's loss; 0 is plain FedAvg local training."
+        ),
+    )
+
+
+class AttackSpec(_Spec):
+    """EVALUATION ONLY: the silo replaces its honest update by a poisoned one (model poisoning).
+
+    Used to measure robust aggregation; a real deployment never sets it. See
+    ``silotune/attacks.py`` for the attacks and their options.
+    """
+
+    name: str = Field(description="Attack name: sign_flip, scale, gaussian, nan, free_rider.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword options of the attack (e.g. {'factor': 10} for scale)."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> AttackSpec:
+        from silotune.poisoning import check_attack
+
+        check_attack(self.name, self.options)
+        return self
+
+
+class PoisonSpec(_Spec):
+    """EVALUATION ONLY: the silo poisons its own training data before local training (data poisoning).
+
+    ``backdoor``: a fraction of the silo's records get ``trigger`` inserted in the
+    last user turn and ``target`` as the answer (Bagdasaryan et al., AISTATS 2020;
+    Wan et al., "Poisoning Language Models During Instruction Tuning", ICML 2023).
+    ``flip_fraction``: a fraction of the records get another record's (different)
+    answer, i.e. label flipping for the classification silos.
+    """
+
+    backdoor_trigger: str | None = Field(
+        None, min_length=1, description="Trigger phrase (None: no backdoor)."
+    )
+    backdoor_target: str | None = Field(
+        None, min_length=1, description="The attacker's answer to triggered prompts."
+    )
+    backdoor_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of records that get the trigger."
+    )
+    flip_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of records whose answer is flipped."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoisonSpec:
+        if (self.backdoor_trigger is None) != (self.backdoor_target is None):
+            raise ValueError(
+                "backdoor_trigger and backdoor_target go together: set both for a backdoor, or neither"
+            )
+        if self.backdoor_trigger is None and self.flip_fraction == 0.0:
+            raise ValueError(
+                "poisoning does nothing: set backdoor_trigger/backdoor_target or flip_fraction > 0"
+            )
+        return self
 
 
 class SiloSpec(_Spec):
@@ -69,6 +171,33 @@ class SiloSpec(_Spec):
     train_path: str = Field(description="Training data: a .jsonl/.json or .parquet file.")
     eval_path: str | None = Field(None, description="The silo's local holdout, same formats.")
     work_pool: str | None = Field(None, description="Prefect work pool of the silo (default 'silo-<name>').")
+    attack: AttackSpec | None = Field(
+        None,
+        description="EVALUATION ONLY: a simulated Byzantine silo's model-poisoning attack (None: honest).",
+    )
+    poison: PoisonSpec | None = Field(
+        None,
+        description="EVALUATION ONLY: the silo's data poisoning (backdoor, answer flipping; None: clean).",
+    )
+    private_dir: str | None = Field(
+        None,
+        description=(
+            "Folder at the silo that only the silo reads: its signing key, the shared CKKS secret "
+            "context, its DP noise secret, its privacy ledger and per-round protocol state "
+            "(default '.silotune/silos/<name>')."
+        ),
+    )
+    method: MethodSpec | None = Field(
+        None,
+        description=(
+            "This silo's own method (e.g. qlora on a small GPU while others run lora); it must exchange the "
+            "same tensors as the federation's method. None: the federation's method."
+        ),
+    )
+    objective: ObjectiveSpec | None = Field(
+        None,
+        description="This silo's own objective (e.g. dpo for a preference silo). None: the federation's.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -83,6 +212,10 @@ class SiloSpec(_Spec):
     def pool(self) -> str:
         return self.work_pool or f"silo-{self.name}"
 
+    @property
+    def private_folder(self) -> str:
+        return self.private_dir or f".silotune/silos/{self.name}"
+
 
 class AggregationSpec(_Spec):
     """How the coordinator combines silo deltas and steps the global adapter."""
@@ -92,6 +225,71 @@ class AggregationSpec(_Spec):
     server_optimizer: str = Field("sgd", description="Server optimizer name ('sgd' with lr=1 is FedAvg).")
     server_options: dict[str, Any] = Field(default_factory=dict, description="Server optimizer options.")
     min_silos: int = Field(1, ge=1, description="Quorum: a round fails if fewer silos contribute.")
+    root_data_path: str | None = Field(
+        None,
+        description=(
+            "FLTrust only: the coordinator's small, clean, public root data set (.jsonl/.json/.parquet); "
+            "each round the coordinator trains on it from the global adapter to get the root update."
+        ),
+    )
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy on what leaves a silo; each part is optional.
+
+    ``sample_dp``: DP-SGD during local training (the privacy unit is one training
+    example of a silo; ε composes over every step of every round in the silo's ledger).
+    ``client_dp``: each silo clips its delta and adds its share of Gaussian noise
+    (DP-FedAvg; the privacy unit is a whole silo; ε composes over rounds).
+    """
+
+    sample_dp: SampleDPConfig | None = Field(None, description="DP-SGD with Opacus at every silo.")
+    client_dp: ClientDPConfig | None = Field(None, description="Client-level DP (clip + distributed noise).")
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = Field(
+        "hooks", description="How Opacus computes per-example gradients for DP-SGD."
+    )
+
+
+PROTECTIONS = ("none", "ckks", "secagg")
+
+
+class SecuritySpec(_Spec):
+    """What the coordinator may see of an update, and how uploads are authenticated."""
+
+    protection: Literal["none", "ckks", "secagg"] = Field(
+        "none",
+        description=(
+            "'none': plaintext updates (any aggregator); 'ckks': silos encrypt with a shared CKKS key "
+            "the coordinator never holds, the coordinator sums ciphertexts and silos decrypt the "
+            "aggregate; 'secagg': pairwise masking, the coordinator learns only the sum."
+        ),
+    )
+    ckks_preset: str = Field("packed-n4096", description="CKKS parameter preset (see silotune.crypto.ckks).")
+    secagg_max_dropout: float = Field(
+        1 / 3, ge=0.0, lt=0.5, description="Secure aggregation: fraction of silos that may drop after keys."
+    )
+    signing: bool = Field(
+        False,
+        description=(
+            "Sign every upload with the silo's Ed25519 key; the coordinator verifies against the public "
+            "keys in keys_dir and excludes unsigned, tampered, replayed or foreign updates."
+        ),
+    )
+    keys_dir: str = Field(
+        ".silotune/coordinator",
+        description="Coordinator folder: silos/<silo>.pem public keys and ckks.public (never a secret key).",
+    )
+    ffa_lora: bool | None = Field(
+        None,
+        description=(
+            "FFA-LoRA: freeze LoRA A, train and exchange only B, so sums of deltas are exact model sums "
+            "(None: on whenever protection or client DP is on)."
+        ),
+    )
+
+    @property
+    def protected(self) -> bool:
+        return self.protection != "none"
 
 
 class StoreSpec(_Spec):
@@ -189,9 +387,13 @@ class FederationConfig(_Spec):
     seed: int = Field(0, ge=0, description="Seeds the initial adapter and every silo's data order.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     silos: Annotated[list[SiloSpec], Field(min_length=1)]
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -231,9 +433,112 @@ class FederationConfig(_Spec):
                 f"{self.aggregation.server_optimizer!r}; "
                 f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
+        problems.extend(self._security_problems())
+        problems.extend(_robustness_problems(self))
+        # Methods, objectives and the model's openness (paper Table 1): every problem at once.
+        from silotune.methods.validation import validate_federation
+
+        problems.extend(validate_federation(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _security_problems(self) -> list[str]:
+
+        problems: list[str] = []
+        sec, agg = self.security, self.aggregation
+        if sec.protected:
+            problem = plaintext_aggregation_problem(agg, protection=f"security.protection={sec.protection!r}")
+            if problem is not None:
+                problems.append(problem)
+            if agg.options and agg.name == "fedavg" and agg.options.get("weighted", True):
+                problems.append(
+                    "aggregation.options.weighted: under protection the silos weight their own updates "
+                    "before they leave the silo; leave aggregation.options empty"
+                )
+            if sec.ffa_lora is False:
+                problems.append(
+                    "security.ffa_lora: false is not allowed with protection: averaging LoRA A and B "
+                    "separately is not the average of B·A, and only a sum can be computed on protected "
+                    "updates; use FFA-LoRA (leave ffa_lora unset)"
+                )
+        if sec.protection == "ckks":
+            if agg.server_optimizer != "sgd" or agg.server_options.get("lr", 1.0) != 1.0:
+                problems.append(
+                    f"aggregation.server_optimizer: {agg.server_optimizer!r} with options "
+                    f"{agg.server_options or '{}'} needs the aggregate in plaintext at the coordinator; with "
+                    "protection 'ckks' only silos can decrypt it, so only plain 'sgd' with lr=1 applies"
+                )
+            if sec.ckks_preset not in _ckks_presets():
+                problems.append(
+                    f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
+                    f"{', '.join(_ckks_presets())}"
+                )
+        if sec.protection == "secagg" and len(self.silos) < 2:
+            problems.append("security.protection: secure aggregation needs at least 2 silos")
+        if self.privacy.client_dp is not None:
+            dp = self.privacy.client_dp
+            if 1.0 / len(self.silos) <= dp.delta:
+                problems.append(
+                    f"privacy.client_dp.delta: {dp.delta} must be < 1/{len(self.silos)} (one over the number "
+                    "of silos); otherwise releasing one silo's update outright meets the guarantee"
+                )
+            if agg.name == "fedavg" and agg.options.get("weighted", True) and not sec.protected:
+                problems.append(
+                    "aggregation.options.weighted: client-level DP bounds each silo's contribution to a "
+                    "sum; example-weighted FedAvg scales one silo's contribution by n_k/n. Set "
+                    "aggregation.options: {weighted: false}"
+                )
+        return problems
+
+    def client_noise_cohort(self) -> int:
+        """Silos whose client-DP noise is guaranteed to reach what the coordinator sees.
+
+        Protected (ckks/secagg): the coordinator sees only sums of at least ``min_silos``
+        updates, so the noise is split among them. Plaintext: it sees each update, so
+        each silo adds the full noise itself.
+        """
+        return self.aggregation.min_silos if self.security.protected else 1
+
+    @property
+    def ffa_lora(self) -> bool:
+        """Whether LoRA A is frozen and only B is trained and exchanged."""
+        # FFA-LoRA is about LoRA's B·A product; IA3 scales, soft prompts and full weights sum exactly.
+        if any(self.method_for(s.name).name not in ("lora", "qlora") for s in self.silos):
+            return False
+        if self.security.ffa_lora is not None:
+            return self.security.ffa_lora
+        return self.security.protected or self.privacy.client_dp is not None
+
+    @property
+    def adversarial(self) -> bool:
+        """True when any silo simulates an attack (an evaluation experiment, never a deployment)."""
+        return any(s.attack is not None or s.poison is not None for s in self.silos)
+
+    def method_for(self, silo: str) -> MethodSpec:
+        """The method ``silo`` runs: its own, else the federation's."""
+        return self.silo(silo).method or self.method
+
+    def lora_for(self, silo: str | None) -> LoraSpec:
+        """The LoRA shape ``silo`` trains: the federation's, or its own rank-``rank`` slice of it.
+
+        A slice keeps ``alpha / r`` (so the shared components compute the same function).
+        """
+        if silo is None:
+            return self.lora
+        rank = self.method_for(silo).options.get("rank")
+        if rank is None or rank == self.lora.r:
+            return self.lora
+        return self.lora.model_copy(update={"r": rank, "alpha": self.lora.alpha * rank / self.lora.r})
+
+    def silo_ranks(self) -> dict[str, int] | None:
+        """Each silo's LoRA rank when they differ (heterogeneous ranks), else None."""
+        ranks = {s.name: self.lora_for(s.name).r for s in self.silos}
+        return ranks if len(set(ranks.values())) > 1 or set(ranks.values()) != {self.lora.r} else None
+
+    def objective_for(self, silo: str) -> ObjectiveSpec:
+        """The objective ``silo`` optimises: its own, else the federation's."""
+        return self.silo(silo).objective or self.objective
 
     def silo(self, name: str) -> SiloSpec:
         for s in self.silos:
@@ -247,7 +552,79 @@ class FederationConfig(_Spec):
             mode="json",
             exclude={"rounds", "tracking", "tags", "evaluation", "store", "orchestration"},
         )
+        # Fields added after 0.1.0 stay out of the hash while unset, so federations started before
+        # they existed still resume.
+        for key, default in (("method", MethodSpec()), ("objective", ObjectiveSpec())):
+            if getattr(self, key) == default:
+                payload.pop(key)
+        if self.model.descriptor is None:
+            payload["model"].pop("descriptor")
+        for silo in payload["silos"]:
+            for key in ("method", "objective"):
+                if silo.get(key) is None:
+                    silo.pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _ckks_presets() -> list[str]:
+    from silotune.crypto.ckks import CKKS_PRESETS
+
+    return CKKS_PRESETS.names()
+
+
+def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:
+    """The problem with running ``aggregation`` on protected updates, or None if it can.
+
+    ``protection`` names what hides the silos' updates from the coordinator
+    (e.g. "CKKS encryption", "secure-aggregation masking"). A robust rule that
+    must see individual updates (median, Krum, trimmed mean, norm bounding at the
+    coordinator, FLTrust) cannot, and the message says why and what to use instead.
+    The reason comes from the aggregator class (``needs_plaintext``, ``plaintext_reason``);
+    one that declares nothing is treated as needing plaintext.
+    """
+    from silotune.aggregation import AGGREGATORS, plaintext_requirement
+
+    if aggregation.name not in AGGREGATORS:
+        return None  # reported as an unknown aggregator
+    reason = plaintext_requirement(aggregation.name)
+    if reason is None:
+        return None
+    return (
+        f"aggregation.name: {reason}; it cannot run with {protection}, which hides every single "
+        "update from the coordinator. Use 'fedavg' (a sum) with client-side clipping "
+        "(privacy.client_dp), or protection 'none' to defend with a robust rule"
+    )
+
+
+def _robustness_problems(config: FederationConfig) -> list[str]:
+    """Aggregator options, the FLTrust root data set and FedProx, checked before any training."""
+    from silotune.aggregation import AGGREGATORS, build_aggregator
+
+    problems: list[str] = []
+    if config.train.proximal_mu > 0 and config.privacy.sample_dp is not None:
+        problems.append(
+            "train.proximal_mu: FedProx's proximal term is added to the summed gradient, which DP-SGD "
+            "(privacy.sample_dp) replaces by its clipped, noised per-example sum, so the term would be "
+            "silently dropped; use proximal_mu 0 with DP-SGD"
+        )
+    agg = config.aggregation
+    if agg.name not in AGGREGATORS:
+        return problems  # reported above, with the known names
+    try:
+        aggregator = build_aggregator(agg.name, **agg.options)
+    except (TypeError, ValueError) as exc:
+        return [*problems, f"aggregation.options: {exc}"]
+    needs_root = hasattr(aggregator, "set_root_update")
+    if needs_root and agg.root_data_path is None:
+        problems.append(
+            f"aggregation.root_data_path: aggregator {agg.name!r} needs the coordinator's root data set "
+            "(a small clean public data set it trains on each round)"
+        )
+    if not needs_root and agg.root_data_path is not None:
+        problems.append(
+            f"aggregation.root_data_path: only a root-data aggregator (fltrust) uses it, not {agg.name!r}"
+        )
+    return problems
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
@@ -279,6 +656,10 @@ def load_config(path: str | Path) -> FederationConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
     base = p.parent.resolve()
+    agg = raw.get("aggregation")
+    root = agg.get("root_data_path") if isinstance(agg, dict) else None
+    if isinstance(agg, dict) and isinstance(root, str) and not Path(root).is_absolute():
+        agg["root_data_path"] = str(base / root)
     for silo in raw.get("silos") or []:
         if isinstance(silo, dict):
             for key in ("train_path", "eval_path"):
@@ -299,5 +680,8 @@ def check_local_paths(config: FederationConfig) -> None:
             value = getattr(s, key)
             if value is not None and not Path(value).is_file():
                 problems.append(f"  - silos.{i}.{key}: file not found: {value}")
+    root = config.aggregation.root_data_path
+    if root is not None and not Path(root).is_file():
+        problems.append(f"  - aggregation.root_data_path: file not found: {root}")
     if problems:
         raise ConfigError("invalid federation config:\n" + "\n".join(problems))

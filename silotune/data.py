@@ -4,11 +4,16 @@ A record is either an instruction pair or a chat::
 
     {"instruction": "...", "response": "...", "system": "optional"}
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+    {"prompt": "...", "chosen": "...", "rejected": "...", "system": "optional"}   (a preference pair)
 
 Files are JSON Lines (``.jsonl``), a JSON array (``.json``) or Parquet
 (``.parquet``), loaded into a ``datasets.Dataset``. The tokenizer's chat
 template is applied; only assistant tokens (up to and including the end-of-turn
 token) carry a loss, so the model is trained to answer, not to echo prompts.
+
+Preference pairs feed DPO (:func:`read_preferences`); read as plain chats
+(:func:`read_records`) they are the prompt with its chosen answer, so a
+preference silo can also do instruction tuning.
 """
 
 from __future__ import annotations
@@ -27,10 +32,47 @@ IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant"}
 
 
+_PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+def _is_pair(rec: Any) -> bool:
+    return isinstance(rec, dict) and any(k in rec for k in ("chosen", "rejected"))
+
+
+def _check_pair(rec: Any, where: str) -> dict[str, str]:
+    """Return a preference record ``{prompt, chosen, rejected[, system]}``; DataError names ``where``."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if not _is_pair(rec):
+        raise DataError(
+            f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'; got keys {sorted(rec)}"
+        )
+    for key in _PAIR_KEYS:
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string")
+    if rec["chosen"] == rec["rejected"]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical, so there is no preference")
+    out = {k: rec[k] for k in _PAIR_KEYS}
+    if isinstance(rec.get("system"), str) and rec["system"]:
+        out["system"] = rec["system"]
+    return out
+
+
+def _pair_chat(pair: dict[str, str], answer: str) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": pair["system"]}] if "system" in pair else []
+    return [
+        *msgs,
+        {"role": "user", "content": pair["prompt"]},
+        {"role": "assistant", "content": pair[answer]},
+    ]
+
+
 def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
     """Return the record as chat messages, or raise DataError naming ``where``."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if _is_pair(rec):
+        return _pair_chat(_check_pair(rec, where), "chosen")
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -64,13 +106,13 @@ def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
     )
 
 
-def read_records(path: str | Path) -> list[list[dict[str, str]]]:
-    """Read and validate a silo's file into a list of chats. Errors name the file and line/row."""
+def _raw_records(path: str | Path) -> list[tuple[str, Any]]:
+    """(location, record) for every record of a .jsonl/.json/.parquet file; locations name line or row."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"dataset file not found: {p}")
     suffix = p.suffix.lower()
-    chats: list[list[dict[str, str]]] = []
+    out: list[tuple[str, Any]] = []
     if suffix == ".jsonl":
         with p.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -80,7 +122,7 @@ def read_records(path: str | Path) -> list[list[dict[str, str]]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                chats.append(_check_record(rec, f"{p}:{lineno}"))
+                out.append((f"{p}:{lineno}", rec))
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -88,7 +130,7 @@ def read_records(path: str | Path) -> list[list[dict[str, str]]]:
             raise DataError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, list):
             raise DataError(f"{p}: a .json dataset must be an array of records")
-        chats = [_check_record(r, f"{p}[{i}]") for i, r in enumerate(data)]
+        out = [(f"{p}[{i}]", r) for i, r in enumerate(data)]
     elif suffix == ".parquet":
         import datasets
 
@@ -96,12 +138,27 @@ def read_records(path: str | Path) -> list[list[dict[str, str]]]:
             ds = datasets.Dataset.from_parquet(str(p))
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{p}: cannot read Parquet file: {exc}") from None
-        chats = [_check_record(r, f"{p} row {i}") for i, r in enumerate(ds)]
+        out = [(f"{p} row {i}", r) for i, r in enumerate(ds)]
     else:
         raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    if not chats:
+    if not out:
         raise DataError(f"{p}: the dataset is empty")
-    return chats
+    return out
+
+
+def read_records(path: str | Path) -> list[list[dict[str, str]]]:
+    """Read and validate a silo's file into a list of chats. Errors name the file and line/row."""
+    return [_check_record(rec, where) for where, rec in _raw_records(path)]
+
+
+def read_preferences(path: str | Path) -> list[dict[str, str]]:
+    """Read and validate a file of preference pairs ``{prompt, chosen, rejected[, system]}``."""
+    return [_check_pair(rec, where) for where, rec in _raw_records(path)]
+
+
+def is_preference_file(path: str | Path) -> bool:
+    """Whether the file's first record is a preference pair."""
+    return _is_pair(_raw_records(path)[0][1])
 
 
 def load_dataset(path: str | Path) -> Any:
@@ -154,6 +211,36 @@ def encode_dataset(chats: Sequence[Sequence[dict[str, str]]], tokenizer: Any, ma
     return out
 
 
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A preference pair, encoded: the same prompt with the chosen and with the rejected answer."""
+
+    chosen: Example
+    rejected: Example
+
+
+def encode_preferences(
+    pairs: Sequence[dict[str, str]], tokenizer: Any, max_len: int
+) -> list[PreferenceExample]:
+    """Encode pairs; a pair is dropped when truncation leaves either answer without a token."""
+    out = []
+    for pair in pairs:
+        c = encode_chat(_pair_chat(pair, "chosen"), tokenizer, max_len)
+        r = encode_chat(_pair_chat(pair, "rejected"), tokenizer, max_len)
+        if c is not None and r is not None:
+            out.append(PreferenceExample(c, r))
+    if not out:
+        raise DataError(f"no preference pair keeps a response token within max_seq_len={max_len}")
+    return out
+
+
+def encode_file(path: str | Path, tokenizer: Any, max_len: int, *, pairs: bool) -> list[Any]:
+    """A silo file as training examples: preference pairs if ``pairs`` (else chats, pairs read as chosen)."""
+    if pairs:
+        return encode_preferences(read_preferences(path), tokenizer, max_len)
+    return encode_dataset(read_records(path), tokenizer, max_len)
+
+
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding carries no loss and no attention."""
     width = max(len(e.input_ids) for e in batch)
@@ -196,6 +283,9 @@ def per_sequence_loss(
     reshaping copies the whole [B, T, vocab] tensor (~100 MB at 4 × 128 × 49152),
     which cost 3-5 % of a training step (bench/train_throughput.py).
     """
+    if logits.size(1) > labels.size(1):
+        # Prompt tuning prepends virtual tokens: their positions carry no label.
+        logits = logits[:, -labels.size(1) :]
     shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     mask = shift_labels != IGNORE_INDEX
     tok_loss = torch.nn.functional.cross_entropy(

@@ -10,6 +10,12 @@ LoRA steps on a CPU, so a federation visibly beats every silo training alone:
 
 Each silo gets its own train file and holdout; ``union_eval.jsonl`` holds all
 holdouts together. Nothing here is private data: the records are synthetic.
+
+A fourth, preference silo (``prefs``, written by ``silotune make-demo-data``
+beside the others but not part of the default demo federation) holds (prompt, chosen, rejected) pairs for DPO:
+a triage desk that prefers the correct department, stated plainly, over a wrong
+department or an unhelpful refusal; its holdout pairs never share a prompt
+with training.
 """
 
 from __future__ import annotations
@@ -119,6 +125,26 @@ def _lab(rng: random.Random) -> Record:
     }
 
 
+_REFUSALS = [
+    "I am not able to help with medical questions. Please consult a doctor.",
+    "Sorry, I cannot route patient notes.",
+    "That depends on many factors; it is hard to say.",
+]
+
+
+def _preference(rng: random.Random) -> Record:
+    rec = _clinic(rng)
+    right = rec["response"]
+    if rng.random() < 0.5:
+        rejected = rng.choice([d for d in sorted(_DEPARTMENTS) if d != right])
+    else:
+        rejected = rng.choice(_REFUSALS)
+    return {"prompt": rec["instruction"], "chosen": right, "rejected": rejected}
+
+
+PREFERENCE_SILO = "prefs"
+
+
 @dataclass(frozen=True)
 class DemoSilo:
     name: str
@@ -140,8 +166,13 @@ def _write_jsonl(path: Path, records: list[Record]) -> None:
     tmp.replace(path)
 
 
-def make_demo_silos(out_dir: str | Path, *, seed: int = 0, scale: float = 1.0) -> dict[str, dict[str, Path]]:
+def make_demo_silos(
+    out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, preferences: bool = False
+) -> dict[str, dict[str, Path]]:
     """Write each silo's ``train.jsonl`` and ``eval.jsonl`` plus ``union_eval.jsonl``.
+
+    With ``preferences`` the preference silo ``prefs`` is written too (its own RNG
+    stream: the other silos' files are the same either way; it is not in the union holdout).
 
     The same seed always gives byte-identical files. Holdout records are drawn
     until they differ from every training record of the silo.
@@ -169,4 +200,26 @@ def make_demo_silos(out_dir: str | Path, *, seed: int = 0, scale: float = 1.0) -
         union.extend({**r, "silo": silo.name} for r in holdout)
         paths[silo.name] = {"train": d / "train.jsonl", "eval": d / "eval.jsonl"}
     _write_jsonl(out / "union_eval.jsonl", union)
+    if preferences:
+        paths[PREFERENCE_SILO] = make_preference_silo(out / PREFERENCE_SILO, seed=seed, scale=scale)
     return paths
+
+
+def make_preference_silo(
+    out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, train_size: int = 300, eval_size: int = 60
+) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` of preference pairs (byte-identical for a seed)."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed * 1000 + 101)
+    train = [_preference(rng) for _ in range(max(4, int(train_size * scale)))]
+    seen = {r["prompt"] for r in train}
+    holdout: list[Record] = []
+    while len(holdout) < max(4, int(eval_size * scale)):
+        r = _preference(rng)
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            holdout.append(r)
+    _write_jsonl(d / "train.jsonl", train)
+    _write_jsonl(d / "eval.jsonl", holdout)
+    return {"train": d / "train.jsonl", "eval": d / "eval.jsonl"}

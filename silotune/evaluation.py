@@ -5,17 +5,24 @@ greedy decoder reproduces the reference answer (through its end-of-turn token)
 exactly when, at every answer position, the reference token is the argmax given
 the reference prefix. So the metric equals "greedy generation == reference"
 without running a token-by-token generation loop (ties aside).
+
+On a preference silo (``{prompt, chosen, rejected}`` holdout) the loss and exact
+match are those of the chosen answers, so they stay comparable across silos,
+and the preference metrics of :mod:`silotune.methods.objectives` come on top.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from silotune.adapters import AdapterModel
-from silotune.data import Example, collate, per_sequence_loss
+from silotune.data import Example, PreferenceExample, collate, per_sequence_loss
+
+_PREF_FIELDS = ("dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy")
 
 
 @dataclass(frozen=True)
@@ -23,22 +30,42 @@ class EvalResult:
     num_examples: int
     loss: float
     exact_match: float
+    # Preference silos only (None elsewhere); see silotune.methods.objectives.PreferenceEval.
+    dpo_loss: float | None = None
+    pref_margin: float | None = None
+    pref_accuracy: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @torch.no_grad()
 def evaluate(
     adapter: AdapterModel,
-    examples: Sequence[Example],
+    examples: Sequence[Example] | Sequence[PreferenceExample],
     *,
     batch_size: int = 16,
     state: Mapping[str, torch.Tensor] | None = None,
+    beta: float = 0.1,
 ) -> EvalResult:
-    """Mean per-example loss and exact-match rate of the adapter (``state`` if given)."""
+    """Mean per-example loss and exact-match rate of the adapter (``state`` if given).
+
+    Preference pairs are scored on their chosen answers, plus the preference metrics
+    (``beta`` scales the implicit DPO reward).
+    """
     if state is not None:
         adapter.load_state(state)
+    if examples and isinstance(examples[0], PreferenceExample):
+        from silotune.methods.objectives import evaluate_pairs
+
+        pairs: Sequence[Any] = examples
+        base = evaluate(adapter, [p.chosen for p in pairs], batch_size=batch_size)
+        pref = evaluate_pairs(
+            adapter, pairs, pad_id=adapter.tokenizer.pad_token_id, beta=beta, batch_size=batch_size
+        )
+        return replace(base, **{k: getattr(pref, k) for k in _PREF_FIELDS})
     model = adapter.model
     model.eval()
     pad_id = adapter.tokenizer.pad_token_id
@@ -59,8 +86,16 @@ def weighted_mean(results: Sequence[EvalResult]) -> EvalResult:
     n = sum(r.num_examples for r in results)
     if n == 0:
         raise ValueError("no evaluation results to combine")
+    extra: dict[str, float] = {}
+    for f in fields(EvalResult):
+        if f.name in _PREF_FIELDS:
+            have = [r for r in results if getattr(r, f.name) is not None]
+            m = sum(r.num_examples for r in have)
+            if m:
+                extra[f.name] = sum(getattr(r, f.name) * r.num_examples for r in have) / m
     return EvalResult(
         num_examples=n,
         loss=sum(r.loss * r.num_examples for r in results) / n,
         exact_match=sum(r.exact_match * r.num_examples for r in results) / n,
+        **extra,
     )

@@ -25,14 +25,28 @@ import torch
 from pydantic import BaseModel, Field
 
 from silotune import __version__
-from silotune.adapters import AdapterModel, TensorDict, global_norm
-from silotune.aggregation import ClientUpdate, build_aggregator, build_server_optimizer, check_update
+from silotune import protection as prot
+from silotune.adapters import AdapterModel, global_norm, lora_b_keys
+from silotune.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    build_server_optimizer,
+    check_update,
+    example_weights,
+)
 from silotune.config import FederationConfig
-from silotune.data import encode_dataset, read_records
+from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.methods import hetero
+from silotune.methods.objectives import build_objective
+from silotune.methods.peft_methods import initial_lora as initial_adapter
+from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
-from silotune.training import silo_seed, train_local
+from silotune.training import DPSGD, silo_seed, train_local
+
+__all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,11 @@ class UpdateRecord(BaseModel):
     update: ObjectRef
     num_examples: int
     train: dict[str, float | int]
+    protection: str = "none"
+    signature: ObjectRef | None = None
+    privacy: dict[str, float] = Field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 class SiloFailure(BaseModel):
@@ -87,24 +106,7 @@ class AggregateRecord(BaseModel):
 
 
 # --- initial adapter -------------------------------------------------------------------------
-
-
-def initial_adapter(template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
-    """PEFT's default LoRA init (A: Kaiming-uniform, B: zeros), drawn from ``seed`` alone.
-
-    Independent of any global RNG state, so the same seed always yields the same
-    starting adapter, whichever process or silo computes it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    out: TensorDict = {}
-    for key in sorted(template):
-        t = torch.empty_like(template[key])
-        if "lora_B" in key or "lora_embedding_B" in key:
-            torch.nn.init.zeros_(t)
-        else:
-            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
-        out[key] = t
-    return out
+# ``initial_adapter`` (LoRA) and every other method's first global: silotune.methods.
 
 
 def load_state(store: ObjectStore, federation_id: str) -> FederationState | None:
@@ -133,7 +135,7 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
         # The referenced global must still be intact before any silo trains on it.
         get_tensors(store, existing.global_ref.key, expected_sha256=existing.global_ref.sha256)
         return existing
-    init = initial_adapter(adapter.state(), config.seed)
+    init = adapter.initial_state(config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     state = FederationState(
@@ -150,8 +152,15 @@ def save_state(store: ObjectStore, state: FederationState) -> None:
 # --- silo side --------------------------------------------------------------------------------
 
 
-def _silo_examples(config: FederationConfig, path: str, adapter: AdapterModel) -> list[Any]:
-    return encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
+def _silo_examples(
+    config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False
+) -> list[Any]:
+    return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
+
+
+def exchanged_keys(config: FederationConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The adapter tensors silos train and upload: LoRA B only under FFA-LoRA, else all."""
+    return lora_b_keys(state) if config.ffa_lora else sorted(state)
 
 
 def train_silo(
@@ -164,11 +173,35 @@ def train_silo(
     *,
     progress: bool = True,
 ) -> UpdateRecord:
-    """A silo's local round: fetch the global adapter, train on local data, upload the delta."""
+    """A silo's local round: fetch the global adapter, train, filter, upload its update.
+
+    The filters run in order and fail closed (see :mod:`silotune.protection`):
+    DP-SGD in training, client-level clip + noise, encryption or masking, signing.
+    """
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
-    global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    examples = _silo_examples(config, spec.train_path, adapter)
+    global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
+    objective = build_objective(config.objective_for(silo))
+    if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
+        raw = read_records(spec.train_path)
+        records = poison_silo_records(spec, raw, seed=silo_seed(config.seed, 0, index))
+        examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    else:
+        examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
+    full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
+    keys = exchanged_keys(config, global_state)
+    frozen = sorted(set(global_state) - set(keys))
+    privacy: dict[str, float] = {}
+    dp = plan = None
+    if config.privacy.sample_dp is not None:
+        plan = prot.sample_dp_plan(config, silo, round_, len(examples))
+        dp = DPSGD(
+            noise_multiplier=plan["sigma"],
+            max_grad_norm=config.privacy.sample_dp.max_grad_norm,
+            sample_rate=plan["q"],
+            noise_seed=prot.SiloVault.for_silo(spec).noise_seed(config.federation_id, round_, "dp-sgd"),
+            grad_sample_mode=config.privacy.grad_sample_mode,
+        )
     d, result = train_local(
         adapter,
         global_state,
@@ -177,25 +210,38 @@ def train_silo(
         seed=silo_seed(config.seed, round_, index),
         desc=f"round {round_ + 1} · {silo}",
         progress=progress,
+        dp=dp,
+        frozen=frozen,
+        exchanged=keys,
+        objective=objective,
     )
-    key = FederationLayout(config.federation_id).update(round_, silo)
-    sha = put_tensors(
-        store,
-        key,
-        d,
-        metadata={
-            "federation_id": config.federation_id,
-            "round": str(round_),
-            "silo": silo,
-            "num_examples": str(result.num_examples),
-        },
-    )
+    d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
+    d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
+    if plan is not None:
+        privacy.update(prot.record_sample_dp(config, silo, round_, plan))
+    if config.privacy.client_dp is not None:
+        d, info = prot.apply_client_dp(config, silo, round_, d)
+        privacy.update(info)
+    payload = prot.pack_update(config, silo, round_, d, store)
+    layout = FederationLayout(config.federation_id)
+    key = layout.update(round_, silo, prot.EXTENSIONS[config.security.protection])
+    signature = None
+    if config.security.signing:
+        sig = prot.sign_payload(config, silo, round_, payload)
+        store.put(key + ".sig", sig)
+        signature = ObjectRef(key=key + ".sig", sha256=sha256(sig))
+    store.put(key, payload)
     return UpdateRecord(
         silo=silo,
         round=round_,
-        update=ObjectRef(key=key, sha256=sha),
+        update=ObjectRef(key=key, sha256=sha256(payload)),
         num_examples=result.num_examples,
         train=result.as_dict(),
+        protection=config.security.protection,
+        signature=signature,
+        privacy=privacy,
+        bytes_up=len(payload) + (64 if signature else 0),
+        bytes_down=bytes_down,
     )
 
 
@@ -211,15 +257,99 @@ def evaluate_silo(
     spec = config.silo(silo)
     if spec.eval_path is None:
         return None
-    state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    examples = _silo_examples(config, spec.eval_path, adapter)
+    state = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
+    state = hetero.truncate(state, config.lora_for(silo).r)
+    examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
     if config.evaluation.max_examples:
         examples = examples[: config.evaluation.max_examples]
-    res = evaluate(adapter, examples, batch_size=config.evaluation.batch_size, state=state)
+    res = evaluate(
+        adapter,
+        examples,
+        batch_size=config.evaluation.batch_size,
+        state=state,
+        beta=config.objective_for(silo).beta,
+    )
     return EvalRecord(silo=silo, round=round_, result=res.as_dict())
 
 
 # --- coordinator side -------------------------------------------------------------------------
+
+
+def screen_uploads(
+    config: FederationConfig, store: ObjectStore, round_: int, records: Sequence[UpdateRecord]
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Verify every upload's slot, checksum and signature; returns (silo -> payload, excluded).
+
+    Rejected: an update for another round (replay), outside the silo's own slot, from a
+    silo not in the federation, whose bytes changed, that is unsigned or whose signature
+    does not verify against the silo's registered public key (tampered, replayed from
+    another round, or uploaded by another silo).
+    """
+    layout = FederationLayout(config.federation_id)
+    ext = prot.EXTENSIONS[config.security.protection]
+    names = {s.name for s in config.silos}
+    trusted = None
+    if config.security.signing:
+        from silotune.keys import CoordinatorKeys
+
+        trusted = CoordinatorKeys.for_config(config).trusted_keys()
+    valid: dict[str, bytes] = {}
+    excluded: dict[str, str] = {}
+    for rec in records:
+        try:
+            if rec.silo not in names:
+                raise UpdateError(rec.silo, "not a silo of this federation")
+            if rec.silo in valid:
+                raise UpdateError(rec.silo, "more than one update in this round")
+            if rec.round != round_:
+                raise UpdateError(
+                    rec.silo, f"update is for round {rec.round + 1}, not round {round_ + 1} (replay?)"
+                )
+            if rec.update.key != layout.update(round_, rec.silo, ext):
+                raise UpdateError(
+                    rec.silo, f"update key {rec.update.key!r} is not this silo's slot for round {round_ + 1}"
+                )
+            payload = store.get(rec.update.key)
+            if sha256(payload) != rec.update.sha256:
+                raise StoreError(
+                    f"{rec.update.key}: sha256 mismatch (stored object changed or was corrupted)"
+                )
+            if trusted is not None:
+                sig = store.get(rec.signature.key) if rec.signature is not None else None
+                trusted.verify(payload, sig, federation_id=config.federation_id, round=round_, silo=rec.silo)
+            valid[rec.silo] = payload
+        except (SilotuneError, OSError) as exc:
+            excluded[rec.silo] = str(exc)
+            log.warning("round %d: excluding silo %s: %s", round_ + 1, rec.silo, exc)
+    return valid, excluded
+
+
+def _require_quorum(
+    config: FederationConfig, round_: int, valid: Sequence[str], excluded: Mapping[str, str]
+) -> None:
+    if len(valid) < config.aggregation.min_silos:
+        raise QuorumError(
+            f"round {round_ + 1}: {len(valid)} valid update(s) from {sorted(valid)}, "
+            f"quorum is {config.aggregation.min_silos}; excluded: {dict(excluded) or 'none'}"
+        )
+
+
+def close_secagg_upload(
+    config: FederationConfig, store: ObjectStore, round_: int, records: Sequence[UpdateRecord]
+) -> list[str]:
+    """Secure aggregation: fix the round's survivors (valid masked uploads) so silos can unmask."""
+    from silotune.crypto.secagg import MaskedUpdate
+
+    valid, excluded = screen_uploads(config, store, round_, records)
+    for silo, payload in list(valid.items()):
+        try:
+            MaskedUpdate.parse(payload)
+        except SilotuneError as exc:
+            excluded[silo] = str(exc)
+            del valid[silo]
+    _require_quorum(config, round_, list(valid), excluded)
+    prot.secagg_publish_survivors(config, round_, store, list(valid))
+    return sorted(valid)
 
 
 def aggregate_round(
@@ -231,43 +361,72 @@ def aggregate_round(
 ) -> AggregateRecord:
     """Verify, screen and combine the silos' updates; write the next global adapter.
 
-    A silo whose update is missing, corrupted (checksum), or malformed (keys,
-    shapes, dtype, NaN/Inf) is excluded and logged. The round fails with
-    :class:`QuorumError` only if fewer than ``aggregation.min_silos`` remain.
+    A silo whose update is missing, corrupted (checksum), unsigned or wrongly signed, or
+    malformed (keys, shapes, dtype, NaN/Inf; for ciphertexts: parameters, key, layout) is
+    excluded and logged. The round fails with :class:`QuorumError` only if fewer than
+    ``aggregation.min_silos`` remain. Under CKKS the coordinator only adds ciphertexts,
+    holding the public context; under secure aggregation it only learns the sum.
     """
     start = time.perf_counter()
     layout = FederationLayout(config.federation_id)
+    valid, excluded = screen_uploads(config, store, round_, records)
+    protection = config.security.protection
+    if protection == "ckks":
+        return _aggregate_ckks(config, store, round_, global_ref, valid, excluded, start)
     global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    updates: list[ClientUpdate] = []
-    excluded: dict[str, str] = {}
-    for rec in records:
-        try:
-            if rec.round != round_:
-                raise UpdateError(rec.silo, f"update is for round {rec.round}, not round {round_}")
-            if rec.update.key != layout.update(round_, rec.silo):
-                raise UpdateError(
-                    rec.silo, f"update key {rec.update.key!r} is not this silo's slot for round {round_}"
-                )
-            delta = get_tensors(store, rec.update.key, expected_sha256=rec.update.sha256)
-            upd = ClientUpdate(silo=rec.silo, delta=delta, num_examples=rec.num_examples)
-            check_update(upd, global_state)
-            updates.append(upd)
-        except (SilotuneError, OSError) as exc:
-            excluded[rec.silo] = str(exc)
-            log.warning("round %d: excluding silo %s: %s", round_ + 1, rec.silo, exc)
-    if len(updates) < config.aggregation.min_silos:
-        raise QuorumError(
-            f"round {round_ + 1}: {len(updates)} valid update(s) from {[u.silo for u in updates]}, "
-            f"quorum is {config.aggregation.min_silos}; excluded: {excluded or 'none'}"
-        )
-    aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
-    combined = aggregator.aggregate(updates)
+    keys = exchanged_keys(config, global_state)
+    sub_global = {k: global_state[k] for k in keys}
+    n_by_silo = {r.silo: r.num_examples for r in records}
+    if protection == "secagg":
+        from silotune.crypto.secagg import MaskedUpdate
+
+        survivors = get_json(store, f"{prot._secagg_prefix(config, round_)}/survivors.json")
+        masked = {s: valid[s] for s in survivors if s in valid}
+        for s in sorted(set(valid) - set(masked)):
+            excluded[s] = "masked update not among the round's fixed survivors"
+        _require_quorum(config, round_, list(masked), excluded)
+        for payload in masked.values():
+            MaskedUpdate.parse(payload)
+        total, weight = prot.secagg_sum(config, round_, store, masked)
+        prot.check_weight(weight, len(masked), config)
+        combined = {k: (v.double() / weight).to(sub_global[k].dtype) for k, v in total.items()}
+        check_update(ClientUpdate(silo="(sum)", delta=combined, num_examples=1), sub_global)
+        included = sorted(masked)
+    else:
+        from safetensors.torch import load as st_load
+
+        updates: list[ClientUpdate] = []
+        for silo, payload in valid.items():
+            try:
+                try:
+                    delta = dict(st_load(payload))
+                except Exception as exc:
+                    raise UpdateError(silo, f"not a valid safetensors update ({exc})") from None
+                upd = ClientUpdate(silo=silo, delta=delta, num_examples=n_by_silo[silo])
+                check_update(upd, sub_global)
+                updates.append(upd)
+            except SilotuneError as exc:
+                excluded[silo] = str(exc)
+                log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
+        _require_quorum(config, round_, [u.silo for u in updates], excluded)
+        aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
+        prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
+        combined = aggregator.aggregate(updates)
+        included = [u.silo for u in updates]
+        if config.silo_ranks() is not None:  # validated: plaintext FedAvg only
+            combined = hetero.rescale_by_coverage(
+                combined,
+                [config.lora_for(u.silo).r for u in updates],
+                example_weights(updates)
+                if config.aggregation.options.get("weighted", True)
+                else [1.0 / len(updates)] * len(updates),
+            )
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options
     )
     if round_ > 0 and store.exists(layout.server_state(round_ - 1)):
         optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
-    new_global = optimizer.step(global_state, combined)
+    new_global = {**global_state, **optimizer.step(sub_global, combined)}
     key = layout.global_adapter(round_ + 1)
     sha = put_tensors(
         store, key, new_global, metadata={"federation_id": config.federation_id, "round": str(round_ + 1)}
@@ -279,13 +438,68 @@ def aggregate_round(
         server_ref = ObjectRef(key=skey, sha256=put_tensors(store, skey, opt_state))
     return AggregateRecord(
         round=round_,
-        included=[u.silo for u in updates],
+        included=included,
         excluded=excluded,
         next_global=ObjectRef(key=key, sha256=sha),
         server_state=server_ref,
         delta_norm=global_norm(combined),
         seconds=time.perf_counter() - start,
     )
+
+
+def _aggregate_ckks(
+    config: FederationConfig,
+    store: ObjectStore,
+    round_: int,
+    global_ref: ObjectRef,
+    valid: dict[str, bytes],
+    excluded: dict[str, str],
+    start: float,
+) -> AggregateRecord:
+    """Add the silos' ciphertexts; the next global is (this global, encrypted mean)."""
+    from silotune.crypto.ckks import EncryptionError, sum_encrypted
+    from silotune.keys import CoordinatorKeys
+
+    layout = FederationLayout(config.federation_id)
+    public = CoordinatorKeys.for_config(config).ckks_public()
+    checked: dict[str, bytes] = {}
+    for silo, blob in sorted(valid.items()):
+        try:  # parse + load under the public context: wrong key, parameters, corruption
+            sum_encrypted([blob], public, silos=[silo])
+            checked[silo] = blob
+        except EncryptionError as exc:
+            excluded[silo] = f"silo {silo!r}: {exc}"
+            log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
+    layouts = {silo: _ckks_layout(blob) for silo, blob in checked.items()}
+    reference = sorted(checked)[0] if checked else None
+    for silo in list(checked):
+        if reference is not None and layouts[silo] != layouts[reference]:
+            excluded[silo] = f"silo {silo!r}: tensor layout differs from silo {reference!r}"
+            del checked[silo]
+    _require_quorum(config, round_, list(checked), excluded)
+    total = sum_encrypted([checked[s] for s in sorted(checked)], public, silos=sorted(checked))
+    agg_key = layout.aggregate(round_)
+    store.put(agg_key, total)
+    pointer = prot.ckks_pointer(
+        round_ + 1, global_ref.model_dump(), {"key": agg_key, "sha256": sha256(total)}
+    )
+    pkey = layout.global_pointer(round_ + 1)
+    store.put(pkey, pointer)
+    return AggregateRecord(
+        round=round_,
+        included=sorted(checked),
+        excluded=excluded,
+        next_global=ObjectRef(key=pkey, sha256=sha256(pointer)),
+        server_state=None,
+        delta_norm=float("nan"),  # only silos can decrypt the aggregate
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _ckks_layout(blob: bytes) -> tuple[Any, ...]:
+    from silotune.crypto.ckks import read_header
+
+    return read_header(blob).layout
 
 
 def summarize_evals(evals: Sequence[EvalRecord]) -> dict[str, float | int]:
@@ -325,8 +539,13 @@ def commit_round(
         "train": {u.silo: u.train for u in updates},
         "eval": {e.silo: e.result for e in evals},
         "global_eval": global_eval,
-        "delta_norm": agg.delta_norm,
+        "delta_norm": agg.delta_norm if math.isfinite(agg.delta_norm) else None,
+        "protection": config.security.protection,
+        "privacy": {u.silo: u.privacy for u in updates if u.privacy},
+        "bytes": {u.silo: {"up": u.bytes_up, "down": u.bytes_down} for u in updates},
     }
+    if config.privacy.client_dp is not None:
+        summary["client_dp_epsilon"] = prot.client_epsilon(config, round_ + 1)
     manifest = {
         "federation_id": config.federation_id,
         "fingerprint": state.fingerprint,

@@ -5,21 +5,28 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from silotune.adapters import AdapterModel
+from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
 from silotune.federation import FederationState
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 from silotune.tracking import Tracker
 
 
-def publish_final(adapter: AdapterModel, state: FederationState, store: ObjectStore, tracker: Tracker) -> str:
+def publish_final(
+    adapter: AdapterModel,
+    state: FederationState,
+    store: ObjectStore,
+    tracker: Tracker,
+    final: TensorDict | None = None,
+) -> str:
     """Write the final global adapter as a PEFT folder to ``federations/<fid>/final/`` and to MLflow.
 
     Returns the store prefix of the folder. ``PeftModel.from_pretrained(base, folder)``
     loads it back.
     """
     layout = FederationLayout(state.federation_id)
-    final = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
+    if final is None:  # plaintext global; under CKKS a silo decrypts it and passes ``final``
+        final = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         folder = adapter.save_pretrained(Path(tmp) / "adapter", final)
         for f in sorted(folder.iterdir()):

@@ -8,6 +8,7 @@ federation; one nested run per round.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ class Tracker(Protocol):
     def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None: ...
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None: ...
 
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None: ...
 
@@ -50,6 +53,9 @@ class NullTracker:
         return None
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
         return None
 
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
@@ -116,6 +122,9 @@ class MlflowTracker:
             "lora.r": config.lora.r,
             "lora.alpha": config.lora.alpha,
             "lora.targets": ",".join(config.lora.target_modules),
+            "method": config.method.name,
+            "objective": config.objective.name,
+            "silo_methods": ",".join(f"{s.name}={config.method_for(s.name).name}" for s in config.silos),
             "train.local_steps": config.train.local_steps,
             "train.batch_size": config.train.batch_size,
             "train.learning_rate": config.train.learning_rate,
@@ -123,7 +132,21 @@ class MlflowTracker:
             "server_optimizer": config.aggregation.server_optimizer,
             "min_silos": config.aggregation.min_silos,
             "silos": ",".join(s.name for s in config.silos),
+            "security.protection": config.security.protection,
+            "security.signing": config.security.signing,
+            "security.ffa_lora": config.ffa_lora,
+            "privacy.sample_dp": config.privacy.sample_dp.model_dump_json()
+            if config.privacy.sample_dp
+            else "off",
+            "privacy.client_dp": config.privacy.client_dp.model_dump_json()
+            if config.privacy.client_dp
+            else "off",
         }
+        if config.security.protection == "ckks":
+            from silotune.crypto.ckks import ckks_preset
+
+            params["security.ckks_preset"] = config.security.ckks_preset
+            params["security.ckks_params"] = ckks_preset(config.security.ckks_preset).model_dump_json()
         for k, v in params.items():
             self.client.log_param(rid, k, str(v))
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,9 +182,17 @@ class MlflowTracker:
             metrics.update(_flatten(f"silo.{silo}.train.", tr))
         for silo, ev in summary.get("eval", {}).items():
             metrics.update(_flatten(f"silo.{silo}.eval.", ev))
+        for silo, pv in summary.get("privacy", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.", pv))
+        for silo, b in summary.get("bytes", {}).items():
+            metrics.update(_flatten(f"silo.{silo}.bytes_", b))
+        if "client_dp_epsilon" in summary:
+            metrics["client_dp.epsilon"] = float(summary["client_dp_epsilon"])
         metrics["round.included_silos"] = float(len(summary.get("included", [])))
         metrics["round.excluded_silos"] = float(len(summary.get("excluded", {})))
-        metrics["round.delta_norm"] = float(summary.get("delta_norm", 0.0))
+        if summary.get("delta_norm") is not None:
+            metrics["round.delta_norm"] = float(summary["delta_norm"])
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # e.g. delta_norm under CKKS
         # One request per run, not one per metric: against a tracking server each call is a round trip.
         from mlflow.entities import Metric
 
@@ -180,6 +211,12 @@ class MlflowTracker:
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
         if run_id is not None:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
+        if run_id is None:
+            return
+        for k, v in metrics.items():
+            self.client.log_metric(run_id, k, float(v), step=step)
 
     def log_folder(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
         if run_id is not None:

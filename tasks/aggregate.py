@@ -6,7 +6,8 @@ from prefect import task
 
 from silotune.config import FederationConfig
 from silotune.federation import AggregateRecord, ObjectRef, UpdateRecord, aggregate_round
-from tasks.runtime import store_for
+from silotune.root_update import RootUpdateRecord, train_root_update
+from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
 @task(name="aggregate", task_run_name="aggregate-r{round_}")
@@ -14,3 +15,13 @@ def aggregate(
     config: FederationConfig, round_: int, global_ref: ObjectRef, records: list[UpdateRecord]
 ) -> AggregateRecord:
     return aggregate_round(config, store_for(config), round_, global_ref, records)
+
+
+# Idempotent: the same inputs write the same root update under the same key.
+@task(name="root-update", retries=1, retry_delay_seconds=2, task_run_name="root-update-r{round_}")
+def root_update(config: FederationConfig, round_: int, global_ref: ObjectRef) -> RootUpdateRecord:
+    """FLTrust: the coordinator trains on its own root data set from the round's global adapter."""
+    with TRAIN_LOCK:
+        return train_root_update(
+            config, round_, global_ref.key, global_ref.sha256, store_for(config), adapter_for(config)
+        )

@@ -67,7 +67,9 @@ def round_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "train_loss_first": "",
             "train_loss_final": "",
             "tokens_per_s": "",
-            "update_norm": round(summary["delta_norm"], 4),
+            "update_norm": round(summary["delta_norm"], 4)
+            if summary.get("delta_norm") is not None
+            else "(encrypted)",
             "holdout_loss": round(g["loss"], 4) if "loss" in g else "",
             "holdout_exact_match": round(g["exact_match"], 4) if "exact_match" in g else "",
         }

@@ -14,4 +14,4 @@ def evaluate_global(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
 ) -> EvalRecord | None:
     with TRAIN_LOCK:
-        return evaluate_silo(config, silo, round_, global_ref, store_for(config), adapter_for(config))
+        return evaluate_silo(config, silo, round_, global_ref, store_for(config), adapter_for(config, silo))

@@ -12,28 +12,29 @@ import threading
 from collections import OrderedDict
 
 from silotune.adapters import AdapterModel
-from silotune.config import FederationConfig, LoraSpec, ModelSpec
+from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.store import ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 
 
 class ModelCache:
-    """At most ``capacity`` (model, LoRA shape) pairs stay loaded; the least recently used is dropped."""
+    """At most ``capacity`` (model, method, LoRA shape) triples stay loaded; the oldest is dropped first."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity
         self._items: OrderedDict[str, AdapterModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, model: ModelSpec, lora: LoraSpec) -> AdapterModel:
-        key = model.model_dump_json() + lora.model_dump_json()
+    def get(self, model: ModelSpec, lora: LoraSpec, method: MethodSpec | None = None) -> AdapterModel:
+        method = method or MethodSpec()
+        key = model.model_dump_json() + lora.model_dump_json() + method.model_dump_json()
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
-            adapter = AdapterModel.create(model, lora, seed=0)
+            adapter = AdapterModel.create(model, lora, seed=0, method=method)
             self._items[key] = adapter
             return adapter
 
@@ -66,8 +67,10 @@ def localize(config: FederationConfig, silo: str) -> FederationConfig:
     return config.model_copy(update={"silos": silos})
 
 
-def adapter_for(config: FederationConfig) -> AdapterModel:
-    return MODELS.get(config.model, config.lora)
+def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
+    """The trainable model of ``silo`` (its own method, if it has one), else of the federation."""
+    method = config.method_for(silo) if silo is not None else config.method
+    return MODELS.get(config.model, config.lora_for(silo), method)
 
 
 def store_for(config: FederationConfig) -> ObjectStore:

@@ -20,6 +20,7 @@ from silotune.aggregation.base import (
     check_update,
     check_updates,
     example_weights,
+    plaintext_requirement,
 )
 from silotune.aggregation.server_opt import SERVER_OPTIMIZERS, ServerOptimizer, build_server_optimizer
 
@@ -36,4 +37,5 @@ __all__ = [
     "check_update",
     "check_updates",
     "example_weights",
+    "plaintext_requirement",
 ]

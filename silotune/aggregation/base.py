@@ -37,6 +37,12 @@ class Aggregator(Protocol):
     """Combines validated client deltas into one delta with the same keys and shapes."""
 
     name: str
+    #: True when the rule must see every silo's update in the clear (it sorts, compares, measures
+    #: or selects updates), so it cannot run on encrypted (CKKS) or masked (secure aggregation)
+    #: updates; False when it only needs a weighted sum.
+    needs_plaintext: bool
+    #: One sentence saying why (or why not), quoted by config validation.
+    plaintext_reason: str
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> TensorDict: ...
 
@@ -51,6 +57,21 @@ def build_aggregator(name: str, **options: Any) -> Aggregator:
         return cls(**options)  # type: ignore[no-any-return]
     except TypeError as exc:
         raise TypeError(f"aggregator {name!r}: {exc}") from None
+
+
+def plaintext_requirement(name: str) -> str | None:
+    """Why aggregator ``name`` cannot run on encrypted or masked updates, or None if it can.
+
+    Read from the class (``needs_plaintext``, ``plaintext_reason``), so a config
+    validator can refuse "median + encryption" without building anything. A
+    registered aggregator that does not declare ``needs_plaintext`` is treated
+    as needing plaintext: failing closed is the safe default.
+    """
+    cls = AGGREGATORS.get(name)
+    if not getattr(cls, "needs_plaintext", True):
+        return None
+    reason = getattr(cls, "plaintext_reason", "it does not declare that it works on sums alone")
+    return f"aggregator {name!r} needs every silo's update in plaintext: {reason}"
 
 
 def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> None:

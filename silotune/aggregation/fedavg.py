@@ -8,6 +8,7 @@ of training examples: delta = sum_k (n_k / n) * delta_k.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,11 @@ class FedAvg:
     """
 
     name = "fedavg"
+    needs_plaintext: ClassVar[bool] = False
+    plaintext_reason: ClassVar[str] = (
+        "a weighted sum, which additively homomorphic encryption and secure-aggregation masking "
+        "compute without revealing any single update"
+    )
 
     def __init__(self, *, weighted: bool = True) -> None:
         self.weighted = weighted

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -59,6 +60,11 @@ class FLTrust:
     """Trust-weighted mean of norm-equalised deltas; needs :meth:`set_root_update` every round."""
 
     name = "fltrust"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "FLTrust takes each update's cosine with the root update and rescales it, so it must see "
+        "each update in the clear"
+    )
 
     def __init__(self) -> None:
         self._root: dict[str, torch.Tensor] | None = None

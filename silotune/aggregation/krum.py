@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -106,6 +107,10 @@ class Krum:
     """
 
     name = "krum"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "Krum scores each update by its distances to the others, so it must see each update in the clear"
+    )
 
     def __init__(self, *, num_byzantine: int, num_selected: int = 1) -> None:
         self.num_byzantine = _check_count("num_byzantine", num_byzantine, minimum=0)
@@ -125,6 +130,11 @@ class MultiKrum:
     """
 
     name = "multi_krum"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "multi-Krum scores each update by its distances to the others, so it must see each update "
+        "in the clear"
+    )
 
     def __init__(self, *, num_byzantine: int, num_selected: int | None = None) -> None:
         self.num_byzantine = _check_count("num_byzantine", num_byzantine, minimum=0)

@@ -12,6 +12,7 @@ Example counts are ignored on purpose: a Byzantine silo can claim any
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -36,6 +37,11 @@ class CoordinateMedian:
     """Coordinate-wise median of the silos' deltas (unweighted), computed in float64."""
 
     name = "median"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "the coordinate-wise median sorts every coordinate across silos, so it must see each update"
+        " in the clear"
+    )
 
     def __init__(self) -> None:
         pass

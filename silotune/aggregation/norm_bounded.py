@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -45,6 +46,11 @@ class NormBounded:
     """Clip each delta's global L2 norm to ``max_norm`` (default: the median norm), then FedAvg."""
 
     name = "norm_bounded"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "norm-bounded averaging measures each update's norm at the coordinator; under encryption "
+        "clip at the silo instead (client-side clipping)"
+    )
 
     def __init__(self, *, max_norm: float | None = None) -> None:
         if max_norm is not None and (

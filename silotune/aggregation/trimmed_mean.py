@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -45,6 +46,11 @@ class TrimmedMean:
     """Coordinate-wise trimmed mean of the silos' deltas (unweighted), computed in float64."""
 
     name = "trimmed_mean"
+    needs_plaintext: ClassVar[bool] = True
+    plaintext_reason: ClassVar[str] = (
+        "the trimmed mean sorts every coordinate across silos to drop the extremes, so it must see "
+        "each update in the clear"
+    )
 
     def __init__(self, *, trim_ratio: float = 0.1) -> None:
         if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, int | float):

@@ -43,14 +43,27 @@ class FederationLayout:
     def global_adapter(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/global.safetensors"
 
-    def update(self, round_: int, silo: str) -> str:
-        return f"{self.prefix}/rounds/{round_:05d}/updates/{silo}.safetensors"
+    def update(self, round_: int, silo: str, ext: str = "safetensors") -> str:
+        """A silo's upload: ``.safetensors`` (plaintext), ``.ckks`` (encrypted) or ``.masked``."""
+        return f"{self.prefix}/rounds/{round_:05d}/updates/{silo}.{ext}"
+
+    def aggregate(self, round_: int) -> str:
+        """The encrypted sum of round ``round_`` (CKKS: only silos can decrypt it)."""
+        return f"{self.prefix}/rounds/{round_:05d}/aggregate.ckks"
+
+    def global_pointer(self, round_: int) -> str:
+        """CKKS: the global of round ``round_`` as (previous global, encrypted aggregate)."""
+        return f"{self.prefix}/rounds/{round_:05d}/global.json"
 
     def manifest(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/manifest.json"
 
     def server_state(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/server_optimizer.safetensors"
+
+    def root_update(self, round_: int) -> str:
+        """The coordinator's own update on its root data set (FLTrust), round ``round_``."""
+        return f"{self.prefix}/rounds/{round_:05d}/root_update.safetensors"
 
     def final(self, name: str) -> str:
         return f"{self.prefix}/final/{name}"

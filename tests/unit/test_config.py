@@ -89,3 +89,59 @@ def test_flow_parameter_schema_renders() -> None:
     # The Prefect UI renders its form from this JSON schema.
     schema = FederationConfig.model_json_schema()
     assert "silos" in schema["properties"] and "federation_id" in schema["required"]
+
+
+# --- robustness: FedProx, FLTrust root data, options checked up front ---------------------------
+
+
+def test_proximal_mu_defaults_off_and_rejects_negative() -> None:
+    assert parse_config(_base()).train.proximal_mu == 0.0
+    assert parse_config(_base(train={"proximal_mu": 0.01})).train.proximal_mu == 0.01
+    with pytest.raises(ConfigError, match=r"train\.proximal_mu"):
+        parse_config(_base(train={"proximal_mu": -1}))
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "needle"),
+    [
+        (
+            {"name": "fltrust"},
+            "aggregation.root_data_path: aggregator 'fltrust' needs the coordinator's root",
+        ),
+        ({"name": "median", "root_data_path": "r.jsonl"}, r"only a root-data aggregator \(fltrust\) uses it"),
+        ({"name": "krum", "options": {"num_byzantine": -1}}, "num_byzantine must be an integer >= 0"),
+        ({"name": "trimmed_mean", "options": {"trim": 0.1}}, "aggregator 'trimmed_mean'.*trim"),
+    ],
+)
+def test_aggregation_problems_are_found_before_training(aggregation: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(_base(aggregation=aggregation))
+
+
+def test_root_data_path_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(_base(aggregation={"name": "fltrust", "root_data_path": "root.jsonl"}))
+    )
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.aggregation.root_data_path == str(tmp_path / "root.jsonl")
+    with pytest.raises(ConfigError, match=r"aggregation\.root_data_path: file not found"):
+        check_local_paths(cfg)
+
+
+def test_fedprox_is_refused_with_dp_sgd() -> None:
+    with pytest.raises(ConfigError, match=r"train\.proximal_mu: FedProx's proximal term .* silently dropped"):
+        parse_config(_base(train={"proximal_mu": 0.1}, privacy={"sample_dp": {"noise_multiplier": 1.0}}))
+
+
+@pytest.mark.parametrize("protection", ["ckks", "secagg"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "norm_bounded"])
+def test_robust_rules_are_refused_with_protection_giving_the_rule_s_reason(
+    protection: str, name: str
+) -> None:
+    from silotune.aggregation import AGGREGATORS
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(_base(aggregation={"name": name}, security={"protection": protection}))
+    msg = str(info.value)
+    assert f"aggregator {name!r} needs every silo's update in plaintext" in msg
+    assert AGGREGATORS.get(name).plaintext_reason in msg and protection in msg

@@ -1,0 +1,147 @@
+"""What every post-training method declares and does.
+
+A method turns a base model into a trainable model, says which tensors a silo
+exchanges each round (an adapter, a soft prompt, or the full weights), how the
+federation's first global of those tensors is drawn, how much memory it needs
+(:mod:`silotune.memory`) and which defenses apply to what it exchanges (paper
+Table 4). The training loop, the aggregators and the filters (DP, encryption,
+masking, robust aggregation) only ever see a flat ``dict[str, Tensor]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from silotune.registry import Registry
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class Payload(StrEnum):
+    """What leaves a silo each round."""
+
+    ADAPTER = "adapter"  # LoRA/QLoRA/IA3 tensors: MBs
+    SOFT_PROMPT = "soft_prompt"  # a few virtual-token embeddings: KBs
+    FULL_WEIGHTS = "full_weights"  # every trainable weight of the model: the model's size
+
+
+class Defense(StrEnum):
+    DIFFERENTIAL_PRIVACY = "differential_privacy"
+    SECURE_AGGREGATION = "secure_aggregation"
+    HOMOMORPHIC_ENCRYPTION = "homomorphic_encryption"
+    ROBUST_AGGREGATION = "robust_aggregation"
+
+
+class Support(StrEnum):
+    FULL = "full"
+    LIMITED = "limited"  # allowed; the reason says what is weaker or costlier
+    NONE = "none"  # refused by config validation
+
+
+@dataclass(frozen=True)
+class DefenseSupport:
+    level: Support
+    reason: str
+
+
+ALL_DEFENSES_FULL = {
+    d: DefenseSupport(Support.FULL, "paper Table 4: all four defense categories apply") for d in Defense
+}
+
+
+class MethodOptions(BaseModel):
+    """Options every method accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30 % more compute."
+    )
+    base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description=(
+            "Storage and compute dtype of the (unquantised) base. float32 on CPUs; bfloat16 halves the "
+            "weights on GPUs. PEFT keeps adapters in float32 either way."
+        ),
+    )
+
+
+@dataclass
+class Built:
+    """A base model made trainable by a method."""
+
+    model: Any
+    # Anything the method keeps for itself (e.g. full fine-tuning's frozen reference weights).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A post-training method. Implementations are stateless; per-model state lives in :class:`Built`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    payload: ClassVar[Payload]
+    requires_weights: ClassVar[bool]
+    options_model: ClassVar[type[MethodOptions]]
+    defenses: ClassVar[Mapping[Defense, DefenseSupport]]
+    trains: ClassVar[str]
+
+    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        """Load the base model from ``path`` and make the method's parameters (and only those) trainable."""
+        ...
+
+    def state(self, built: Built) -> TensorDict:
+        """A detached copy of the exchanged tensors."""
+        ...
+
+    def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the exchanged tensors (keys and shapes already checked)."""
+        ...
+
+    def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+        """The federation's first global, drawn from ``seed`` alone (independent of any global RNG)."""
+        ...
+
+    def reference_logits(self, built: Built, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """Logits of the frozen reference policy (for DPO), computed without gradients."""
+        ...
+
+    def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
+        """The published artifact in ``folder`` on a fresh base, ready for inference."""
+        ...
+
+    def save(self, built: Built, folder: Path) -> None:
+        """Write the trained artifact in its native format (PEFT folder or a full model folder)."""
+        ...
+
+
+METHODS: Registry[type[Any]] = Registry("post-training method")
+
+
+def parse_options(method: Method, options: Mapping[str, Any]) -> MethodOptions:
+    return method.options_model.model_validate(dict(options))
+
+
+def load_base(path: Path, options: MethodOptions) -> Any:
+    """The base model at ``options.base_dtype`` (float32: exactly ``modeling.load_base_model``)."""
+    from silotune.modeling import load_base_model
+
+    if options.base_dtype == "float32":
+        return load_base_model(path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.base_dtype))
+    model.config.use_cache = False
+    return model
+
+
+def trainable_names(model: torch.nn.Module) -> Iterator[str]:
+    return (n for n, p in model.named_parameters() if p.requires_grad)

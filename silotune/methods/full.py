@@ -1,0 +1,108 @@
+"""Full fine-tuning: every weight trains and every weight is exchanged.
+
+The costliest method in memory (weights + gradients + two AdamW moments per
+parameter, ~16 bytes/param in fp32) and in bandwidth (each update is the size
+of the model), and the only one that needs no adapter library. The federation's
+first global is the base model itself; the DPO reference is a frozen copy of
+the base, loaded on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from silotune.methods.base import (
+    METHODS,
+    Built,
+    Defense,
+    DefenseSupport,
+    MethodOptions,
+    Payload,
+    Support,
+    TensorDict,
+    load_base,
+)
+
+
+class FullOptions(MethodOptions):
+    train_embeddings: bool = Field(
+        True, description="Also train (and exchange) the token embeddings (tied to the LM head in SmolLM2)."
+    )
+
+
+@METHODS.register("full")
+class FullFineTuning:
+    """Full fine-tuning (FFT)."""
+
+    name: ClassVar[str] = "full"
+    title: ClassVar[str] = "full fine-tuning"
+    payload: ClassVar[Payload] = Payload.FULL_WEIGHTS
+    requires_weights: ClassVar[bool] = True
+    options_model: ClassVar[type[MethodOptions]] = FullOptions
+    trains: ClassVar[str] = "every weight of the model (optionally all but the embeddings)"
+    defenses: ClassVar[Mapping[Defense, DefenseSupport]] = {
+        Defense.DIFFERENTIAL_PRIVACY: DefenseSupport(
+            Support.FULL,
+            "paper Table 4; noise scales with the update's dimension, so FFT needs more data per unit of ε",
+        ),
+        Defense.SECURE_AGGREGATION: DefenseSupport(Support.FULL, "paper Table 4; masks are the model's size"),
+        Defense.HOMOMORPHIC_ENCRYPTION: DefenseSupport(
+            Support.LIMITED,
+            "paper Table 4 allows it, but CKKS ciphertexts are ~8-20× the fp32 update (docs/facts), i.e. "
+            "gigabytes per silo per round for a 135M model",
+        ),
+        Defense.ROBUST_AGGREGATION: DefenseSupport(Support.FULL, "paper Table 4"),
+    }
+
+    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        assert isinstance(options, FullOptions)
+        model = load_base(path, options)
+        if options.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if not options.train_embeddings:
+            for p in model.get_input_embeddings().parameters():
+                p.requires_grad_(False)
+            out = model.get_output_embeddings()
+            if out is not None:
+                for p in out.parameters():
+                    p.requires_grad_(False)
+        return Built(model=model, extras={"path": path, "options": options})
+
+    def state(self, built: Built) -> TensorDict:
+        # named_parameters() lists a tied weight once, so the LM head is not exchanged twice.
+        return {
+            n: p.detach().clone().contiguous() for n, p in built.model.named_parameters() if p.requires_grad
+        }
+
+    def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
+        params = dict(built.model.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+        # The base model is the starting point; nothing is random, so the seed is unused.
+        base = dict(load_base(built.extras["path"], built.extras["options"]).named_parameters())
+        return {k: base[k].detach().clone().contiguous() for k in sorted(template)}
+
+    def reference_logits(self, built: Built, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        ref = built.extras.get("reference")
+        if ref is None:
+            ref = load_base(built.extras["path"], built.extras["options"]).eval()
+            ref.requires_grad_(False)
+            built.extras["reference"] = ref
+        with torch.no_grad():
+            return ref(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def save(self, built: Built, folder: Path) -> None:
+        built.model.save_pretrained(folder)
+
+    def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
+        return load_base(folder, options)

@@ -1,0 +1,347 @@
+"""Parameter-efficient methods on PEFT: LoRA, QLoRA, IA3, prompt tuning.
+
+All four exchange PEFT's own state-dict entries (``get_peft_model_state_dict``),
+so what a silo uploads saves to safetensors and loads back into any PEFT model
+of the same base and shape; the reference policy for DPO is the same model with
+its adapter disabled, so preference alignment costs no second model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from silotune.methods.base import (
+    ALL_DEFENSES_FULL,
+    METHODS,
+    Built,
+    Defense,
+    DefenseSupport,
+    MethodOptions,
+    Payload,
+    Support,
+    TensorDict,
+    load_base,
+)
+
+
+def lora_config(spec: Any) -> Any:
+    """PEFT ``LoraConfig`` from a :class:`~silotune.config.LoraSpec`."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+    )
+
+
+def initial_lora(template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+    """PEFT's default LoRA init (A: Kaiming-uniform, B: zeros), drawn from ``seed`` alone.
+
+    Independent of any global RNG state, so the same seed always yields the same
+    starting adapter, whichever process or silo computes it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: TensorDict = {}
+    for key in sorted(template):
+        t = torch.empty_like(template[key])
+        if "lora_B" in key or "lora_embedding_B" in key:
+            torch.nn.init.zeros_(t)
+        else:
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+        out[key] = t
+    return out
+
+
+def _enable_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_trainable(model: Any, marker: str) -> None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and marker not in name:
+            raise RuntimeError(f"unexpected trainable parameter {name}")
+
+
+class _PeftMethod:
+    """State, loading, reference and saving shared by every PEFT method."""
+
+    requires_weights: ClassVar[bool] = True
+    defenses: ClassVar[Mapping[Defense, DefenseSupport]] = ALL_DEFENSES_FULL
+
+    def state(self, built: Built) -> TensorDict:
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(built.model)
+        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+    def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        from silotune.errors import UpdateError
+
+        result = set_peft_model_state_dict(built.model, dict(state))
+        # PEFT loads a soft prompt into its prompt encoder itself, then reports the key as unexpected.
+        unexpected = [k for k in getattr(result, "unexpected_keys", None) or () if k != "prompt_embeddings"]
+        if unexpected:
+            raise UpdateError("global", f"PEFT did not load keys {unexpected[:3]}")
+
+    def reference_logits(self, built: Built, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        # The frozen base with the adapter switched off is exactly the pre-training policy.
+        with torch.no_grad(), built.model.disable_adapter():
+            return built.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def save(self, built: Built, folder: Path) -> None:
+        built.model.save_pretrained(folder)
+
+    def _load_base(self, path: Path, options: MethodOptions) -> Any:
+        return load_base(path, options)
+
+    def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
+        """The published artifact on a fresh base, ready for inference."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self._load_base(base_path, options), folder)
+
+
+class LoRAOptions(MethodOptions):
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "A silo's own smaller rank: it trains the first `rank` components of the federation's "
+            "`lora.r` adapter and uploads them zero-padded (heterogeneous ranks, HetLoRA). None: lora.r."
+        ),
+    )
+
+
+@METHODS.register("lora")
+class LoRA(_PeftMethod):
+    """Low-rank adapters on a full-precision base (Hu et al. 2021)."""
+
+    name: ClassVar[str] = "lora"
+    title: ClassVar[str] = "LoRA"
+    payload: ClassVar[Payload] = Payload.ADAPTER
+    options_model: ClassVar[type[MethodOptions]] = LoRAOptions
+    trains: ClassVar[str] = "low-rank A/B matrices on the `lora.target_modules` linear layers"
+
+    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        from peft import get_peft_model
+
+        base = self._load_base(path, options)
+        if options.gradient_checkpointing:
+            _enable_checkpointing(base)
+        # LoRA's A matrices are random at init; seeding here makes the template reproducible.
+        torch.manual_seed(seed)
+        model = get_peft_model(base, lora_config(lora))
+        _check_trainable(model, "lora_")
+        return Built(model=model)
+
+    def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+        return initial_lora(template, seed)
+
+
+class QLoRAOptions(LoRAOptions):
+    bits: Literal[4, 8] = Field(4, description="Base weight bits: 4 (NF4/FP4, QLoRA) or 8 (LLM.int8).")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type (NF4: Dettmers et al. 2023)."
+    )
+    double_quant: bool = Field(
+        True, description="Quantise the per-block absmax constants too (~0.37 bit/param saved)."
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description=(
+            "Dtype of the dequantised matmuls. float32 on CPUs without bf16 units "
+            "(bf16 is 15-20× slower there)."
+        ),
+    )
+
+
+@METHODS.register("qlora")
+class QLoRA(LoRA):
+    """LoRA on a 4-bit NF4 (or 8-bit) quantised, frozen base (Dettmers et al. 2023) via bitsandbytes."""
+
+    name: ClassVar[str] = "qlora"
+    title: ClassVar[str] = "QLoRA"
+    options_model: ClassVar[type[MethodOptions]] = QLoRAOptions
+    trains: ClassVar[str] = "LoRA A/B matrices; the base is stored in 4-bit NF4 (or 8-bit) and frozen"
+
+    def _load_base(self, path: Path, options: MethodOptions) -> Any:
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        assert isinstance(options, QLoRAOptions)
+        compute = getattr(torch, options.compute_dtype)
+        if options.bits == 4:
+            q = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=options.quant_type,
+                bnb_4bit_use_double_quant=options.double_quant,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            q = BitsAndBytesConfig(load_in_8bit=True)
+        # The silo training loop runs on the CPU (as every method's), so the quantised base lives there too.
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=q, dtype=compute, device_map={"": "cpu"}
+        )
+        model.config.use_cache = False
+        _keep_canonical_4bit_layout(model)
+        # Freezes the base and keeps non-quantised weights (norms, embeddings) in fp32 for stable training.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _keep_canonical_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight the
+    first time it runs in eval mode without gradients, rounding its absmax constants to
+    bf16, and never unpacks it for training: later training steps then take the
+    inference kernel (no gradient to the layer's input) and every save or
+    re-pack rounds the base again. A federation alternates evaluation and training
+    every round, so the frozen base would drift and gradients would stop at
+    quantised layers. The canonical layout (dequantise, fp32 matmul) is exact
+    and differentiable in both modes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+class IA3Options(MethodOptions):
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        min_length=1,
+        description="Modules whose activations get a learned scale (IA3 defaults for Llama).",
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"], description="Of those, the ones scaled at their input (MLP)."
+    )
+
+
+@METHODS.register("ia3")
+class IA3(_PeftMethod):
+    """(IA)^3: learned per-channel rescaling of keys, values and MLP activations (Liu et al. 2022)."""
+
+    name: ClassVar[str] = "ia3"
+    title: ClassVar[str] = "IA3 adapters"
+    payload: ClassVar[Payload] = Payload.ADAPTER
+    options_model: ClassVar[type[MethodOptions]] = IA3Options
+    trains: ClassVar[str] = "one scaling vector per adapted module (keys, values, MLP down-projection input)"
+
+    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        from peft import IA3Config, TaskType, get_peft_model
+
+        assert isinstance(options, IA3Options)
+        bad = sorted(set(options.feedforward_modules) - set(options.target_modules))
+        if bad:
+            from silotune.errors import ConfigError
+
+            raise ConfigError(f"method.options.feedforward_modules {bad} are not in target_modules")
+        base = self._load_base(path, options)
+        if options.gradient_checkpointing:
+            _enable_checkpointing(base)
+        cfg = IA3Config(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=list(options.target_modules),
+            feedforward_modules=list(options.feedforward_modules),
+        )
+        model = get_peft_model(base, cfg)
+        _check_trainable(model, "ia3_")
+        return Built(model=model)
+
+    def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+        # IA3 starts as the identity: every scale is one, so round 0's global is the base model.
+        return {k: torch.ones_like(template[k]) for k in sorted(template)}
+
+
+class PromptTuningOptions(MethodOptions):
+    num_virtual_tokens: int = Field(16, ge=1, le=512, description="Length of the learned soft prompt.")
+    init: Literal["sampled_vocab", "text"] = Field(
+        "sampled_vocab",
+        description=(
+            "'sampled_vocab': embeddings of tokens drawn (seeded) from the first `init_vocab` ids "
+            "(Lester et al. 2021); 'text': the embeddings of `init_text`, repeated to length."
+        ),
+    )
+    init_vocab: int = Field(5000, ge=1, description="Draw 'sampled_vocab' tokens from ids below this.")
+    init_text: str | None = Field(None, description="Text for init='text'.")
+
+
+@METHODS.register("prompt_tuning")
+class PromptTuning(_PeftMethod):
+    """Soft prompts: learned virtual-token embeddings prepended to every input (Lester et al. 2021)."""
+
+    name: ClassVar[str] = "prompt_tuning"
+    title: ClassVar[str] = "prompt tuning (soft prompts)"
+    payload: ClassVar[Payload] = Payload.SOFT_PROMPT
+    options_model: ClassVar[type[MethodOptions]] = PromptTuningOptions
+    trains: ClassVar[str] = "num_virtual_tokens × hidden_size prompt embeddings; the model is frozen"
+    defenses: ClassVar[Mapping[Defense, DefenseSupport]] = {
+        Defense.DIFFERENTIAL_PRIVACY: DefenseSupport(
+            Support.LIMITED,
+            "paper Table 4: limited for prompt tuning; the soft prompt is tiny, so noise calibrated to its "
+            "few thousand values costs more utility per unit of ε",
+        ),
+        Defense.SECURE_AGGREGATION: DefenseSupport(
+            Support.FULL, "a soft prompt is a dense tensor; masking applies"
+        ),
+        Defense.HOMOMORPHIC_ENCRYPTION: DefenseSupport(
+            Support.FULL, "a soft prompt fits one CKKS ciphertext"
+        ),
+        Defense.ROBUST_AGGREGATION: DefenseSupport(
+            Support.LIMITED,
+            "paper Table 4: limited for prompt tuning; a whole update is one small prompt, so a poisoned "
+            "prompt differs from honest ones in few coordinates and distance-based screening sees little",
+        ),
+    }
+
+    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+        assert isinstance(options, PromptTuningOptions)
+        if options.init == "text" and not options.init_text:
+            from silotune.errors import ConfigError
+
+            raise ConfigError("method.options.init_text is required when init='text'")
+        base = self._load_base(path, options)
+        if options.gradient_checkpointing:
+            _enable_checkpointing(base)
+        cfg = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=options.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+        torch.manual_seed(seed)
+        model = get_peft_model(base, cfg)
+        _check_trainable(model, "prompt_encoder")
+        return Built(model=model, extras={"options": options, "path": path})
+
+    def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
+        options: PromptTuningOptions = built.extras["options"]
+        emb = built.model.get_input_embeddings().weight.detach()
+        n = options.num_virtual_tokens
+        if options.init == "text":
+            from silotune.modeling import load_tokenizer
+
+            ids = load_tokenizer(built.extras["path"])(options.init_text, add_special_tokens=False)[
+                "input_ids"
+            ]
+            ids = (ids * math.ceil(n / max(1, len(ids))))[:n]
+            idx = torch.tensor(ids, dtype=torch.long)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randint(0, min(options.init_vocab, emb.shape[0]), (n,), generator=gen)
+        (key,) = template
+        return {key: emb[idx].clone().to(template[key].dtype).reshape(template[key].shape).contiguous()}

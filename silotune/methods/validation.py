@@ -1,0 +1,142 @@
+"""Cross-field checks of a federation's methods, objectives and model openness.
+
+Called by :class:`~silotune.config.FederationConfig` validation, so an impossible
+combination is refused before anything loads, with every reason at once:
+
+- unknown method names (the known ones are listed) and invalid method options;
+- paper Table 1: methods that need weights on a gray- or black-box model;
+- any model that would run at a provider (silo data would leave the silo);
+- silos whose methods would exchange different tensors (e.g. LoRA next to full
+  fine-tuning, or different LoRA shapes) and so cannot be averaged;
+- QLoRA without bitsandbytes installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from pydantic import ValidationError
+
+from silotune.errors import ConfigError, RegistryError
+
+
+def _options_problems(where: str, spec: Any) -> list[str]:
+    from silotune.methods import get_method, parse_options
+
+    try:
+        method = get_method(spec.name)
+    except RegistryError as exc:
+        return [f"{where}.name: {exc}"]
+    try:
+        parse_options(method, spec.options)
+    except ValidationError as exc:
+        return [
+            f"{where}.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (method {spec.name!r})"
+            for e in exc.errors()
+        ]
+    return []
+
+
+def exchange_signature(spec: Any, lora: Any) -> tuple[Any, ...]:
+    """What a method exchanges, up to values: two silos can be aggregated iff their signatures are equal."""
+    from silotune.methods import get_method, parse_options
+
+    method = get_method(spec.name)
+    opts = parse_options(method, spec.options)
+    if spec.name in ("lora", "qlora"):
+        # The base's precision (fp32, 8-bit, NF4) and a silo's smaller rank (uploaded zero-padded)
+        # do not change what is exchanged.
+        return ("lora", lora.r, lora.alpha, tuple(sorted(lora.target_modules)))
+    if spec.name == "ia3":
+        return ("ia3", tuple(sorted(opts.target_modules)), tuple(sorted(opts.feedforward_modules)))  # type: ignore[attr-defined]
+    if spec.name == "prompt_tuning":
+        return ("prompt_tuning", opts.num_virtual_tokens)  # type: ignore[attr-defined]
+    if spec.name == "full":
+        return ("full", opts.train_embeddings)  # type: ignore[attr-defined]
+    return (spec.name, tuple(sorted(opts.model_dump().items())))
+
+
+def _rank_problems(config: Any) -> list[str]:
+    """Heterogeneous LoRA ranks: each at most lora.r, and only where zero-padding averages correctly."""
+    ranks = {s.name: config.method_for(s.name).options.get("rank") for s in config.silos}
+    ranks = {k: v for k, v in ranks.items() if v is not None}
+    if not ranks:
+        return []
+    problems = [
+        f"silos: {name}'s rank {r} exceeds the federation's lora.r={config.lora.r} (a silo trains a slice)"
+        for name, r in sorted(ranks.items())
+        if isinstance(r, int) and r > config.lora.r
+    ]
+    if config.method.options.get("rank") is not None:
+        problems.append("method.options.rank: set a smaller rank per silo; the federation's rank is lora.r")
+    why = (
+        "heterogeneous LoRA ranks average zero-padded updates per rank component, which needs plaintext "
+        "updates and a linear aggregator"
+    )
+    if config.aggregation.name != "fedavg":
+        problems.append(f"aggregation.name: {why}: use 'fedavg', not {config.aggregation.name!r}")
+    security = getattr(config, "security", None)
+    if security is not None and (security.protection != "none" or security.ffa_lora):
+        problems.append(f"security: {why}; protection and FFA-LoRA are not supported with them yet")
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and privacy.client_dp is not None:
+        problems.append("privacy.client_dp: its noise would fill the zero padding of low-rank silos' updates")
+    return problems
+
+
+def validate_federation(config: Any) -> list[str]:
+    """Every problem of ``config``'s methods, objectives and model openness (empty: none)."""
+    from silotune.openness import check_data_stays_local, check_table1, resolve_descriptor
+
+    problems: list[str] = []
+    specs = [("method", config.method)] + [
+        (f"silos.{i}.method", s.method) for i, s in enumerate(config.silos) if s.method is not None
+    ]
+    bad_specs = False
+    for where, spec in specs:
+        p = _options_problems(where, spec)
+        bad_specs = bad_specs or bool(p)
+        problems += p
+
+    try:
+        descriptor = resolve_descriptor(config.model.name_or_path, config.model.descriptor)
+    except ConfigError as exc:
+        problems.append(f"model.descriptor: {exc}")
+        descriptor = None
+    if descriptor is not None:
+        problems += [f"model: {p}" for p in check_data_stays_local(config.model.name_or_path, descriptor)]
+        pairs = {(config.method_for(s.name).name, config.objective_for(s.name).name) for s in config.silos}
+        for method, objective in sorted(pairs):
+            problems += [f"model: {p}" for p in check_table1(descriptor, method, objective)]
+
+    if not bad_specs:
+        sigs: dict[tuple[Any, ...], list[str]] = {}
+        for s in config.silos:
+            sigs.setdefault(exchange_signature(config.method_for(s.name), config.lora), []).append(s.name)
+        if len(sigs) > 1:
+            groups = "; ".join(f"{sig[0]} {list(sig[1:])}: {names}" for sig, names in sigs.items())
+            problems.append(
+                "silos: their methods exchange different tensors, which cannot be aggregated into one global "
+                f"({groups}); LoRA and QLoRA silos mix freely at the same LoRA shape"
+            )
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and getattr(privacy, "sample_dp", None) is not None:
+        dpo = sorted(s.name for s in config.silos if config.objective_for(s.name).name == "dpo")
+        if dpo:
+            problems.append(
+                f"privacy.sample_dp: DP-SGD clips per row, but a preference pair (two rows) is the privacy "
+                f"unit of DPO silos {dpo}; use privacy.client_dp, which protects each silo's whole update"
+            )
+    security = getattr(config, "security", None)
+    if security is not None and getattr(security, "ffa_lora", None):
+        others = sorted({spec.name for _, spec in specs if spec.name not in ("lora", "qlora")})
+        if others:
+            problems.append(
+                f"security.ffa_lora: FFA-LoRA freezes LoRA's A matrices, but method(s) {others} have none"
+            )
+    problems += _rank_problems(config)
+    uses_bnb = any(spec.name == "qlora" for _, spec in specs)
+    if uses_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("method: qlora needs the bitsandbytes package (pip install bitsandbytes)")
+    return problems
