@@ -30,7 +30,7 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 log = logging.getLogger("silotune.agent")
 
 
-WAKE_DELAY_S = 0.3
+WAKE_DELAY_S = 0.2
 
 
 class InProcessResult(BaseWorkerResult):

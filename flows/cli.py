@@ -583,13 +583,17 @@ def stack_up(
         str | None, typer.Option(help="Comma-separated silo names (first start; default clinic,bank,lab).")
     ] = None,
     auto_ports: Annotated[bool, typer.Option(help="Free ephemeral ports instead of 4200/5000/8333.")] = False,
+    database: Annotated[
+        str | None,
+        typer.Option(help="Prefect's database: 'sqlite' (default) or 'postgres' (PostgreSQL installed)."),
+    ] = None,
 ) -> None:
     """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy."""
     from flows.stack import StackError, up
 
     try:
         names = silos.split(",") if silos else None
-        st = up(state_dir, silos=names, auto_ports=auto_ports, echo=console.print)
+        st = up(state_dir, silos=names, auto_ports=auto_ports, database=database, echo=console.print)
     except StackError as exc:
         _fail(str(exc))
     console.print(f"Prefect UI: [bold]{st.prefect_ui}[/]   MLflow UI: [bold]{st.mlflow_uri}[/]")

@@ -167,6 +167,7 @@ class WorkPoolRunner:
         submitted, failures = self._submit(flow_name, stage, config, round_, params, names)
         final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
         failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
+        t0 = time.perf_counter()
         results: dict[str, Any] = {}
         for name in names:
             state = final.get(name)
@@ -187,6 +188,7 @@ class WorkPoolRunner:
                     )
             else:
                 failures.append(_failure(name, round_, stage, state))
+        _logger().info("%s: results read in %.2f s", flow_name, time.perf_counter() - t0)
         for f in failures:
             _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
         return results, failures
@@ -200,51 +202,90 @@ class WorkPoolRunner:
         params: dict[str, Any],
         names: list[str],
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
-        """Create every silo's run on its pool, then return (one API call per silo, tens of ms).
+        """Create every silo's run on its pool, then return (one API call per silo, tens of ms each).
 
-        The runs are tagged ``federation:<id>`` and ``silo:<name>`` rather than linked as subflows: the link
-        is one more insert per silo. On the stack's SQLite database an insert that overlaps the server's
-        own writes fails as busy (HTTP 503) and Prefect's client waits 2 s before retrying; a round would
-        pay that several times. So creation is retried here, quickly, under an idempotency key (a retry
-        never makes a second run).
+        The runs are tagged ``federation:<id>``, ``silo:<name>``, ``round:<n>`` rather than linked as
+        subflows: the link is one more insert per silo. On the stack's SQLite database inserts that
+        overlap fail as busy (HTTP 503) and Prefect's client waits 2 s before retrying; a round would pay
+        that several times. So creation is retried here within tens of milliseconds, under an
+        idempotency key (a retry never makes a second run).
         """
-        from prefect.client.orchestration import get_client
+        from prefect.utilities.asyncutils import run_coro_as_sync
 
+        parent = _current_flow_run_id()
+        specs = {
+            silo: {
+                "deployment": f"{flow_name}/{config.silo(silo).pool}",
+                "parameters": {"config": config, "silo": silo, **params},
+                "tags": [f"federation:{config.federation_id}", f"silo:{silo}", f"round:{round_ + 1}"],
+                "idempotency_key": f"{parent}:{flow_name}/{config.silo(silo).pool}:{stage}:{round_}",
+            }
+            for silo in names
+        }
+        t0 = time.perf_counter()
+        outcomes = run_coro_as_sync(_create_runs(specs, self._deployments))
         submitted: dict[str, Any] = {}
         failures: list[SiloFailure] = []
-        parent = _current_flow_run_id()
-        with get_client(sync_client=True) as client:
-            for silo in names:
-                pool = config.silo(silo).pool
-                name = f"{flow_name}/{pool}"
-                try:
-                    if name not in self._deployments:
-                        self._deployments[name] = client.read_deployment_by_name(name).id
-                    t0 = time.perf_counter()
-                    submitted[silo] = _create_run(
-                        client,
-                        self._deployments[name],
-                        parameters={"config": config, "silo": silo, **params},
-                        tags=[f"federation:{config.federation_id}", f"silo:{silo}", f"round:{round_ + 1}"],
-                        idempotency_key=f"{parent}:{name}:{stage}:{round_}",
+        for silo, out in outcomes.items():
+            if isinstance(out, BaseException):  # e.g. the silo's deployment is not registered
+                failures.append(
+                    SiloFailure(
+                        silo=silo,
+                        round=round_,
+                        stage=stage,
+                        error=f"could not submit {specs[silo]['deployment']}: {type(out).__name__}: {out}",
                     )
-                    _logger().info(
-                        "%s run %s on pool %s created in %.2f s",
-                        flow_name,
-                        submitted[silo].id,
-                        pool,
-                        time.perf_counter() - t0,
-                    )
-                except Exception as exc:  # e.g. the silo's deployment is not registered
-                    failures.append(
-                        SiloFailure(
-                            silo=silo,
-                            round=round_,
-                            stage=stage,
-                            error=f"could not submit {name}: {type(exc).__name__}: {exc}",
-                        )
-                    )
+                )
+            else:
+                submitted[silo] = out
+        _logger().info(
+            "%s: %d run(s) created in %.2f s: %s",
+            flow_name,
+            len(submitted),
+            time.perf_counter() - t0,
+            ", ".join(f"{k}={v.id}" for k, v in submitted.items()),
+        )
         return submitted, failures
+
+
+async def _create_runs(specs: dict[str, dict[str, Any]], cache: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    async with get_client() as client:
+
+        async def one(spec: dict[str, Any]) -> Any:
+            name = spec["deployment"]
+            if name not in cache:
+                cache[name] = (await client.read_deployment_by_name(name)).id
+            delay = 0.02
+            for attempt in range(40):
+                try:
+                    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+                        return await client.create_flow_run_from_deployment(
+                            cache[name],
+                            parameters=spec["parameters"],
+                            tags=spec["tags"],
+                            idempotency_key=spec["idempotency_key"],
+                        )
+                except PrefectHTTPStatusError as exc:
+                    if exc.response.status_code not in (429, 503) or attempt == 39:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            raise AssertionError("unreachable")
+
+        # One after another: concurrent inserts collide in SQLite and take seconds to sort out.
+        results: dict[str, Any] = {}
+        for silo, spec in specs.items():
+            try:
+                results[silo] = await one(spec)
+            except Exception as exc:
+                results[silo] = exc
+    return results
 
 
 def _logger() -> Any:
@@ -262,23 +303,6 @@ def _current_flow_run_id() -> str:
 
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else "no-parent"
-
-
-def _create_run(client: Any, deployment_id: Any, **kwargs: Any) -> Any:
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-
-    delay = 0.05
-    for attempt in range(30):
-        try:
-            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
-                return client.create_flow_run_from_deployment(deployment_id, **kwargs)
-        except PrefectHTTPStatusError as exc:
-            if exc.response.status_code not in (429, 503) or attempt == 29:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-    raise AssertionError("unreachable")
 
 
 async def _await_final(

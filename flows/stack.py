@@ -78,6 +78,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     silos: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
+    database: str = "sqlite"
 
     @classmethod
     def load(cls, root: Path | str = DEFAULT_STATE) -> Stack:
@@ -86,12 +87,19 @@ class Stack:
         if not f.is_file():
             return cls(root=root)
         data = json.loads(f.read_text())
-        return cls(root=root, ports=data["ports"], silos=data["silos"], pids=data.get("pids", {}))
+        return cls(
+            root=root,
+            ports=data["ports"],
+            silos=data["silos"],
+            pids=data.get("pids", {}),
+            database=data.get("database", "sqlite"),
+        )
 
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "stack.json.tmp"
-        tmp.write_text(json.dumps({"ports": self.ports, "silos": self.silos, "pids": self.pids}, indent=2))
+        data = {"ports": self.ports, "silos": self.silos, "pids": self.pids, "database": self.database}
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.root / "stack.json")
 
     # where things live
@@ -415,13 +423,66 @@ def _wait_seaweedfs(stack: Stack, timeout: float) -> None:
     _wait("SeaweedFS (S3)", ready, timeout, stack, "seaweedfs")
 
 
+def _pg_bin(name: str) -> str:
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).is_file():
+            return str(d / name)
+    return _bin(name)
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root; as root, run it as the system's `postgres` user.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _start_postgres(stack: Stack) -> None:
+    """Prefect's production database, on loopback, data in the state folder (``up --database postgres``)."""
+    data = stack.root / "postgres"
+    sock = stack.root / "postgres-run"
+    for d in (data, sock):
+        d.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(d, "postgres", "postgres")
+    if not (data / "PG_VERSION").is_file():
+        out = subprocess.run(
+            _as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            raise StackError(f"initdb failed:\n{out.stdout}{out.stderr}")
+    cmd = [_pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(stack.ports["postgres"])]
+    _spawn(stack, "postgres", _as_postgres_user([*cmd, "-k", str(sock)]), {})
+
+
+def _wait_postgres(stack: Stack, timeout: float) -> None:
+    import asyncio
+
+    async def ensure_db() -> bool:
+        import asyncpg
+
+        conn = await asyncpg.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres")
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'prefect'"):
+                await conn.execute("CREATE DATABASE prefect")
+        finally:
+            await conn.close()
+        return True
+
+    _wait("PostgreSQL", lambda: asyncio.run(ensure_db()), timeout, stack, "postgres")
+
+
 def _start_prefect(stack: Stack) -> None:
     (stack.root / "prefect").mkdir(parents=True, exist_ok=True)
     env = {
         "PREFECT_HOME": str(stack.root / "prefect"),
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(stack.ports["prefect"]),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{stack.root / 'prefect' / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": (
+            f"postgresql+asyncpg://postgres@127.0.0.1:{stack.ports['postgres']}/prefect"
+            if stack.database == "postgres"
+            else f"sqlite+aiosqlite:///{stack.root / 'prefect' / 'prefect.db'}"
+        ),
         "PREFECT_UI_API_URL": stack.prefect_api,
         # SQLite busy errors become 503s that clients retry after 2 s; log them to explain slow rounds.
         "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
@@ -585,6 +646,7 @@ def up(
     *,
     silos: Iterable[str] | None = None,
     auto_ports: bool = False,
+    database: str | None = None,
     timeout: float = 240.0,
     echo: Any = print,
 ) -> Stack:
@@ -602,6 +664,12 @@ def up(
         stack.silos = list(silos)
     elif not stack.silos:
         stack.silos = list(DEFAULT_SILOS)
+    if database is not None:
+        if database not in ("sqlite", "postgres"):
+            raise StackError(f"database must be 'sqlite' or 'postgres', not {database!r}")
+        stack.database = database
+    if stack.database == "postgres" and "postgres" not in stack.ports:
+        stack.ports["postgres"] = free_ports(["postgres"])["postgres"] if auto_ports else 5432
     stack.pids = {}
     busy = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p))
     if busy:
@@ -612,6 +680,10 @@ def up(
     _write_identities(stack)
     try:
         _start_seaweedfs(stack)
+        if stack.database == "postgres":
+            _start_postgres(stack)
+            _wait_postgres(stack, timeout)
+            echo(f"PostgreSQL       127.0.0.1:{stack.ports['postgres']} (Prefect's database)")
         _start_prefect(stack)
         _wait_seaweedfs(stack, timeout)
         echo(
