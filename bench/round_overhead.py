@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     silos = [s.name for s in DEMO_SILOS][: args.silos]
     with tempfile.TemporaryDirectory(prefix="silotune-bench-") as tmp:
         tmpd = Path(tmp)
+        tmpd.chmod(0o755)  # a PostgreSQL run as the `postgres` user must reach its data folder in here
         data = make_demo_silos(tmpd / "data", seed=0, scale=0.1)
         emb_cfg = make_config(
             "bench-embedded",

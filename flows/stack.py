@@ -443,6 +443,11 @@ def _start_postgres(stack: Stack) -> None:
         d.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(d, "postgres", "postgres")
+    if (
+        os.geteuid() == 0
+        and subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(data)]).returncode
+    ):
+        raise StackError(f"the postgres user cannot write {data}: make its parent folders traversable (o+x)")
     if not (data / "PG_VERSION").is_file():
         out = subprocess.run(
             _as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
@@ -650,7 +655,7 @@ def up(
     timeout: float = 240.0,
     echo: Any = print,
 ) -> Stack:
-    """Start the whole stack (or what of it is not running) and return once every part is healthy."""
+    """Start the whole stack and return once every part is healthy; on any failure, stop what started."""
     t0 = time.monotonic()
     stack = Stack.load(root)
     if stack.ports and any(_alive(p) for p in stack.pids.values()):
