@@ -587,13 +587,23 @@ def stack_up(
         str | None,
         typer.Option(help="Prefect's database: 'sqlite' (default) or 'postgres' (PostgreSQL installed)."),
     ] = None,
+    redeploy: Annotated[
+        bool, typer.Option(help="Re-register deployments/prefect.yaml (resets schedules to the file's).")
+    ] = False,
 ) -> None:
     """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy."""
     from flows.stack import StackError, up
 
     try:
         names = silos.split(",") if silos else None
-        st = up(state_dir, silos=names, auto_ports=auto_ports, database=database, echo=console.print)
+        st = up(
+            state_dir,
+            silos=names,
+            auto_ports=auto_ports,
+            database=database,
+            redeploy=redeploy,
+            echo=console.print,
+        )
     except StackError as exc:
         _fail(str(exc))
     console.print(f"Prefect UI: [bold]{st.prefect_ui}[/]   MLflow UI: [bold]{st.mlflow_uri}[/]")

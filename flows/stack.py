@@ -571,6 +571,19 @@ def deploy(stack: Stack) -> None:
         )
 
 
+def _deployed(stack: Stack) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name("federated-training/federated-training")
+        except ObjectNotFound:
+            return False
+    return True
+
+
 def _declared_silo_deployments() -> set[str]:
     import yaml
 
@@ -652,6 +665,7 @@ def up(
     silos: Iterable[str] | None = None,
     auto_ports: bool = False,
     database: str | None = None,
+    redeploy: bool = False,
     timeout: float = 240.0,
     echo: Any = print,
 ) -> Stack:
@@ -707,8 +721,11 @@ def up(
         _configure_prefect(stack)
         for pool in stack.pools():
             _start_worker(stack, pool)
-        deploy(stack)
-        echo("deployments      registered from deployments/prefect.yaml")
+        if redeploy or not _deployed(stack):
+            deploy(stack)
+            echo("deployments      registered from deployments/prefect.yaml")
+        else:  # kept as they are: a schedule turned on from the CLI or the UI stays on
+            echo("deployments      already registered (`up --redeploy` re-reads deployments/prefect.yaml)")
         _wait("MLflow server", lambda: _http_ok(f"{stack.mlflow_uri}/health"), timeout, stack, "mlflow")
         echo(f"MLflow server    {stack.mlflow_uri}")
         _wait_workers(stack, stack.pools(), timeout)
