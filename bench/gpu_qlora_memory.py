@@ -85,8 +85,14 @@ def run_one(shape, recipe: str, batch: int, seq: int, steps: int, mem, device: s
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    # Built directly in bf16 on the device: a 7B model never exists in fp32 (27 GB) anywhere.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     _quantise_linears(model, torch, bnb, device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,9 +1,11 @@
 """Estimated vs measured peak memory of a training step on the real model, on CPU.
 
 One fresh subprocess per method (so nothing one method allocated survives into
-the next). In each: the model is built with silotune's method registry, the
-process's peak-RSS counter (VmHWM) is reset through ``/proc/self/clear_refs``
-so the model's load transient does not count, two training steps run at a
+the next). In each: the model is built with silotune's method registry, every
+weight is copied out of the safetensors memory map (so RSS counts it once, as
+anonymous memory, whether a step touched it or not), the process's peak-RSS
+counter (VmHWM) is reset through ``/proc/self/clear_refs`` so the model's load
+transient does not count, two training steps run at a
 fixed batch × sequence, and the peak is read back. The measured training
 footprint is that peak minus the RSS of the process right after its imports
 (the Python/torch runtime, which the estimator does not model). RSS does not
@@ -34,6 +36,7 @@ def _status_kib(field: str) -> int:
 
 
 def _child(method: str, model: str, batch: int, seq: int, steps: int, threads: int) -> dict[str, object]:
+    import ctypes
     import gc
 
     # Everything building the model will import, so the baseline holds the whole runtime.
@@ -49,13 +52,26 @@ def _child(method: str, model: str, batch: int, seq: int, steps: int, threads: i
 
     torch.set_num_threads(threads)
     rss_imports = _status_kib("VmRSS") * 1024
+    file_imports = _status_kib("RssFile") * 1024
     t0 = time.perf_counter()
     adapter = AdapterModel.create(
         ModelSpec(name_or_path=model, max_seq_len=seq), LoraSpec(), seed=0, method=MethodSpec(name=method)
     )
     load_s = time.perf_counter() - t0
+    # transformers maps fp32 safetensors into memory and uses the file pages as weights: RSS would
+    # count them only once touched, and pages read while quantising would linger. Copying every
+    # tensor to anonymous memory and dropping the mapping makes RSS count each weight once.
+    with torch.no_grad():
+        for module in adapter.model.modules():
+            for p in module.parameters(recurse=False):
+                p.data = p.data.clone()
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None:
+                    module._buffers[name] = b.clone()
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     rss_loaded = _status_kib("VmRSS") * 1024
+    file_loaded = _status_kib("RssFile") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the load transient is not training memory
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 1000, (batch, seq), generator=gen)
@@ -74,6 +90,7 @@ def _child(method: str, model: str, batch: int, seq: int, steps: int, threads: i
         "method": method,
         "rss_imports": rss_imports,
         "rss_loaded": rss_loaded,
+        "file_pages_added_by_load": file_loaded - file_imports,
         "peak": peak,
         "load_s": load_s,
         "step_s": step_s,

@@ -442,6 +442,37 @@ def models() -> None:
     console.print(table)
 
 
+@app.command()
+def estimate(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")]) -> None:
+    """Estimated peak training memory of every silo of a federation (see silotune/memory.py)."""
+    from silotune.config import load_config
+    from silotune.errors import SilotuneError
+    from silotune.methods.memory_model import estimate_silo, model_shape
+
+    try:
+        cfg = load_config(config)
+        shape = model_shape(cfg)
+    except SilotuneError as exc:
+        _fail(str(exc))
+    table = Table(
+        title=f"Peak training memory per silo ({shape.name}, batch {cfg.train.batch_size} × "
+        f"seq {cfg.model.max_seq_len})"
+    )
+    for col in ("silo", "method", "objective", "trainable", "estimate", "breakdown"):
+        table.add_column(col)
+    for s in cfg.silos:
+        e = estimate_silo(cfg, s.name, shape=shape)
+        table.add_row(
+            s.name,
+            cfg.method_for(s.name).name,
+            cfg.objective_for(s.name).name,
+            f"{e.trainable_params:,}",
+            f"{e.total / 2**30:.2f} GiB",
+            e.summary(),
+        )
+    console.print(table)
+
+
 def _silo_option(text: str) -> dict[str, Any]:
     """NAME:VRAM_GB[:RAM_GB] (VRAM 0: no GPU; RAM default 16), or NAME:none (no local compute)."""
     parts = text.split(":")

@@ -15,6 +15,11 @@ cover it, which turns the weighted sum into the weighted mean over exactly those
 silos. That needs the per-silo updates in plaintext and a linear aggregator, so
 config validation allows heterogeneous ranks only with FedAvg, no protection and
 no client-level DP (whose noise would fill the padding).
+
+Like FedAvg of same-rank LoRA, this averages the factors A and B separately, so
+the new global's B·A is not exactly the mean of the silos' B_k·A_k; FLoRA
+stacking (:mod:`silotune.aggregation.stacking`) is exact at the price of a
+global rank that grows with the number of silos.
 """
 
 from __future__ import annotations

@@ -162,6 +162,6 @@ def test_contract_table(capsys) -> None:
     """Prints the per-method runtimes of this session's contract runs (informative, never fails)."""
     if TIMINGS:
         with capsys.disabled():
-            print("\nmethod contract (tiny model, 2 silos × 4 steps, one round):")
+            print("\nmethod contract (tiny model, 2 silos × 6 steps, one round):")
             for m, s in sorted(TIMINGS.items()):
                 print(f"  {m:<14} {s:6.2f} s")

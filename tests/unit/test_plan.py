@@ -127,3 +127,30 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path) -> None:
     assert cfg.model.name_or_path == "smollm2-135m-instruct"
     res = CliRunner().invoke(app, ["plan", str(EXAMPLES / "blackbox.yaml"), "--write-config", str(out)])
     assert res.exit_code == 2 and "no federation config can implement this plan" in res.output
+
+
+def test_written_config_estimates_match_the_plan() -> None:
+    """The per-silo memory model of a config (silotune estimate) reproduces the plan's numbers."""
+    from silotune.methods.memory_model import estimate_silo
+
+    a = load_answers(EXAMPLES / "mixed.yaml")
+    p = make_plan(a)
+    cfg = parse_config(to_config(a, p))
+    for s in p.silos:
+        assert estimate_silo(cfg, s.name).total / 1e9 == pytest.approx(s.estimate_gb, abs=0.01)
+
+
+def test_estimate_reads_a_local_model_shape(tmp_path: Path) -> None:
+    from silotune.methods.memory_model import estimate_silo
+
+    cfg = parse_config(
+        {
+            "federation_id": "e",
+            "model": {"name_or_path": "tiny-llama", "max_seq_len": 64},
+            "lora": {"r": 4},
+            "silos": [{"name": "a", "train_path": "a.jsonl"}],
+            "tracking": {"kind": "none"},
+        }
+    )
+    e = estimate_silo(cfg, "a")
+    assert e.model == "tiny-llama" and e.trainable_params == 2 * 4 * (64 + 64 + 64 + 32)
