@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's second command (and what CI runs): install with test tools, lint, test.
-# Tests need no server: Prefect runs on its ephemeral API (a temporary local
-# server on 127.0.0.1 started by the test harness), MLflow on a SQLite file.
+# Most tests need no server: Prefect runs on its ephemeral API (a temporary local
+# server on 127.0.0.1 started by the test harness), MLflow on a SQLite file. The
+# stack tests (marker `stack`) start SeaweedFS, a Prefect server, an MLflow server
+# and workers themselves, on free ports of 127.0.0.1, and stop them again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/install.sh --dev

@@ -293,10 +293,63 @@ class SecuritySpec(_Spec):
 
 
 class StoreSpec(_Spec):
-    """Object store holding global adapters, updates, manifests and round state."""
+    """Object store holding global adapters, updates, manifests and round state.
 
-    kind: Literal["local"] = Field("local", description="'local': a folder on this machine.")
+    Credentials never appear in a config: an S3 store names the *environment variables*
+    (or a boto3 profile) from which each process reads its own keys, so the coordinator
+    and every silo sign with their own identity.
+    """
+
+    kind: Literal["local", "s3"] = Field(
+        "local", description="'local': a folder on this machine; 's3': an S3-compatible bucket."
+    )
     root: str = Field(".silotune/store", description="Folder of the local store.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (e.g. http://127.0.0.1:8333 for the stack's SeaweedFS); None: AWS."
+    )
+    bucket: str | None = Field(None, description="S3 bucket (required for kind 's3').")
+    prefix: str = Field("", description="Key prefix inside the bucket ('' or e.g. 'team-a').")
+    region: str = Field("us-east-1", description="S3 region (SeaweedFS and MinIO accept any).")
+    access_key_env: str = Field(
+        "AWS_ACCESS_KEY_ID", description="Name of the env var holding the access key id (not the key)."
+    )
+    secret_key_env: str = Field(
+        "AWS_SECRET_ACCESS_KEY", description="Name of the env var holding the secret key (not the key)."
+    )
+    profile: str | None = Field(None, description="boto3 profile to use instead of the env vars.")
+    addressing_style: Literal["path", "virtual", "auto"] = Field(
+        "path", description="'path' for SeaweedFS/MinIO/Ceph on an IP endpoint."
+    )
+
+    @model_validator(mode="after")
+    def _s3_fields(self) -> StoreSpec:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("store.bucket: an S3 store needs a bucket name")
+        if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
+            raise ValueError(f"store.prefix: {self.prefix!r} must be a relative key prefix")
+        return self
+
+
+class OrchestrationSpec(_Spec):
+    """Where silo work runs. The coordinator flow is the same in both modes."""
+
+    mode: Literal["embedded", "workpools"] = Field(
+        "embedded",
+        description=(
+            "'embedded': silos run as subflows in the coordinator's process; 'workpools': each silo's "
+            "rounds are flow runs of the `silo-round/<pool>` and `silo-evaluate/<pool>` deployments, "
+            "executed by the worker on the silo's own work pool (the real stack)."
+        ),
+    )
+    silo_timeout_s: float = Field(
+        900.0, gt=0, description="A silo run not finished by then counts as a failed silo for the round."
+    )
+    pickup_timeout_s: float = Field(
+        60.0, gt=0, description="A silo run no worker has picked up by then counts as a failed silo."
+    )
+    poll_s: float = Field(
+        1.0, gt=0, le=60, description="Fallback poll of silo run states (state events wake it earlier)."
+    )
 
 
 class TrackingSpec(_Spec):
@@ -310,6 +363,13 @@ class TrackingSpec(_Spec):
         ".silotune/mlartifacts", description="Artifact folder for a local MLflow store."
     )
     experiment: str = Field("silotune", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None,
+        description=(
+            "MLflow registered model that receives the final adapter as a new version (alias 'champion'); "
+            "default 'silotune-<federation_id>'."
+        ),
+    )
 
 
 class EvalSpec(_Spec):
@@ -337,6 +397,7 @@ class FederationConfig(_Spec):
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
     tags: dict[str, str] = Field(default_factory=dict, description="Free-form tags copied to the MLflow run.")
 
     @field_validator("federation_id")
@@ -487,7 +548,10 @@ class FederationConfig(_Spec):
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the trained adapters (not rounds, tracking or tags)."""
-        payload = self.model_dump(mode="json", exclude={"rounds", "tracking", "tags", "evaluation", "store"})
+        payload = self.model_dump(
+            mode="json",
+            exclude={"rounds", "tracking", "tags", "evaluation", "store", "orchestration"},
+        )
         # Fields added after 0.1.0 stay out of the hash while unset, so federations started before
         # they existed still resume.
         for key, default in (("method", MethodSpec()), ("objective", ObjectiveSpec())):

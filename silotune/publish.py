@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from silotune.adapters import AdapterModel, TensorDict
+from silotune.config import FederationConfig
 from silotune.federation import FederationState
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 from silotune.tracking import Tracker
@@ -33,3 +34,17 @@ def publish_final(
                 store.put(layout.final(f.name), f.read_bytes())
         tracker.log_folder(state.tracking_run_id, folder, "adapter")
     return layout.final("")
+
+
+def register_final(config: FederationConfig, state: FederationState, tracker: Tracker) -> str | None:
+    """Register the published adapter in the model registry with its lineage; returns the version."""
+    name = config.tracking.registered_model or f"silotune-{config.federation_id}"
+    tags = {
+        "silotune.federation_id": config.federation_id,
+        "silotune.rounds": str(state.completed_rounds),
+        "silotune.silos": ",".join(s.name for s in config.silos),
+        "silotune.config_hash": config.fingerprint(),
+        "silotune.global_sha256": state.global_ref.sha256,
+        "silotune.base_model": config.model.name_or_path,
+    }
+    return tracker.register_adapter(state.tracking_run_id, "adapter", name, tags)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,10 @@ class Tracker(Protocol):
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None: ...
 
     def run_url(self, run_id: str | None) -> str | None: ...
+
+    def register_adapter(
+        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+    ) -> str | None: ...
 
 
 class NullTracker:
@@ -60,6 +65,11 @@ class NullTracker:
         return None
 
     def run_url(self, run_id: str | None) -> str | None:
+        return None
+
+    def register_adapter(
+        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+    ) -> str | None:
         return None
 
 
@@ -183,9 +193,13 @@ class MlflowTracker:
         if summary.get("delta_norm") is not None:
             metrics["round.delta_norm"] = float(summary["delta_norm"])
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # e.g. delta_norm under CKKS
-        for k, v in metrics.items():
-            self.client.log_metric(cid, k, v, step=round_)
-            self.client.log_metric(run_id, k, v, step=round_)
+        # One request per run, not one per metric: against a tracking server each call is a round trip.
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key=k, value=v, timestamp=now, step=round_) for k, v in metrics.items()]
+        self.client.log_batch(cid, metrics=batch)
+        self.client.log_batch(run_id, metrics=batch)
         if summary.get("excluded"):
             self.client.set_tag(
                 cid,
@@ -219,6 +233,35 @@ class MlflowTracker:
             exp = self.client.get_run(run_id).info.experiment_id
             return f"{self.spec.uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
         return f"{self.spec.uri} run {run_id} (view: mlflow ui --backend-store-uri {self.spec.uri})"
+
+
+    def register_adapter(
+        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+    ) -> str | None:
+        """Register the run's adapter folder as a new version of model ``name``, aliased 'champion'.
+
+        Returns the version number.
+        """
+        if run_id is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags={"silotune.kind": "lora-adapter"})
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        run = self.client.get_run(run_id)
+        mv = self.client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}",
+            run_id=run_id,
+            tags=dict(tags),
+            description="Final global LoRA adapter (PEFT format) of a silotune federation.",
+        )
+        # MLflow reserves 'latest' (it always resolves to the newest version); 'champion' marks ours.
+        self.client.set_registered_model_alias(name, "champion", mv.version)
+        return str(mv.version)
 
 
 def open_tracker(spec: TrackingSpec) -> Tracker:

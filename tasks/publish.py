@@ -6,7 +6,7 @@ from prefect import task
 
 from silotune.config import FederationConfig
 from silotune.federation import FederationState
-from silotune.publish import publish_final
+from silotune.publish import publish_final, register_final
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 
 
@@ -14,6 +14,8 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 def publish(config: FederationConfig, state: FederationState) -> str:
     """Returns where the adapter folder lives (store location + key prefix)."""
     store = store_for(config)
+    tracker = tracker_for(config)
     with TRAIN_LOCK:
-        prefix = publish_final(adapter_for(config), state, store, tracker_for(config))
+        prefix = publish_final(adapter_for(config), state, store, tracker)
+    register_final(config, state, tracker)
     return f"{store.describe().rstrip('/')}/{prefix}"

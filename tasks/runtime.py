@@ -48,6 +48,25 @@ MODELS = ModelCache()
 TRAIN_LOCK = threading.Lock()
 
 
+# Data paths a silo's own worker registered (``silotune silo join --train-path ...``): at a real silo the
+# data lives where the silo says, whatever paths the coordinator's config carries.
+_LOCAL_SILO_PATHS: dict[str, dict[str, str | None]] = {}
+
+
+def register_local_silo(name: str, *, train_path: str | None = None, eval_path: str | None = None) -> None:
+    paths = {k: v for k, v in (("train_path", train_path), ("eval_path", eval_path)) if v is not None}
+    _LOCAL_SILO_PATHS[name] = paths
+
+
+def localize(config: FederationConfig, silo: str) -> FederationConfig:
+    """``config`` with ``silo``'s data paths replaced by the ones registered in this process, if any."""
+    paths = _LOCAL_SILO_PATHS.get(silo)
+    if not paths:
+        return config
+    silos = [s.model_copy(update=paths) if s.name == silo else s for s in config.silos]
+    return config.model_copy(update={"silos": silos})
+
+
 def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
     """The trainable model of ``silo`` (its own method, if it has one), else of the federation."""
     method = config.method_for(silo) if silo is not None else config.method

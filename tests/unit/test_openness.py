@@ -111,7 +111,8 @@ def test_default_config_fingerprint_is_unchanged_by_the_new_fields() -> None:
 
     cfg = parse_config(_cfg())
     payload = cfg.model_dump(
-        mode="json", exclude={"rounds", "tracking", "tags", "evaluation", "store", "method", "objective"}
+        mode="json",
+        exclude={"rounds", "tracking", "tags", "evaluation", "store", "method", "objective", "orchestration"},
     )
     payload["model"].pop("descriptor")
     for s in payload["silos"]:

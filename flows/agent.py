@@ -1,0 +1,221 @@
+"""The long-lived worker that serves a work pool: every flow run is a real Prefect run, executed in-process.
+
+Prefect's process worker starts a new Python interpreter for each flow run; here
+that costs 15-21 s per round (imports of torch/transformers, loading the model)
+against well under a second of orchestration. Federated rounds are many and short,
+so each pool is served by an :class:`InProcessWorker` instead: a
+``prefect.workers.base.BaseWorker`` that polls its pool like any worker (pending →
+running → completed states, logs, cancellation, heartbeats all go through the
+Prefect API) but runs each flow run with ``prefect.flow_engine.run_flow`` in a
+thread of its own long-lived process. The base model therefore stays loaded in
+``tasks.runtime.MODELS`` from one round to the next.
+
+The pools stay ordinary ``process`` pools: a stock ``prefect worker start --pool
+silo-<name>`` can serve them too (slower, one process per run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import anyio
+import anyio.abc
+from prefect.client.schemas.objects import FlowRun
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+
+log = logging.getLogger("silotune.agent")
+
+
+WAKE_DELAY_S = 0.2
+
+
+class InProcessResult(BaseWorkerResult):
+    """What the worker reports for a run (status 0: the engine ran; the run's own state says how it went)."""
+
+
+def served_flows() -> dict[str, Any]:
+    """The flows a silotune worker can run without loading code from storage, by flow name."""
+    from flows.federated_training import federated_training
+    from flows.retraining import scheduled_retraining
+    from flows.silo import silo_evaluate, silo_round, silo_step
+
+    return {
+        f.name: f for f in (silo_round, silo_evaluate, silo_step, federated_training, scheduled_retraining)
+    }
+
+
+class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessResult]):
+    """Serves a ``process`` work pool, running each flow run in this process (see the module docstring)."""
+
+    type = "process"  # the pool type it serves; pools stay usable by a stock process worker
+    job_configuration = BaseJobConfiguration
+    job_configuration_variables = BaseVariables
+    _description = "Runs flow runs of a process pool in one long-lived process, keeping models loaded."
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        # Registered under its own key so it never replaces Prefect's ProcessWorker in the type registry.
+        return "silotune-inprocess"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flows: dict[str, Any] | None = None
+        self._flow_names: dict[Any, str] = {}
+
+    def _flow_for(self, flow_run: FlowRun) -> Any:
+        if self._flows is None:
+            self._flows = served_flows()
+        name = self._flow_names.get(flow_run.flow_id)
+        if name is None:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                name = client.read_flow(flow_run.flow_id).name
+            self._flow_names[flow_run.flow_id] = name
+        if name in self._flows:
+            return self._flows[name]
+        # Any other deployment: load its entrypoint the way Prefect's engine would (once per flow).
+        from prefect.flow_engine import load_flow
+
+        self._flows[name] = load_flow(flow_run)
+        return self._flows[name]
+
+    def _execute(self, flow_run: FlowRun) -> int:
+        from prefect.flow_engine import run_flow
+        from prefect.logging.loggers import flow_run_logger
+
+        try:
+            flow = self._flow_for(flow_run)
+            run_flow(flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run))
+            return 0
+        except BaseException:  # the engine itself failed: the worker reports the run as crashed
+            log.exception("flow run %s could not be executed", flow_run.id)
+            return 1
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: BaseJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> InProcessResult:
+        if task_status is not None:
+            task_status.started(os.getpid())
+        code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
+        return InProcessResult(identifier=str(flow_run.id), status_code=code)
+
+    async def _submit_run(self, flow_run: FlowRun) -> None:
+        # The stock path prepares infrastructure first (re-reads the deployment, renders the job template,
+        # relabels the run, proposes an extra state, records a pid): ~6 API calls per run for a process
+        # this worker does not start. Claim the run (Pending) and hand it to a thread; the engine reports
+        # Running/Completed/Failed itself, exactly as it does in a subprocess.
+        try:
+            if await self._propose_pending_state(flow_run):
+                assert self._runs_task_group is not None
+                self._runs_task_group.start_soon(self._run_and_release, flow_run)
+            else:
+                self._release_limit_slot(flow_run.id)
+        finally:
+            self._submitting_flow_run_ids.discard(flow_run.id)
+            if self._cancelling_observer is not None:
+                self._cancelling_observer.remove_in_flight_flow_run_id(flow_run.id)
+
+    async def _run_and_release(self, flow_run: FlowRun) -> None:
+        try:
+            code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
+            if code != 0:
+                await self._propose_crashed_state(
+                    flow_run, "the flow run engine failed in the silotune worker"
+                )
+        finally:
+            self._release_limit_slot(flow_run.id)
+
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: BaseJobConfiguration, grace_seconds: int = 30
+    ) -> None:
+        # A run shares this process; Prefect's cancellation marks it cancelled and the engine stops it at
+        # its next state transition. The process itself (and the other runs' models) stay up.
+        return None
+
+
+async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
+    """Pick runs up the moment they are scheduled (Prefect events), not at the next poll.
+
+    Polling stays on as the fallback (every few seconds); each poll of a pool is also a database write
+    on the server, so polling fast instead would load the server for every idle second.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    while True:
+        try:
+            async with get_client() as client:
+                pool_id = (await client.read_work_pool(pool)).id
+            flt = EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.Scheduled"]),
+                related=EventRelatedFilter(
+                    resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]
+                ),
+            )
+            async with get_events_subscriber(filter=flt) as events:
+                async for _ in events:
+                    # The coordinator creates every silo's run within a fraction of a second; claiming
+                    # ours right away would put our writes in the middle of those creations, and on
+                    # SQLite overlapping writes fail as busy (503, retried after 2 s). Let them land.
+                    await anyio.sleep(WAKE_DELAY_S)
+                    await worker.get_and_submit_flow_runs()
+        except Exception as exc:  # server restarting, pool not created yet: retry
+            log.debug("event subscription for pool %s: %s; retrying", pool, exc)
+            await anyio.sleep(2)
+
+
+def serve(
+    pool: str, *, name: str | None = None, query_seconds: float = 5.0, limit: int | None = None
+) -> None:
+    """Serve ``pool`` until SIGTERM/SIGINT: runs start on their Scheduled event, polls are the fallback."""
+    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
+
+    # SIGTERM (`silotune stack down`) stops the worker like Ctrl-C: the loops unwind, the worker deregisters.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    worker = InProcessWorker(
+        work_pool_name=pool, name=name or f"{pool}-{os.getpid()}", limit=limit, create_pool_if_not_found=True
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_wake_on_scheduled_runs, worker, pool)
+            await worker.start()
+            tg.cancel_scope.cancel()
+
+    with (
+        temporary_settings({PREFECT_WORKER_QUERY_SECONDS: query_seconds}),
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        anyio.run(main)
+
+
+def ensure_silo_deployments(pool: str) -> list[str]:
+    """Register ``silo-round|silo-evaluate|silo-step/<pool>`` if the coordinator has not (a new silo)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.silo import silo_evaluate, silo_round, silo_step
+
+    created = []
+    with get_client(sync_client=True) as client:
+        for fl in (silo_round, silo_evaluate, silo_step):
+            try:
+                client.read_deployment_by_name(f"{fl.name}/{pool}")
+            except ObjectNotFound:
+                fl.to_deployment(
+                    name=pool,
+                    work_pool_name=pool,
+                    tags=["silotune", "silo"],
+                    description=f"{fl.name} at the silo behind pool {pool} (registered by its worker).",
+                ).apply()
+                created.append(f"{fl.name}/{pool}")
+    return created

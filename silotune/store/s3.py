@@ -1,0 +1,130 @@
+"""Object store on an S3-compatible bucket (SeaweedFS on the stack; MinIO, Ceph RGW or AWS S3 elsewhere).
+
+A single S3 PUT is atomic: a reader sees the old object or the new one, never half
+of it, which is the guarantee the federation's commit protocol needs (the manifest
+is written before ``state.json``). Keys go under ``prefix/`` in ``bucket``.
+
+Credentials come from the environment variables the spec names (or a boto3
+profile), read in the process that opens the store: the coordinator and each
+silo sign with their own identity, and no secret ever travels in a config or a
+Prefect parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from silotune.config import StoreSpec
+from silotune.errors import StoreError
+from silotune.store.local import _check_key
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class S3Store:
+    """Bytes by key in ``s3://bucket/prefix/``; boto3 with path-style addressing by default."""
+
+    def __init__(self, spec: StoreSpec, *, client: Any | None = None) -> None:
+        if spec.kind != "s3" or not spec.bucket:
+            raise StoreError("S3Store needs a store spec with kind 's3' and a bucket")
+        self.spec = spec
+        self.bucket = spec.bucket
+        self.prefix = spec.prefix.strip("/")
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            spec = self.spec
+            if spec.profile:
+                session = boto3.session.Session(profile_name=spec.profile, region_name=spec.region)
+            else:
+                # Only the variable *names* are configured; unset names fall back to boto3's usual chain.
+                session = boto3.session.Session(
+                    aws_access_key_id=os.environ.get(spec.access_key_env) or None,
+                    aws_secret_access_key=os.environ.get(spec.secret_key_env) or None,
+                    region_name=spec.region,
+                )
+            self._client = session.client(
+                "s3",
+                endpoint_url=spec.endpoint_url,
+                config=Config(
+                    s3={"addressing_style": spec.addressing_style},
+                    retries={"max_attempts": 4, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                ),
+            )
+        return self._client
+
+    def _key(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, op: str, key: str, exc: Exception) -> StoreError:
+        code = _code(exc) or type(exc).__name__
+        hint = ""
+        if code in ("AccessDenied", "403", "SignatureDoesNotMatch", "InvalidAccessKeyId"):
+            hint = (
+                f" (this process's S3 identity, from ${self.spec.access_key_env}"
+                f"{' / profile ' + self.spec.profile if self.spec.profile else ''}, may not {op} this key)"
+            )
+        at = f" at {self.spec.endpoint_url}" if self.spec.endpoint_url else ""
+        return StoreError(f"S3 {op} {key} in {self.describe()}{at} failed: {code}: {exc}{hint}")
+
+    def put(self, key: str, data: bytes) -> None:
+        k = self._key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=k, Body=data)
+        except Exception as exc:
+            raise self._error("write", key, exc) from None
+
+    def get(self, key: str) -> bytes:
+        k = self._key(key)
+        try:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read())
+        except Exception as exc:
+            if _code(exc) in _MISSING:
+                raise StoreError(f"object not found: {key} (in {self.describe()})") from None
+            raise self._error("read", key, exc) from None
+
+    def exists(self, key: str) -> bool:
+        k = self._key(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=k)
+            return True
+        except Exception as exc:
+            if _code(exc) in _MISSING:
+                return False
+            raise self._error("read", key, exc) from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                out.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        except Exception as exc:
+            raise self._error("list", prefix or "/", exc) from None
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        k = self._key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=k)
+        except Exception as exc:
+            if _code(exc) not in _MISSING:
+                raise self._error("delete", key, exc) from None
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}"
