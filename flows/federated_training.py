@@ -1,8 +1,13 @@
-"""The coordinator's flow: rounds of broadcast → local training → aggregation → evaluation.
+"""The coordinator's flow: rounds of broadcast → silo runs (evaluate + train) → aggregation → commit.
 
 Control flow only: every step is a task or a silo flow that exchanges object-store
 keys and small records. Re-running with the same ``federation_id`` resumes after
 the last committed round.
+
+Each round is one wave of silo runs: a silo evaluates the global adapter it receives (the previous
+round's output, in round 1 the initial adapter) and trains from it. So round r's evaluation arrives
+with round r+1's wave and is recorded at round r+1's commit; after the last round one
+evaluate-only wave scores the final global. R rounds cost R+1 waves.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
-from silotune.federation import summarize_evals
 from tasks.aggregate import aggregate, root_update
 from tasks.broadcast import broadcast
-from tasks.checkpoint import commit, report, track_round, track_start
+from tasks.checkpoint import commit, record_eval, report, track_start
 from tasks.publish import publish
 from tasks.secure import close_upload
 
@@ -28,12 +32,7 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
     """Run (or resume) a federation. Returns the final metrics and where the results are."""
     logger = get_run_logger()
     runner = runner_for(config)
-    state = broadcast(config)
-    initial = None
-    if state.completed_rounds == 0 and state.initial_eval is None:
-        evals, _ = runner.evaluate(config, -1, state.global_ref)
-        initial = {"eval": {e.silo: e.result for e in evals}, "global_eval": summarize_evals(evals)}
-    state = track_start(config, state, initial)
+    state = track_start(config, broadcast(config))
     if state.completed_rounds:
         logger.info(
             "resuming %s after round %d of %d", config.federation_id, state.completed_rounds, config.rounds
@@ -44,39 +43,43 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
     )
     secagg = config.security.protection == "secagg"
     for r in range(state.completed_rounds, config.rounds):
+        pending = state.pending_evaluation  # r - 1 (-1: the initial global), or None if already recorded
         failures = []
         if secagg:  # keys for this round: adverts, then encrypted shares
             for phase in ("secagg-advertise", "secagg-share"):
                 _, phase_failures = runner.step(config, phase, r)
                 failures += phase_failures
-        records, train_failures = runner.train(config, r, state.global_ref)
-        failures += train_failures
-        if len(records) < config.aggregation.min_silos:
-            raise QuorumError(
-                f"round {r + 1}: only {len(records)} silo(s) returned an update, quorum is "
-                f"{config.aggregation.min_silos}; failures: {[f.model_dump() for f in failures]}"
-            )
-        if secagg:  # survivors fixed, then they reveal the shares that remove the masks
-            survivors = close_upload(config, r, records)
-            _, unmask_failures = runner.step(config, "secagg-unmask", r, silos=survivors)
-            failures += unmask_failures
-        if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
-            root_update(config, r, state.global_ref)
-        agg = aggregate(config, r, state.global_ref, records)
-        evals, eval_failures = runner.evaluate(config, r, agg.next_global)
-        state = commit(config, state, r, records, failures + eval_failures, agg, evals)
-        track_round(config, state, r)
-        g = state.history[-1]["global_eval"]
-        logger.info(
-            "round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
-            r + 1,
-            config.rounds,
-            len(agg.included),
-            len(agg.excluded) + len(failures),
-            g.get("loss", float("nan")),
-            g.get("exact_match", float("nan")),
-        )
+        wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None)
+        failures += wave.failures
+        try:
+            if len(wave.updates) < config.aggregation.min_silos:
+                raise QuorumError(
+                    f"round {r + 1}: only {len(wave.updates)} silo(s) returned an update, quorum is "
+                    f"{config.aggregation.min_silos}; failures: {[f.model_dump() for f in failures]}"
+                )
+            if secagg:  # survivors fixed, then they reveal the shares that remove the masks
+                survivors = close_upload(config, r, wave.updates)
+                _, unmask_failures = runner.step(config, "secagg-unmask", r, silos=survivors)
+                failures += unmask_failures
+            if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
+                root_update(config, r, state.global_ref)
+            agg = aggregate(config, r, state.global_ref, wave.updates)
+        except QuorumError:
+            if pending is not None:  # the evaluations this wave did get still count
+                record_eval(config, state, pending, wave.evals, wave.eval_failures)
+            raise
+        # One task: record round r-1's evaluation (and track round r-1), then commit round r.
+        evals = wave.evals if pending is not None else None
+        state = commit(config, state, r, wave.updates, failures, agg, evals, wave.eval_failures)
+        if pending is not None and pending >= 0:
+            _log_round(logger, config, state.history[pending])
         update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)
+    final = state.pending_evaluation
+    if final is not None:  # the last round's output: one evaluate-only wave
+        evals, eval_failures = runner.evaluate(config, final, state.global_ref)
+        state = record_eval(config, state, final, evals, eval_failures)
+        if final >= 0:
+            _log_round(logger, config, state.history[final])
     if config.security.protection == "ckks":  # only silos hold the key: one of them publishes
         published, publish_failures = {}, []
         for silo in config.silos:
@@ -108,3 +111,16 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         "tracking_uri": config.tracking.uri if config.tracking.kind == "mlflow" else None,
         "global_key": state.global_ref.key,
     }
+
+
+def _log_round(logger: Any, config: FederationConfig, h: dict[str, Any]) -> None:
+    g = h.get("global_eval") or {}
+    logger.info(
+        "round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
+        h["round"],
+        config.rounds,
+        len(h.get("included", [])),
+        len(h.get("excluded", {})),
+        g.get("loss", float("nan")),
+        g.get("exact_match", float("nan")),
+    )

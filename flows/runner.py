@@ -6,6 +6,10 @@ work-pool runner (``orchestration.mode: workpools``, the real stack) submits the
 same flows as runs of each silo's deployments (``silo-round/<pool>``,
 ``silo-evaluate/<pool>``), all silos at once, and waits for them; the
 coordinator flow does not change.
+
+A round is one wave of ``silo-round`` runs: each silo evaluates the global adapter it receives
+(the previous round's output) and trains from it. Both runners read a wave's outcome the same
+way (:func:`wave_outcome`).
 """
 
 from __future__ import annotations
@@ -13,18 +17,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from silotune.config import FederationConfig
-from silotune.federation import EvalRecord, ObjectRef, SiloFailure, UpdateRecord
+from silotune.federation import EvalRecord, ObjectRef, SiloFailure, SiloRoundResult, UpdateRecord
 
 log = logging.getLogger(__name__)
 
 
+class Wave(NamedTuple):
+    """A round's silo runs: the updates of round r, and the evaluations of round r-1's output."""
+
+    updates: list[UpdateRecord]
+    failures: list[SiloFailure]
+    evals: list[EvalRecord]
+    eval_failures: list[SiloFailure]
+
+
 class SiloRunner(Protocol):
-    def train(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
-    ) -> tuple[list[UpdateRecord], list[SiloFailure]]: ...
+    def run_round(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+    ) -> Wave: ...
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
@@ -51,23 +64,60 @@ def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
     return SiloFailure(silo=silo, round=round_, stage=stage, error=message)
 
 
+def wave_outcome(
+    states: dict[str, Any], round_: int, *, evaluate: bool, lost: list[SiloFailure] | None = None
+) -> Wave:
+    """Read the final states of a wave of ``silo-round`` runs (by silo) into updates and evaluations.
+
+    A run that failed in training still returns its :class:`SiloRoundResult`, so its evaluation
+    counts; a run that crashed, was lost or whose result cannot be read fails both stages.
+    """
+    wave = Wave([], [], [], [])
+    for f in lost or []:
+        wave.failures.append(f)
+        if evaluate:
+            wave.eval_failures.append(f.model_copy(update={"round": round_ - 1, "stage": "evaluate"}))
+    for silo, state in states.items():
+        try:
+            value = state.result(raise_on_failure=False)
+        except Exception as exc:
+            value = RuntimeError(f"result of silo-round unreadable: {type(exc).__name__}: {exc}")
+        if not isinstance(value, SiloRoundResult):
+            error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(state)
+            value = SiloRoundResult(
+                silo=silo, round=round_, train_error=error, eval_error=error if evaluate else None
+            )
+        if value.update is not None and state.is_completed():
+            wave.updates.append(value.update)
+        else:
+            error = value.train_error or state.message or str(state)
+            wave.failures.append(SiloFailure(silo=silo, round=round_, stage="train", error=error))
+        if value.evaluation is not None:
+            wave.evals.append(value.evaluation)
+        elif value.eval_error is not None:
+            wave.eval_failures.append(
+                SiloFailure(silo=silo, round=round_ - 1, stage="evaluate", error=value.eval_error)
+            )
+    for f in wave.failures:
+        _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
+    for f in wave.eval_failures:
+        _logger().warning("round %d: silo %s could not evaluate: %s", round_ + 1, f.silo, f.error)
+    return wave
+
+
 class InProcessRunner:
     """Silos as subflows of the coordinator flow (the embedded default)."""
 
-    def train(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
-    ) -> tuple[list[UpdateRecord], list[SiloFailure]]:
+    def run_round(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+    ) -> Wave:
         from flows.silo import silo_round
 
-        records, failures = [], []
-        for silo in config.silos:
-            state = silo_round(config, silo.name, round_, global_ref, return_state=True)
-            if state.is_completed():
-                records.append(state.result())
-            else:
-                failures.append(_failure(silo.name, round_, "train", state))
-                log.warning("round %d: silo %s failed: %s", round_ + 1, silo.name, failures[-1].error)
-        return records, failures
+        states = {
+            silo.name: silo_round(config, silo.name, round_, global_ref, evaluate, return_state=True)
+            for silo in config.silos
+        }
+        return wave_outcome(states, round_, evaluate=evaluate)
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
@@ -123,12 +173,12 @@ class WorkPoolRunner:
     def __init__(self) -> None:
         self._deployments: dict[str, Any] = {}
 
-    def train(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
-    ) -> tuple[list[UpdateRecord], list[SiloFailure]]:
-        params = {"round_": round_, "global_ref": global_ref}
-        results, failures = self._run("silo-round", "train", config, round_, params)
-        return list(results.values()), failures
+    def run_round(
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+    ) -> Wave:
+        params = {"round_": round_, "global_ref": global_ref, "evaluate": evaluate}
+        states, lost = self._final_states("silo-round", "train", config, round_, params)
+        return wave_outcome(states, round_, evaluate=evaluate, lost=lost)
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
@@ -161,18 +211,10 @@ class WorkPoolRunner:
         *,
         silos: list[str] | None = None,
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
-        from prefect.utilities.asyncutils import run_coro_as_sync
-
-        names = silos or [s.name for s in config.silos]
-        submitted, failures = self._submit(flow_name, stage, config, round_, params, names)
-        final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
-        failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
+        final, failures = self._final_states(flow_name, stage, config, round_, params, silos=silos)
         t0 = time.perf_counter()
         results: dict[str, Any] = {}
-        for name in names:
-            state = final.get(name)
-            if state is None:
-                continue
+        for name, state in final.items():
             if state.is_completed():
                 try:
                     results[name] = state.result()
@@ -192,6 +234,25 @@ class WorkPoolRunner:
         for f in failures:
             _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
         return results, failures
+
+    def _final_states(
+        self,
+        flow_name: str,
+        stage: str,
+        config: FederationConfig,
+        round_: int,
+        params: dict[str, Any],
+        *,
+        silos: list[str] | None = None,
+    ) -> tuple[dict[str, Any], list[SiloFailure]]:
+        """Submit the runs, wait for them: (final states by silo, failures of runs never run or lost)."""
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        names = silos or [s.name for s in config.silos]
+        submitted, failures = self._submit(flow_name, stage, config, round_, params, names)
+        final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
+        failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
+        return {n: final[n] for n in names if n in final}, failures
 
     def _submit(
         self,

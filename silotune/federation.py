@@ -4,13 +4,20 @@ Prefect tasks in ``tasks/`` are thin wrappers around these; a notebook can call
 them directly. Every function takes and returns small records (keys, hashes,
 counts, metrics), never tensors, so they can cross process and host boundaries.
 
-Round ``r`` (0-based):
+Round ``r`` (0-based), pipelined so that each round needs one pass over the silos:
 
 1. ``start_federation`` writes the initial global adapter (or finds the resume point);
-2. each silo runs ``train_silo``: fetch ``rounds/r/global``, train, write ``rounds/r/updates/<silo>``;
+2. each silo evaluates the global it receives, ``rounds/r/global`` (round r-1's output; in round 0
+   the initial adapter), with ``evaluate_silo``, then trains from it with ``train_silo`` and writes
+   ``rounds/r/updates/<silo>``;
 3. ``aggregate_round`` verifies and combines the updates, writes ``rounds/r+1/global``;
-4. each silo runs ``evaluate_silo`` on the new global;
-5. ``commit_round`` writes the manifest and ``state.json``: only now is round r complete.
+4. ``commit_round`` writes round r's manifest and ``state.json``: only now is round r complete.
+   The evaluations of step 2 belong to round r-1 (or to the initial adapter): ``record_evaluation``
+   adds them to that round's history entry and to a write-once object next to its manifest.
+
+After the last round the silos evaluate the final global once more (``record_evaluation`` of the
+last round). Evaluation is deterministic, so these are the numbers an evaluation right after each
+aggregation would give; see ``FederationState.pending_evaluation``.
 """
 
 from __future__ import annotations
@@ -68,6 +75,21 @@ class FederationState(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)
     silotune_version: str = __version__
 
+    @property
+    def pending_evaluation(self) -> int | None:
+        """The round whose output still awaits its holdout evaluation (``-1``: the initial global), or None.
+
+        Only the global adapter the silos receive next (``global_ref``) can be pending: the
+        evaluation of round r arrives with round r+1's silo runs (or the final evaluation pass)
+        and is recorded no later than round r+1's commit. History entries written before
+        evaluation was pipelined carry no ``evaluated`` key and count as evaluated.
+        """
+        if self.completed_rounds == 0:
+            return -1 if self.initial_eval is None else None
+        if self.history and self.history[-1].get("evaluated") is False:
+            return self.completed_rounds - 1
+        return None
+
 
 class UpdateRecord(BaseModel):
     silo: str
@@ -93,6 +115,22 @@ class EvalRecord(BaseModel):
     silo: str
     round: int
     result: dict[str, float | int]
+
+
+class SiloRoundResult(BaseModel):
+    """What a silo's round run returns: its evaluation of the global it received, and its update.
+
+    ``evaluation`` belongs to round ``round - 1`` (the initial global in round 0); ``update`` is None
+    when training failed (``train_error`` says why: the evaluation still counts), ``evaluation`` is None
+    when the silo has no holdout, was not asked to evaluate, or its evaluation failed (``eval_error``).
+    """
+
+    silo: str
+    round: int
+    update: UpdateRecord | None = None
+    evaluation: EvalRecord | None = None
+    train_error: str | None = None
+    eval_error: str | None = None
 
 
 class AggregateRecord(BaseModel):
@@ -515,12 +553,16 @@ def commit_round(
     updates: Sequence[UpdateRecord],
     failures: Sequence[SiloFailure],
     agg: AggregateRecord,
-    evals: Sequence[EvalRecord],
+    evals: Sequence[EvalRecord] | None = None,
+    eval_failures: Sequence[SiloFailure] = (),
 ) -> FederationState:
     """Write round ``round_``'s manifest, then advance ``state.json`` (the commit point).
 
     Before committing, every object the manifest names is re-read and checked
     against its sha256, so a manifest never points at a missing or changed object.
+    The round's holdout evaluation normally arrives later (see :func:`record_evaluation`); its
+    history entry says ``evaluated: False`` until then. A caller that already evaluated the new
+    global passes ``evals`` and both are recorded here.
     """
     layout = FederationLayout(config.federation_id)
     objects = {"global_in": state.global_ref.model_dump(), "global_out": agg.next_global.model_dump()}
@@ -531,14 +573,11 @@ def commit_round(
         data = store.get(ref["key"])
         if sha256(data) != ref["sha256"]:
             raise StoreError(f"round {round_ + 1}: object {name} ({ref['key']}) changed before commit")
-    global_eval = summarize_evals(evals)
-    summary = {
+    summary: dict[str, Any] = {
         "round": round_ + 1,
         "included": agg.included,
         "excluded": {**agg.excluded, **{f.silo: f"{f.stage}: {f.error}" for f in failures}},
         "train": {u.silo: u.train for u in updates},
-        "eval": {e.silo: e.result for e in evals},
-        "global_eval": global_eval,
         "delta_norm": agg.delta_norm if math.isfinite(agg.delta_norm) else None,
         "protection": config.security.protection,
         "privacy": {u.silo: u.privacy for u in updates if u.privacy},
@@ -558,8 +597,66 @@ def commit_round(
         update={
             "completed_rounds": round_ + 1,
             "global_ref": agg.next_global,
-            "history": [*state.history, summary],
+            "history": [*state.history, {**summary, "eval": {}, "global_eval": {}, "evaluated": False}],
         }
     )
+    if evals is not None:
+        new_state = record_evaluation(config, store, new_state, round_, evals, eval_failures, save=False)
     save_state(store, new_state)
+    return new_state
+
+
+def record_evaluation(
+    config: FederationConfig,
+    store: ObjectStore,
+    state: FederationState,
+    round_: int,
+    evals: Sequence[EvalRecord],
+    failures: Sequence[SiloFailure] = (),
+    *,
+    save: bool = True,
+) -> FederationState:
+    """Record the silos' holdout evaluation of round ``round_``'s output (``-1``: the initial global).
+
+    The evaluation goes into ``history[round_]`` (``eval``, ``global_eval``, ``eval_failures``,
+    ``evaluated``; for ``-1``: ``initial_eval``) and into a write-once object next to the round's
+    manifest (:meth:`FederationLayout.evaluation`). If that object already exists (a coordinator
+    that crashed after writing it), the stored evaluation is the one recorded: it was computed on the
+    same global adapter. Saves ``state.json`` unless ``save`` is False (the caller saves it).
+    """
+    if state.pending_evaluation != round_:
+        raise ValueError(
+            f"no evaluation of round {round_ + 1} is pending in {config.federation_id!r} "
+            f"(pending: {state.pending_evaluation})"
+        )
+    wrong = [e.silo for e in evals if e.round != round_]
+    if wrong:
+        raise ValueError(f"evaluations of silos {wrong} are not of round {round_ + 1}'s output")
+    layout = FederationLayout(config.federation_id)
+    key = layout.evaluation(round_)
+    if store.exists(key):
+        record = get_json(store, key)
+        if record.get("global") != state.global_ref.model_dump():
+            raise StoreError(f"{key} evaluates another global adapter than {state.global_ref.key}")
+    else:
+        record = {
+            "federation_id": config.federation_id,
+            "round": round_ + 1,  # 0: the initial global adapter
+            "global": state.global_ref.model_dump(),
+            "eval": {e.silo: e.result for e in evals},
+            "global_eval": summarize_evals(evals),
+            "eval_failures": {f.silo: f.error for f in failures},
+            "silotune_version": __version__,
+        }
+        put_json(store, key, record)
+    entry = {"eval": record["eval"], "global_eval": record["global_eval"]}
+    if record["eval_failures"]:
+        entry["eval_failures"] = record["eval_failures"]
+    if round_ < 0:
+        new_state = state.model_copy(update={"initial_eval": entry})
+    else:
+        history = [*state.history[:-1], {**state.history[-1], **entry, "evaluated": True}]
+        new_state = state.model_copy(update={"history": history})
+    if save:
+        save_state(store, new_state)
     return new_state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
 from silotune.federation import AggregateRecord, ObjectRef, UpdateRecord, aggregate_round
@@ -10,7 +11,7 @@ from silotune.root_update import RootUpdateRecord, train_root_update
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-@task(name="aggregate", task_run_name="aggregate-r{round_}")
+@task(name="aggregate", task_run_name="aggregate-r{round_}", persist_result=False, cache_policy=NO_CACHE)
 def aggregate(
     config: FederationConfig, round_: int, global_ref: ObjectRef, records: list[UpdateRecord]
 ) -> AggregateRecord:
@@ -18,7 +19,14 @@ def aggregate(
 
 
 # Idempotent: the same inputs write the same root update under the same key.
-@task(name="root-update", retries=1, retry_delay_seconds=2, task_run_name="root-update-r{round_}")
+@task(
+    name="root-update",
+    retries=1,
+    retry_delay_seconds=2,
+    task_run_name="root-update-r{round_}",
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
 def root_update(config: FederationConfig, round_: int, global_ref: ObjectRef) -> RootUpdateRecord:
     """FLTrust: the coordinator trains on its own root data set from the round's global adapter."""
     with TRAIN_LOCK:

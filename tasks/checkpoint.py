@@ -1,4 +1,13 @@
-"""Committing a round (manifest + resume point) and reporting it."""
+"""Committing a round (manifest + resume point), recording evaluations as they arrive, and reporting.
+
+A round's holdout evaluation arrives with the next round's silo runs, so a round is tracked
+(MLflow nested run and metrics at its step, Prefect table artifact) when its evaluation is
+recorded: in the next round's ``commit-round`` task, or in ``record-evaluation`` after the last
+round. One task per round: every Prefect task run costs several API writes.
+
+These tasks persist no result and are never cached: their return values only feed the
+coordinator flow, in the same process.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
 from silotune.federation import (
@@ -18,13 +28,14 @@ from silotune.federation import (
     SiloFailure,
     UpdateRecord,
     commit_round,
+    record_evaluation,
     save_state,
 )
 from silotune.report import plot_history
 from tasks.runtime import store_for, tracker_for
 
 
-@task(name="commit-round", task_run_name="commit-r{round_}")
+@task(name="commit-round", task_run_name="commit-r{round_}", persist_result=False, cache_policy=NO_CACHE)
 def commit(
     config: FederationConfig,
     state: FederationState,
@@ -32,23 +43,83 @@ def commit(
     updates: list[UpdateRecord],
     failures: list[SiloFailure],
     agg: AggregateRecord,
-    evals: list[EvalRecord],
+    evals: list[EvalRecord] | None = None,
+    eval_failures: list[SiloFailure] | None = None,
 ) -> FederationState:
-    return commit_round(config, store_for(config), state, round_, updates, failures, agg, evals)
+    """Record the evaluation that came with this round's silo runs (of round ``round_ - 1``'s output,
+    when ``evals`` is given), commit round ``round_``, then track the evaluated round."""
+    store = store_for(config)
+    evaluated = state.pending_evaluation if evals is not None else None
+    if evaluated is not None:
+        state = record_evaluation(
+            config, store, state, evaluated, evals or [], eval_failures or [], save=False
+        )
+    new = commit_round(config, store, state, round_, updates, failures, agg)
+    if evaluated is not None:
+        _track_evaluation(config, new, evaluated)
+    return new
+
+
+@task(
+    name="record-evaluation",
+    task_run_name="record-evaluation-r{round_}",
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
+def record_eval(
+    config: FederationConfig,
+    state: FederationState,
+    round_: int,
+    evals: list[EvalRecord],
+    eval_failures: list[SiloFailure],
+) -> FederationState:
+    """Record the evaluation of round ``round_``'s output (after the last round, or before a round
+    fails below quorum), then track that round."""
+    new = record_evaluation(config, store_for(config), state, round_, evals, eval_failures)
+    _track_evaluation(config, new, round_)
+    return new
+
+
+def _track_evaluation(config: FederationConfig, state: FederationState, round_: int) -> None:
+    """MLflow metrics at the round's step (nested run per round) and the round's Prefect table."""
+    tracker = tracker_for(config)
+    if round_ < 0:
+        initial = state.initial_eval or {}
+        metrics = {f"global.{k}": float(v) for k, v in initial.get("global_eval", {}).items()}
+        for silo, ev in initial.get("eval", {}).items():
+            metrics.update({f"silo.{silo}.eval.{k}": float(v) for k, v in ev.items()})
+        tracker.log_initial(state.tracking_run_id, metrics)
+        return
+    summary = state.history[round_]
+    tracker.log_round(state.tracking_run_id, round_ + 1, summary)
+    create_table_artifact(
+        key=f"{config.federation_id}-round-{round_ + 1}".replace("_", "-"),
+        table=round_table(summary),
+        description=f"Federation {config.federation_id}, round {round_ + 1}: training and holdout metrics.",
+    )
 
 
 def round_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    silos = sorted(set(summary["train"]) | set(summary["eval"]) | set(summary["excluded"]))
+    silos = sorted(
+        set(summary["train"])
+        | set(summary["eval"])
+        | set(summary["excluded"])
+        | set(summary.get("eval_failures", {}))
+    )
     for silo in silos:
         tr = summary["train"].get(silo, {})
         ev = summary["eval"].get(silo, {})
+        if silo in summary["excluded"]:
+            status = "excluded: " + summary["excluded"][silo][:120]
+        elif silo in summary.get("eval_failures", {}):
+            status = "included; evaluation failed: " + summary["eval_failures"][silo][:100]
+        else:
+            status = "included"
         rows.append(
             {
                 "silo": silo,
-                "status": "excluded: " + summary["excluded"][silo][:120]
-                if silo in summary["excluded"]
-                else "included",
+                "status": status,
                 "examples": tr.get("num_examples", ""),
                 "train_loss_first": round(tr["first_loss"], 4) if "first_loss" in tr else "",
                 "train_loss_final": round(tr["final_loss"], 4) if "final_loss" in tr else "",
@@ -77,36 +148,18 @@ def round_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-@task(name="track-round", task_run_name="track-r{round_}")
-def track_round(config: FederationConfig, state: FederationState, round_: int) -> None:
-    """Per-round MLflow nested run + Prefect table artifact."""
-    summary = state.history[-1]
-    tracker_for(config).log_round(state.tracking_run_id, round_ + 1, summary)
-    create_table_artifact(
-        key=f"{config.federation_id}-round-{round_ + 1}".replace("_", "-"),
-        table=round_table(summary),
-        description=f"Federation {config.federation_id}, round {round_ + 1}: training and holdout metrics.",
-    )
-
-
-@task(name="track-start")
-def track_start(
-    config: FederationConfig, state: FederationState, initial: dict[str, Any] | None
-) -> FederationState:
-    tracker = tracker_for(config)
-    run_id = tracker.start(config, state.tracking_run_id)
+@task(name="track-start", persist_result=False, cache_policy=NO_CACHE)
+def track_start(config: FederationConfig, state: FederationState) -> FederationState:
+    """Start (or reopen) the federation's MLflow run; its initial evaluation comes with round 1."""
+    run_id = tracker_for(config).start(config, state.tracking_run_id)
+    if run_id == state.tracking_run_id:
+        return state
     new = state.model_copy(update={"tracking_run_id": run_id})
-    if initial is not None:
-        new = new.model_copy(update={"initial_eval": initial})
-        metrics = {f"global.{k}": float(v) for k, v in initial["global_eval"].items()}
-        for silo, ev in initial["eval"].items():
-            metrics.update({f"silo.{silo}.eval.{k}": float(v) for k, v in ev.items()})
-        tracker.log_initial(run_id, metrics)
     save_state(store_for(config), new)
     return new
 
 
-@task(name="report")
+@task(name="report", persist_result=False, cache_policy=NO_CACHE)
 def report(config: FederationConfig, state: FederationState, final_adapter_dir: str | None) -> dict[str, Any]:
     """Plot the history to MLflow and Prefect; return a small summary for the caller."""
     tracker = tracker_for(config)

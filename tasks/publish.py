@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
 from silotune.federation import FederationState
@@ -10,7 +11,7 @@ from silotune.publish import publish_final, register_final
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 
 
-@task(name="publish-final")
+@task(name="publish-final", persist_result=False, cache_policy=NO_CACHE)
 def publish(config: FederationConfig, state: FederationState) -> str:
     """Returns where the adapter folder lives (store location + key prefix)."""
     store = store_for(config)

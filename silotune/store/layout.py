@@ -6,6 +6,8 @@
     federations/<fid>/rounds/<r>/global.safetensors    global adapter broadcast at the start of round r
     federations/<fid>/rounds/<r>/updates/<silo>.safetensors   silo deltas of round r
     federations/<fid>/rounds/<r>/manifest.json         what round r produced, with sha256 of every object
+    federations/<fid>/rounds/<r>/evaluation.json       holdout metrics of round r's output (written once)
+    federations/<fid>/initial_evaluation.json          holdout metrics of the initial global adapter
     federations/<fid>/final/                           final adapter in PEFT format
 
 Tensors are stored as safetensors (never pickle). Every read of a tensor object
@@ -57,6 +59,16 @@ class FederationLayout:
 
     def manifest(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/manifest.json"
+
+    def evaluation(self, round_: int) -> str:
+        """The silos' holdout evaluation of round ``round_``'s output; ``-1``: of the initial global.
+
+        Written once, when the evaluation arrives (with the next round's silo runs), after the
+        round's manifest, which never changes.
+        """
+        if round_ < 0:
+            return f"{self.prefix}/initial_evaluation.json"
+        return f"{self.prefix}/rounds/{round_:05d}/evaluation.json"
 
     def server_state(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/server_optimizer.safetensors"
