@@ -1,6 +1,7 @@
 """Orchestration overhead of a warm federated round: embedded default vs the real stack, in one run.
 
-Run: ``.venv/bin/python bench/round_overhead.py [--silos 3] [--rounds 4] [--steps 1] [--json out.json]``
+Run: ``.venv/bin/python bench/round_overhead.py [--silos 3] [--rounds 4] [--steps 1] [--timeline]
+[--no-embedded] [--json out.json]``
 
 The same federation (tiny model, ``--silos`` demo silos, ``--steps`` local steps, a short holdout) runs
 twice:
@@ -9,20 +10,25 @@ twice:
   as subflows one after another, a local-folder store, MLflow on a SQLite file;
 - **stack**: ``silotune stack up`` on free loopback ports (SeaweedFS, Prefect server, MLflow server, one
   in-process worker per pool), the ``federated-training`` deployment run on the coordinator pool, each
-  silo's round and evaluation a flow run on the silo's own pool, results through S3.
+  silo's round (and the final evaluation) a flow run on the silo's own pool, results through S3.
 
-A round's time is read back from Prefect: the interval between the ends of consecutive
-``track-r<k>`` task runs. Round 1 is dropped (first contact); the others are "warm" (each worker has
-the model loaded). Overhead = round time − the work inside it: the silo flow runs of each phase
-(their longest, since stack silos run side by side; their sum for embedded, which runs them in turn)
-plus the coordinator's aggregate/commit/track tasks. Printed: median warm round and overhead for
-both, absolute seconds and the ratio. The target is a warm-round overhead of at most 2 s with 3 silos
-on the stack. ``--database sqlite,postgres`` runs the stack with each Prefect database in turn.
+A round is one wave of silo runs: each silo's ``silo-round`` run evaluates the global adapter it
+receives (the previous round's output) and trains from it; the coordinator then aggregates and
+commits (one ``commit-r<k>`` task, which also records and tracks the previous round's evaluation).
+A round's time is read back from Prefect: the interval between the ends of consecutive ``commit-r<k>``
+task runs. Round 1 is dropped (first contact); the others are "warm" (each worker has the model
+loaded). Overhead = round time − the work inside it: the wave's silo runs (their longest, since stack
+silos run side by side; their sum for embedded, which runs them in turn) plus the coordinator's tasks
+in the interval (aggregate, commit). Printed: median warm round and overhead for both, absolute
+seconds and the ratio. The target is a warm-round overhead of at most 2 s with 3 silos on the stack.
+``--database sqlite,postgres`` runs the stack with each Prefect database in turn. ``--timeline``
+also prints, for the median warm round of each run, every run's and task's state changes in order
+(seconds from the previous commit).
 
-Note what "silo runs" include: a silo flow run from Running to Completed, i.e. the training or
-evaluation plus the engine's own work inside the run (task run, result upload to S3). The overhead is
-everything else: creating the runs, the workers claiming and starting them, the coordinator noticing
-the final states and reading the results.
+Note what "silo runs" include: a silo flow run from Running to Completed, i.e. the evaluation and
+the training plus the engine's own work inside the run (two task runs, the result upload). The
+overhead is everything else: creating the runs, the workers claiming and starting them, the
+coordinator noticing the final states and reading the results, the gaps between coordinator tasks.
 """
 
 from __future__ import annotations
@@ -76,48 +82,92 @@ def _span(run: Any) -> tuple[float, float]:
     return run.start_time.timestamp(), run.end_time.timestamp()
 
 
-def round_breakdown(client: Any, coordinator_run_id: Any, rounds: int) -> list[dict[str, float]]:
-    """Per round: wall seconds, silo work, coordinator task work, overhead (rounds 2..R)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+def round_breakdown(
+    client: Any, coordinator_run_id: Any, rounds: int, *, side_by_side: bool, timeline: bool = False
+) -> list[dict[str, Any]]:
+    """Per warm round (2..R): wall seconds, silo work, coordinator task work, overhead, and its timeline."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     tasks = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[coordinator_run_id]))
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[coordinator_run_id])), limit=200
     )
-    by_name = {t.name: t for t in tasks if t.end_time is not None}
-    silo_runs = [
-        fr
-        for fr in client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-")), limit=200
-        )
-        if fr.end_time is not None and ("-round-" in fr.name or "-evaluate-" in fr.name)
+    # The coordinator's own tasks; embedded silo subflows also appear as task runs of the parent
+    # (named after the silo flow), and their time is counted as silo work.
+    coord = [
+        t
+        for t in tasks
+        if t.start_time is not None and t.end_time is not None and not t.name.startswith("silo-")
     ]
+    commits = {t.name: t.end_time for t in coord if t.name.startswith("commit-r")}
     out = []
     for r in range(1, rounds):
-        t_start = by_name[f"track-r{r - 1}"].end_time.timestamp()
-        t_end = by_name[f"track-r{r}"].end_time.timestamp()
-        coord = sum(
-            by_name[n].end_time.timestamp() - by_name[n].start_time.timestamp()
-            for n in (f"aggregate-r{r}", f"commit-r{r}", f"track-r{r}")
-        )
-        phases: dict[str, list[float]] = {"round": [], "evaluate": []}
-        for fr in silo_runs:
-            s, e = _span(fr)
-            if t_start <= s and e <= t_end:
-                phases["round" if "-round-" in fr.name else "evaluate"].append(e - s)
-        out.append(
-            {
-                "round": r + 1,
-                "seconds": t_end - t_start,
-                "coordinator_tasks": coord,
-                "silo_runs": phases["round"] + phases["evaluate"],
-                "phase_max": [max(v) if v else 0.0 for v in phases.values()],
-                "phase_sum": [sum(v) for v in phases.values()],
-            }
-        )
+        t_start, t_end = commits[f"commit-r{r - 1}"], commits[f"commit-r{r}"]
+        runs = [
+            fr
+            for fr in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    start_time=FlowRunFilterStartTime(after_=t_start, before_=t_end)
+                ),
+                limit=200,
+            )
+            if fr.id != coordinator_run_id and fr.end_time is not None and "-round-" in fr.name
+        ]
+        in_round = [t for t in coord if t_start <= t.start_time and t.end_time <= t_end]
+        silo_s = [e - s for s, e in map(_span, runs)]
+        work = (max(silo_s) if side_by_side else sum(silo_s)) if silo_s else 0.0
+        coordinator = sum(t.end_time.timestamp() - t.start_time.timestamp() for t in in_round)
+        seconds = (t_end - t_start).total_seconds()
+        row: dict[str, Any] = {
+            "round": r + 1,
+            "seconds": seconds,
+            "silo_runs": silo_s,
+            "silo_work": work,
+            "coordinator_tasks": coordinator,
+            "overhead": seconds - work - coordinator,
+        }
+        if timeline:
+            row["timeline"] = _timeline(
+                client, t_start, runs, in_round, TaskRunFilter, TaskRunFilterFlowRunId
+            )
+        out.append(row)
     return out
 
 
-def run_embedded(cfg: FederationConfig) -> tuple[list[dict[str, float]], float]:
+def _timeline(
+    client: Any, t0: Any, runs: list[Any], coord_tasks: list[Any], task_filter: Any, by_run: Any
+) -> list[tuple[float, str]]:
+    """(seconds after ``t0``, what happened) for every state of the round's runs and tasks, in order."""
+    base = t0.timestamp()
+    events: list[tuple[float, str]] = []
+    for t in coord_tasks:
+        events += [
+            (t.start_time.timestamp(), f"task {t.name} start"),
+            (t.end_time.timestamp(), f"task {t.name} end"),
+        ]
+    names = {fr.id: fr.name for fr in runs}
+    for fr in runs:
+        events.append((fr.created.timestamp(), f"run {fr.name} created"))
+        for st in client.read_flow_run_states(fr.id):
+            events.append((st.timestamp.timestamp(), f"run {fr.name} {st.name}"))
+    if names:
+        inner = client.read_task_runs(task_run_filter=task_filter(flow_run_id=by_run(any_=list(names))))
+        for t in inner:
+            if t.start_time is not None and t.end_time is not None:
+                who = names.get(t.flow_run_id, "?")
+                events += [
+                    (t.start_time.timestamp(), f"  {who}: task {t.name} start"),
+                    (t.end_time.timestamp(), f"  {who}: task {t.name} end"),
+                ]
+    return sorted((t - base, what) for t, what in events)
+
+
+def run_embedded(cfg: FederationConfig, timeline: bool) -> tuple[list[dict[str, Any]], float]:
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
@@ -129,15 +179,15 @@ def run_embedded(cfg: FederationConfig) -> tuple[list[dict[str, float]], float]:
         total = time.perf_counter() - t0
         assert state.is_completed(), state
         with get_client(sync_client=True) as client:
-            rows = round_breakdown(client, state.state_details.flow_run_id, cfg.rounds)
-    for row in rows:  # silos run one after another
-        row["overhead"] = row["seconds"] - sum(row["phase_sum"]) - row["coordinator_tasks"]
+            rows = round_breakdown(
+                client, state.state_details.flow_run_id, cfg.rounds, side_by_side=False, timeline=timeline
+            )
     return rows, total
 
 
 def run_stack(
-    cfg_for: Any, silos: list[str], state_dir: Path, database: str
-) -> tuple[list[dict[str, float]], float, float]:
+    cfg_for: Any, silos: list[str], state_dir: Path, database: str, timeline: bool
+) -> tuple[list[dict[str, Any]], float, float]:
     from flows import stack as stk
 
     t0 = time.perf_counter()
@@ -159,11 +209,9 @@ def run_stack(
             total = time.perf_counter() - t0
             assert fr.state is not None and fr.state.is_completed(), fr.state
             with get_client(sync_client=True) as client:
-                rows = round_breakdown(client, fr.id, cfg.rounds)
+                rows = round_breakdown(client, fr.id, cfg.rounds, side_by_side=True, timeline=timeline)
     finally:
         stk.down(state_dir, echo=lambda *a: None)
-    for row in rows:  # silos run side by side
-        row["overhead"] = row["seconds"] - sum(row["phase_max"]) - row["coordinator_tasks"]
     return rows, total, up_s
 
 
@@ -178,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         help="Prefect server database(s) of the stack runs, comma-separated: sqlite (default), postgres",
     )
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print the state timeline (runs, tasks) of the median warm round of each run",
+    )
+    ap.add_argument("--no-embedded", action="store_true", help="run the stack only (no ratio is printed)")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()
     silos = [s.name for s in DEMO_SILOS][: args.silos]
     with tempfile.TemporaryDirectory(prefix="silotune-bench-") as tmp:
         tmpd = Path(tmp)
@@ -192,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             store={"root": str(tmpd / "store")},
             tracking={"uri": f"sqlite:///{tmpd / 'mlflow.db'}", "artifact_root": str(tmpd / "mlart")},
         )
-        emb_rows, emb_total = run_embedded(emb_cfg)
+        emb_rows, emb_total = ([], 0.0) if args.no_embedded else run_embedded(emb_cfg, args.timeline)
 
         def stack_cfg(st: Any) -> FederationConfig:
             return make_config(
@@ -207,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
         stacks = {}
         for db in args.database.split(","):
-            stacks[db] = run_stack(stack_cfg, silos, tmpd / f"stack-{db}", db)
+            stacks[db] = run_stack(stack_cfg, silos, tmpd / f"stack-{db}", db, args.timeline)
 
-    def med(rows: list[dict[str, float]], key: str) -> float:
+    def med(rows: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
     print(
@@ -219,22 +274,46 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("embedded", emb_rows)] + [(f"stack/{db}", v[0]) for db, v in stacks.items()]
     for label, rows in runs:
         for r in rows:
-            work = sum(r["phase_sum"] if label == "embedded" else r["phase_max"])
             print(
-                f"  {label:15s} round {r['round']}: {r['seconds']:.2f} s = silo runs {work:.2f} "
+                f"  {label:15s} round {r['round']}: {r['seconds']:.2f} s = silo runs {r['silo_work']:.2f} "
                 f"+ coordinator tasks {r['coordinator_tasks']:.2f} + overhead {r['overhead']:.2f}"
             )
-    e_round, e_ovh = med(emb_rows, "seconds"), med(emb_rows, "overhead")
-    print(f"embedded: whole federation {emb_total:.1f} s; warm round {e_round:.2f} s, overhead {e_ovh:.2f} s")
+    if args.timeline:
+        for label, rows in runs:
+            if not rows:
+                continue
+            row = sorted(rows, key=lambda x: x["overhead"])[len(rows) // 2]
+            print(f"timeline of {label} round {row['round']} (s after round {row['round'] - 1}'s commit):")
+            prev = 0.0
+            for t, what in row["timeline"]:
+                print(f"  {t:7.3f} (+{t - prev:5.3f}) {what}")
+                prev = t
+    e_round = None
+    if emb_rows:
+        e_round, e_ovh = med(emb_rows, "seconds"), med(emb_rows, "overhead")
+        print(
+            f"embedded: whole federation {emb_total:.1f} s; "
+            f"warm round {e_round:.2f} s, overhead {e_ovh:.2f} s"
+        )
     for db, (rows, total, up_s) in stacks.items():
         s_round, s_ovh = med(rows, "seconds"), med(rows, "overhead")
+        ratio = f"ratio stack/embedded {s_round / e_round:.2f}" if e_round else "no embedded run"
         print(
             f"stack/{db}: start-up {up_s:.1f} s, whole federation {total:.1f} s; warm round {s_round:.2f} s "
-            f"(ratio stack/embedded {s_round / e_round:.2f}), overhead {s_ovh:.2f} s "
+            f"({ratio}), overhead {s_ovh:.2f} s "
             f"(target <= {TARGET_S:.1f} s: {'met' if s_ovh <= TARGET_S else 'NOT met'})"
         )
+    load_after = os.getloadavg()
+    print(
+        "load average (1/5/15 min) at start "
+        + "/".join(f"{x:.2f}" for x in load_before)
+        + ", at end "
+        + "/".join(f"{x:.2f}" for x in load_after)
+        + f" ({os.cpu_count()} CPUs)"
+    )
     if args.json:
         out = {"embedded": emb_rows, **{f"stack/{db}": v[0] for db, v in stacks.items()}}
+        out["load_average"] = {"start": load_before, "end": load_after}
         args.json.write_text(json.dumps(out, indent=2, default=str))
     return 0
 

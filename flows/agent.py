@@ -17,10 +17,13 @@ silo-<name>`` can serve them too (slower, one process per run).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import anyio
 import anyio.abc
@@ -30,7 +33,9 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 log = logging.getLogger("silotune.agent")
 
 
-WAKE_DELAY_S = 0.2
+# A run scheduled to start at most this far ahead is claimed at its start time from its Scheduled
+# event; later ones are left to the pool's poll.
+CLAIM_WAIT_S = 5.0
 
 
 class InProcessResult(BaseWorkerResult):
@@ -65,6 +70,7 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         super().__init__(*args, **kwargs)
         self._flows: dict[str, Any] | None = None
         self._flow_names: dict[Any, str] = {}
+        self._unnamed: dict[str, Any] = {}
 
     def _flow_for(self, flow_run: FlowRun) -> Any:
         if self._flows is None:
@@ -84,13 +90,40 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         self._flows[name] = load_flow(flow_run)
         return self._flows[name]
 
+    def _named(self, flow: Any, flow_run: FlowRun) -> Any:
+        """``flow``, or a copy that does not rename the run when its creator already named it so.
+
+        The engine renames every run of a flow with a ``flow_run_name`` template (one more API write
+        per run); the coordinator names the silo runs it creates from the same template.
+        """
+        template = flow.flow_run_name
+        if not isinstance(template, str):
+            return flow
+        try:
+            name = template.format(**flow_run.parameters)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            return flow
+        if name != flow_run.name:
+            return flow
+        if flow.name not in self._unnamed:
+            unnamed = copy.copy(flow)
+            unnamed.flow_run_name = None
+            self._unnamed[flow.name] = unnamed
+        return self._unnamed[flow.name]
+
     def _execute(self, flow_run: FlowRun) -> int:
+        from prefect.context import SyncClientContext
         from prefect.flow_engine import run_flow
         from prefect.logging.loggers import flow_run_logger
 
+        from flows.api_client import busy_retry_settings
+
         try:
-            flow = self._flow_for(flow_run)
-            run_flow(flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run))
+            flow = self._named(self._flow_for(flow_run), flow_run)
+            # The engine's API client (found through this context) retries a busy server within tens
+            # of milliseconds instead of Prefect's 2 s (see flows/api_client.py).
+            with SyncClientContext(httpx_settings=busy_retry_settings(sync=True)):
+                run_flow(flow, flow_run=flow_run, return_type="state", error_logger=flow_run_logger(flow_run))
             return 0
         except BaseException:  # the engine itself failed: the worker reports the run as crashed
             log.exception("flow run %s could not be executed", flow_run.id)
@@ -133,6 +166,47 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         finally:
             self._release_limit_slot(flow_run.id)
 
+    async def claim(self, flow_run_id: UUID) -> None:
+        """Submit the run a Scheduled event names: one read, then the Pending proposal that claims it.
+
+        Cheaper than polling the pool (a write on the server) for each event. A run scheduled to start
+        within ``CLAIM_WAIT_S`` is claimed at its start time, not before: the coordinator schedules a
+        wave's runs to start together once it has created them all (on SQLite, a write in the middle of
+        a run creation makes the creation fail and retry). A run that is no longer Scheduled, belongs
+        to another pool or queue, or starts later is left to the regular poll.
+        """
+        from prefect.client.schemas.responses import WorkerFlowRunResponse
+        from prefect.exceptions import ObjectNotFound
+
+        if not self._has_successfully_synced or self._work_pool is None:
+            await self.get_and_submit_flow_runs()
+            return
+        try:
+            flow_run = await self.client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            return
+        state = flow_run.state
+        start = flow_run.next_scheduled_start_time
+        wait = (start - datetime.now(UTC)).total_seconds() if start is not None else 0.0
+        if (
+            state is None
+            or not state.is_scheduled()
+            or flow_run.work_pool_name != self._work_pool_name
+            or flow_run.work_queue_id is None
+            or (self._work_queues and flow_run.work_queue_name not in self._work_queues)
+            or wait > CLAIM_WAIT_S
+        ):
+            return
+        if wait > 0:
+            await anyio.sleep(wait)
+        await self._submit_scheduled_flow_runs(
+            [
+                WorkerFlowRunResponse(
+                    work_pool_id=self._work_pool.id, work_queue_id=flow_run.work_queue_id, flow_run=flow_run
+                )
+            ]
+        )
+
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: BaseJobConfiguration, grace_seconds: int = 30
     ) -> None:
@@ -142,35 +216,37 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
 
 
 async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
-    """Pick runs up the moment they are scheduled (Prefect events), not at the next poll.
+    """Claim runs the moment they are scheduled (Prefect events), not at the next poll.
 
     Polling stays on as the fallback (every few seconds); each poll of a pool is also a database write
-    on the server, so polling fast instead would load the server for every idle second.
+    on the server, so polling fast instead would load the server for every idle second. The event
+    stream does not apply related-resource filters (Prefect 3.9 matches every event against them), so
+    the pool is checked here: another pool's runs cost this worker nothing, and the server nothing.
     """
     from prefect.client.orchestration import get_client
     from prefect.events.clients import get_events_subscriber
-    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+    from prefect.events.filters import EventFilter, EventNameFilter
 
     while True:
         try:
             async with get_client() as client:
-                pool_id = (await client.read_work_pool(pool)).id
-            flt = EventFilter(
-                event=EventNameFilter(name=["prefect.flow-run.Scheduled"]),
-                related=EventRelatedFilter(
-                    resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]
-                ),
-            )
-            async with get_events_subscriber(filter=flt) as events:
-                async for _ in events:
-                    # The coordinator creates every silo's run within a fraction of a second; claiming
-                    # ours right away would put our writes in the middle of those creations, and on
-                    # SQLite overlapping writes fail as busy (503, retried after 2 s). Let them land.
-                    await anyio.sleep(WAKE_DELAY_S)
-                    await worker.get_and_submit_flow_runs()
+                pool_resource = f"prefect.work-pool.{(await client.read_work_pool(pool)).id}"
+            flt = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
+            async with get_events_subscriber(filter=flt) as events, anyio.create_task_group() as tg:
+                async for event in events:
+                    if any(r.id == pool_resource for r in event.related):
+                        run_id = UUID(event.resource.id.removeprefix("prefect.flow-run."))
+                        tg.start_soon(_claim, worker, run_id)
         except Exception as exc:  # server restarting, pool not created yet: retry
             log.debug("event subscription for pool %s: %s; retrying", pool, exc)
             await anyio.sleep(2)
+
+
+async def _claim(worker: InProcessWorker, flow_run_id: UUID) -> None:
+    try:
+        await worker.claim(flow_run_id)
+    except Exception as exc:  # the regular poll picks the run up
+        log.warning("could not claim flow run %s from its event: %s", flow_run_id, exc)
 
 
 def serve(
@@ -216,6 +292,8 @@ def ensure_silo_deployments(pool: str) -> list[str]:
                     work_pool_name=pool,
                     tags=["silotune", "silo"],
                     description=f"{fl.name} at the silo behind pool {pool} (registered by its worker).",
+                    # as in deployments/prefect.yaml: the flow validates its parameters when it starts
+                    enforce_parameter_schema=False,
                 ).apply()
                 created.append(f"{fl.name}/{pool}")
     return created

@@ -14,8 +14,10 @@ way (:func:`wave_outcome`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from typing import Any, NamedTuple, Protocol
 
@@ -55,19 +57,52 @@ class SiloRunner(Protocol):
     ) -> tuple[dict[str, Any], list[SiloFailure]]: ...
 
 
-def _failure(silo: str, round_: int, stage: str, state: object) -> SiloFailure:
-    message = getattr(state, "message", None) or str(state)
+class Outcome(NamedTuple):
+    """A silo run's final state and what it returned: its result, or the data of a failed run
+    (``silo-round`` returns its evaluation even when training fails), or the exception that says why."""
+
+    state: Any
+    value: Any
+
+
+def read_outcome(state: Any) -> Outcome:
     try:
-        state.result()  # type: ignore[attr-defined]
-    except Exception as exc:  # the silo's own exception, with its message
-        message = f"{type(exc).__name__}: {exc}"
-    return SiloFailure(silo=silo, round=round_, stage=stage, error=message)
+        return Outcome(state, state.result(raise_on_failure=False))
+    except Exception as exc:
+        return Outcome(state, RuntimeError(f"result unreadable: {type(exc).__name__}: {exc}"))
+
+
+async def _aread_outcome(state: Any) -> Outcome:
+    try:
+        return Outcome(state, await state.aresult(raise_on_failure=False))
+    except Exception as exc:
+        return Outcome(state, RuntimeError(f"result unreadable: {type(exc).__name__}: {exc}"))
+
+
+def _error(out: Outcome) -> str:
+    if isinstance(out.value, BaseException):
+        return f"{type(out.value).__name__}: {out.value}"
+    return getattr(out.state, "message", None) or str(out.state)
+
+
+def step_results(
+    outcomes: dict[str, Outcome], round_: int, stage: str
+) -> tuple[dict[str, Any], list[SiloFailure]]:
+    """Results of the completed runs by silo; a failure for every other run."""
+    results: dict[str, Any] = {}
+    failures: list[SiloFailure] = []
+    for silo, out in outcomes.items():
+        if out.state.is_completed() and not isinstance(out.value, BaseException):
+            results[silo] = out.value
+        else:
+            failures.append(SiloFailure(silo=silo, round=round_, stage=stage, error=_error(out)))
+    return results, failures
 
 
 def wave_outcome(
-    states: dict[str, Any], round_: int, *, evaluate: bool, lost: list[SiloFailure] | None = None
+    outcomes: dict[str, Outcome], round_: int, *, evaluate: bool, lost: list[SiloFailure] | None = None
 ) -> Wave:
-    """Read the final states of a wave of ``silo-round`` runs (by silo) into updates and evaluations.
+    """Read a wave of ``silo-round`` runs (by silo) into updates and evaluations.
 
     A run that failed in training still returns its :class:`SiloRoundResult`, so its evaluation
     counts; a run that crashed, was lost or whose result cannot be read fails both stages.
@@ -77,20 +112,17 @@ def wave_outcome(
         wave.failures.append(f)
         if evaluate:
             wave.eval_failures.append(f.model_copy(update={"round": round_ - 1, "stage": "evaluate"}))
-    for silo, state in states.items():
-        try:
-            value = state.result(raise_on_failure=False)
-        except Exception as exc:
-            value = RuntimeError(f"result of silo-round unreadable: {type(exc).__name__}: {exc}")
+    for silo, out in outcomes.items():
+        value = out.value
         if not isinstance(value, SiloRoundResult):
-            error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(state)
+            error = _error(out)
             value = SiloRoundResult(
                 silo=silo, round=round_, train_error=error, eval_error=error if evaluate else None
             )
-        if value.update is not None and state.is_completed():
+        if value.update is not None and out.state.is_completed():
             wave.updates.append(value.update)
         else:
-            error = value.train_error or state.message or str(state)
+            error = value.train_error or _error(out)
             wave.failures.append(SiloFailure(silo=silo, round=round_, stage="train", error=error))
         if value.evaluation is not None:
             wave.evals.append(value.evaluation)
@@ -113,27 +145,23 @@ class InProcessRunner:
     ) -> Wave:
         from flows.silo import silo_round
 
-        states = {
-            silo.name: silo_round(config, silo.name, round_, global_ref, evaluate, return_state=True)
-            for silo in config.silos
+        outcomes = {
+            s.name: read_outcome(silo_round(config, s.name, round_, global_ref, evaluate, return_state=True))
+            for s in config.silos
         }
-        return wave_outcome(states, round_, evaluate=evaluate)
+        return wave_outcome(outcomes, round_, evaluate=evaluate)
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
         from flows.silo import silo_evaluate
 
-        records, failures = [], []
-        for silo in config.silos:
-            state = silo_evaluate(config, silo.name, round_, global_ref, return_state=True)
-            if state.is_completed():
-                rec = state.result()
-                if rec is not None:
-                    records.append(rec)
-            else:
-                failures.append(_failure(silo.name, round_, "evaluate", state))
-        return records, failures
+        outcomes = {
+            s.name: read_outcome(silo_evaluate(config, s.name, round_, global_ref, return_state=True))
+            for s in config.silos
+        }
+        results, failures = step_results(outcomes, round_, "evaluate")
+        return [r for r in results.values() if r is not None], failures
 
     def step(
         self,
@@ -148,37 +176,38 @@ class InProcessRunner:
         """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
         from flows.silo import silo_step
 
-        results: dict[str, Any] = {}
-        failures: list[SiloFailure] = []
-        for name in silos or [s.name for s in config.silos]:
-            state = silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
-            if state.is_completed():
-                results[name] = state.result()
-            else:
-                failures.append(_failure(name, round_, stage, state))
-                log.warning("round %d: silo %s failed %s: %s", round_ + 1, name, stage, failures[-1].error)
+        outcomes = {
+            name: read_outcome(silo_step(config, name, stage, round_, global_ref, run_id, return_state=True))
+            for name in silos or [s.name for s in config.silos]
+        }
+        results, failures = step_results(outcomes, round_, stage)
+        for f in failures:
+            log.warning("round %d: silo %s failed %s: %s", round_ + 1, f.silo, stage, f.error)
         return results, failures
 
 
 class WorkPoolRunner:
-    """Silos as flow runs on their own work pools, submitted concurrently, awaited with timeouts.
+    """Silos as flow runs on their own work pools, submitted together, awaited with timeouts.
 
     A run nobody picks up within ``orchestration.pickup_timeout_s`` (no worker on the pool) or that does
     not finish within ``orchestration.silo_timeout_s`` (worker killed mid-run, host gone) becomes a
     :class:`SiloFailure` and its run is marked crashed, so the round goes on with the quorum instead of
     hanging. Results come back through Prefect's persisted results (the silo flows set
-    ``persist_result=True``; the stack's result storage is an S3 bucket).
+    ``persist_result=True``; the stack's result storage is an S3 bucket); each is read as soon as its
+    run is final, while the others still run.
     """
 
     def __init__(self) -> None:
         self._deployments: dict[str, Any] = {}
+        self._seconds: dict[str, float] = {}  # each silo's last run, Running to final
+        self._create_s = CREATE_S  # seconds per run creation, as last measured
 
     def run_round(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
     ) -> Wave:
         params = {"round_": round_, "global_ref": global_ref, "evaluate": evaluate}
-        states, lost = self._final_states("silo-round", "train", config, round_, params)
-        return wave_outcome(states, round_, evaluate=evaluate, lost=lost)
+        outcomes, lost = self._wave("silo-round", "train", config, round_, params)
+        return wave_outcome(outcomes, round_, evaluate=evaluate, lost=lost)
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef
@@ -211,31 +240,13 @@ class WorkPoolRunner:
         *,
         silos: list[str] | None = None,
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
-        final, failures = self._final_states(flow_name, stage, config, round_, params, silos=silos)
-        t0 = time.perf_counter()
-        results: dict[str, Any] = {}
-        for name, state in final.items():
-            if state.is_completed():
-                try:
-                    results[name] = state.result()
-                    continue
-                except Exception as exc:
-                    failures.append(
-                        SiloFailure(
-                            silo=name,
-                            round=round_,
-                            stage=stage,
-                            error=f"result of {flow_name} unreadable: {type(exc).__name__}: {exc}",
-                        )
-                    )
-            else:
-                failures.append(_failure(name, round_, stage, state))
-        _logger().info("%s: results read in %.2f s", flow_name, time.perf_counter() - t0)
-        for f in failures:
+        outcomes, failures = self._wave(flow_name, stage, config, round_, params, silos=silos)
+        results, more = step_results(outcomes, round_, stage)
+        for f in failures + more:
             _logger().warning("round %d: silo %s failed (%s): %s", round_ + 1, f.silo, f.stage, f.error)
-        return results, failures
+        return results, failures + more
 
-    def _final_states(
+    def _wave(
         self,
         flow_name: str,
         stage: str,
@@ -244,109 +255,193 @@ class WorkPoolRunner:
         params: dict[str, Any],
         *,
         silos: list[str] | None = None,
-    ) -> tuple[dict[str, Any], list[SiloFailure]]:
-        """Submit the runs, wait for them: (final states by silo, failures of runs never run or lost)."""
-        from prefect.utilities.asyncutils import run_coro_as_sync
+    ) -> tuple[dict[str, Outcome], list[SiloFailure]]:
+        """Create every silo's run on its pool, wait for them, read their results.
 
-        names = silos or [s.name for s in config.silos]
-        submitted, failures = self._submit(flow_name, stage, config, round_, params, names)
-        final, lost = run_coro_as_sync(_await_final(submitted, config, flow_name))
-        failures += [SiloFailure(silo=n, round=round_, stage=stage, error=why) for n, why in lost.items()]
-        return {n: final[n] for n in names if n in final}, failures
-
-    def _submit(
-        self,
-        flow_name: str,
-        stage: str,
-        config: FederationConfig,
-        round_: int,
-        params: dict[str, Any],
-        names: list[str],
-    ) -> tuple[dict[str, Any], list[SiloFailure]]:
-        """Create every silo's run on its pool, then return (one API call per silo, tens of ms each).
+        Returns the outcomes by silo and the failures of runs that could not be created or were lost.
+        The runs are created longest-running silo first (by its previous run): creations go one after
+        another, so the silo that needs the most time gets the earliest start.
 
         The runs are tagged ``federation:<id>``, ``silo:<name>``, ``round:<n>`` rather than linked as
-        subflows: the link is one more insert per silo. On the stack's SQLite database inserts that
-        overlap fail as busy (HTTP 503) and Prefect's client waits 2 s before retrying; a round would pay
-        that several times. So creation is retried here within tens of milliseconds, under an
-        idempotency key (a retry never makes a second run).
+        subflows (the link is one more insert per silo), and named as the silo flow would name them
+        (``clinic-round-3``), so the worker need not rename them. Creation is idempotent (the
+        idempotency key names the coordinator's run, the flow, the stage and the round).
         """
         from prefect.utilities.asyncutils import run_coro_as_sync
 
+        from flows.silo import silo_evaluate, silo_round, silo_step
+
+        template = {f.name: f.flow_run_name for f in (silo_round, silo_evaluate, silo_step)}[flow_name]
+        names = silos or [s.name for s in config.silos]
         parent = _current_flow_run_id()
         specs = {
             silo: {
                 "deployment": f"{flow_name}/{config.silo(silo).pool}",
+                "name": template.format(silo=silo, **params),
                 "parameters": {"config": config, "silo": silo, **params},
                 "tags": [f"federation:{config.federation_id}", f"silo:{silo}", f"round:{round_ + 1}"],
                 "idempotency_key": f"{parent}:{flow_name}/{config.silo(silo).pool}:{stage}:{round_}",
             }
-            for silo in names
+            for silo in sorted(names, key=lambda n: -self._seconds.get(n, 0.0))
         }
-        t0 = time.perf_counter()
-        outcomes = run_coro_as_sync(_create_runs(specs, self._deployments))
-        submitted: dict[str, Any] = {}
-        failures: list[SiloFailure] = []
-        for silo, out in outcomes.items():
-            if isinstance(out, BaseException):  # e.g. the silo's deployment is not registered
-                failures.append(
-                    SiloFailure(
-                        silo=silo,
-                        round=round_,
-                        stage=stage,
-                        error=f"could not submit {specs[silo]['deployment']}: {type(out).__name__}: {out}",
-                    )
-                )
-            else:
-                submitted[silo] = out
-        _logger().info(
-            "%s: %d run(s) created in %.2f s: %s",
+        release = min(RELEASE_MARGIN * len(specs) * self._create_s, MAX_RELEASE_S)
+        waves = _Wave(specs, self._deployments, config, flow_name, release)
+        run_coro_as_sync(waves.run())
+        if waves.create_times:  # a typical creation, not one that waited out a busy database
+            self._create_s = statistics.median(waves.create_times)
+        failures = [
+            SiloFailure(silo=silo, round=round_, stage=stage, error=why) for silo, why in waves.lost.items()
+        ]
+        self._seconds.update(waves.seconds)
+        logger = _logger()
+        logger.info(
+            "%s: %d run(s) created in %.2f s (%s), final after %.2f s, results read %.2f s later",
             flow_name,
-            len(submitted),
-            time.perf_counter() - t0,
-            ", ".join(f"{k}={v.id}" for k, v in submitted.items()),
+            len(waves.runs),
+            waves.created_s,
+            ", ".join(f"{k}={v.id}" for k, v in waves.runs.items()),
+            waves.final_s,
+            waves.read_s,
         )
-        return submitted, failures
+        # In the config's order, whatever the creation order: aggregation must not depend on timing.
+        return {n: waves.outcomes[n] for n in names if n in waves.outcomes}, failures
 
 
-async def _create_runs(specs: dict[str, dict[str, Any]], cache: dict[str, Any]) -> dict[str, Any]:
-    import asyncio
+# A wave's runs are scheduled to start together once all are created: about this long per run (the
+# first estimate; then what the previous wave took), at most MAX_RELEASE_S after the first creation.
+CREATE_S = 0.12
+RELEASE_MARGIN = 1.5  # creations slow down when the server is busy; a claim too early costs a retry
+MAX_RELEASE_S = 1.0
 
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    async with get_client() as client:
+class _Wave:
+    """One wave of silo runs on the stack, in one event loop and one API client.
 
-        async def one(spec: dict[str, Any]) -> Any:
-            name = spec["deployment"]
-            if name not in cache:
-                cache[name] = (await client.read_deployment_by_name(name)).id
-            delay = 0.02
-            for attempt in range(40):
-                try:
-                    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
-                        return await client.create_flow_run_from_deployment(
-                            cache[name],
-                            parameters=spec["parameters"],
-                            tags=spec["tags"],
-                            idempotency_key=spec["idempotency_key"],
-                        )
-                except PrefectHTTPStatusError as exc:
-                    if exc.response.status_code not in (429, 503) or attempt == 39:
-                        raise
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
-            raise AssertionError("unreachable")
+    Creates the runs, scheduled to start ``release_s`` after the first creation: the silos' workers
+    claim them then, not while the other runs are still being created (on SQLite a write in the middle
+    of a creation makes it fail and retry). Then waits for their state events (a subscription to
+    exactly these runs; a read every ``orchestration.poll_s`` as the fallback), enforces the
+    pickup/finish timeouts and reads each run's result as soon as it is final.
+    """
 
-        # One after another: concurrent inserts collide in SQLite and take seconds to sort out.
-        results: dict[str, Any] = {}
-        for silo, spec in specs.items():
+    def __init__(
+        self,
+        specs: dict[str, dict[str, Any]],
+        deployments: dict[str, Any],
+        config: FederationConfig,
+        flow: str,
+        release_s: float,
+    ) -> None:
+        self.specs, self.deployments, self.config, self.flow = specs, deployments, config, flow
+        self.release_s = release_s
+        self.runs: dict[str, Any] = {}
+        self.lost: dict[str, str] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.seconds: dict[str, float] = {}
+        self.created_s = self.final_s = self.read_s = 0.0
+        self.create_times: list[float] = []
+
+    async def run(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        from flows.api_client import busy_retry_settings
+
+        t0 = time.perf_counter()
+        async with get_client(httpx_settings=busy_retry_settings()) as client:
+            await self._create(client)
+            self.created_s = time.perf_counter() - t0
+            reads = await self._await_final(client)
+            self.final_s = time.perf_counter() - t0 - self.created_s
+            for silo, outcome in zip(reads, await asyncio.gather(*reads.values()), strict=True):
+                self.outcomes[silo] = outcome
+            self.read_s = time.perf_counter() - t0 - self.created_s - self.final_s
+
+    async def _create(self, client: Any) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        from prefect.states import Scheduled
+
+        # One after another: on SQLite overlapping inserts collide (busy, retried, but each collision
+        # costs a round trip).
+        release = datetime.now(UTC) + timedelta(seconds=self.release_s)
+        for silo, spec in self.specs.items():
             try:
-                results[silo] = await one(spec)
-            except Exception as exc:
-                results[silo] = exc
-    return results
+                name = spec["deployment"]
+                if name not in self.deployments:
+                    self.deployments[name] = (await client.read_deployment_by_name(name)).id
+                t0 = time.perf_counter()
+                self.runs[silo] = await client.create_flow_run_from_deployment(
+                    self.deployments[name],
+                    parameters=spec["parameters"],
+                    name=spec["name"],
+                    state=Scheduled(scheduled_time=release),
+                    tags=spec["tags"],
+                    idempotency_key=spec["idempotency_key"],
+                )
+                self.create_times.append(time.perf_counter() - t0)
+            except Exception as exc:  # e.g. the silo's deployment is not registered
+                self.lost[silo] = f"could not submit {spec['deployment']}: {type(exc).__name__}: {exc}"
+
+    async def _await_final(self, client: Any) -> dict[str, Any]:
+        """Wait until every run is final; return the (started) reads of their results by silo.
+
+        Runs given up on (pickup or finish timeout) are marked Crashed, so that a late worker does not
+        run them after the round moved on, and land in ``lost`` with the reason.
+        """
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+        from prefect.states import Crashed
+
+        orch = self.config.orchestration
+        pending = {fr.id: silo for silo, fr in self.runs.items()}
+        reads: dict[str, Any] = {}
+        if not pending:
+            return reads
+        start = time.monotonic()
+        flt = EventFilter(
+            event=EventNameFilter(prefix=["prefect.flow-run."]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{i}" for i in pending]),
+        )
+        async with get_events_subscriber(filter=flt) as events:
+            it = events.__aiter__()
+            while pending:
+                runs = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
+                )
+                waited = time.monotonic() - start
+                for fr in runs:
+                    silo = pending[fr.id]
+                    state = fr.state
+                    if state is not None and state.is_final():
+                        reads[silo] = asyncio.ensure_future(_aread_outcome(state))
+                        if fr.start_time is not None and fr.end_time is not None:
+                            self.seconds[silo] = (fr.end_time - fr.start_time).total_seconds()
+                        del pending[fr.id]
+                        continue
+                    pool = self.config.silo(silo).pool
+                    reason = None
+                    if (state is None or state.is_scheduled()) and waited > orch.pickup_timeout_s:
+                        reason = (
+                            f"no worker picked up {self.flow} on pool {pool!r} "
+                            f"within {orch.pickup_timeout_s:.0f} s "
+                            f"(is the silo's worker running? `silotune silo join {silo}`)"
+                        )
+                    elif waited > orch.silo_timeout_s:
+                        reason = (
+                            f"{self.flow} on pool {pool!r} did not finish within {orch.silo_timeout_s:.0f} s "
+                            f"(state {state.name if state else '?'}: worker lost or silo too slow)"
+                        )
+                    if reason:
+                        await client.set_flow_run_state(fr.id, Crashed(message=reason), force=True)
+                        self.lost[silo] = reason
+                        del pending[fr.id]
+                if pending:
+                    # Wake on the next state event of any pending run; read anyway every poll_s
+                    # (timeouts, or an event delivered before the state is readable).
+                    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                        await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
+        return reads
 
 
 def _logger() -> Any:
@@ -364,72 +459,6 @@ def _current_flow_run_id() -> str:
 
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else "no-parent"
-
-
-async def _await_final(
-    submitted: dict[str, Any], config: FederationConfig, flow_name: str
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Wait until every run is final, woken by the runs' state events; enforce the pickup/finish timeouts.
-
-    Returns the final states by silo, and the silos given up on with the reason (their runs are marked
-    Crashed so that a late worker does not run them after the round moved on).
-    """
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.events.clients import get_events_subscriber
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-    from prefect.states import Crashed
-
-    orch = config.orchestration
-    pending = {fr.id: name for name, fr in submitted.items()}
-    final: dict[str, Any] = {}
-    lost: dict[str, str] = {}
-    if not pending:
-        return final, lost
-    start = time.monotonic()
-    flt = EventFilter(
-        event=EventNameFilter(prefix=["prefect.flow-run."]),
-        resource=EventResourceFilter(id=[f"prefect.flow-run.{i}" for i in pending]),
-    )
-    async with get_client() as client, get_events_subscriber(filter=flt) as events:
-        it = events.__aiter__()
-        while pending:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
-            )
-            waited = time.monotonic() - start
-            for fr in runs:
-                name = pending[fr.id]
-                state = fr.state
-                if state is not None and state.is_final():
-                    final[name] = state
-                    del pending[fr.id]
-                    continue
-                pool = config.silo(name).pool
-                reason = None
-                if (state is None or state.is_scheduled()) and waited > orch.pickup_timeout_s:
-                    reason = (
-                        f"no worker picked up {flow_name} on pool {pool!r} "
-                        f"within {orch.pickup_timeout_s:.0f} s "
-                        f"(is the silo's worker running? `silotune silo join {name}`)"
-                    )
-                elif waited > orch.silo_timeout_s:
-                    reason = (
-                        f"{flow_name} on pool {pool!r} did not finish within {orch.silo_timeout_s:.0f} s "
-                        f"(state {state.name if state else '?'}: worker lost or silo too slow)"
-                    )
-                if reason:
-                    await client.set_flow_run_state(fr.id, Crashed(message=reason), force=True)
-                    lost[name] = reason
-                    del pending[fr.id]
-            if pending:
-                # Wake on the next state event of any pending run; poll anyway every poll_s (timeouts,
-                # or an event delivered before the state is readable).
-                with contextlib.suppress(TimeoutError, StopAsyncIteration):
-                    await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
-    return final, lost
 
 
 def runner_for(config: FederationConfig) -> SiloRunner:
