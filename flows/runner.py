@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 from silotune.config import FederationConfig
@@ -138,17 +138,25 @@ def wave_outcome(
 
 
 class InProcessRunner:
-    """Silos as subflows of the coordinator flow (the embedded default)."""
+    """Silos as subflows of the coordinator flow (the embedded default).
+
+    The subflows send no heartbeats of their own: they run in the coordinator's process and thread,
+    whose run heartbeats for them, and a flow run's heartbeat thread, which sleeps in 1-s steps, is
+    joined when the run ends: up to 1 s per silo and round for nothing.
+    """
 
     def run_round(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
     ) -> Wave:
         from flows.silo import silo_round
 
-        outcomes = {
-            s.name: read_outcome(silo_round(config, s.name, round_, global_ref, evaluate, return_state=True))
-            for s in config.silos
-        }
+        with _no_heartbeats():
+            outcomes = {
+                s.name: read_outcome(
+                    silo_round(config, s.name, round_, global_ref, evaluate, return_state=True)
+                )
+                for s in config.silos
+            }
         return wave_outcome(outcomes, round_, evaluate=evaluate)
 
     def evaluate(
@@ -156,10 +164,11 @@ class InProcessRunner:
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
         from flows.silo import silo_evaluate
 
-        outcomes = {
-            s.name: read_outcome(silo_evaluate(config, s.name, round_, global_ref, return_state=True))
-            for s in config.silos
-        }
+        with _no_heartbeats():
+            outcomes = {
+                s.name: read_outcome(silo_evaluate(config, s.name, round_, global_ref, return_state=True))
+                for s in config.silos
+            }
         results, failures = step_results(outcomes, round_, "evaluate")
         return [r for r in results.values() if r is not None], failures
 
@@ -176,10 +185,13 @@ class InProcessRunner:
         """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
         from flows.silo import silo_step
 
-        outcomes = {
-            name: read_outcome(silo_step(config, name, stage, round_, global_ref, run_id, return_state=True))
-            for name in silos or [s.name for s in config.silos]
-        }
+        with _no_heartbeats():
+            outcomes = {
+                name: read_outcome(
+                    silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
+                )
+                for name in silos or [s.name for s in config.silos]
+            }
         results, failures = step_results(outcomes, round_, stage)
         for f in failures:
             log.warning("round %d: silo %s failed %s: %s", round_ + 1, f.silo, stage, f.error)
@@ -200,7 +212,6 @@ class WorkPoolRunner:
     def __init__(self) -> None:
         self._deployments: dict[str, Any] = {}
         self._seconds: dict[str, float] = {}  # each silo's last run, Running to final
-        self._create_s = CREATE_S  # seconds per run creation, as last measured
 
     def run_round(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
@@ -284,11 +295,8 @@ class WorkPoolRunner:
             }
             for silo in sorted(names, key=lambda n: -self._seconds.get(n, 0.0))
         }
-        release = min(RELEASE_MARGIN * len(specs) * self._create_s, MAX_RELEASE_S)
-        waves = _Wave(specs, self._deployments, config, flow_name, release)
+        waves = _Wave(specs, self._deployments, config, flow_name)
         run_coro_as_sync(waves.run())
-        if waves.create_times:  # a typical creation, not one that waited out a busy database
-            self._create_s = statistics.median(waves.create_times)
         failures = [
             SiloFailure(silo=silo, round=round_, stage=stage, error=why) for silo, why in waves.lost.items()
         ]
@@ -307,21 +315,22 @@ class WorkPoolRunner:
         return {n: waves.outcomes[n] for n in names if n in waves.outcomes}, failures
 
 
-# A wave's runs are scheduled to start together once all are created: about this long per run (the
-# first estimate; then what the previous wave took), at most MAX_RELEASE_S after the first creation.
-CREATE_S = 0.12
-RELEASE_MARGIN = 1.5  # creations slow down when the server is busy; a claim too early costs a retry
-MAX_RELEASE_S = 1.0
+# A wave's runs are created scheduled this far ahead (beyond the workers' claim horizon and their
+# polls' prefetch), then released all at once; a run whose coordinator died before releasing it
+# still starts then.
+HOLD_S = 60.0
 
 
 class _Wave:
     """One wave of silo runs on the stack, in one event loop and one API client.
 
-    Creates the runs, scheduled to start ``release_s`` after the first creation: the silos' workers
-    claim them then, not while the other runs are still being created (on SQLite a write in the middle
-    of a creation makes it fail and retry). Then waits for their state events (a subscription to
-    exactly these runs; a read every ``orchestration.poll_s`` as the fallback), enforces the
-    pickup/finish timeouts and reads each run's result as soon as it is final.
+    Creates the runs held (scheduled ``HOLD_S`` ahead), then releases them (rescheduled to now, one
+    small write each): the silos' workers start on them only once every run exists. On SQLite a
+    creation is a read-then-write transaction that fails and retries whenever another write lands in
+    between, and a busy silo writes often (claim, states, task runs, logs): created while the first
+    silos already run, the last run waited for seconds. Then waits for the runs' state events (a
+    subscription to exactly these runs; a read every ``orchestration.poll_s`` as the fallback),
+    enforces the pickup/finish timeouts and reads each run's result as soon as it is final.
     """
 
     def __init__(
@@ -330,16 +339,13 @@ class _Wave:
         deployments: dict[str, Any],
         config: FederationConfig,
         flow: str,
-        release_s: float,
     ) -> None:
         self.specs, self.deployments, self.config, self.flow = specs, deployments, config, flow
-        self.release_s = release_s
         self.runs: dict[str, Any] = {}
         self.lost: dict[str, str] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.seconds: dict[str, float] = {}
         self.created_s = self.final_s = self.read_s = 0.0
-        self.create_times: list[float] = []
 
     async def run(self) -> None:
         from prefect.client.orchestration import get_client
@@ -361,26 +367,33 @@ class _Wave:
 
         from prefect.states import Scheduled
 
-        # One after another: on SQLite overlapping inserts collide (busy, retried, but each collision
-        # costs a round trip).
-        release = datetime.now(UTC) + timedelta(seconds=self.release_s)
+        # One after another: on SQLite overlapping creations collide (busy, retried, but each
+        # collision costs a round trip). A single run needs no holding back.
+        hold = len(self.specs) > 1
+        state = Scheduled(scheduled_time=datetime.now(UTC) + timedelta(seconds=HOLD_S)) if hold else None
         for silo, spec in self.specs.items():
             try:
                 name = spec["deployment"]
                 if name not in self.deployments:
                     self.deployments[name] = (await client.read_deployment_by_name(name)).id
-                t0 = time.perf_counter()
                 self.runs[silo] = await client.create_flow_run_from_deployment(
                     self.deployments[name],
                     parameters=spec["parameters"],
                     name=spec["name"],
-                    state=Scheduled(scheduled_time=release),
+                    state=state,
                     tags=spec["tags"],
                     idempotency_key=spec["idempotency_key"],
                 )
-                self.create_times.append(time.perf_counter() - t0)
             except Exception as exc:  # e.g. the silo's deployment is not registered
                 self.lost[silo] = f"could not submit {spec['deployment']}: {type(exc).__name__}: {exc}"
+        if not hold:
+            return
+        for silo, run in list(self.runs.items()):  # longest-running silo first, as created
+            try:
+                await client.set_flow_run_state(run.id, Scheduled(), force=True)
+            except Exception as exc:
+                self.lost[silo] = f"could not release {run.name}: {type(exc).__name__}: {exc}"
+                del self.runs[silo]
 
     async def _await_final(self, client: Any) -> dict[str, Any]:
         """Wait until every run is final; return the (started) reads of their results by silo.
@@ -442,6 +455,14 @@ class _Wave:
                     with contextlib.suppress(TimeoutError, StopAsyncIteration):
                         await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
         return reads
+
+
+@contextlib.contextmanager
+def _no_heartbeats() -> Iterator[None]:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _logger() -> Any:
