@@ -197,3 +197,132 @@ def test_tampered_update_is_excluded_not_aggregated(tmp_path: Path, demo_data) -
     # Nothing stored was lost: the global adapter is intact.
     assert sha256(store.get(state.global_ref.key)) == state.global_ref.sha256
     json.dumps(agg.model_dump())  # records stay small and serialisable
+
+
+# -- one wave of silo runs per round: evaluation rides along with the next round's training ----------
+
+TIMING = {"seconds", "tokens_per_second"}  # wall-clock fields of a silo's training record
+
+
+def _silo_runs(coordinator_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[coordinator_run_id])
+            )
+        )
+
+
+def _comparable(history: list[dict]) -> list[dict]:
+    """History without wall-clock fields and without ``delta_norm`` (a float64 reduction over threads:
+    compared to 1e-12 on its own)."""
+    return [
+        {
+            **{k: v for k, v in h.items() if k != "delta_norm"},
+            "train": {s: {k: v for k, v in t.items() if k not in TIMING} for s, t in h["train"].items()},
+        }
+        for h in history
+    ]
+
+
+def test_rounds_take_one_silo_wave_each_plus_a_final_evaluation(tmp_path: Path, demo_data) -> None:
+    """R rounds = R waves of silo-round runs + 1 evaluate-only wave; the evaluations recorded for each
+    round are exactly what evaluating each committed global right after its aggregation gives."""
+    from flows.federated_training import federated_training
+    from silotune.federation import ObjectRef, evaluate_silo
+    from tasks.runtime import adapter_for
+
+    cfg = _config(tmp_path, demo_data, "fed-w", rounds=3, tracking=False)
+    state = federated_training(cfg, return_state=True)
+    out = state.result()
+    names = sorted(fr.name for fr in _silo_runs(state.state_details.flow_run_id))
+    assert names == sorted(
+        [f"{s}-round-{r}" for s in ("clinic", "lab") for r in range(3)]
+        + [f"{s}-evaluate-2" for s in ("clinic", "lab")]
+    )  # 3 rounds: 4 waves (the old structure took 7: initial eval + 3 x (train + eval))
+
+    store, lay = LocalStore(cfg.store.root), FederationLayout("fed-w")
+    refs = [ObjectRef(**get_json(store, lay.manifest(0))["objects"]["global_in"])]
+    refs += [ObjectRef(**get_json(store, lay.manifest(r))["objects"]["global_out"]) for r in range(3)]
+    expected = [
+        {
+            s: evaluate_silo(cfg, s, r - 1, refs[r], store, adapter_for(cfg, s)).result
+            for s in ("clinic", "lab")
+        }
+        for r in range(4)
+    ]
+    assert out["initial_eval"]["eval"] == expected[0]
+    assert [h["eval"] for h in out["history"]] == expected[1:]
+    assert all(h["evaluated"] and h["global_eval"]["num_examples"] > 0 for h in out["history"])
+    for r in range(-1, 3):  # the write-once evaluation objects beside the manifests hold the same numbers
+        assert get_json(store, lay.evaluation(r))["eval"] == expected[r + 1]
+    assert "eval" not in get_json(store, lay.manifest(0))  # manifests are written before evaluation
+
+
+def test_crash_before_a_rounds_evaluation_arrived_resumes_and_fills_it_in(
+    tmp_path: Path, demo_data, monkeypatch
+) -> None:
+    from flows.federated_training import federated_training
+    from flows.runner import InProcessRunner
+    from silotune.federation import load_state
+
+    # ids of one length: the update payloads (and their byte counts) carry the id
+    straight = _config(tmp_path / "a", demo_data, "fed-e-a", rounds=3, tracking=False)
+    expected = federated_training(straight)
+
+    crashy = _config(tmp_path / "b", demo_data, "fed-e-b", rounds=3, tracking=False)
+    real_round = InProcessRunner.run_round
+
+    def crash_in_round_2(self, config, round_, global_ref, *, evaluate):
+        if round_ == 1:  # round 1 is committed; its evaluation would come with this wave
+            raise RuntimeError("coordinator crashed")
+        return real_round(self, config, round_, global_ref, evaluate=evaluate)
+
+    monkeypatch.setattr(InProcessRunner, "run_round", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="coordinator crashed"):
+        federated_training(crashy)
+    store, lay = LocalStore(crashy.store.root), FederationLayout("fed-e-b")
+    state = load_state(store, "fed-e-b")
+    assert state.completed_rounds == 1 and state.pending_evaluation == 0
+    assert state.history[0]["evaluated"] is False and state.history[0]["eval"] == {}
+    assert not store.exists(lay.evaluation(0))
+    monkeypatch.setattr(InProcessRunner, "run_round", real_round)
+
+    out = federated_training(crashy)  # resumes at round 2; its wave supplies round 1's evaluation
+    a, b = _final(straight, 3), _final(crashy, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed federation differs from the uninterrupted one"
+    assert _comparable(out["history"]) == _comparable(expected["history"])
+    norms = [h["delta_norm"] for h in expected["history"]]
+    assert [h["delta_norm"] for h in out["history"]] == pytest.approx(norms, rel=1e-12)
+    assert out["initial_eval"] == expected["initial_eval"]
+    assert get_json(store, lay.evaluation(0))["eval"] == expected["history"][0]["eval"]
+
+
+def test_a_wave_below_quorum_still_records_the_evaluations_it_got(
+    tmp_path: Path, demo_data, monkeypatch
+) -> None:
+    """lab's training fails in round 2 (quorum 2 lost), but its evaluation of round 1's output counts."""
+    import silotune.federation as fed
+    from flows.federated_training import federated_training
+    from silotune.federation import load_state
+
+    real_train = fed.train_silo
+
+    def lab_fails_in_round_2(config, silo, round_, *args, **kwargs):
+        if silo == "lab" and round_ == 1:
+            raise RuntimeError("privacy budget spent")
+        return real_train(config, silo, round_, *args, **kwargs)
+
+    monkeypatch.setattr("tasks.local_train.train_silo", lab_fails_in_round_2)
+    cfg = _config(tmp_path, demo_data, "fed-qe", rounds=2, tracking=False)
+    with pytest.raises(QuorumError, match="round 2: only 1 silo"):
+        federated_training(cfg)
+    store, lay = LocalStore(cfg.store.root), FederationLayout("fed-qe")
+    state = load_state(store, "fed-qe")
+    assert state.completed_rounds == 1 and state.pending_evaluation is None
+    h = state.history[0]
+    assert h["evaluated"] and sorted(h["eval"]) == ["clinic", "lab"]
+    assert get_json(store, lay.evaluation(0))["eval"] == h["eval"]

@@ -23,6 +23,7 @@ from silotune.federation import (
     commit_round,
     evaluate_silo,
     load_state,
+    record_evaluation,
     screen_uploads,
     start_federation,
     train_silo,
@@ -64,11 +65,17 @@ def _config(tmp: Path, demo_data, fid: str, *, silos=("clinic", "lab"), **sectio
 def _run_rounds(
     cfg: FederationConfig, adapter, rounds: int, *, fail: set[str] = frozenset(), aggregate=aggregate_round
 ) -> Any:
-    """Rounds through the library functions, in the order the coordinator flow calls them."""
+    """Rounds through the library functions, in the order the coordinator flow calls them.
+
+    Each silo evaluates the global it receives (the previous round's output) and trains from it; those
+    evaluations are recorded at the commit, and the final global's after the last round.
+    """
     store = LocalStore(cfg.store.root)
     state = start_federation(cfg, store, adapter)
     names = [s.name for s in cfg.silos]
     for r in range(state.completed_rounds, rounds):
+        pending = state.pending_evaluation
+        evals = [e for n in names if (e := evaluate_silo(cfg, n, r - 1, state.global_ref, store, adapter))]
         if cfg.security.protection == "secagg":
             for n in names:
                 prot.secagg_advertise(cfg, n, r, store)
@@ -81,8 +88,12 @@ def _run_rounds(
             for n in close_secagg_upload(cfg, store, r, records):
                 prot.secagg_unmask(cfg, n, r, store)
         agg = aggregate(cfg, store, r, state.global_ref, records)
-        evals = [e for n in names if (e := evaluate_silo(cfg, n, r, agg.next_global, store, adapter))]
-        state = commit_round(cfg, store, state, r, records, [], agg, evals)
+        if pending is not None:
+            state = record_evaluation(cfg, store, state, pending, evals, save=False)
+        state = commit_round(cfg, store, state, r, records, [], agg)
+    if (last := state.pending_evaluation) is not None:
+        evals = [e for n in names if (e := evaluate_silo(cfg, n, last, state.global_ref, store, adapter))]
+        state = record_evaluation(cfg, store, state, last, evals)
     return state
 
 
@@ -345,7 +356,7 @@ def test_dp_ledger_resumes_to_the_same_epsilon_and_stops_at_the_budget(tmp_path,
 
 
 def test_budget_exhausted_silo_sits_out_and_the_round_goes_on(tmp_path, demo_data, tiny_adapter) -> None:
-    from flows.runner import _failure  # noqa: F401 - the flow turns the error into a SiloFailure
+    from flows.runner import wave_outcome  # noqa: F401 - the flow turns the error into a SiloFailure
 
     cfg = _config(tmp_path, demo_data, "dpout", privacy={"sample_dp": {"target_epsilon": 50.0, "delta": 1e-3}})
     vault = SiloVault.for_silo(cfg.silo("lab"))

@@ -104,16 +104,17 @@ def _store(st: Any, identity: str = "coordinator") -> S3Store:
 
 
 def _kill_mid_run(st: Any, fid: str, run_name: str, pool: str, timeout: float = 180) -> None:
-    """SIGKILL ``pool``'s worker as soon as the silo run ``run_name`` of ``fid`` exists and is not final."""
+    """SIGKILL ``pool``'s worker as soon as the silo run ``run_name`` of ``fid`` is running."""
     from flows.stack import kill_worker
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for fr in _silo_runs(st, fid):
-            if fr.name == run_name:
-                assert fr.state is not None and not fr.state.is_final(), f"{run_name} finished too fast"
-                kill_worker(st, pool)
-                return
+            if fr.name == run_name and fr.state is not None and not fr.state.is_scheduled():
+                assert not fr.state.is_final(), f"{run_name} finished too fast"
+                if fr.state.is_running():
+                    kill_worker(st, pool)
+                    return
         time.sleep(0.1)
     raise AssertionError(f"{run_name} of {fid} never started")
 
@@ -162,10 +163,15 @@ def test_federation_through_workers(stack, demo_data) -> None:
     assert mv.tags["silotune.federation_id"] == "stack-a" and mv.tags["silotune.rounds"] == "2"
     assert mv.tags["silotune.silos"] == "clinic,lab" and mv.tags["silotune.config_hash"] == cfg.fingerprint()
 
-    # Prefect: every silo run completed, on its silo's own pool (initial eval + 2 × (train + eval)).
+    # Prefect: every silo run completed, on its silo's own pool: one wave of silo-round runs per round
+    # (each evaluates the global it receives, then trains), then one evaluation of the final global.
     runs = _silo_runs(stack, "stack-a")
-    assert len(runs) == 2 * 5
+    assert sorted(r.name for r in runs) == sorted(
+        [f"{s}-round-{r}" for s in SILOS for r in range(2)] + [f"{s}-evaluate-1" for s in SILOS]
+    )
     assert all(r.state.is_completed() for r in runs)
+    assert [h["evaluated"] for h in state["history"]] == [True, True]
+    assert set(state["initial_eval"]["eval"]) == set(SILOS)
     for r in runs:
         silo = next(t.removeprefix("silo:") for t in r.tags if t.startswith("silo:"))
         assert r.work_pool_name == f"silo-{silo}" and r.name.startswith(silo)
@@ -230,6 +236,9 @@ def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None
     round1_runs = [r for r in _silo_runs(stack, "stack-c") if "round:1" in r.tags and "-round-" in r.name]
     assert len(round1_runs) == 2  # from the first attempt only
     assert [h["included"] for h in state["history"]] == [["clinic", "lab"]] * 3
+    # The wave that fell below quorum still recorded the evaluation it got of round 1's output.
+    assert list(state["history"][0]["eval"]) == ["clinic"] and "lab" in state["history"][0]["eval_failures"]
+    assert all(h["evaluated"] for h in state["history"])
 
 
 def test_down_leaves_no_process_and_no_port(stack) -> None:
