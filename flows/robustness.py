@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.federated_training import federated_training
+from silotune.memo import WorkMemo
 from silotune.robustness import (
     BACKDOOR_TARGET,
     BACKDOOR_TRIGGER,
@@ -25,6 +26,7 @@ from silotune.robustness import (
     grid_configs,
     row_from_history,
 )
+from tasks import runtime
 from tasks.audit import backdoor_eval
 from tasks.robustness import publish_grid
 
@@ -53,6 +55,29 @@ def robustness_grid(
     rules = list(rules or preset.rules)
     grid_id = f"grid-{model}-r{preset.rounds}-s{preset.local_steps}"
     cells = grid_configs(Path(out), model=model, preset=preset, attacks=attacks, rules=rules, grid_id=grid_id)
+    # Identical local work across cells (honest silos' training from the same global, evaluations of the
+    # same adapter) runs once: every cell is still a full federation, with its own store objects and run.
+    memo, previous_memo = WorkMemo(), runtime.MEMO
+    runtime.MEMO = memo
+    try:
+        rows = _run_cells(cells, attacks, logger)
+    finally:
+        runtime.MEMO = previous_memo
+    memo_stats = memo.stats()
+    logger.info("reused local work: %s", memo_stats)
+    notes = _notes(model, preset, attacks, memo_stats)
+    pub = publish_grid(
+        rows,
+        out,
+        title=f"Robustness grid ({model})",
+        notes=notes,
+        tracking=cells[0].config.tracking,
+        grid_id=grid_id,
+    )
+    return {"rows": [r.__dict__ for r in rows], "memo": memo_stats, **pub}
+
+
+def _run_cells(cells: list[Any], attacks: list[str], logger: Any) -> list[GridRow]:
     rows: list[GridRow] = []
     for i, cell in enumerate(cells, start=1):
         t0 = time.perf_counter()
@@ -77,8 +102,12 @@ def robustness_grid(
             row.union_exact_match,
             row.seconds,
         )
-    notes = [
-        f"model {model}; {preset.rounds} rounds × {preset.local_steps} local steps × "
+    return rows
+
+
+def _notes(model: str, preset: Any, attacks: list[str], memo_stats: dict[str, int]) -> list[str]:
+    return [
+        f"model {model}; {preset.rounds} round(s) × {preset.local_steps} local steps × "
         f"batch {preset.batch_size}, "
         f"lr {preset.learning_rate}; LoRA r=8 on {','.join(preset.target_modules)}; "
         f"data scale {preset.data_scale}.",
@@ -89,13 +118,6 @@ def robustness_grid(
         "silos f=1 is refused by its validation.",
         f"model-poisoning attacks: {', '.join(a for a in attacks if a in MODEL_POISONING)}; "
         f"gaussian std {preset.gaussian_std}; sign_flip scale 4; scale factor 10.",
+        "identical local work was computed once and reused across cells (silotune.memo, keyed by the sha256 "
+        f"of every input): {memo_stats['hits']} reuses, {memo_stats['misses']} computations.",
     ]
-    pub = publish_grid(
-        rows,
-        out,
-        title=f"Robustness grid ({model})",
-        notes=notes,
-        tracking=cells[0].config.tracking,
-        grid_id=grid_id,
-    )
-    return {"rows": [r.__dict__ for r in rows], **pub}

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from silotune import __version__
 from silotune import protection as prot
-from silotune.adapters import AdapterModel, global_norm, lora_b_keys
+from silotune.adapters import AdapterModel, TensorDict, global_norm, lora_b_keys
 from silotune.aggregation import (
     ClientUpdate,
     build_aggregator,
@@ -45,13 +45,14 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.memo import WorkMemo, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.poisoning import attack_silo_update, poison_silo_records
 from silotune.root_update import prepare_aggregator
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
-from silotune.training import DPSGD, silo_seed, train_local
+from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
 __all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
 
@@ -210,11 +211,14 @@ def train_silo(
     adapter: AdapterModel,
     *,
     progress: bool = True,
+    memo: WorkMemo | None = None,
 ) -> UpdateRecord:
     """A silo's local round: fetch the global adapter, train, filter, upload its update.
 
     The filters run in order and fail closed (see :mod:`silotune.protection`):
     DP-SGD in training, client-level clip + noise, encryption or masking, signing.
+    ``memo`` (experiments only, :mod:`silotune.memo`): reuse the training result of an
+    earlier call with identical inputs; never used with DP-SGD.
     """
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
@@ -240,19 +244,48 @@ def train_silo(
             noise_seed=prot.SiloVault.for_silo(spec).noise_seed(config.federation_id, round_, "dp-sgd"),
             grad_sample_mode=config.privacy.grad_sample_mode,
         )
-    d, result = train_local(
-        adapter,
-        global_state,
-        examples,
-        config.train,
-        seed=silo_seed(config.seed, round_, index),
-        desc=f"round {round_ + 1} · {silo}",
-        progress=progress,
-        dp=dp,
-        frozen=frozen,
-        exchanged=keys,
-        objective=objective,
-    )
+
+    def run() -> tuple[TensorDict, TrainResult]:
+        return train_local(
+            adapter,
+            global_state,
+            examples,
+            config.train,
+            seed=silo_seed(config.seed, round_, index),
+            desc=f"round {round_ + 1} · {silo}",
+            progress=progress,
+            dp=dp,
+            frozen=frozen,
+            exchanged=keys,
+            objective=objective,
+        )
+
+    if memo is None or dp is not None:
+        d, result = run()
+    else:
+        key = memo_key(
+            "train",
+            tensor_digest(global_state),
+            silo,
+            index,
+            round_,
+            config.seed,
+            file_sha256(spec.train_path),
+            spec.model_dump(mode="json", exclude={"attack"}),  # the attack applies after training
+            config.model,
+            config.lora_for(silo),
+            config.method_for(silo),
+            config.objective_for(silo),
+            config.train,
+            config.security,
+            frozen,
+            keys,
+        )
+        d, result = memo.get_or_compute(
+            key,
+            run,
+            lambda v: ({k: t.clone() for k, t in v[0].items()}, v[1]),  # TrainResult is frozen
+        )
     d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
@@ -290,24 +323,47 @@ def evaluate_silo(
     global_ref: ObjectRef,
     store: ObjectStore,
     adapter: AdapterModel,
+    *,
+    memo: WorkMemo | None = None,
 ) -> EvalRecord | None:
-    """Evaluate a global adapter on the silo's holdout; None when the silo has no holdout."""
+    """Evaluate a global adapter on the silo's holdout; None when the silo has no holdout.
+
+    ``memo`` (experiments only): reuse the result of an earlier evaluation with identical inputs.
+    """
     spec = config.silo(silo)
     if spec.eval_path is None:
         return None
     state = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
     state = hetero.truncate(state, config.lora_for(silo).r)
-    examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
-    if config.evaluation.max_examples:
-        examples = examples[: config.evaluation.max_examples]
-    res = evaluate(
-        adapter,
-        examples,
-        batch_size=config.evaluation.batch_size,
-        state=state,
-        beta=config.objective_for(silo).beta,
-    )
-    return EvalRecord(silo=silo, round=round_, result=res.as_dict())
+
+    def run() -> dict[str, Any]:
+        examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
+        if config.evaluation.max_examples:
+            examples = examples[: config.evaluation.max_examples]
+        res = evaluate(
+            adapter,
+            examples,
+            batch_size=config.evaluation.batch_size,
+            state=state,
+            beta=config.objective_for(silo).beta,
+        )
+        return res.as_dict()
+
+    if memo is None:
+        result = run()
+    else:
+        key = memo_key(
+            "evaluate",
+            tensor_digest(state),
+            file_sha256(spec.eval_path),
+            config.model,
+            config.lora_for(silo),
+            config.method_for(silo),
+            config.objective_for(silo),
+            config.evaluation,
+        )
+        result = memo.get_or_compute(key, run, dict)
+    return EvalRecord(silo=silo, round=round_, result=result)
 
 
 # --- coordinator side -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from silotune.config import FederationConfig
 from silotune.errors import SilotuneError, UpdateError
 from silotune.keys import CoordinatorKeys, SiloVault, write_private
 from silotune.privacy import ClientNoise, PrivacyLedger, privatize_update
-from silotune.store import FederationLayout, ObjectStore, get_json, put_json, sha256
+from silotune.store import FederationLayout, ObjectStore, get_json, put_json, save_tensors, sha256
 
 EXTENSIONS = {"none": "safetensors", "ckks": "ckks", "secagg": "masked"}
 
@@ -159,7 +159,7 @@ def pack_update(config: FederationConfig, silo: str, round_: int, d: TensorDict,
     vault = SiloVault.for_silo(config.silo(silo))
     if protection == "none":
         meta = {"federation_id": config.federation_id, "round": str(round_), "silo": silo}
-        return st_save({k: v.detach().contiguous() for k, v in d.items()}, metadata=meta)
+        return save_tensors(d, meta)
     if protection == "ckks":
         from silotune.crypto.ckks import encrypt_update
 

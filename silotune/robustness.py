@@ -68,19 +68,22 @@ PRESETS: dict[str, GridPreset] = {
         attacks=ALL_ATTACKS,
         rules=ALL_RULES,
     ),
-    # SmolLM2 costs ~4 s per step at batch 4 on 2 CPU cores: fewer cells, rounds and steps.
+    # SmolLM2 (~2.4 s per step at batch 8 x ~65 tokens on 2 CPU cores). Every cell of the full grid: one
+    # round of 16 local steps, so that honest local work is identical across cells and computed once
+    # (silotune.memo); what differs per cell is the attacker's update, the aggregation and the evaluation.
+    # Union holdout: 120 examples (40 per honest silo), so one example is 0.83 points of exact match.
     "smollm2-135m-instruct": GridPreset(
-        rounds=2,
-        local_steps=4,
-        batch_size=4,
-        learning_rate=2e-3,
-        data_scale=0.5,
-        max_seq_len=256,
+        rounds=1,
+        local_steps=16,
+        batch_size=8,
+        learning_rate=4e-3,
+        data_scale=1.0,
+        max_seq_len=128,
         gaussian_std=0.05,
         target_modules=("q_proj", "v_proj"),
         torch_threads=None,
-        attacks=("none", "sign_flip", "scale", "backdoor"),
-        rules=("fedavg", "median", "norm_bounded"),
+        attacks=ALL_ATTACKS,
+        rules=ALL_RULES,
     ),
 }
 

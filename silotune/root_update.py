@@ -19,8 +19,9 @@ from silotune.adapters import AdapterModel, lora_b_keys
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError
+from silotune.memo import WorkMemo, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, get_tensors, put_tensors
-from silotune.training import silo_seed, train_local
+from silotune.training import TrainResult, silo_seed, train_local
 
 
 class RootUpdateRecord(BaseModel):
@@ -40,6 +41,7 @@ def train_root_update(
     adapter: AdapterModel,
     *,
     progress: bool = False,
+    memo: WorkMemo | None = None,
 ) -> RootUpdateRecord:
     """Train on the root data set from round ``round_``'s global adapter; store the delta.
 
@@ -53,17 +55,38 @@ def train_root_update(
     global_state = get_tensors(store, global_key, expected_sha256=global_sha256)
     examples = encode_dataset(read_records(path), adapter.tokenizer, config.model.max_seq_len)
     keys = lora_b_keys(global_state) if config.ffa_lora else sorted(global_state)
-    d, result = train_local(
-        adapter,
-        global_state,
-        examples,
-        config.train,
-        seed=silo_seed(config.seed, round_, len(config.silos)),
-        desc=f"round {round_ + 1} · root data",
-        progress=progress,
-        frozen=sorted(set(global_state) - set(keys)),
-        exchanged=keys,
-    )
+    seed = silo_seed(config.seed, round_, len(config.silos))
+    frozen = sorted(set(global_state) - set(keys))
+
+    def run() -> tuple[dict, TrainResult]:
+        return train_local(
+            adapter,
+            global_state,
+            examples,
+            config.train,
+            seed=seed,
+            desc=f"round {round_ + 1} · root data",
+            progress=progress,
+            frozen=frozen,
+            exchanged=keys,
+        )
+
+    if memo is None:
+        d, result = run()
+    else:  # experiments only (silotune.memo): identical inputs, identical delta
+        key = memo_key(
+            "root-update",
+            tensor_digest(global_state),
+            file_sha256(path),
+            seed,
+            config.model,
+            config.lora,
+            config.method,
+            config.train,
+            frozen,
+            keys,
+        )
+        d, result = memo.get_or_compute(key, run, lambda v: ({k: t.clone() for k, t in v[0].items()}, v[1]))
     key = FederationLayout(config.federation_id).root_update(round_)
     sha = put_tensors(
         store, key, d, metadata={"federation_id": config.federation_id, "round": str(round_), "silo": "root"}

@@ -234,7 +234,6 @@ class MlflowTracker:
             return f"{self.spec.uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
         return f"{self.spec.uri} run {run_id} (view: mlflow ui --backend-store-uri {self.spec.uri})"
 
-
     def register_adapter(
         self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
     ) -> str | None:

@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from silotune.config import FederationConfig
 from silotune.federation import AggregateRecord, ObjectRef, UpdateRecord, aggregate_round
 from silotune.root_update import RootUpdateRecord, train_root_update
+from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
@@ -31,5 +32,11 @@ def root_update(config: FederationConfig, round_: int, global_ref: ObjectRef) ->
     """FLTrust: the coordinator trains on its own root data set from the round's global adapter."""
     with TRAIN_LOCK:
         return train_root_update(
-            config, round_, global_ref.key, global_ref.sha256, store_for(config), adapter_for(config)
+            config,
+            round_,
+            global_ref.key,
+            global_ref.sha256,
+            store_for(config),
+            adapter_for(config),
+            memo=runtime.MEMO,
         )

@@ -6,6 +6,7 @@ from prefect import task
 
 from silotune.config import FederationConfig
 from silotune.federation import EvalRecord, ObjectRef, evaluate_silo
+from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
@@ -14,4 +15,6 @@ def evaluate_global(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
 ) -> EvalRecord | None:
     with TRAIN_LOCK:
-        return evaluate_silo(config, silo, round_, global_ref, store_for(config), adapter_for(config, silo))
+        return evaluate_silo(
+            config, silo, round_, global_ref, store_for(config), adapter_for(config, silo), memo=runtime.MEMO
+        )

@@ -6,6 +6,7 @@ from prefect import task
 
 from silotune.config import FederationConfig
 from silotune.federation import ObjectRef, UpdateRecord, train_silo
+from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
@@ -13,4 +14,6 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 @task(name="local-train", retries=1, retry_delay_seconds=2, task_run_name="local-train-{silo}-r{round_}")
 def local_train(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> UpdateRecord:
     with TRAIN_LOCK:
-        return train_silo(config, silo, round_, global_ref, store_for(config), adapter_for(config, silo))
+        return train_silo(
+            config, silo, round_, global_ref, store_for(config), adapter_for(config, silo), memo=runtime.MEMO
+        )

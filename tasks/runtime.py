@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
+from silotune.memo import WorkMemo
 from silotune.store import ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 
@@ -44,6 +45,10 @@ class ModelCache:
 
 
 MODELS = ModelCache()
+# Experiments that run many federations in this process (the robustness grid) set a memo here so that
+# identical local work (round-1 training of honest silos, evaluations of the same global) runs once.
+# None for ordinary federations.
+MEMO: WorkMemo | None = None
 # Training mutates the shared model's adapter weights: one silo at a time per process.
 TRAIN_LOCK = threading.Lock()
 

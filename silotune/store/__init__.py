@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from silotune.config import StoreSpec
 from silotune.store.base import ObjectStore
-from silotune.store.layout import FederationLayout, get_json, get_tensors, put_json, put_tensors, sha256
+from silotune.store.layout import (
+    FederationLayout,
+    get_json,
+    get_tensors,
+    put_json,
+    put_tensors,
+    save_tensors,
+    sha256,
+)
 from silotune.store.local import LocalStore
 from silotune.store.s3 import S3Store
 
@@ -28,5 +36,6 @@ __all__ = [
     "open_store",
     "put_json",
     "put_tensors",
+    "save_tensors",
     "sha256",
 ]

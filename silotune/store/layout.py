@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,26 @@ class FederationLayout:
         return f"{self.prefix}/final/{name}"
 
 
+def save_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """safetensors bytes that depend only on the tensors and the metadata.
+
+    ``safetensors.torch.save`` writes the ``__metadata__`` map in a random order (a Rust
+    ``HashMap``), so the same update saved twice gave different bytes and sha256s: a
+    retried round would have uploaded a "different" object. Here the tensors are saved
+    without metadata and the header is rewritten with the metadata's keys sorted
+    (still valid safetensors: the data offsets are relative to the end of the header).
+    """
+    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()})
+    if not metadata:
+        return data
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
 def put_tensors(
     store: ObjectStore,
     key: str,
@@ -88,7 +109,7 @@ def put_tensors(
     metadata: Mapping[str, str] | None = None,
 ) -> str:
     """Write tensors as safetensors; return the sha256 of the stored bytes."""
-    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    data = save_tensors(tensors, metadata)
     store.put(key, data)
     return sha256(data)
 

@@ -109,19 +109,29 @@ def test_fltrust_without_root_data_is_refused(tmp_path: Path, demo_data) -> None
         _config(tmp_path, demo_data, "fed-x", aggregation={"name": "fltrust"}, mallory={})
 
 
-def test_robustness_grid_one_cell_writes_table_plot_and_artifacts(tmp_path: Path) -> None:
+def test_robustness_grid_writes_table_plot_and_artifacts_and_reuses_identical_work(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from flows.robustness import robustness_grid
 
     res = robustness_grid(
-        str(tmp_path), model="tiny-llama", attacks=["scale"], rules=["median"], rounds=1, local_steps=1
+        str(tmp_path),
+        model="tiny-llama",
+        attacks=["none", "scale"],
+        rules=["median"],
+        rounds=1,
+        local_steps=1,
     )
-    assert len(res["rows"]) == 1 and res["rows"][0]["mallory_included_rounds"] == 1
+    assert len(res["rows"]) == 2 and all(r["mallory_included_rounds"] == 1 for r in res["rows"])
+    # The second cell reuses the 4 silos' round-1 training (the attack applies after it) and the 3
+    # initial evaluations; its aggregate differs (mallory scaled x10), so the round-1 evaluations run.
+    assert res["memo"] == {"hits": 7, "misses": 13, "entries": 13}
+    clean, scaled = res["rows"]
+    assert clean["union_loss"] != scaled["union_loss"]
     for key in ("csv", "markdown", "png", "json"):
         assert Path(res["paths"][key]).is_file()
     assert "| scale | " in Path(res["paths"]["markdown"]).read_text()
     client = MlflowClient(f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")
     arts = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "robustness")}
     assert "robustness/grid.png" in arts and "robustness/grid.csv" in arts
-    assert yaml.safe_load(Path(res["paths"]["json"]).read_text())[0]["rule"] == "median"
+    assert [r["attack"] for r in yaml.safe_load(Path(res["paths"]["json"]).read_text())] == ["none", "scale"]

@@ -56,3 +56,27 @@ def test_json_and_layout(tmp_path: Path) -> None:
     s.put("bad.json", b"{nope")
     with pytest.raises(StoreError, match="invalid JSON"):
         get_json(s, "bad.json")
+
+
+def test_saved_tensors_are_byte_deterministic_with_metadata(tmp_path) -> None:
+    # safetensors writes its metadata map in a random order; the store must not (a retried round would
+    # otherwise upload an object whose sha256 differs from the first attempt's).
+    import hashlib
+
+    import torch
+    from safetensors.torch import load
+
+    from silotune.store import LocalStore, put_tensors, save_tensors
+
+    tensors = {"b": torch.arange(4.0), "a": torch.ones(2, 3, dtype=torch.bfloat16)}
+    meta = {"federation_id": "f", "round": "3", "silo": "clinic", "extra": "x"}
+    digests = {hashlib.sha256(save_tensors(tensors, meta)).hexdigest() for _ in range(30)}
+    assert len(digests) == 1
+    data = save_tensors(tensors, meta)
+    assert (int.from_bytes(data[:8], "little") % 8) == 0
+    back = load(data)
+    assert torch.equal(back["b"], tensors["b"]) and torch.equal(back["a"], tensors["a"])
+    store = LocalStore(tmp_path)
+    assert put_tensors(store, "k1", tensors, meta) == put_tensors(
+        store, "k2", dict(reversed(tensors.items())), meta
+    )
