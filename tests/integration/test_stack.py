@@ -214,7 +214,8 @@ def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None
         "stack-c",
         rounds=3,
         train={"local_steps": 8},
-        orchestration={"silo_timeout_s": 10, "pickup_timeout_s": 10},
+        # The lab worker was just restarted: its first run loads the model, then evaluates and trains.
+        orchestration={"silo_timeout_s": 30, "pickup_timeout_s": 30},
     )
     run = _start(stack, cfg)
     _kill_mid_run(stack, "stack-c", "lab-round-1", "silo-lab")
