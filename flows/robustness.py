@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from flows.federated_training import federated_training
 from silotune.memo import WorkMemo
 from silotune.robustness import (
+    BACKDOOR_ATTACKS,
     BACKDOOR_TARGET,
     BACKDOOR_TRIGGER,
     MALICIOUS,
@@ -83,8 +84,8 @@ def _run_cells(cells: list[Any], attacks: list[str], logger: Any) -> list[GridRo
         t0 = time.perf_counter()
         res = federated_training(cell.config)
         row = row_from_history(cell.attack, cell.rule, res["history"], res["initial_eval"], 0.0)
-        if cell.attack == "backdoor" or (
-            cell.attack == "none" and cell.rule == "fedavg" and "backdoor" in attacks
+        if cell.attack in BACKDOOR_ATTACKS or (
+            cell.attack == "none" and cell.rule == "fedavg" and set(BACKDOOR_ATTACKS) & set(attacks)
         ):
             bd = backdoor_eval(cell.config, BACKDOOR_TRIGGER, BACKDOOR_TARGET)
             row.backdoor_success = bd["attack_success_rate"]

@@ -48,7 +48,20 @@ class GridPreset:
     rules: tuple[str, ...]
 
 
-ALL_ATTACKS = ("none", "sign_flip", "scale", "gaussian", "nan", "free_rider", "backdoor", "answer_flip")
+ALL_ATTACKS = (
+    "none",
+    "sign_flip",
+    "scale",
+    "gaussian",
+    "nan",
+    "free_rider",
+    "backdoor",
+    "backdoor_boost",
+    "answer_flip",
+)
+# Rows whose attacker plants the trigger: they get the backdoor-success evaluation.
+BACKDOOR_ATTACKS = ("backdoor", "backdoor_boost")
+BOOST_FACTOR = 4.0
 MODEL_POISONING = ("sign_flip", "scale", "gaussian", "nan", "free_rider")
 ALL_RULES = ("fedavg", "median", "trimmed_mean", "multi_krum", "norm_bounded", "fltrust")
 
@@ -103,6 +116,16 @@ def attack_overrides(attack: str, *, gaussian_std: float, fraction: float = 0.5)
                 "backdoor_target": BACKDOOR_TARGET,
                 "backdoor_fraction": fraction,
             }
+        },
+        # Model replacement (Bagdasaryan et al., AISTATS 2020): the backdoored update scaled up so that it
+        # survives averaging with the honest ones.
+        "backdoor_boost": {
+            "poison": {
+                "backdoor_trigger": BACKDOOR_TRIGGER,
+                "backdoor_target": BACKDOOR_TARGET,
+                "backdoor_fraction": fraction,
+            },
+            "attack": {"name": "scale", "options": {"factor": BOOST_FACTOR}},
         },
         "answer_flip": {"poison": {"flip_fraction": 1.0}},
     }
@@ -330,8 +353,12 @@ def to_csv(rows: Sequence[GridRow]) -> str:
     return buf.getvalue()
 
 
-def best_robust(rows: Sequence[GridRow], attack: str, *, metric: str = "union_loss") -> GridRow | None:
-    """The robust rule (not FedAvg) with the best union metric under ``attack``."""
+def best_robust(rows: Sequence[GridRow], attack: str, *, metric: str = "union_exact_match") -> GridRow | None:
+    """The robust rule (not FedAvg) with the best union metric under ``attack``.
+
+    By default the highest exact match (the task metric, compared in points), ties broken
+    by the lower loss; ``metric="union_loss"``: the lowest loss.
+    """
     cands = [
         r for r in rows if r.attack == attack and r.rule != "fedavg" and math.isfinite(getattr(r, metric))
     ]
@@ -339,7 +366,19 @@ def best_robust(rows: Sequence[GridRow], attack: str, *, metric: str = "union_lo
         return None
     if metric == "union_loss":
         return min(cands, key=lambda r: r.union_loss)
-    return max(cands, key=lambda r: getattr(r, metric))
+    return max(cands, key=lambda r: (getattr(r, metric), -r.union_loss))
+
+
+def worst_case_by_rule(rows: Sequence[GridRow], attacks: Sequence[str]) -> list[tuple[str, GridRow, GridRow]]:
+    """Per rule: its lowest-exact-match row and its highest-loss row over ``attacks`` (one rule for all)."""
+    out = []
+    for rule in dict.fromkeys(r.rule for r in rows):
+        mine = [r for r in rows if r.rule == rule and r.attack in attacks]
+        if mine:
+            out.append(
+                (rule, min(mine, key=lambda r: r.union_exact_match), max(mine, key=lambda r: r.union_loss))
+            )
+    return out
 
 
 def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = ()) -> str:
@@ -391,7 +430,7 @@ def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = (
             f"exact match {100 * clean.union_exact_match:.1f}%.",
             "",
             "| attack | FedAvg loss (Δ) | FedAvg EM pts (Δ) "
-            "| best robust rule | its loss (Δ) | its EM pts (Δ) |",
+            "| best robust rule (by EM) | its loss (Δ) | its EM pts (Δ) |",
             "|---|---|---|---|---|---|",
         ]
         for a in attacks:
@@ -417,6 +456,23 @@ def to_markdown(rows: Sequence[GridRow], *, title: str, notes: Sequence[str] = (
                 cells += ["-", "-", "-"]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
+        poisoning = [a for a in attacks if a in MODEL_POISONING]
+        if poisoning:
+            lines += [
+                "## One rule for every model-poisoning attack (worst case per rule)",
+                "",
+                f"Over {', '.join(poisoning)}: each rule's lowest exact match and highest loss.",
+                "",
+                "| rule | worst EM pts (Δ vs clean) | under | worst loss (Δ) | under |",
+                "|---|---|---|---|---|",
+            ]
+            for rule, lo, hi in worst_case_by_rule(rows, poisoning):
+                lines.append(
+                    f"| {rule} | {100 * lo.union_exact_match:.1f} "
+                    f"({100 * (lo.union_exact_match - clean.union_exact_match):+.1f}) | {lo.attack} "
+                    f"| {hi.union_loss:.3f} ({hi.union_loss - clean.union_loss:+.3f}) | {hi.attack} |"
+                )
+            lines.append("")
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

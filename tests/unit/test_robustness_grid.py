@@ -95,3 +95,33 @@ def test_rows_round_trip_through_grid_json(tmp_path: Path) -> None:
     paths = write_results(rows(), tmp_path, title="t")
     again = rows_from_records(json.loads(paths["json"].read_text()))
     assert table_records(again) == table_records(rows())
+
+
+def test_best_robust_rule_is_chosen_by_exact_match_and_worst_case_per_rule_is_reported() -> None:
+    from silotune.robustness import attack_overrides, worst_case_by_rule
+
+    def r(attack: str, rule: str, loss: float, em: float) -> GridRow:
+        return GridRow(attack, rule, loss, em, 5.0, 4, 0, 1, 1)
+
+    grid = [
+        r("none", "fedavg", 1.0, 0.40),
+        r("sign_flip", "fedavg", 5.0, 0.0),
+        r("sign_flip", "median", 0.9, 0.20),  # lower loss, lower exact match
+        r("sign_flip", "fltrust", 1.1, 0.41),
+        r("scale", "median", 1.2, 0.35),
+        r("scale", "fltrust", 1.3, 0.39),
+    ]
+    assert best_robust(grid, "sign_flip").rule == "fltrust"
+    assert best_robust(grid, "sign_flip", metric="union_loss").rule == "median"
+    worst = {
+        rule: (lo.attack, hi.attack) for rule, lo, hi in worst_case_by_rule(grid, ["sign_flip", "scale"])
+    }
+    assert worst == {
+        "fedavg": ("sign_flip", "sign_flip"),
+        "median": ("sign_flip", "scale"),
+        "fltrust": ("scale", "scale"),
+    }
+    md = to_markdown(grid, title="t")
+    assert "| fltrust | 39.0 (-1.0) | scale | 1.300 (+0.300) | scale |" in md
+    boost = attack_overrides("backdoor_boost", gaussian_std=0.1)
+    assert boost["attack"]["name"] == "scale" and boost["poison"]["backdoor_trigger"]
