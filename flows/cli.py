@@ -381,7 +381,11 @@ def robustness_grid_cmd(
         "silotune-robustness"
     ),
     model: Annotated[
-        str, typer.Option(help="'tiny-llama' (full grid, minutes) or 'smollm2-135m-instruct' (fewer cells).")
+        str,
+        typer.Option(
+            help="'tiny-llama' (2 rounds, ~35 min) or 'smollm2-135m-instruct' (1 round x 16 steps, ~1 h "
+            "on 2 cores)."
+        ),
     ] = "tiny-llama",
     attack: Annotated[
         list[str] | None, typer.Option(help="Only these attacks (repeat the option); default: the preset's.")
