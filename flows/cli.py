@@ -251,16 +251,31 @@ def keys_ckks_public(
 
 @app.command()
 def ledger(
-    federation_id: str,
-    store: Annotated[Path, typer.Option(help="Root of the local object store.")] = Path(".silotune/store"),
+    federation: Annotated[str, typer.Argument(help="Federation id, or the federation's config (YAML).")],
+    store: Annotated[
+        Path, typer.Option(help="Root of the local object store (with a federation id).")
+    ] = Path(".silotune/store"),
 ) -> None:
     """A federation's privacy ledger: ε spent per silo per round, DP settings, protection, bytes."""
+    from silotune.errors import StoreError
     from silotune.federation import load_state
-    from silotune.store import LocalStore
+    from silotune.store import LocalStore, open_store
 
-    state = load_state(LocalStore(store), federation_id)
+    if Path(federation).is_file():  # a config: its id and its store (local or S3)
+        cfg = _load(Path(federation))
+        federation_id, where, object_store = (
+            cfg.federation_id,
+            f"the store of {federation}",
+            open_store(cfg.store),
+        )
+    else:
+        federation_id, object_store, where = federation, LocalStore(store), str(store)
+    try:
+        state = load_state(object_store, federation_id)
+    except StoreError as exc:
+        _fail(f"{federation!r} is neither a federation id nor a config file ({exc})")
     if state is None:
-        _fail(f"no federation {federation_id!r} in {store}")
+        _fail(f"no federation {federation_id!r} in {where}")
     assert state is not None
     table = Table(title=f"Privacy ledger of {federation_id}")
     for col in (

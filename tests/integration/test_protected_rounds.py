@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load as st_load
 
 from silotune import protection as prot
@@ -427,6 +428,13 @@ def test_flow_runs_secagg_with_dp_and_signing_and_the_ledger_command(tmp_path, d
     res = CliRunner().invoke(app, ["ledger", "flowsec", "--store", cfg.store.root])
     assert res.exit_code == 0, res.output
     assert "clinic" in res.output and "secagg" in res.output
+    config_file = tmp_path / "flowsec.yaml"  # the config instead of the id: same ledger
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    by_config = CliRunner().invoke(app, ["ledger", str(config_file)])
+    assert by_config.exit_code == 0, by_config.output
+    assert "clinic" in by_config.output and "secagg" in by_config.output
+    bad = CliRunner().invoke(app, ["ledger", "no/such/../file.yaml", "--store", cfg.store.root])
+    assert bad.exit_code != 0 and "neither a federation id nor a config file" in bad.output
 
 
 @pytest.mark.usefixtures("prefect_api")
