@@ -45,7 +45,7 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
-from silotune.memo import WorkMemo, file_sha256, memo_key, tensor_digest
+from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
@@ -281,11 +281,7 @@ def train_silo(
             frozen,
             keys,
         )
-        d, result = memo.get_or_compute(
-            key,
-            run,
-            lambda v: ({k: t.clone() for k, t in v[0].items()}, v[1]),  # TrainResult is frozen
-        )
+        d, result = memo.get_or_compute(key, run, copy_training)
     d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:

@@ -66,6 +66,12 @@ def memo_key(kind: str, *parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def copy_training(value: tuple[Mapping[str, torch.Tensor], T]) -> tuple[dict[str, torch.Tensor], T]:
+    """The ``copy`` for a memoised ``(delta, TrainResult)``: cloned tensors; the result is frozen."""
+    delta, result = value
+    return {k: t.clone() for k, t in delta.items()}, result
+
+
 class WorkMemo:
     """A bounded, thread-safe map from an input digest to the result of the work (oldest dropped first).
 

@@ -19,7 +19,7 @@ from silotune.adapters import AdapterModel, lora_b_keys
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError
-from silotune.memo import WorkMemo, file_sha256, memo_key, tensor_digest
+from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, get_tensors, put_tensors
 from silotune.training import TrainResult, silo_seed, train_local
 
@@ -86,7 +86,7 @@ def train_root_update(
             frozen,
             keys,
         )
-        d, result = memo.get_or_compute(key, run, lambda v: ({k: t.clone() for k, t in v[0].items()}, v[1]))
+        d, result = memo.get_or_compute(key, run, copy_training)
     key = FederationLayout(config.federation_id).root_update(round_)
     sha = put_tensors(
         store, key, d, metadata={"federation_id": config.federation_id, "round": str(round_), "silo": "root"}
