@@ -2,37 +2,46 @@
 
 Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal, Seth,
 "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017
-(the semi-honest protocol of its section 4). Data only: every step consumes and
-produces bytes; moving them (object store, Prefect tasks) and signing them
-(:mod:`silotune.crypto.signing`) is the caller's job.
+(the protocol of its section 4, with a pinned roster and answer-at-most-once
+unmasking in place of its consistency-check round; see the threat model below).
+Data only: every step consumes and produces bytes; moving them (object store,
+Prefect tasks) and signing them (:mod:`silotune.crypto.signing`) is the
+caller's job.
 
-One round, for silos ``U0`` (names, ordered as strings)::
+One round, for the pinned roster ``R`` (the federation's configured silos, from
+each silo's own configuration; ``n = |R|``, names ordered as strings; the Shamir
+x-coordinate of a silo is its position in ``R`` plus one)::
 
     silo u                                      coordinator
     0 advertise()          -> two X25519 public keys (channel c_u, mask s_u)
                               and a commitment to a fresh self-mask seed b_u
+                                                U0 = the silos of R that advertised
     1 share_keys(adverts)  -> Shamir shares (threshold t) of s_u's private key
-                              and of b_u, one per silo, each AEAD-encrypted to
-                              its recipient (ChaCha20-Poly1305 under an X25519
-                              key agreement on the channel keys)
+                              and of b_u, one per silo of U0, each AEAD-encrypted
+                              to its recipient (ChaCha20-Poly1305 under an X25519
+                              key agreement on the channel keys); refused unless
+                              every advert is from R and |U0| >= t
                                                 routes share v->u to u; U1 = who shared
     2 mask_update(delta, inbox)
                            -> y_u = enc(w*x_u) + PRG(b_u)
                                     + sum_{v in U1, v != u} ±PRG(KA(s_u, s_v))  mod 2^32
                               (+ when u < v, - when u > v, so the pairwise masks
-                              cancel in the sum)
+                              cancel in the sum); refused unless every sender is
+                              in R and U0, and |U1| >= t
                                                 U2 = who sent y; tells survivors U2
     3 unmask(U2)           -> for each v in U1: its b_v share if v survived,
-                              its s_v share if v dropped (never both)
+                              its s_v share if v dropped (never both); refused
+                              unless U2 is a subset of U1 holding u with |U2| >= t,
+                              and at most one U2 per round is ever answered
                                                 unmask_sum(): rebuild b_v for v in U2 and
                                                 s_v for v in U1\\U2 from t shares, remove
                                                 the self masks and the dropped silos'
                                                 pairwise masks -> sum of enc(w*x) -> floats
 
 Threshold ``t = n - floor(n * max_dropout_fraction)`` (default a third) of the
-``n = |U0|`` silos: up to a third may drop out after sharing keys, and, since
-``t > n/2``, the coordinator can never gather t shares of both ``b_v`` and
-``s_v`` from honest silos in one round.
+``n = |R|`` roster silos, never of the adverts that happen to arrive: up to a
+third may fail to advertise or drop out after sharing keys. Since
+``max_dropout_fraction < 1/2``, ``floor(n * f) < n/2`` and so ``2t > n``.
 
 Encoding. Each value of ``weight * delta`` (``|delta| <= value_bound`` is
 enforced, ``weight`` in (0, 1]) becomes ``round(w*x * 2^frac_bits)`` in the ring
@@ -53,20 +62,51 @@ Threat model and its limits.
   learns the sum over ``U2`` and who dropped, nothing about one silo's update
   beyond that. Silos colluding with it learn nothing more about the others
   than the sum of the others' updates, as long as fewer than ``t`` collude.
-- An *actively* malicious coordinator is not covered. Without the paper's
-  consistency-check round and signed messages it can, for example, tell some
-  silos that u dropped and others that u survived and collect both of u's
-  shares; it can also impersonate silos whose adverts it forges. Sign adverts
-  and updates with :mod:`silotune.crypto.signing` and pin the roster; the
-  residual active attacks remain.
-- The sum itself is revealed. With two silos each learns the other's update;
-  with very few silos or a fixed cohort over many rounds, differences of sums
-  leak individual updates: add client-level DP noise before masking.
+- Coordinator actively malicious (sends any adverts, shares, survivor sets, in
+  any order, to anyone), assuming the caller (the protection layer) signs each
+  silo's advert, share messages and unmask answer with the silo's Ed25519 key
+  (:mod:`silotune.crypto.signing`, purposes ``advert``, ``share``, ``unmask``)
+  and verifies them against the pinned keys of the roster silos before they
+  reach this module, that every silo builds its :class:`SecAggClient` with the
+  same roster from its own configuration, and that a silo persists and claims
+  its state atomically around :meth:`SecAggClient.unmask` (two processes must
+  never answer from the same pre-answer state):
+
+  * It cannot inject silos. Adverts, shares, masked updates and answers from
+    names outside ``R`` are refused, and signatures stop it from forging those of
+    a roster silo. So every share of a secret is held by a roster silo, at the
+    x-coordinate fixed by ``R``, and ``t`` does not depend on what it shows.
+  * It cannot rebuild both secrets (``b_v`` and ``s_v``) of an honest silo ``v``,
+    as it could by telling some silos that ``v`` survived and others that ``v``
+    dropped, and then strip ``y_v`` of every mask. An honest
+    silo ``w`` answers exactly one survivor set ``S_w``; its answer carries
+    ``v``'s seed share if ``v`` is in ``S_w`` and ``v``'s key share if ``v`` is in
+    ``U1_w`` but not in ``S_w``: never both. Let ``B`` and ``K`` be the honest
+    silos whose answers carry a seed share and a key share of ``v``: they are
+    disjoint subsets of ``R``, and each of ``c`` colluding roster silos can hand
+    over both of its shares. Rebuilding ``b_v`` needs ``|B| + c >= t`` and
+    rebuilding ``s_v`` needs ``|K| + c >= t``; adding them, ``2t <= |B| + |K| + 2c
+    <= (n - c) + 2c = n + c``. So both are out of reach whenever ``c < 2t - n``:
+    with no colluding silo because ``2t > n``, and with the default dropout
+    fraction (``t >= 2n/3``, so ``2t - n >= n/3``) whenever fewer than ``n/3``
+    silos collude. Asking the same silo twice gets the first answer again
+    (the same bytes), never a second one.
+  * It chooses ``U2``: it learns the sum over a survivor set of its choice of at
+    least ``t`` silos that sent masked updates. There is no consistency-check
+    round, so honest silos may answer different survivor sets; the argument
+    above rules out rebuilding both secrets of any one silo, and this module
+    claims nothing beyond it.
+- What remains. The sum itself is revealed. With two silos each learns the
+  other's update; with very few silos or a fixed cohort over many rounds,
+  differences of sums leak individual updates: add client-level DP noise
+  before masking.
 - Integrity: a malicious silo can submit any in-range garbage (a poisoned
   update) and nobody can tell; robust aggregation is impossible on masked data,
   only client-side clipping and the value bound apply. A silo that lies in its
   shares makes reconstruction fail (detected: the rebuilt key must match the
-  advertised public key, the rebuilt seed its commitment), not silently wrong.
+  advertised public key, the rebuilt seed its commitment), not silently wrong;
+  a silo that signs two different adverts can make the sum fail or come out
+  as garbage, and learns nothing more than any colluding silo.
 - Fresh keys every round: a :class:`SecAggClient` serves one round. Reusing
   masks across rounds would let differences of masked updates cancel them.
 """
@@ -79,7 +119,8 @@ import math
 import numbers
 import secrets
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,26 +376,70 @@ class Advert:
         return adv
 
 
-def _roster(
-    adverts: Mapping[str, bytes] | Sequence[bytes], round_id: str, params: SecAggParams
+def _pinned_roster(roster: object, params: SecAggParams) -> tuple[str, ...]:
+    """The federation's configured silos, checked and sorted (position + 1 is a silo's Shamir x)."""
+    if isinstance(roster, str | bytes | bytearray) or not isinstance(roster, Sequence | AbstractSet):
+        raise SecAggError(f"roster must be a sequence of silo names, got {type(roster).__name__}")
+    names = list(roster)
+    if not all(isinstance(n, str) and n for n in names):
+        raise SecAggError(f"roster names must be non-empty strings, got {names!r}")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise SecAggError(f"roster has duplicate silo(s) {dups}")
+    if not 2 <= len(names) <= params.max_silos:
+        raise SecAggError(
+            f"roster of {len(names)} silo(s); secure aggregation needs 2..max_silos={params.max_silos}"
+        )
+    return tuple(sorted(names))
+
+
+def _outside(what: str, names: Iterable[str], roster: tuple[str, ...]) -> None:
+    """Refuse, naming them, any names that are not configured silos."""
+    out = sorted({str(n) for n in names} - set(roster))
+    if out:
+        which = "which is" if len(out) == 1 else "which are"
+        raise SecAggError(f"{what} from {', '.join(map(repr, out))}, {which} not in the roster")
+
+
+def _parse_adverts(
+    adverts: Mapping[str, bytes] | Sequence[bytes],
+    round_id: str,
+    params: SecAggParams,
+    roster: tuple[str, ...],
+    silo: str | None = None,
 ) -> dict[str, Advert]:
+    """The round's adverts (U0), each from a silo of the pinned roster, at least t of them.
+
+    ``silo``: the client checking them, named in every refusal (None at the coordinator).
+    """
+    who = "" if silo is None else f"silo {silo!r}: "
     items = list(adverts.items()) if isinstance(adverts, Mapping) else [(None, b) for b in adverts]
-    roster: dict[str, Advert] = {}
+    seen: dict[str, Advert] = {}
     for name, blob in items:
-        adv = Advert.parse(blob)
+        if name is not None and name not in roster:  # before parsing: the slot itself is not a silo's
+            raise SecAggError(f"{who}advert from {name!r}, who is not in the roster")
+        try:
+            adv = Advert.parse(blob)
+        except SecAggError as exc:
+            raise SecAggError(f"{who}{exc}") from None
         if name is not None and name != adv.silo:
-            raise SecAggError(f"advert filed under {name!r} is from {adv.silo!r}")
+            raise SecAggError(f"{who}advert filed under {name!r} is from {adv.silo!r}")
+        if adv.silo not in roster:
+            raise SecAggError(f"{who}advert from {adv.silo!r}, who is not in the roster")
         if adv.round_id != round_id:
-            raise SecAggError(f"advert from {adv.silo!r} is for round {adv.round_id!r}, not {round_id!r}")
-        if adv.silo in roster:
-            raise SecAggError(f"two adverts for silo {adv.silo!r}")
-        roster[adv.silo] = adv
-    if not 2 <= len(roster) <= params.max_silos:
-        raise SecAggError(f"{len(roster)} silos; secure aggregation needs 2..max_silos={params.max_silos}")
-    keys = [a.mask_key for a in roster.values()] + [a.channel_key for a in roster.values()]
+            raise SecAggError(
+                f"{who}advert from {adv.silo!r} is for round {adv.round_id!r}, not {round_id!r}"
+            )
+        if adv.silo in seen:
+            raise SecAggError(f"{who}two adverts for silo {adv.silo!r}")
+        seen[adv.silo] = adv
+    t = params.threshold(len(roster))
+    if len(seen) < t:
+        raise SecAggError(f"{who}{len(seen)} advert(s), below the threshold {t} of a roster of {len(roster)}")
+    keys = [a.mask_key for a in seen.values()] + [a.channel_key for a in seen.values()]
     if len(set(keys)) != len(keys):
-        raise SecAggError("two adverts share a public key")
-    return dict(sorted(roster.items()))
+        raise SecAggError(f"{who}two adverts share a public key")
+    return dict(sorted(seen.items()))
 
 
 # -- silo side -----------------------------------------------------------------------------
@@ -363,11 +448,20 @@ def _roster(
 class SecAggClient:
     """One silo's side of one round. Each method runs once, in order; state stays in this object.
 
+    ``roster``: the federation's configured silos (this one included), from the silo's own
+    configuration, never from the coordinator. Only they may take part, and the threshold is
+    ``params.threshold(len(roster))`` however many adverts arrive. ``unmask`` answers at most one
+    survivor set (the same set again gets the same bytes).
+
     ``state_bytes()`` / ``from_state()`` carry the state between processes; they contain the
-    round's private keys, so keep them at the silo.
+    round's private keys, so keep them at the silo. After :meth:`unmask` the state records the
+    answer: persist it before the answer leaves the silo, and claim the state atomically so that
+    two processes never answer from the same pre-answer state.
     """
 
-    def __init__(self, silo: str, *, round_id: str, params: SecAggParams | None = None) -> None:
+    def __init__(
+        self, silo: str, *, round_id: str, params: SecAggParams | None = None, roster: Sequence[str]
+    ) -> None:
         if not silo or not isinstance(silo, str):
             raise SecAggError("silo must be a non-empty string")
         if not round_id or not isinstance(round_id, str):
@@ -375,12 +469,17 @@ class SecAggClient:
         self.silo = silo
         self.round_id = round_id
         self.params = params or SecAggParams()
+        self.roster = _pinned_roster(roster, self.params)
+        if silo not in self.roster:
+            raise SecAggError(f"silo {silo!r} is not in the roster {list(self.roster)}")
+        self.threshold = self.params.threshold(len(self.roster))
         self._channel = X25519PrivateKey.generate()
         self._mask = X25519PrivateKey.generate()
         self._seed = secrets.token_bytes(32)
-        self._roster: dict[str, Advert] | None = None
+        self._adverts: dict[str, Advert] | None = None  # U0: the roster silos that advertised
         self._own_shares: tuple[int, int] | None = None  # (mask-key share, seed share) for myself
-        self._received: dict[str, tuple[int, int]] | None = None  # sender -> shares of its secrets
+        self._received: dict[str, tuple[int, int]] | None = None  # sender -> shares of its secrets (U1)
+        self._answer: tuple[tuple[str, ...], bytes] | None = None  # (survivor set, response) once answered
         self._phase = 0
 
     # round 0
@@ -404,31 +503,36 @@ class SecAggClient:
         self._phase += 1
 
     def _share_key(self, peer: str) -> bytes:
-        assert self._roster is not None
-        shared = self._channel.exchange(X25519PublicKey.from_public_bytes(self._roster[peer].channel_key))
+        assert self._adverts is not None
+        shared = self._channel.exchange(X25519PublicKey.from_public_bytes(self._adverts[peer].channel_key))
         return _kdf(shared, "share-encryption", self.round_id, *_pair(self.silo, peer))
 
     # round 1
     def share_keys(self, adverts: Mapping[str, bytes] | Sequence[bytes]) -> dict[str, bytes]:
-        """Encrypted Shamir shares of this silo's mask key and self-mask seed, keyed by recipient."""
-        roster = _roster(adverts, self.round_id, self.params)
-        mine = roster.get(self.silo)
+        """Encrypted Shamir shares of this silo's mask key and self-mask seed, keyed by recipient.
+
+        ``adverts``: silo -> advert (or a list of adverts). Refuses an advert from a silo outside
+        the roster, one filed under another silo's name, a duplicate, or fewer than the threshold.
+        """
+        adverts_ = _parse_adverts(adverts, self.round_id, self.params, self.roster, self.silo)
+        mine = adverts_.get(self.silo)
         if (
             mine is None
             or mine.mask_key != _raw_public(self._mask)
             or mine.channel_key != _raw_public(self._channel)
         ):
-            raise SecAggError(f"silo {self.silo!r}: the roster does not carry this silo's own advert")
+            raise SecAggError(f"silo {self.silo!r}: the adverts do not carry this silo's own advert")
         self._advance(0, "share_keys")
-        self._roster = roster
-        names = list(roster)
-        t = self.params.threshold(len(names))
-        key_shares = _shamir_split(_raw_private(self._mask), len(names), t)
-        seed_shares = _shamir_split(self._seed, len(names), t)
+        self._adverts = adverts_
+        # x-coordinates come from the pinned roster, so every silo and the coordinator agree on them
+        key_shares = _shamir_split(_raw_private(self._mask), len(self.roster), self.threshold)
+        seed_shares = _shamir_split(self._seed, len(self.roster), self.threshold)
         out: dict[str, bytes] = {}
-        for i, peer in enumerate(names):
+        for i, peer in enumerate(self.roster):
             if peer == self.silo:
                 self._own_shares = (key_shares[i], seed_shares[i])
+                continue
+            if peer not in adverts_:
                 continue
             msg = json.dumps({"key": hex(key_shares[i]), "seed": hex(seed_shares[i])}).encode()
             nonce = secrets.token_bytes(12)
@@ -440,16 +544,22 @@ class SecAggClient:
         return out
 
     def _open_shares(self, inbox: Mapping[str, bytes]) -> dict[str, tuple[int, int]]:
-        assert self._roster is not None
+        assert self._adverts is not None
         got: dict[str, tuple[int, int]] = {}
         for sender, blob in inbox.items():
+            if sender not in self.roster:
+                raise SecAggError(
+                    f"silo {self.silo!r}: share message from {sender!r}, who is not in the roster"
+                )
+            if sender == self.silo:
+                raise SecAggError(f"silo {self.silo!r}: share message from itself")
+            if sender not in self._adverts:
+                raise SecAggError(f"silo {self.silo!r}: share message from {sender!r}, who did not advertise")
             d = _loads(blob, f"share message from {sender!r}")
             if d.get("from") != sender or d.get("to") != self.silo or d.get("round") != self.round_id:
                 raise SecAggError(
                     f"share message filed under {sender!r} is not from it, to {self.silo!r}, this round"
                 )
-            if sender not in self._roster or sender == self.silo:
-                raise SecAggError(f"share message from {sender!r}, who is not another silo of the roster")
             try:
                 raw = bytes.fromhex(d["ct"])
                 aad = json.dumps(["share", self.round_id, sender, self.silo]).encode()
@@ -467,18 +577,19 @@ class SecAggClient:
         """The masked update: ``enc(weight * delta)`` plus self mask plus pairwise masks, mod 2^32.
 
         ``inbox``: the share messages other silos addressed to this one (sender -> bytes); their
-        senders, with this silo, are the silos masked against (U1). Fails closed: raises rather
-        than return anything unmasked.
+        senders, with this silo, are the silos masked against (U1). A sender outside the roster or
+        one that did not advertise is refused, and so is a U1 below the threshold. Fails closed:
+        raises rather than return anything unmasked.
         """
-        if self._roster is None:
+        if self._adverts is None:
             raise SecAggError(f"silo {self.silo!r}: mask_update before share_keys")
         encoded = encode_update(delta, weight=weight, params=self.params)
         received = self._open_shares(inbox)
         partners = sorted([*received, self.silo])
-        t = self.params.threshold(len(self._roster))
-        if len(partners) < t:
+        if len(partners) < self.threshold:
             raise SecAggError(
-                f"silo {self.silo!r}: only {len(partners)} silos shared keys, below the threshold {t}"
+                f"silo {self.silo!r}: only {len(partners)} silos shared keys, below the threshold "
+                f"{self.threshold}"
             )
         self._advance(1, "mask_update")
         self._received = received
@@ -489,7 +600,7 @@ class SecAggClient:
             if peer == self.silo:
                 continue
             mask = _prg(
-                _pairwise_key(self._mask, self._roster[peer].mask_key, self.round_id, self.silo, peer), n
+                _pairwise_key(self._mask, self._adverts[peer].mask_key, self.round_id, self.silo, peer), n
             )
             if self.silo < peer:
                 y += mask
@@ -516,22 +627,38 @@ class SecAggClient:
     # round 3
     def unmask(self, survivors: Sequence[str]) -> bytes:
         """Shares that let the coordinator remove masks: self-mask seeds of ``survivors``, mask keys
-        of the silos that shared keys but dropped out. Refuses a survivor set below the threshold,
-        one that omits this silo, or a second call (which could reveal both shares of a silo).
+        of the silos that shared keys but dropped out.
+
+        ``survivors`` must be a subset of U1 with this silo in it and at least the threshold of
+        members. Answers at most one survivor set per round: the same set again (in any order)
+        gets the identical bytes; a different set is refused, since two answers could reveal
+        both shares (self-mask seed and mask key) of one silo.
         """
-        if self._received is None or self._roster is None or self._own_shares is None:
+        if self._received is None or self._adverts is None or self._own_shares is None:
             raise SecAggError(f"silo {self.silo!r}: unmask before mask_update")
-        partners = {*self._received, self.silo}
+        if isinstance(survivors, str | bytes) or not all(isinstance(s, str) for s in survivors):
+            raise SecAggError(f"silo {self.silo!r}: survivors must be a list of silo names")
         alive = set(survivors)
         if len(alive) != len(survivors):
-            raise SecAggError("survivor list has duplicates")
+            raise SecAggError(f"silo {self.silo!r}: survivor list has duplicates")
+        if self._answer is not None:
+            answered, response = self._answer
+            if tuple(sorted(alive)) == answered:
+                return response
+            raise SecAggError(
+                f"silo {self.silo!r}: already answered survivor set {list(answered)} for this round; "
+                f"refusing {sorted(alive)}"
+            )
+        partners = {*self._received, self.silo}
         if self.silo not in alive:
             raise SecAggError(f"silo {self.silo!r} is not among the survivors it is asked to unmask for")
         if not alive <= partners:
             raise SecAggError(f"survivors {sorted(alive - partners)} never shared keys with {self.silo!r}")
-        t = self.params.threshold(len(self._roster))
-        if len(alive) < t:
-            raise SecAggError(f"only {len(alive)} survivors, below the threshold {t}; refusing to unmask")
+        if len(alive) < self.threshold:
+            raise SecAggError(
+                f"silo {self.silo!r}: only {len(alive)} survivors, below the threshold {self.threshold}; "
+                "refusing to unmask"
+            )
         self._advance(2, "unmask")
         seed_shares = {self.silo: hex(self._own_shares[1])}
         key_shares = {}
@@ -540,7 +667,7 @@ class SecAggClient:
                 seed_shares[peer] = hex(seed_share)
             else:
                 key_shares[peer] = hex(key_share)
-        return _dumps(
+        response = _dumps(
             {
                 "silo": self.silo,
                 "round": self.round_id,
@@ -549,6 +676,13 @@ class SecAggClient:
                 "key_shares": key_shares,
             }
         )
+        self._answer = (tuple(sorted(alive)), response)
+        return response
+
+    @property
+    def answered(self) -> tuple[str, ...] | None:
+        """The survivor set this silo answered for, or None before :meth:`unmask`."""
+        return None if self._answer is None else self._answer[0]
 
     # checkpointing
     def state_bytes(self) -> bytes:
@@ -558,19 +692,23 @@ class SecAggClient:
                 "silo": self.silo,
                 "round": self.round_id,
                 "params": self.params.model_dump(mode="json"),
+                "roster": list(self.roster),
                 "channel_sk": _raw_private(self._channel).hex(),
                 "mask_sk": _raw_private(self._mask).hex(),
                 "seed": self._seed.hex(),
                 "phase": self._phase,
-                "roster": None
-                if self._roster is None
+                "adverts": None
+                if self._adverts is None
                 else {
-                    k: [a.channel_key.hex(), a.mask_key.hex(), a.commitment] for k, a in self._roster.items()
+                    k: [a.channel_key.hex(), a.mask_key.hex(), a.commitment] for k, a in self._adverts.items()
                 },
                 "own_shares": None if self._own_shares is None else [hex(s) for s in self._own_shares],
                 "received": None
                 if self._received is None
                 else {k: [hex(a), hex(b)] for k, (a, b) in self._received.items()},
+                "answered": None
+                if self._answer is None
+                else {"survivors": list(self._answer[0]), "response": self._answer[1].hex()},
             }
         )
 
@@ -579,23 +717,30 @@ class SecAggClient:
         d = _loads(blob, "client state")
         try:
             self = cls(
-                str(d["silo"]), round_id=str(d["round"]), params=SecAggParams.model_validate(d["params"])
+                str(d["silo"]),
+                round_id=str(d["round"]),
+                params=SecAggParams.model_validate(d["params"]),
+                roster=list(d["roster"]),
             )
             self._channel = X25519PrivateKey.from_private_bytes(bytes.fromhex(d["channel_sk"]))
             self._mask = X25519PrivateKey.from_private_bytes(bytes.fromhex(d["mask_sk"]))
             self._seed = bytes.fromhex(d["seed"])
             self._phase = int(d["phase"])
-            if d["roster"] is not None:
-                self._roster = {
+            if d["adverts"] is not None:
+                self._adverts = {
                     k: Advert(k, self.round_id, bytes.fromhex(c), bytes.fromhex(m), str(cm))
-                    for k, (c, m, cm) in d["roster"].items()
+                    for k, (c, m, cm) in d["adverts"].items()
                 }
+                _outside("state: adverts", self._adverts, self.roster)
             if d["own_shares"] is not None:
                 a, b = d["own_shares"]
                 self._own_shares = (int(a, 16), int(b, 16))
             if d["received"] is not None:
                 self._received = {k: (int(a, 16), int(b, 16)) for k, (a, b) in d["received"].items()}
-        except (KeyError, ValueError, TypeError) as exc:
+            if d["answered"] is not None:
+                survivors = tuple(sorted(str(s) for s in d["answered"]["survivors"]))
+                self._answer = (survivors, bytes.fromhex(d["answered"]["response"]))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise SecAggError(f"unreadable client state: {exc!r}") from None
         return self
 
@@ -676,16 +821,22 @@ def unmask_sum(
     adverts: Mapping[str, bytes] | Sequence[bytes],
     round_id: str,
     params: SecAggParams | None = None,
+    roster: Sequence[str],
 ) -> SecAggResult:
     """Coordinator: remove the masks from the survivors' masked updates and decode their sum.
 
     ``masked``: silo -> masked update (the survivors U2); ``responses``: silo -> :meth:`SecAggClient.unmask`
-    output (at least the threshold of them); ``adverts``: the round's adverts (the roster U0).
+    output (at least the threshold of them); ``adverts``: the round's adverts (U0); ``roster``: the
+    federation's configured silos, which fix the threshold and the Shamir x-coordinates. Masked
+    updates, responses or adverts from names outside the roster are refused, naming them.
     """
     params = params or SecAggParams()
-    roster = _roster(adverts, round_id, params)
-    index = {name: i + 1 for i, name in enumerate(roster)}  # Shamir x-coordinates
-    t = params.threshold(len(roster))
+    pinned = _pinned_roster(roster, params)
+    _outside("masked update", masked, pinned)
+    _outside("unmask response", responses, pinned)
+    known = _parse_adverts(adverts, round_id, params, pinned)
+    index = {name: i + 1 for i, name in enumerate(pinned)}  # Shamir x-coordinates
+    t = params.threshold(len(pinned))
     if not masked:
         raise SecAggError("no masked updates")
     updates: dict[str, MaskedUpdate] = {}
@@ -700,8 +851,8 @@ def unmask_sum(
             raise SecAggError(f"silo {name!r}: masked update is for round {upd.round_id!r}, not {round_id!r}")
         if upd.params != params.fingerprint:
             raise SecAggError(f"silo {name!r}: masked under other encoding parameters")
-        if name not in roster:
-            raise SecAggError(f"silo {name!r} is not in the round's roster")
+        if name not in known:
+            raise SecAggError(f"silo {name!r} sent a masked update but no advert")
         updates[name] = upd
     first = next(iter(updates.values()))
     for name, upd in updates.items():
@@ -714,8 +865,10 @@ def unmask_sum(
             raise SecAggError(f"silo {name!r}: tensor layout differs from silo {first.silo!r}")
     partners = set(first.partners)
     alive = sorted(updates)
-    if not set(alive) <= partners or not partners <= set(roster):
-        raise SecAggError("survivors or key-sharing set outside the roster")
+    if not set(alive) <= partners or not partners <= set(known):
+        raise SecAggError(
+            f"survivors {alive} or key-sharing set {sorted(partners)} outside the silos that advertised"
+        )
     dropped = sorted(partners - set(alive))
     if len(alive) < t:
         raise SecAggError(f"only {len(alive)} masked updates, below the threshold {t}: cannot unmask")
@@ -750,7 +903,7 @@ def unmask_sum(
         if len(seed_points[u]) < t:
             raise SecAggError(f"only {len(seed_points[u])} shares of silo {u!r}'s self-mask seed, need {t}")
         seed = _shamir_combine(dict(list(seed_points[u].items())[:t]))
-        if _commit(seed, round_id, u) != roster[u].commitment:
+        if _commit(seed, round_id, u) != known[u].commitment:
             raise SecAggError(
                 f"silo {u!r}: rebuilt self-mask seed does not match its commitment (bad shares)"
             )
@@ -760,10 +913,10 @@ def unmask_sum(
             raise SecAggError(f"only {len(key_points[u])} shares of dropped silo {u!r}'s mask key, need {t}")
         raw = _shamir_combine(dict(list(key_points[u].items())[:t]))
         key = X25519PrivateKey.from_private_bytes(raw)
-        if _raw_public(key) != roster[u].mask_key:
+        if _raw_public(key) != known[u].mask_key:
             raise SecAggError(f"dropped silo {u!r}: rebuilt mask key does not match its advert (bad shares)")
         for v in alive:  # v added +PRG if v < u, -PRG otherwise
-            mask = _prg(_pairwise_key(key, roster[v].mask_key, round_id, u, v), n)
+            mask = _prg(_pairwise_key(key, known[v].mask_key, round_id, u, v), n)
             if v < u:
                 total -= mask
             else:

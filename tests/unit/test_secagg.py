@@ -29,10 +29,18 @@ def _delta(seed: int, n: int = 600) -> dict[str, torch.Tensor]:
 class Round:
     """Drives one round in memory, the way the coordinator would route messages."""
 
-    def __init__(self, names: list[str], *, round_id: str = ROUND, checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        *,
+        round_id: str = ROUND,
+        checkpoint: bool = False,
+        roster: list[str] | None = None,
+    ) -> None:
         self.names = names
         self.round_id = round_id
-        self.clients = {n: sa.SecAggClient(n, round_id=round_id) for n in names}
+        self.roster = list(roster or names)
+        self.clients = {n: sa.SecAggClient(n, round_id=round_id, roster=self.roster) for n in names}
         self.adverts = {n: c.advertise() for n, c in self.clients.items()}
         shares = {n: c.share_keys(self.adverts) for n, c in self.clients.items()}
         self.inbox = {n: {s: shares[s][n] for s in names if s != n} for n in names}
@@ -45,7 +53,11 @@ class Round:
     def unmask(self, masked: dict[str, bytes], responders: list[str] | None = None) -> sa.SecAggResult:
         alive = sorted(masked)
         responses = {n: self.clients[n].unmask(alive) for n in (responders or alive)}
-        return sa.unmask_sum(masked, responses, adverts=self.adverts, round_id=self.round_id)
+        return self.sum(masked, responses)
+
+    def sum(self, masked: dict[str, bytes], responses: dict[str, bytes], **kw: object) -> sa.SecAggResult:
+        kw = {"adverts": self.adverts, "round_id": self.round_id, "roster": self.roster, **kw}
+        return sa.unmask_sum(masked, responses, **kw)
 
 
 def test_params_and_thresholds() -> None:
@@ -88,6 +100,46 @@ def test_masked_sum_is_exact_with_up_to_a_third_dropped(n, data, seed, checkpoin
         assert err <= len(alive) * 2.0 ** -(PARAMS.frac_bits + 1) + 1e-2 * 2.0**-23
         assert result.delta[key].shape == deltas[names[0]][key].shape
     assert abs(result.weight - sum(weights[s] for s in alive)) < 1e-12
+
+
+def test_exact_sum_when_roster_silos_never_advertise_or_drop() -> None:
+    """Shamir x-coordinates come from the pinned roster, not from who advertised."""
+    roster = [f"silo-{c}" for c in "abcdefghi"]  # 9 silos: t = 6
+    absent, dropped = "silo-c", "silo-f"  # c never advertises, f shares keys and then drops
+    names = [n for n in roster if n != absent]
+    rnd = Round(names, roster=roster, checkpoint=True)
+    deltas = {n: _delta(i) for i, n in enumerate(names)}
+    weights = dict.fromkeys(names, 0.1)
+    masked = rnd.mask({n: d for n, d in deltas.items() if n != dropped}, weights)
+    result = rnd.unmask(masked)
+    alive = [n for n in names if n != dropped]
+    assert result.silos == tuple(alive) and result.dropped == (dropped,)
+    expected = sum(sa.encode_update(deltas[n], weight=0.1).values for n in alive)
+    assert np.array_equal(result.encoded_sum.values, expected)
+
+
+def test_state_round_trips_at_every_phase() -> None:
+    names = ["a", "b", "c"]
+    clients = {n: sa.SecAggClient(n, round_id=ROUND, roster=[*names, "d"]) for n in names}
+
+    def same(c: sa.SecAggClient) -> sa.SecAggClient:
+        again = sa.SecAggClient.from_state(c.state_bytes())
+        assert again.state_bytes() == c.state_bytes() and again.roster == ("a", "b", "c", "d")
+        return again
+
+    clients = {n: same(c) for n, c in clients.items()}
+    adverts = {n: c.advertise() for n, c in clients.items()}
+    shares = {n: c.share_keys(adverts) for n, c in clients.items()}
+    clients = {n: same(c) for n, c in clients.items()}
+    for n, c in clients.items():
+        c.mask_update(_delta(0), {s: shares[s][n] for s in names if s != n}, weight=0.5)
+    clients = {n: same(c) for n, c in clients.items()}
+    assert clients["a"].answered is None
+    answer = clients["a"].unmask(names)
+    restored = same(clients["a"])
+    assert restored.answered == ("a", "b", "c") and restored.unmask(names) == answer
+    with pytest.raises(SecAggError, match="unreadable client state"):
+        sa.SecAggClient.from_state(clients["b"].state_bytes().replace(b'"answered":null', b'"answered":7'))
 
 
 def test_single_masked_update_reveals_nothing_obvious() -> None:
@@ -136,7 +188,7 @@ def test_too_many_dropouts_are_refused() -> None:
     with pytest.raises(SecAggError, match="below the threshold 4"):
         rnd.clients["a"].unmask(sorted(masked))
     with pytest.raises(SecAggError, match="below the threshold 4"):
-        sa.unmask_sum(masked, {}, adverts=rnd.adverts, round_id=ROUND)
+        rnd.sum(masked, {})
 
 
 def test_too_few_responses_are_refused() -> None:
@@ -161,7 +213,7 @@ def test_client_refuses_what_could_leak() -> None:
     with pytest.raises(SecAggError, match="never shared keys"):
         a.unmask(["a", "b", "zed"])
     a.unmask(["a", "b"])
-    with pytest.raises(SecAggError, match="out of order or twice"):  # would reveal c's other share
+    with pytest.raises(SecAggError, match=r"already answered survivor set \['a', 'b'\]"):  # c's other share
         a.unmask(["a", "b", "c"])
 
 
@@ -171,12 +223,12 @@ def test_inconsistent_survivor_views_are_rejected() -> None:
     masked = rnd.mask({n: _delta(i) for i, n in enumerate(names[:3])}, dict.fromkeys(names, 0.25))
     responses = {n: rnd.clients[n].unmask(["a", "b", "c"]) for n in ("a", "b")}
     responses["c"] = rnd.clients["c"].unmask(["c", "a", "b"])
-    sa.unmask_sum(masked, responses, adverts=rnd.adverts, round_id=ROUND)  # same set, any order
+    rnd.sum(masked, responses)  # same set, any order
     rnd2 = Round(names)
     masked2 = rnd2.mask({n: _delta(i) for i, n in enumerate(names)}, dict.fromkeys(names, 0.25))
     liar = {n: rnd2.clients[n].unmask(["a", "b", "c"]) for n in ("a", "b", "c")}
     with pytest.raises(SecAggError, match="unmasked for survivors"):
-        sa.unmask_sum(masked2, liar, adverts=rnd2.adverts, round_id=ROUND)
+        rnd2.sum(masked2, liar)
 
 
 def test_bad_shares_are_detected_not_silently_wrong() -> None:
@@ -188,7 +240,7 @@ def test_bad_shares_are_detected_not_silently_wrong() -> None:
     doc["seed_shares"]["a"] = hex(int(doc["seed_shares"]["a"], 16) ^ 1)
     responses["b"] = json.dumps(doc).encode()
     with pytest.raises(SecAggError, match="does not match its commitment"):
-        sa.unmask_sum(masked, responses, adverts=rnd.adverts, round_id=ROUND)
+        rnd.sum(masked, responses)
 
 
 def test_dropped_silo_with_bad_key_shares_is_detected() -> None:
@@ -200,7 +252,7 @@ def test_dropped_silo_with_bad_key_shares_is_detected() -> None:
     doc["key_shares"]["c"] = hex(int(doc["key_shares"]["c"], 16) + 1)
     responses["a"] = json.dumps(doc).encode()
     with pytest.raises(SecAggError, match="rebuilt mask key does not match"):
-        sa.unmask_sum(masked, responses, adverts=rnd.adverts, round_id=ROUND)
+        rnd.sum(masked, responses)
 
 
 def test_tampered_messages_are_rejected() -> None:
@@ -219,29 +271,167 @@ def test_tampered_messages_are_rejected() -> None:
     responses = {n: rnd.clients[n].unmask(names) for n in names}
     for bad in (masked["b"][:-1], masked["b"][:-4], masked["b"][:20], b"junk"):
         with pytest.raises(SecAggError):
-            sa.unmask_sum({**masked, "b": bad}, responses, adverts=rnd.adverts, round_id=ROUND)
+            rnd.sum({**masked, "b": bad}, responses)
     flipped = bytearray(masked["b"])
     flipped[-1] ^= 1
     with pytest.raises(SecAggError, match="truncated or corrupted"):
-        sa.unmask_sum({**masked, "b": bytes(flipped)}, responses, adverts=rnd.adverts, round_id=ROUND)
+        rnd.sum({**masked, "b": bytes(flipped)}, responses)
     with pytest.raises(SecAggError, match="filed under 'c' is from 'b'"):
-        sa.unmask_sum({**masked, "c": masked["b"]}, responses, adverts=rnd.adverts, round_id=ROUND)
+        rnd.sum({**masked, "c": masked["b"]}, responses)
     with pytest.raises(SecAggError, match="for round"):
-        sa.unmask_sum(masked, responses, adverts=rnd.adverts, round_id="another-round")
+        rnd.sum(masked, responses, round_id="another-round")
 
 
 def test_roster_checks() -> None:
-    a = sa.SecAggClient("a", round_id=ROUND)
-    b = sa.SecAggClient("b", round_id=ROUND)
-    other = sa.SecAggClient("c", round_id="old-round")
-    with pytest.raises(SecAggError, match="needs 2"):
-        a.share_keys([a.advertise()])
+    roster = ["a", "b"]
+    a = sa.SecAggClient("a", round_id=ROUND, roster=roster)
+    b = sa.SecAggClient("b", round_id=ROUND, roster=roster)
+    old = sa.SecAggClient("b", round_id="old-round", roster=roster)
+    with pytest.raises(SecAggError, match=r"silo 'a': 1 advert\(s\), below the threshold 2"):
+        a.share_keys({"a": a.advertise()})
     with pytest.raises(SecAggError, match="for round 'old-round'"):
-        a.share_keys([a.advertise(), other.advertise()])
+        a.share_keys({"a": a.advertise(), "b": old.advertise()})
     with pytest.raises(SecAggError, match="own advert"):
-        a.share_keys([sa.SecAggClient("a", round_id=ROUND).advertise(), b.advertise()])
+        a.share_keys(
+            {"a": sa.SecAggClient("a", round_id=ROUND, roster=roster).advertise(), "b": b.advertise()}
+        )
     with pytest.raises(SecAggError, match="two adverts"):
         a.share_keys([a.advertise(), b.advertise(), b.advertise()])
+    with pytest.raises(SecAggError, match="advert filed under 'b' is from 'a'"):
+        a.share_keys({"a": a.advertise(), "b": a.advertise()})
+    assert set(a.share_keys({"a": a.advertise(), "b": b.advertise()})) == {"b"}  # refusals left it usable
+
+
+@pytest.mark.parametrize(
+    ("silo", "roster", "message"),
+    [
+        ("a", ["b", "c"], "'a' is not in the roster"),
+        ("a", ["a"], "needs 2"),
+        ("a", ["a", "b", "b"], "duplicate"),
+        ("a", ["a", ""], "non-empty strings"),
+        ("a", "ab", "sequence of silo names"),
+        ("a", [f"s{i}" for i in range(65)] + ["a"], "max_silos=64"),
+    ],
+)
+def test_client_roster_is_validated(silo, roster, message) -> None:
+    with pytest.raises(SecAggError, match=message):
+        sa.SecAggClient(silo, round_id=ROUND, roster=roster)
+
+
+# -- an actively malicious coordinator ---------------------------------------------------------
+
+
+def test_injected_fake_silos_are_refused() -> None:
+    """The coordinator adds silos it controls: enough of them would hold t shares of a's secrets."""
+    roster = ["a", "b", "c"]
+    a = sa.SecAggClient("a", round_id=ROUND, roster=roster)
+    fakes = ["fake-1", "fake-2", "fake-3"]  # 4 adverts: t would be 3, all held by the coordinator
+    forged = {f: sa.SecAggClient(f, round_id=ROUND, roster=["a", *fakes]) for f in fakes}
+    adverts = {"a": a.advertise(), **{f: c.advertise() for f, c in forged.items()}}
+    with pytest.raises(SecAggError, match=r"silo 'a': advert from 'fake-1', who is not in the roster"):
+        a.share_keys(adverts)
+    # one fake next to the real silos is refused as well, by name or in a plain list
+    rnd = Round(roster)
+    with pytest.raises(SecAggError, match="'fake-1', who is not in the roster"):
+        a.share_keys({**rnd.adverts, "a": a.advertise(), "fake-1": forged["fake-1"].advertise()})
+    with pytest.raises(SecAggError, match="'fake-2', who is not in the roster"):
+        a.share_keys([a.advertise(), rnd.adverts["b"], forged["fake-2"].advertise()])
+    # and a fake advert filed under a real silo's name
+    with pytest.raises(SecAggError, match="advert filed under 'b' is from 'fake-1'"):
+        a.share_keys({"a": a.advertise(), "b": forged["fake-1"].advertise(), "c": rnd.adverts["c"]})
+
+
+def test_threshold_comes_from_the_roster_not_the_adverts() -> None:
+    roster = ["a", "b", "c", "d", "e", "f"]  # t = 4
+    clients = {n: sa.SecAggClient(n, round_id=ROUND, roster=roster) for n in ("a", "b", "c")}
+    adverts = {n: c.advertise() for n, c in clients.items()}
+    assert PARAMS.threshold(3) == 2 and PARAMS.threshold(6) == 4  # 3 adverts: enough for a roster of 3
+    for name, client in clients.items():
+        with pytest.raises(
+            SecAggError, match=rf"silo '{name}': 3 advert\(s\), below the threshold 4 of a roster of 6"
+        ):
+            client.share_keys(adverts)
+    # four of six is enough, and the sum is exact over them
+    names = ["a", "b", "c", "d"]
+    rnd = Round(names, roster=roster)
+    deltas = {n: _delta(i) for i, n in enumerate(names)}
+    result = rnd.unmask(rnd.mask(deltas, dict.fromkeys(names, 0.25)))
+    expected = sum(sa.encode_update(deltas[n], weight=0.25).values for n in names)
+    assert np.array_equal(result.encoded_sum.values, expected) and result.silos == tuple(names)
+
+
+def test_shares_from_outside_the_round_are_refused() -> None:
+    roster = ["a", "b", "c", "d"]
+    rnd = Round(["a", "b", "c"], roster=roster)
+    a = rnd.clients["a"]
+    # d is in the roster but never advertised, so it cannot be in U1
+    d = sa.SecAggClient("d", round_id=ROUND, roster=roster)
+    from_d = d.share_keys({**rnd.adverts, "d": d.advertise()})["a"]
+    with pytest.raises(SecAggError, match=r"silo 'a': share message from 'd', who did not advertise"):
+        a.mask_update(_delta(0), {**rnd.inbox["a"], "d": from_d}, weight=0.5)
+    with pytest.raises(SecAggError, match="'zed', who is not in the roster"):
+        a.mask_update(_delta(0), {**rnd.inbox["a"], "zed": rnd.inbox["a"]["b"]}, weight=0.5)
+    with pytest.raises(SecAggError, match=r"silo 'a': only 2 silos shared keys, below the threshold 3"):
+        a.mask_update(_delta(0), {"b": rnd.inbox["a"]["b"]}, weight=0.5)
+    a.mask_update(_delta(0), rnd.inbox["a"], weight=0.5)
+
+
+def test_second_survivor_set_is_refused_and_the_first_answer_is_idempotent() -> None:
+    """Asked for [a, b, c] a reveals d's mask-key share; asked again for [a, b, c, d] it would reveal
+    d's self-mask seed share too: with t such answers the coordinator would unmask d alone."""
+    names = ["a", "b", "c", "d"]
+    rnd = Round(names)
+    rnd.mask({n: _delta(i) for i, n in enumerate(names)}, dict.fromkeys(names, 0.25))
+    a = rnd.clients["a"]
+    first = a.unmask(["a", "b", "c"])
+    assert set(json.loads(first)["key_shares"]) == {"d"}
+    with pytest.raises(SecAggError, match=r"already answered survivor set \['a', 'b', 'c'\] for this round"):
+        a.unmask(["a", "b", "c", "d"])
+    assert a.unmask(["c", "b", "a"]) == first  # the same set again (any order): the same bytes
+    # the answered set survives a checkpoint
+    restored = sa.SecAggClient.from_state(a.state_bytes())
+    assert restored.state_bytes() == a.state_bytes()
+    assert restored.unmask(["a", "b", "c"]) == first
+    with pytest.raises(SecAggError, match=r"already answered survivor set \['a', 'b', 'c'\]"):
+        restored.unmask(["a", "b", "c", "d"])
+    with pytest.raises(SecAggError, match="already answered"):
+        sa.SecAggClient.from_state(a.state_bytes()).unmask(["a", "b", "d"])
+
+
+def test_survivor_sets_outside_u1_or_below_the_threshold_are_refused() -> None:
+    roster = ["a", "b", "c", "d", "e"]  # t = 4
+    rnd = Round(["a", "b", "c", "d"], roster=roster)
+    rnd.mask({n: _delta(i) for i, n in enumerate(rnd.names)}, dict.fromkeys(rnd.names, 0.25))
+    a = rnd.clients["a"]
+    with pytest.raises(SecAggError, match=r"survivors \['e'\] never shared keys with 'a'"):
+        a.unmask(["a", "b", "c", "e"])  # e is in the roster but not in U1
+    with pytest.raises(SecAggError, match="only 3 survivors, below the threshold 4"):
+        a.unmask(["a", "b", "c"])
+    with pytest.raises(SecAggError, match="duplicates"):
+        a.unmask(["a", "b", "c", "c"])
+    with pytest.raises(SecAggError, match="not among the survivors"):
+        a.unmask(["b", "c", "d"])
+    a.unmask(["a", "b", "c", "d"])  # refusals do not count as an answer
+
+
+def test_unmask_sum_refuses_names_outside_the_roster() -> None:
+    names = ["a", "b", "c"]
+    rnd = Round(names)
+    masked = rnd.mask({n: _delta(i) for i, n in enumerate(names)}, dict.fromkeys(names, 0.3))
+    responses = {n: rnd.clients[n].unmask(names) for n in names}
+    rnd.sum(masked, responses)  # the honest round goes through
+    outsider = Round(["a", "zed"])  # a well-formed round of another roster
+    zed_masked = outsider.mask({"zed": _delta(9)}, {"zed": 0.5})["zed"]
+    zed_response = json.dumps({"v": 1, "silo": "zed", "round": ROUND, "survivors": names}).encode()
+    with pytest.raises(SecAggError, match=r"unmask response from 'zed', which is not in the roster"):
+        rnd.sum(masked, {**responses, "zed": zed_response})
+    with pytest.raises(SecAggError, match=r"masked update from 'zed', which is not in the roster"):
+        rnd.sum({**masked, "zed": zed_masked}, responses)
+    with pytest.raises(SecAggError, match=r"advert from 'zed', who is not in the roster"):
+        rnd.sum(masked, responses, adverts={**rnd.adverts, "zed": outsider.adverts["zed"]})
+    # t comes from the roster: the same three silos inside a roster of six are too few
+    with pytest.raises(SecAggError, match="below the threshold 4"):
+        rnd.sum(masked, responses, roster=[*names, "d", "e", "f"])
 
 
 @pytest.mark.parametrize(
