@@ -75,7 +75,7 @@ def bench_secagg(deltas, weights, ref, repeats: int) -> Row:
 
     def setup() -> tuple[str, dict[str, sa.SecAggClient], dict[str, bytes], dict[str, dict[str, bytes]]]:
         rid = f"bench/round-{next(round_no)}"  # masks are single-use: a fresh round per run
-        clients = {n: sa.SecAggClient(n, round_id=rid) for n in names}
+        clients = {n: sa.SecAggClient(n, round_id=rid, roster=names) for n in names}
         adverts = {n: c.advertise() for n, c in clients.items()}
         shares = {n: c.share_keys(adverts) for n, c in clients.items()}
         inbox = {n: {s: shares[s][n] for s in names if s != n} for n in names}
@@ -94,7 +94,7 @@ def bench_secagg(deltas, weights, ref, repeats: int) -> Row:
     }
     t = time.perf_counter()
     responses = {n: clients[n].unmask(names) for n in names}
-    result = sa.unmask_sum(masked, responses, adverts=adverts, round_id=rid)
+    result = sa.unmask_sum(masked, responses, adverts=adverts, round_id=rid, roster=names)
     unmask_s = time.perf_counter() - t
     return Row(
         f"secagg masking (S={len(names)}, 32-bit ring)",

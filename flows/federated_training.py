@@ -20,10 +20,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
+from silotune.protection import scheme_for
 from tasks.aggregate import aggregate, root_update
 from tasks.broadcast import broadcast
 from tasks.checkpoint import commit, record_eval, report, track_start
 from tasks.publish import publish
+from tasks.runtime import published_location
 from tasks.secure import close_upload
 
 
@@ -41,14 +43,13 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         progress=100.0 * state.completed_rounds / config.rounds,
         description=f"rounds of {config.federation_id}",
     )
-    secagg = config.security.protection == "secagg"
+    scheme = scheme_for(config)
     for r in range(state.completed_rounds, config.rounds):
         pending = state.pending_evaluation  # r - 1 (-1: the initial global), or None if already recorded
         failures = []
-        if secagg:  # keys for this round: adverts, then encrypted shares
-            for phase in ("secagg-advertise", "secagg-share"):
-                _, phase_failures = runner.step(config, phase, r)
-                failures += phase_failures
+        for phase in scheme.steps_before_upload:  # secure aggregation: adverts, then encrypted shares
+            _, phase_failures = runner.step(config, phase, r)
+            failures += phase_failures
         wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None)
         failures += wave.failures
         try:
@@ -57,10 +58,11 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
                     f"round {r + 1}: only {len(wave.updates)} silo(s) returned an update, quorum is "
                     f"{config.aggregation.min_silos}; failures: {[f.model_dump() for f in failures]}"
                 )
-            if secagg:  # survivors fixed, then they reveal the shares that remove the masks
+            if scheme.steps_after_upload:  # survivors fixed, then e.g. they reveal the masks' shares
                 survivors = close_upload(config, r, wave.updates)
-                _, unmask_failures = runner.step(config, "secagg-unmask", r, silos=survivors)
-                failures += unmask_failures
+                for phase in scheme.steps_after_upload:
+                    _, phase_failures = runner.step(config, phase, r, silos=survivors)
+                    failures += phase_failures
             if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
                 root_update(config, r, state.global_ref)
             agg = aggregate(config, r, state.global_ref, wave.updates)
@@ -80,22 +82,19 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         state = record_eval(config, state, final, evals, eval_failures)
         if final >= 0:
             _log_round(logger, config, state.history[final])
-    if config.security.protection == "ckks":  # only silos hold the key: one of them publishes
-        published, publish_failures = {}, []
-        for silo in config.silos:
-            published, publish_failures = runner.step(
-                config,
-                "publish",
-                state.completed_rounds,
-                silos=[silo.name],
-                global_ref=state.global_ref,
-                run_id=state.tracking_run_id,
-            )
-            if published:
-                break
-        if not published:
-            raise RuntimeError(f"no silo could publish the final adapter: {publish_failures}")
-        adapter_dir = next(iter(published.values()))
+    if scheme.publishes_at_silo:  # only silos hold the key: the designated one publishes
+        publisher = config.ckks_publisher
+        published, publish_failures = runner.step(
+            config,
+            "publish",
+            state.completed_rounds,
+            silos=[publisher],
+            global_ref=state.global_ref,
+            run_id=state.tracking_run_id,
+        )
+        if publisher not in published or not published[publisher].keys:
+            raise RuntimeError(f"the publishing silo {publisher!r} could not publish: {publish_failures}")
+        adapter_dir = published_location(config, published[publisher].keys[0])
     else:
         adapter_dir = publish(config, state)
     summary = report(config, state, adapter_dir)

@@ -21,8 +21,20 @@ import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
+from pydantic import BaseModel
+
 from silotune.config import FederationConfig
-from silotune.federation import EvalRecord, ObjectRef, SiloFailure, SiloRoundResult, UpdateRecord
+from silotune.federation import (
+    EvalRecord,
+    ObjectRef,
+    SiloEvalResult,
+    SiloFailure,
+    SiloRoundResult,
+    SiloStepResult,
+    UpdateRecord,
+)
+from silotune.results import ResultError, read_result
+from tasks.runtime import store_for
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +70,43 @@ class SiloRunner(Protocol):
 
 
 class Outcome(NamedTuple):
-    """A silo run's final state and what it returned: its result, or the data of a failed run
-    (``silo-round`` returns its evaluation even when training fails), or the exception that says why."""
+    """A silo run's final state and what it reported: its signed result record (``silo-round`` writes
+    one even when training fails, with its evaluation), or the exception that says why there is none."""
 
     state: Any
     value: Any
 
 
-def read_outcome(state: Any) -> Outcome:
-    try:
-        return Outcome(state, state.result(raise_on_failure=False))
-    except Exception as exc:
-        return Outcome(state, RuntimeError(f"result unreadable: {type(exc).__name__}: {exc}"))
+# Which record each silo flow writes (the stage names the record in the silo's results prefix).
+RECORDS: dict[str, type[BaseModel]] = {
+    "silo-round": SiloRoundResult,
+    "silo-evaluate": SiloEvalResult,
+    "silo-step": SiloStepResult,
+}
 
 
-async def _aread_outcome(state: Any) -> Outcome:
+def read_outcome(
+    config: FederationConfig, flow_name: str, stage: str, silo: str, round_: int, state: Any
+) -> Outcome:
+    """The run's record from the silo's results prefix, never through Prefect's result store.
+
+    The record must be the one this run wrote (its ``run_id``): a record left by an earlier run of
+    the same step is not taken for this run's. A refused or crashed run writes none: its state's
+    message says why.
+    """
+    stage = {"silo-round": "round", "silo-evaluate": "evaluate"}.get(flow_name, stage)
     try:
-        return Outcome(state, await state.aresult(raise_on_failure=False))
-    except Exception as exc:
-        return Outcome(state, RuntimeError(f"result unreadable: {type(exc).__name__}: {exc}"))
+        record = read_result(config, store_for(config), silo, round_, stage, RECORDS[flow_name])
+    except ResultError as exc:
+        if not state.is_completed() and (state.message or ""):
+            return Outcome(state, RuntimeError(state.message))
+        return Outcome(state, exc)
+    run_id = getattr(getattr(state, "state_details", None), "flow_run_id", None)
+    if run_id is not None and getattr(record, "run_id", None) not in (None, str(run_id)):
+        if not state.is_completed() and (state.message or ""):
+            return Outcome(state, RuntimeError(state.message))
+        return Outcome(state, ResultError(f"silo {silo!r}: {stage} record was written by another run"))
+    return Outcome(state, record)
 
 
 def _error(out: Outcome) -> str:
@@ -151,12 +181,11 @@ class InProcessRunner:
         from flows.silo import silo_round
 
         with _no_heartbeats():
-            outcomes = {
-                s.name: read_outcome(
-                    silo_round(config, s.name, round_, global_ref, evaluate, return_state=True)
-                )
+            states = {
+                s.name: silo_round(config, s.name, round_, global_ref, evaluate, return_state=True)
                 for s in config.silos
             }
+        outcomes = {n: read_outcome(config, "silo-round", "train", n, round_, st) for n, st in states.items()}
         return wave_outcome(outcomes, round_, evaluate=evaluate)
 
     def evaluate(
@@ -165,12 +194,15 @@ class InProcessRunner:
         from flows.silo import silo_evaluate
 
         with _no_heartbeats():
-            outcomes = {
-                s.name: read_outcome(silo_evaluate(config, s.name, round_, global_ref, return_state=True))
+            states = {
+                s.name: silo_evaluate(config, s.name, round_, global_ref, return_state=True)
                 for s in config.silos
             }
+        outcomes = {
+            n: read_outcome(config, "silo-evaluate", "evaluate", n, round_, st) for n, st in states.items()
+        }
         results, failures = step_results(outcomes, round_, "evaluate")
-        return [r for r in results.values() if r is not None], failures
+        return [r.evaluation for r in results.values() if r.evaluation is not None], failures
 
     def step(
         self,
@@ -186,12 +218,11 @@ class InProcessRunner:
         from flows.silo import silo_step
 
         with _no_heartbeats():
-            outcomes = {
-                name: read_outcome(
-                    silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
-                )
+            states = {
+                name: silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
                 for name in silos or [s.name for s in config.silos]
             }
+        outcomes = {n: read_outcome(config, "silo-step", stage, n, round_, st) for n, st in states.items()}
         results, failures = step_results(outcomes, round_, stage)
         for f in failures:
             log.warning("round %d: silo %s failed %s: %s", round_ + 1, f.silo, stage, f.error)
@@ -204,9 +235,8 @@ class WorkPoolRunner:
     A run nobody picks up within ``orchestration.pickup_timeout_s`` (no worker on the pool) or that does
     not finish within ``orchestration.silo_timeout_s`` (worker killed mid-run, host gone) becomes a
     :class:`SiloFailure` and its run is marked crashed, so the round goes on with the quorum instead of
-    hanging. Results come back through Prefect's persisted results (the silo flows set
-    ``persist_result=True``; the stack's result storage is an S3 bucket); each is read as soon as its
-    run is final, while the others still run.
+    hanging. Results come back as the silos' signed records in their own store prefixes
+    (:mod:`silotune.results`), never through Prefect's result store; they are read once every run is final.
     """
 
     def __init__(self) -> None:
@@ -225,7 +255,7 @@ class WorkPoolRunner:
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
         params = {"round_": round_, "global_ref": global_ref}
         results, failures = self._run("silo-evaluate", "evaluate", config, round_, params)
-        return [r for r in results.values() if r is not None], failures
+        return [r.evaluation for r in results.values() if r.evaluation is not None], failures
 
     def step(
         self,
@@ -297,6 +327,12 @@ class WorkPoolRunner:
         }
         waves = _Wave(specs, self._deployments, config, flow_name)
         run_coro_as_sync(waves.run())
+        t0 = time.perf_counter()
+        outcomes = {
+            silo: read_outcome(config, flow_name, stage, silo, round_, out.state)
+            for silo, out in waves.outcomes.items()
+        }
+        waves.read_s = time.perf_counter() - t0
         failures = [
             SiloFailure(silo=silo, round=round_, stage=stage, error=why) for silo, why in waves.lost.items()
         ]
@@ -312,7 +348,7 @@ class WorkPoolRunner:
             waves.read_s,
         )
         # In the config's order, whatever the creation order: aggregation must not depend on timing.
-        return {n: waves.outcomes[n] for n in names if n in waves.outcomes}, failures
+        return {n: outcomes[n] for n in names if n in outcomes}, failures
 
 
 # A wave's runs are created scheduled this far ahead (beyond the workers' claim horizon and their
@@ -330,7 +366,8 @@ class _Wave:
     between, and a busy silo writes often (claim, states, task runs, logs): created while the first
     silos already run, the last run waited for seconds. Then waits for the runs' state events (a
     subscription to exactly these runs; a read every ``orchestration.poll_s`` as the fallback),
-    enforces the pickup/finish timeouts and reads each run's result as soon as it is final.
+    enforces the pickup/finish timeouts and returns each run's final state (its record is read
+    from the store afterwards).
     """
 
     def __init__(
@@ -356,11 +393,9 @@ class _Wave:
         async with get_client(httpx_settings=busy_retry_settings()) as client:
             await self._create(client)
             self.created_s = time.perf_counter() - t0
-            reads = await self._await_final(client)
+            finals = await self._await_final(client)
             self.final_s = time.perf_counter() - t0 - self.created_s
-            for silo, outcome in zip(reads, await asyncio.gather(*reads.values()), strict=True):
-                self.outcomes[silo] = outcome
-            self.read_s = time.perf_counter() - t0 - self.created_s - self.final_s
+            self.outcomes = {silo: Outcome(state, None) for silo, state in finals.items()}
 
     async def _create(self, client: Any) -> None:
         from datetime import UTC, datetime, timedelta
@@ -396,7 +431,7 @@ class _Wave:
                 del self.runs[silo]
 
     async def _await_final(self, client: Any) -> dict[str, Any]:
-        """Wait until every run is final; return the (started) reads of their results by silo.
+        """Wait until every run is final; return their final states by silo.
 
         Runs given up on (pickup or finish timeout) are marked Crashed, so that a late worker does not
         run them after the round moved on, and land in ``lost`` with the reason.
@@ -427,7 +462,7 @@ class _Wave:
                     silo = pending[fr.id]
                     state = fr.state
                     if state is not None and state.is_final():
-                        reads[silo] = asyncio.ensure_future(_aread_outcome(state))
+                        reads[silo] = state
                         if fr.start_time is not None and fr.end_time is not None:
                             self.seconds[silo] = (fr.end_time - fr.start_time).total_seconds()
                         del pending[fr.id]

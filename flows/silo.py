@@ -1,12 +1,13 @@
 """The silo's flows: a round (evaluate, then train), an evaluation, protocol steps; on the silo's pool.
 
-Their results (small records: object keys, hashes, metrics) are persisted so the
-coordinator can read them from another process or host: with the real stack the
-default result storage is the stack's S3 result bucket (a prefect-aws ``S3Bucket``
-block), serialized as JSON (never pickle: the coordinator must not unpickle what a silo wrote).
-The tasks inside these flows persist nothing and are never cached: only the flow's return value
-crosses to the coordinator, and each persisted task result or cache lookup would be one more
-round trip to the result store per task.
+Every run first checks the config it was sent against the silo's own policy (``tasks.runtime.admit``):
+a refused run fails before any data is read, with a message naming each field and policy line.
+
+The runs persist no Prefect results. What a run returns to the coordinator is a signed, plain-JSON
+record the silo writes into its own store prefix (:mod:`silotune.results`), read back by the
+coordinator with a schema and a size limit: Prefect's result store would rebuild its serializer,
+pickle included, from metadata the silo's engine reported. Under DP or protection a record holds
+only what the silo's policy releases.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from typing import Any
 
 from prefect import flow
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.states import Failed, State
 
 from silotune.config import FederationConfig
-from silotune.federation import EvalRecord, ObjectRef, SiloRoundResult
+from silotune.federation import ObjectRef, SiloEvalResult, SiloRoundResult, SiloStepResult
 from tasks.evaluate import evaluate_global
 from tasks.local_train import local_train
-from tasks.runtime import localize
-from tasks.secure import publish_at_silo, secagg_advertise, secagg_share, secagg_unmask
+from tasks.runtime import admit
+from tasks.secure import protocol_step, publish_at_silo, report
 
 SILO_STEPS = ("secagg-advertise", "secagg-share", "secagg-unmask", "publish")
 
@@ -38,24 +40,23 @@ def _error(state: State) -> str:
     return state.message or str(state)
 
 
-@flow(
-    name="silo-round",
-    flow_run_name="{silo}-round-{round_}",
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-)
+def _run_id() -> str | None:
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+
+
+@flow(name="silo-round", flow_run_name="{silo}-round-{round_}", log_prints=True, persist_result=False)
 def silo_round(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, evaluate: bool = True
-) -> SiloRoundResult | State:
+) -> State | None:
     """Evaluate the global adapter received (round ``round_ - 1``'s output), then post-train from it.
 
     One run per silo per round: the evaluation of the previous round's output rides along with
-    the next round's training. If training fails the run fails, but its result still carries the
+    the next round's training. If training fails the run fails, but its record still carries the
     evaluation (and the training error), so the coordinator counts the evaluation.
     """
-    config = localize(config, silo)
-    result = SiloRoundResult(silo=silo, round=round_)
+    config, release = admit(config, silo)
+    result = SiloRoundResult(silo=silo, round=round_, run_id=_run_id())
     if evaluate:
         ev = _evaluate(config, silo, round_ - 1, global_ref, return_state=True)
         if ev.is_completed():
@@ -65,32 +66,30 @@ def silo_round(
     tr = _train(config, silo, round_, global_ref, return_state=True)
     if tr.is_completed():
         result.update = tr.result()
-        return result
-    result.train_error = _error(tr)
-    return Failed(message=f"local training failed: {result.train_error}", data=result)
+    else:
+        result.train_error = _error(tr)
+    report(config, silo, round_, "round", result, release)
+    if result.train_error is not None:
+        return Failed(message=f"local training failed: {result.train_error}")
+    return None
 
 
-@flow(
-    name="silo-evaluate",
-    flow_run_name="{silo}-evaluate-{round_}",
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-)
-def silo_evaluate(
-    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
-) -> EvalRecord | None:
+@flow(name="silo-evaluate", flow_run_name="{silo}-evaluate-{round_}", log_prints=True, persist_result=False)
+def silo_evaluate(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> None:
     """Evaluate a global adapter on the silo's local holdout (the final global, after the last round)."""
-    return _evaluate(localize(config, silo), silo, round_, global_ref)
+    config, release = admit(config, silo)
+    evaluation = _evaluate(config, silo, round_, global_ref)
+    report(
+        config,
+        silo,
+        round_,
+        "evaluate",
+        SiloEvalResult(silo=silo, round=round_, evaluation=evaluation, run_id=_run_id()),
+        release,
+    )
 
 
-@flow(
-    name="silo-step",
-    flow_run_name="{silo}-{stage}-{round_}",
-    log_prints=True,
-    persist_result=True,
-    result_serializer="json",
-)
+@flow(name="silo-step", flow_run_name="{silo}-{stage}-{round_}", log_prints=True, persist_result=False)
 def silo_step(
     config: FederationConfig,
     silo: str,
@@ -100,15 +99,14 @@ def silo_step(
     run_id: str | None = None,
 ) -> Any:
     """A protocol step at the silo: secure-aggregation phases, or publishing a decrypted adapter."""
-    config = localize(config, silo)
-    if stage == "secagg-advertise":
-        return secagg_advertise(config, silo, round_)
-    if stage == "secagg-share":
-        return secagg_share(config, silo, round_)
-    if stage == "secagg-unmask":
-        return secagg_unmask(config, silo, round_)
+    config, release = admit(config, silo)
+    if stage not in SILO_STEPS:
+        raise ValueError(f"unknown silo step {stage!r}; known: {', '.join(SILO_STEPS)}")
     if stage == "publish":
         if global_ref is None:
             raise ValueError("silo-step 'publish' needs global_ref")
-        return publish_at_silo(config, silo, global_ref, run_id)
-    raise ValueError(f"unknown silo step {stage!r}; known: {', '.join(SILO_STEPS)}")
+        keys = [publish_at_silo(config, silo, global_ref, run_id)]
+    else:
+        keys = protocol_step(config, silo, round_, stage)
+    record = SiloStepResult(silo=silo, round=round_, stage=stage, keys=keys, run_id=_run_id())
+    report(config, silo, round_, stage, record, release)

@@ -198,6 +198,22 @@ class SiloSpec(_Spec):
         None,
         description="This silo's own objective (e.g. dpo for a preference silo). None: the federation's.",
     )
+    public_key: str | None = Field(
+        None,
+        description=(
+            "The silo's Ed25519 public key (64 hex digits, `silotune keys silo`). Pinned here, it is part of "
+            "the config's fingerprint that every silo signs when it accepts the federation: the roster of "
+            "secure aggregation and every signature check use these keys, never keys the coordinator "
+            "supplies."
+        ),
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _hex_key(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError(f"{v!r} is not an Ed25519 public key (64 lowercase hex digits)")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -286,6 +302,28 @@ class SecuritySpec(_Spec):
             "(None: on whenever protection or client DP is on)."
         ),
     )
+    coordinator_key: str | None = Field(
+        None,
+        description=(
+            "The coordinator's Ed25519 public key (64 hex digits): silos verify the globals, CKKS pointers, "
+            "survivor sets and manifests it signs. None: the coordinator signs nothing (then a silo whose "
+            "policy pins a coordinator key refuses)."
+        ),
+    )
+    publisher: str | None = Field(
+        None,
+        description=(
+            "CKKS: the one silo that decrypts and publishes the final adapter (None: the first silo). Only "
+            "its published/ prefix is read."
+        ),
+    )
+
+    @field_validator("coordinator_key")
+    @classmethod
+    def _hex_key(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError(f"{v!r} is not an Ed25519 public key (64 lowercase hex digits)")
+        return v
 
     @property
     def protected(self) -> bool:
@@ -407,6 +445,26 @@ class FederationConfig(_Spec):
             raise ValueError(f"{v!r} is not a valid id (lowercase letters, digits, '-', '_'; ≤ 63 chars)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_quorum(cls, data: Any) -> Any:
+        """Protection or client DP without an explicit quorum: 2 (a sum of one update is that update)."""
+        if not isinstance(data, dict):
+            return data
+        agg = data.get("aggregation")
+        if isinstance(agg, BaseModel):
+            agg = agg.model_dump()
+        agg = dict(agg or {})
+        sec = data.get("security") or {}
+        protection = sec.protection if isinstance(sec, BaseModel) else sec.get("protection", "none")
+        priv = data.get("privacy") or {}
+        client_dp = priv.client_dp if isinstance(priv, BaseModel) else priv.get("client_dp")
+        silos = data.get("silos") or []
+        if "min_silos" not in agg and (protection != "none" or client_dp is not None) and len(silos) >= 2:
+            agg["min_silos"] = 2
+            return {**data, "aggregation": agg}
+        return data
+
     @model_validator(mode="after")
     def _cross(self) -> FederationConfig:
         problems: list[str] = []
@@ -476,6 +534,15 @@ class FederationConfig(_Spec):
                 )
         if sec.protection == "secagg" and len(self.silos) < 2:
             problems.append("security.protection: secure aggregation needs at least 2 silos")
+        if (sec.protected or self.privacy.client_dp is not None) and agg.min_silos < 2:
+            problems.append(
+                f"aggregation.min_silos: {agg.min_silos} with "
+                + ("protection" if sec.protected else "client DP")
+                + " on: a sum of one silo's update is that update (and client-DP noise shares are "
+                "calibrated so the other silos' shares alone carry the noise); set min_silos >= 2"
+            )
+        if sec.publisher is not None and sec.publisher not in {s.name for s in self.silos}:
+            problems.append(f"security.publisher: {sec.publisher!r} is not a silo of this federation")
         if self.privacy.client_dp is not None:
             dp = self.privacy.client_dp
             if 1.0 / len(self.silos) <= dp.delta:
@@ -540,6 +607,11 @@ class FederationConfig(_Spec):
         """The objective ``silo`` optimises: its own, else the federation's."""
         return self.silo(silo).objective or self.objective
 
+    @property
+    def ckks_publisher(self) -> str:
+        """The silo that decrypts and publishes the final adapter of a CKKS federation."""
+        return self.security.publisher or self.silos[0].name
+
     def silo(self, name: str) -> SiloSpec:
         for s in self.silos:
             if s.name == name:
@@ -559,8 +631,11 @@ class FederationConfig(_Spec):
                 payload.pop(key)
         if self.model.descriptor is None:
             payload["model"].pop("descriptor")
+        for key in ("coordinator_key", "publisher"):
+            if payload["security"].get(key) is None:
+                payload["security"].pop(key, None)
         for silo in payload["silos"]:
-            for key in ("method", "objective"):
+            for key in ("method", "objective", "public_key"):
                 if silo.get(key) is None:
                     silo.pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,43 +25,40 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
 from silotune import __version__
-from silotune import protection as prot
-from silotune.adapters import AdapterModel, TensorDict, global_norm, lora_b_keys
-from silotune.aggregation import (
-    ClientUpdate,
-    build_aggregator,
-    build_server_optimizer,
-    check_update,
-    example_weights,
-)
+from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
-from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
+from silotune.errors import ConfigError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
+from silotune.keys import SiloVault
 from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.poisoning import attack_silo_update, poison_silo_records
-from silotune.root_update import prepare_aggregator
+from silotune.privacy.filters import apply_client_dp, client_epsilon, record_sample_dp, sample_dp_plan
+from silotune.protection import (
+    AggregateRecord,
+    AggregationJob,
+    ObjectRef,
+    SiloContext,
+    exchanged_keys,
+    scheme_for,
+    silo_keys,
+)
+from silotune.protection.base import require_quorum, sign_object
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
 __all__ = ["initial_adapter"]  # LoRA's seeded init; other methods: AdapterModel.initial_state
 
 log = logging.getLogger(__name__)
-
-
-class ObjectRef(BaseModel):
-    key: str
-    sha256: str
 
 
 class FederationState(BaseModel):
@@ -132,16 +129,26 @@ class SiloRoundResult(BaseModel):
     evaluation: EvalRecord | None = None
     train_error: str | None = None
     eval_error: str | None = None
+    run_id: str | None = None  # the flow run that wrote it: a record left by an earlier run is not read
 
 
-class AggregateRecord(BaseModel):
+class SiloEvalResult(BaseModel):
+    """What a silo's evaluate-only run returns (``evaluation`` None: the silo has no holdout)."""
+
+    silo: str
     round: int
-    included: list[str]
-    excluded: dict[str, str]
-    next_global: ObjectRef
-    server_state: ObjectRef | None = None
-    delta_norm: float
-    seconds: float
+    evaluation: EvalRecord | None = None
+    run_id: str | None = None
+
+
+class SiloStepResult(BaseModel):
+    """What a silo's protocol step returns: the keys of the messages it wrote."""
+
+    silo: str
+    round: int
+    stage: str
+    keys: list[str] = Field(default_factory=list)
+    run_id: str | None = None
 
 
 # --- initial adapter -------------------------------------------------------------------------
@@ -177,6 +184,7 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
     init = adapter.initial_state(config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
+    sign_object(config, store, key, store.get(key), round_=0, purpose="global")
     state = FederationState(
         federation_id=config.federation_id, fingerprint=fp, global_ref=ObjectRef(key=key, sha256=sha)
     )
@@ -195,11 +203,6 @@ def _silo_examples(
     config: FederationConfig, path: str, adapter: AdapterModel, *, pairs: bool = False
 ) -> list[Any]:
     return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
-
-
-def exchanged_keys(config: FederationConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The adapter tensors silos train and upload: LoRA B only under FFA-LoRA, else all."""
-    return lora_b_keys(state) if config.ffa_lora else sorted(state)
 
 
 def train_silo(
@@ -222,7 +225,9 @@ def train_silo(
     """
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
-    global_state, bytes_down = prot.fetch_global(config, silo, global_ref.key, global_ref.sha256, store)
+    scheme = scheme_for(config)
+    ctx = SiloContext(config, silo, round_, store)
+    global_state, bytes_down = scheme.read_global(ctx, global_ref)
     objective = build_objective(config.objective_for(silo))
     if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
         raw = read_records(spec.train_path)
@@ -236,12 +241,12 @@ def train_silo(
     privacy: dict[str, float] = {}
     dp = plan = None
     if config.privacy.sample_dp is not None:
-        plan = prot.sample_dp_plan(config, silo, round_, len(examples))
+        plan = sample_dp_plan(config, silo, round_, len(examples))
         dp = DPSGD(
             noise_multiplier=plan["sigma"],
             max_grad_norm=config.privacy.sample_dp.max_grad_norm,
             sample_rate=plan["q"],
-            noise_seed=prot.SiloVault.for_silo(spec).noise_seed(config.federation_id, round_, "dp-sgd"),
+            noise_seed=SiloVault.for_silo(spec).noise_seed(config.federation_id, round_, "dp-sgd"),
             grad_sample_mode=config.privacy.grad_sample_mode,
         )
 
@@ -285,16 +290,17 @@ def train_silo(
     d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
-        privacy.update(prot.record_sample_dp(config, silo, round_, plan))
+        privacy.update(record_sample_dp(config, silo, round_, plan))
     if config.privacy.client_dp is not None:
-        d, info = prot.apply_client_dp(config, silo, round_, d)
+        d, info = apply_client_dp(config, silo, round_, d)
         privacy.update(info)
-    payload = prot.pack_update(config, silo, round_, d, store)
-    layout = FederationLayout(config.federation_id)
-    key = layout.update(round_, silo, prot.EXTENSIONS[config.security.protection])
+    payload = scheme.pack(ctx, d)
+    key = ctx.layout.update(round_, silo, scheme.extension)
     signature = None
-    if config.security.signing:
-        sig = prot.sign_payload(config, silo, round_, payload)
+    if config.security.signing or config.silos[index].public_key is not None:
+        sig = ctx.vault.signing_key().sign(
+            payload, federation_id=config.federation_id, round=round_, silo=silo
+        )
         store.put(key + ".sig", sig)
         signature = ObjectRef(key=key + ".sig", sha256=sha256(sig))
     store.put(key, payload)
@@ -329,7 +335,7 @@ def evaluate_silo(
     spec = config.silo(silo)
     if spec.eval_path is None:
         return None
-    state = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
+    state, _ = scheme_for(config).read_global(SiloContext(config, silo, round_ + 1, store), global_ref)
     state = hetero.truncate(state, config.lora_for(silo).r)
 
     def run() -> dict[str, Any]:
@@ -372,17 +378,13 @@ def screen_uploads(
 
     Rejected: an update for another round (replay), outside the silo's own slot, from a
     silo not in the federation, whose bytes changed, that is unsigned or whose signature
-    does not verify against the silo's registered public key (tampered, replayed from
-    another round, or uploaded by another silo).
+    does not verify against the silo's pinned (or registered) public key (tampered, replayed
+    from another round, or uploaded by another silo).
     """
     layout = FederationLayout(config.federation_id)
-    ext = prot.EXTENSIONS[config.security.protection]
+    ext = scheme_for(config).extension
     names = {s.name for s in config.silos}
-    trusted = None
-    if config.security.signing:
-        from silotune.keys import CoordinatorKeys
-
-        trusted = CoordinatorKeys.for_config(config).trusted_keys()
+    trusted = silo_keys(config)
     valid: dict[str, bytes] = {}
     excluded: dict[str, str] = {}
     for rec in records:
@@ -405,7 +407,7 @@ def screen_uploads(
                     f"{rec.update.key}: sha256 mismatch (stored object changed or was corrupted)"
                 )
             if trusted is not None:
-                sig = store.get(rec.signature.key) if rec.signature is not None else None
+                sig = store.get(rec.update.key + ".sig") if store.exists(rec.update.key + ".sig") else None
                 trusted.verify(payload, sig, federation_id=config.federation_id, round=round_, silo=rec.silo)
             valid[rec.silo] = payload
         except (SilotuneError, OSError) as exc:
@@ -414,32 +416,19 @@ def screen_uploads(
     return valid, excluded
 
 
-def _require_quorum(
-    config: FederationConfig, round_: int, valid: Sequence[str], excluded: Mapping[str, str]
-) -> None:
-    if len(valid) < config.aggregation.min_silos:
-        raise QuorumError(
-            f"round {round_ + 1}: {len(valid)} valid update(s) from {sorted(valid)}, "
-            f"quorum is {config.aggregation.min_silos}; excluded: {dict(excluded) or 'none'}"
-        )
-
-
-def close_secagg_upload(
+def close_upload(
     config: FederationConfig, store: ObjectStore, round_: int, records: Sequence[UpdateRecord]
 ) -> list[str]:
-    """Secure aggregation: fix the round's survivors (valid masked uploads) so silos can unmask."""
-    from silotune.crypto.secagg import MaskedUpdate
-
+    """Fix the round's uploads before the silos' after-upload steps (secure aggregation: the survivors)."""
     valid, excluded = screen_uploads(config, store, round_, records)
-    for silo, payload in list(valid.items()):
-        try:
-            MaskedUpdate.parse(payload)
-        except SilotuneError as exc:
-            excluded[silo] = str(exc)
-            del valid[silo]
-    _require_quorum(config, round_, list(valid), excluded)
-    prot.secagg_publish_survivors(config, round_, store, list(valid))
-    return sorted(valid)
+    closed = scheme_for(config).close_upload(config, store, round_, valid)
+    for silo in sorted(set(valid) - set(closed)):
+        excluded[silo] = "malformed protected update"
+    require_quorum(config, round_, closed, excluded)
+    return closed
+
+
+close_secagg_upload = close_upload  # the name notebooks and tests of secure aggregation use
 
 
 def aggregate_round(
@@ -454,142 +443,22 @@ def aggregate_round(
     A silo whose update is missing, corrupted (checksum), unsigned or wrongly signed, or
     malformed (keys, shapes, dtype, NaN/Inf; for ciphertexts: parameters, key, layout) is
     excluded and logged. The round fails with :class:`QuorumError` only if fewer than
-    ``aggregation.min_silos`` remain. Under CKKS the coordinator only adds ciphertexts,
-    holding the public context; under secure aggregation it only learns the sum.
+    ``aggregation.min_silos`` remain. How the updates combine is the protection scheme's
+    (:mod:`silotune.protection`): a robust rule on plaintext, a masked sum, a ciphertext sum.
     """
     start = time.perf_counter()
-    layout = FederationLayout(config.federation_id)
     valid, excluded = screen_uploads(config, store, round_, records)
-    protection = config.security.protection
-    if protection == "ckks":
-        return _aggregate_ckks(config, store, round_, global_ref, valid, excluded, start)
-    global_state = get_tensors(store, global_ref.key, expected_sha256=global_ref.sha256)
-    keys = exchanged_keys(config, global_state)
-    sub_global = {k: global_state[k] for k in keys}
-    n_by_silo = {r.silo: r.num_examples for r in records}
-    if protection == "secagg":
-        from silotune.crypto.secagg import MaskedUpdate
-
-        survivors = get_json(store, f"{prot._secagg_prefix(config, round_)}/survivors.json")
-        masked = {s: valid[s] for s in survivors if s in valid}
-        for s in sorted(set(valid) - set(masked)):
-            excluded[s] = "masked update not among the round's fixed survivors"
-        _require_quorum(config, round_, list(masked), excluded)
-        for payload in masked.values():
-            MaskedUpdate.parse(payload)
-        total, weight = prot.secagg_sum(config, round_, store, masked)
-        prot.check_weight(weight, len(masked), config)
-        combined = {k: (v.double() / weight).to(sub_global[k].dtype) for k, v in total.items()}
-        check_update(ClientUpdate(silo="(sum)", delta=combined, num_examples=1), sub_global)
-        included = sorted(masked)
-    else:
-        from safetensors.torch import load as st_load
-
-        updates: list[ClientUpdate] = []
-        for silo, payload in valid.items():
-            try:
-                try:
-                    delta = dict(st_load(payload))
-                except Exception as exc:
-                    raise UpdateError(silo, f"not a valid safetensors update ({exc})") from None
-                upd = ClientUpdate(silo=silo, delta=delta, num_examples=n_by_silo[silo])
-                check_update(upd, sub_global)
-                updates.append(upd)
-            except SilotuneError as exc:
-                excluded[silo] = str(exc)
-                log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
-        _require_quorum(config, round_, [u.silo for u in updates], excluded)
-        aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
-        prepare_aggregator(aggregator, config, store, round_)  # FLTrust: this round's root update
-        combined = aggregator.aggregate(updates)
-        included = [u.silo for u in updates]
-        if config.silo_ranks() is not None:  # validated: plaintext FedAvg only
-            combined = hetero.rescale_by_coverage(
-                combined,
-                [config.lora_for(u.silo).r for u in updates],
-                example_weights(updates)
-                if config.aggregation.options.get("weighted", True)
-                else [1.0 / len(updates)] * len(updates),
-            )
-    optimizer = build_server_optimizer(
-        config.aggregation.server_optimizer, **config.aggregation.server_options
-    )
-    if round_ > 0 and store.exists(layout.server_state(round_ - 1)):
-        optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
-    new_global = {**global_state, **optimizer.step(sub_global, combined)}
-    key = layout.global_adapter(round_ + 1)
-    sha = put_tensors(
-        store, key, new_global, metadata={"federation_id": config.federation_id, "round": str(round_ + 1)}
-    )
-    server_ref = None
-    opt_state = optimizer.state_dict()
-    if opt_state:
-        skey = layout.server_state(round_)
-        server_ref = ObjectRef(key=skey, sha256=put_tensors(store, skey, opt_state))
-    return AggregateRecord(
+    job = AggregationJob(
+        config=config,
+        store=store,
         round=round_,
-        included=included,
+        global_ref=global_ref,
+        valid=valid,
         excluded=excluded,
-        next_global=ObjectRef(key=key, sha256=sha),
-        server_state=server_ref,
-        delta_norm=global_norm(combined),
-        seconds=time.perf_counter() - start,
+        num_examples={r.silo: r.num_examples for r in records},
+        start=start,
     )
-
-
-def _aggregate_ckks(
-    config: FederationConfig,
-    store: ObjectStore,
-    round_: int,
-    global_ref: ObjectRef,
-    valid: dict[str, bytes],
-    excluded: dict[str, str],
-    start: float,
-) -> AggregateRecord:
-    """Add the silos' ciphertexts; the next global is (this global, encrypted mean)."""
-    from silotune.crypto.ckks import EncryptionError, sum_encrypted
-    from silotune.keys import CoordinatorKeys
-
-    layout = FederationLayout(config.federation_id)
-    public = CoordinatorKeys.for_config(config).ckks_public()
-    checked: dict[str, bytes] = {}
-    for silo, blob in sorted(valid.items()):
-        try:  # parse + load under the public context: wrong key, parameters, corruption
-            sum_encrypted([blob], public, silos=[silo])
-            checked[silo] = blob
-        except EncryptionError as exc:
-            excluded[silo] = f"silo {silo!r}: {exc}"
-            log.warning("round %d: excluding silo %s: %s", round_ + 1, silo, exc)
-    layouts = {silo: _ckks_layout(blob) for silo, blob in checked.items()}
-    reference = sorted(checked)[0] if checked else None
-    for silo in list(checked):
-        if reference is not None and layouts[silo] != layouts[reference]:
-            excluded[silo] = f"silo {silo!r}: tensor layout differs from silo {reference!r}"
-            del checked[silo]
-    _require_quorum(config, round_, list(checked), excluded)
-    total = sum_encrypted([checked[s] for s in sorted(checked)], public, silos=sorted(checked))
-    agg_key = layout.aggregate(round_)
-    store.put(agg_key, total)
-    pointer = prot.ckks_pointer(
-        round_ + 1, global_ref.model_dump(), {"key": agg_key, "sha256": sha256(total)}
-    )
-    pkey = layout.global_pointer(round_ + 1)
-    store.put(pkey, pointer)
-    return AggregateRecord(
-        round=round_,
-        included=sorted(checked),
-        excluded=excluded,
-        next_global=ObjectRef(key=pkey, sha256=sha256(pointer)),
-        server_state=None,
-        delta_norm=float("nan"),  # only silos can decrypt the aggregate
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _ckks_layout(blob: bytes) -> tuple[Any, ...]:
-    from silotune.crypto.ckks import read_header
-
-    return read_header(blob).layout
+    return scheme_for(config).aggregate(job)
 
 
 def summarize_evals(evals: Sequence[EvalRecord]) -> dict[str, float | int]:
@@ -636,7 +505,7 @@ def commit_round(
         "bytes": {u.silo: {"up": u.bytes_up, "down": u.bytes_down} for u in updates},
     }
     if config.privacy.client_dp is not None:
-        summary["client_dp_epsilon"] = prot.client_epsilon(config, round_ + 1)
+        summary["client_dp_epsilon"] = client_epsilon(config, round_ + 1)
     manifest = {
         "federation_id": config.federation_id,
         "fingerprint": state.fingerprint,
@@ -644,7 +513,16 @@ def commit_round(
         "objects": objects,
         "silotune_version": __version__,
     }
-    put_json(store, layout.manifest(round_), manifest)
+    sha = put_json(store, layout.manifest(round_), manifest)
+    del sha
+    sign_object(
+        config,
+        store,
+        layout.manifest(round_),
+        store.get(layout.manifest(round_)),
+        round_=round_,
+        purpose="manifest",
+    )
     new_state = state.model_copy(
         update={
             "completed_rounds": round_ + 1,

@@ -146,6 +146,26 @@ class CoordinatorKeys:
     def public_key_path(self, silo: str) -> Path:
         return self.root / "silos" / f"{silo}.pem"
 
+    @property
+    def signing_path(self) -> Path:
+        """The coordinator's own Ed25519 key: it signs globals, CKKS pointers, survivor sets, manifests."""
+        return self.root / "coordinator.pem"
+
+    def signing_key(self) -> Any:
+        """The coordinator's signing key, or None when it has none (then silos that pin one refuse)."""
+        from silotune.crypto.signing import SiloKeyPair
+
+        return SiloKeyPair.load(self.signing_path) if self.signing_path.is_file() else None
+
+    def create_signing_key(self) -> Path:
+        """Create the coordinator's signing key if missing; returns its public key file."""
+        from silotune.crypto.signing import SiloKeyPair
+
+        pub = self.root / "coordinator.pub.pem"
+        if not self.signing_path.is_file():
+            SiloKeyPair.generate().save(self.signing_path, pub, overwrite=True)
+        return pub
+
     def trusted_keys(self) -> Any:
         from silotune.crypto.signing import TrustedKeys
 
@@ -212,6 +232,9 @@ def setup_local_keys(config: FederationConfig) -> list[str]:
     """
     done: list[str] = []
     coord = CoordinatorKeys.for_config(config)
+    if not coord.signing_path.is_file():
+        coord.create_signing_key()
+        done.append(f"created the coordinator's signing key at {coord.signing_path}")
     if config.security.signing:
         for s in config.silos:
             pub = create_silo_identity(config, s.name)
@@ -236,3 +259,25 @@ def setup_local_keys(config: FederationConfig) -> list[str]:
             export_ckks_public(existing[0] if existing else vaults[0].ckks_path, coord.ckks_path)
             done.append(f"exported the CKKS public context to {coord.ckks_path}")
     return done
+
+
+def pin_local_keys(config: FederationConfig) -> FederationConfig:
+    """One-machine setup: ``config`` with every silo's and the coordinator's public key pinned.
+
+    Creates what is missing (:func:`setup_local_keys`), then writes the public keys into the config,
+    where they become part of its fingerprint: the roster and every signature check use them.
+    """
+    from silotune.crypto.signing import SiloKeyPair, public_key_hex
+
+    setup_local_keys(
+        config.model_copy(update={"security": config.security.model_copy(update={"signing": True})})
+    )
+    silos = [
+        s.model_copy(update={"public_key": public_key_hex(SiloVault.for_silo(s).signing_key().public_key)})
+        for s in config.silos
+    ]
+    coord = SiloKeyPair.load(CoordinatorKeys.for_config(config).signing_path)
+    security = config.security.model_copy(
+        update={"signing": True, "coordinator_key": public_key_hex(coord.public_key)}
+    )
+    return config.model_copy(update={"silos": silos, "security": security})

@@ -18,22 +18,29 @@ def publish_final(
     store: ObjectStore,
     tracker: Tracker,
     final: TensorDict | None = None,
+    *,
+    publisher: str | None = None,
 ) -> str:
     """Write the final global adapter as a PEFT folder to ``federations/<fid>/final/`` and to MLflow.
 
-    Returns the store prefix of the folder. ``PeftModel.from_pretrained(base, folder)``
-    loads it back.
+    Under CKKS a silo (``publisher``) decrypts it and writes to its own prefix,
+    ``published/<silo>/<fid>/final/``. Returns the store prefix of the folder.
+    ``PeftModel.from_pretrained(base, folder)`` loads it back.
     """
     layout = FederationLayout(state.federation_id)
+
+    def where(name: str) -> str:
+        return layout.published(publisher, name) if publisher else layout.final(name)
+
     if final is None:  # plaintext global; under CKKS a silo decrypts it and passes ``final``
         final = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         folder = adapter.save_pretrained(Path(tmp) / "adapter", final)
         for f in sorted(folder.iterdir()):
             if f.is_file():
-                store.put(layout.final(f.name), f.read_bytes())
+                store.put(where(f.name), f.read_bytes())
         tracker.log_folder(state.tracking_run_id, folder, "adapter")
-    return layout.final("")
+    return where("")
 
 
 def register_final(config: FederationConfig, state: FederationState, tracker: Tracker) -> str | None:

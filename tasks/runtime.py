@@ -14,6 +14,8 @@ from collections import OrderedDict
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.memo import WorkMemo
+from silotune.policy import SiloPolicy, enforce
+from silotune.results import Release
 from silotune.store import ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 
@@ -53,23 +55,27 @@ MEMO: WorkMemo | None = None
 TRAIN_LOCK = threading.Lock()
 
 
-# Data paths a silo's own worker registered (``silotune silo join --train-path ...``): at a real silo the
-# data lives where the silo says, whatever paths the coordinator's config carries.
-_LOCAL_SILO_PATHS: dict[str, dict[str, str | None]] = {}
+# Policies of the silos this process serves (`silotune silo join --policy`, or tests): a silo's flow runs
+# only configs its policy allows.
+SILO_POLICIES: dict[str, SiloPolicy] = {}
 
 
-def register_local_silo(name: str, *, train_path: str | None = None, eval_path: str | None = None) -> None:
-    paths = {k: v for k, v in (("train_path", train_path), ("eval_path", eval_path)) if v is not None}
-    _LOCAL_SILO_PATHS[name] = paths
+def register_silo_policy(policy: SiloPolicy) -> None:
+    SILO_POLICIES[policy.silo] = policy
 
 
-def localize(config: FederationConfig, silo: str) -> FederationConfig:
-    """``config`` with ``silo``'s data paths replaced by the ones registered in this process, if any."""
-    paths = _LOCAL_SILO_PATHS.get(silo)
-    if not paths:
-        return config
-    silos = [s.model_copy(update=paths) if s.name == silo else s for s in config.silos]
-    return config.model_copy(update={"silos": silos})
+def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Release]:
+    """The config as this silo runs it, and what it releases; PolicyRefusal if its policy says no.
+
+    With a registered policy the policy decides: the config is checked against it before any data is
+    read (a refusal is logged in the silo's private folder and nothing is uploaded), and the silo's
+    own private folder and data paths replace the config's. Without one (an embedded federation, where
+    coordinator and silos are one process and one party) the config is taken as it is.
+    """
+    policy = SILO_POLICIES.get(silo)
+    if policy is None:
+        return config, Release()
+    return enforce(policy, config), Release(**policy.release.model_dump())
 
 
 def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
@@ -84,3 +90,13 @@ def store_for(config: FederationConfig) -> ObjectStore:
 
 def tracker_for(config: FederationConfig) -> Tracker:
     return open_tracker(config.tracking)
+
+
+def published_location(config: FederationConfig, prefix: str) -> str:
+    """Where the publishing silo's adapter folder lives, if ``prefix`` is its own published/ prefix."""
+    from silotune.store import FederationLayout
+
+    expected = FederationLayout(config.federation_id).published(config.ckks_publisher, "")
+    if prefix != expected:
+        raise ValueError(f"the publisher reported {prefix!r}, not its published prefix {expected!r}")
+    return f"{store_for(config).describe().rstrip('/')}/{prefix}"

@@ -1,66 +1,58 @@
-"""Protocol steps of protected rounds: secure-aggregation phases and publishing at a silo."""
+"""Silo-side protocol steps (secure-aggregation phases, publishing under CKKS) and the result report."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
-from silotune import protection as prot
 from silotune.config import FederationConfig
-from silotune.federation import FederationState, ObjectRef, UpdateRecord, close_secagg_upload
+from silotune.federation import FederationState, ObjectRef, UpdateRecord
+from silotune.federation import close_upload as close_round_upload
+from silotune.protection import SiloContext, run_silo_step, scheme_for
 from silotune.publish import publish_final
+from silotune.results import Release, put_result, redact
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 
 
 @task(
-    name="secagg-advertise",
-    task_run_name="secagg-advertise-{silo}-r{round_}",
+    name="protocol-step",
+    task_run_name="{stage}-{silo}-r{round_}",
     persist_result=False,
     cache_policy=NO_CACHE,
 )
-def secagg_advertise(config: FederationConfig, silo: str, round_: int) -> str:
-    """Silo: fresh X25519 keys for this round; the advert goes to the store."""
-    return prot.secagg_advertise(config, silo, round_, store_for(config))
+def protocol_step(config: FederationConfig, silo: str, round_: int, stage: str) -> list[str]:
+    """Silo: one step of the protection scheme's protocol (e.g. secure aggregation's adverts)."""
+    return list(run_silo_step(config, silo, round_, stage, store_for(config))["keys"])
 
 
 @task(
-    name="secagg-share",
-    task_run_name="secagg-share-{silo}-r{round_}",
+    name="report",
+    task_run_name="report-{stage}-{silo}-r{round_}",
     persist_result=False,
     cache_policy=NO_CACHE,
 )
-def secagg_share(config: FederationConfig, silo: str, round_: int) -> list[str]:
-    """Silo: encrypted Shamir shares of its mask key and self-mask seed, one per other silo."""
-    return prot.secagg_share(config, silo, round_, store_for(config))
+def report(
+    config: FederationConfig, silo: str, round_: int, stage: str, record: BaseModel, release: Release
+) -> str:
+    """Silo: write its signed result record, holding only what its policy releases."""
+    return put_result(config, store_for(config), silo, round_, stage, redact(record, release, config))
 
 
 @task(
-    name="secagg-unmask",
-    task_run_name="secagg-unmask-{silo}-r{round_}",
-    persist_result=False,
-    cache_policy=NO_CACHE,
-)
-def secagg_unmask(config: FederationConfig, silo: str, round_: int) -> str | None:
-    """Silo: the shares that remove the survivors' masks (never both shares of one silo)."""
-    return prot.secagg_unmask(config, silo, round_, store_for(config))
-
-
-@task(
-    name="secagg-close-upload",
-    task_run_name="secagg-close-upload-r{round_}",
-    persist_result=False,
-    cache_policy=NO_CACHE,
+    name="close-upload", task_run_name="close-upload-r{round_}", persist_result=False, cache_policy=NO_CACHE
 )
 def close_upload(config: FederationConfig, round_: int, records: list[UpdateRecord]) -> list[str]:
-    """Coordinator: verify the masked uploads and fix the round's survivors."""
-    return close_secagg_upload(config, store_for(config), round_, records)
+    """Coordinator: verify the protected uploads and fix the round's survivors."""
+    return close_round_upload(config, store_for(config), round_, records)
 
 
 @task(name="publish-at-silo", task_run_name="publish-at-{silo}", persist_result=False, cache_policy=NO_CACHE)
 def publish_at_silo(config: FederationConfig, silo: str, global_ref: ObjectRef, run_id: str | None) -> str:
-    """Silo: decrypt the final global adapter and publish it (CKKS: the coordinator cannot)."""
+    """Silo: decrypt the final global adapter it checked and publish it under its own prefix (CKKS)."""
     store = store_for(config)
-    final = prot.load_global(config, silo, global_ref.key, global_ref.sha256, store)
+    ctx = SiloContext(config, silo, 0, store)
+    final, _ = scheme_for(config).read_global(ctx, global_ref)
     state = FederationState(
         federation_id=config.federation_id,
         fingerprint=config.fingerprint(),
@@ -68,5 +60,4 @@ def publish_at_silo(config: FederationConfig, silo: str, global_ref: ObjectRef, 
         tracking_run_id=run_id,
     )
     with TRAIN_LOCK:
-        prefix = publish_final(adapter_for(config), state, store, tracker_for(config), final)
-    return f"{store.describe().rstrip('/')}/{prefix}"
+        return publish_final(adapter_for(config), state, store, tracker_for(config), final, publisher=silo)

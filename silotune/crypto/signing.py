@@ -31,6 +31,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from silotune.errors import ConfigError, SilotuneError
 
 SIGNATURE_PREFIX = b"silotune/update-signature/v1\x00"
+# What a signature is for. Each purpose has its own prefix, so a signature made for one kind of
+# message (a result record, a secure-aggregation advert, a global adapter) never verifies as another.
+PURPOSES = (
+    "update",  # a silo's upload (the prefix above: today's bytes)
+    "result",  # a silo's result record (JSON) for the coordinator
+    "advert",  # secure aggregation: a silo's round keys
+    "share",  # secure aggregation: encrypted Shamir shares for one peer
+    "unmask",  # secure aggregation: the shares that remove the survivors' masks
+    "survivors",  # secure aggregation: the coordinator's survivor set
+    "config",  # a silo's acceptance of a federation config's fingerprint
+    "global",  # the coordinator's global adapter (or CKKS pointer) of a round
+    "manifest",  # the coordinator's round manifest
+)
 SIGNATURE_SIZE = 64  # Ed25519 signatures are always 64 bytes
 _MAX_ROUND = 2**64 - 1
 
@@ -55,8 +68,20 @@ def _check_str(name: str, value: object) -> bytes:
     return value.encode("utf-8")
 
 
-def signed_message(payload: BytesLike, *, federation_id: str, round: int, silo: str) -> bytes:
-    """The exact bytes that are signed for ``payload`` (see the module docstring)."""
+def _prefix(purpose: str) -> bytes:
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown signature purpose {purpose!r}; known: {', '.join(PURPOSES)}")
+    return SIGNATURE_PREFIX if purpose == "update" else f"silotune/{purpose}-signature/v1\x00".encode()
+
+
+def signed_message(
+    payload: BytesLike, *, federation_id: str, round: int, silo: str, purpose: str = "update"
+) -> bytes:
+    """The exact bytes that are signed for ``payload`` (see the module docstring).
+
+    ``silo`` names the signer (a silo, or ``"coordinator"``); ``purpose`` selects the prefix.
+    """
+    prefix = _prefix(purpose)
     fed = _check_str("federation_id", federation_id)
     who = _check_str("silo", silo)
     if isinstance(round, bool) or not isinstance(round, int) or not 0 <= round <= _MAX_ROUND:
@@ -65,7 +90,7 @@ def signed_message(payload: BytesLike, *, federation_id: str, round: int, silo: 
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     return b"".join(
         (
-            SIGNATURE_PREFIX,
+            prefix,
             struct.pack(">I", len(fed)),
             fed,
             struct.pack(">Q", round),
@@ -83,11 +108,14 @@ def sign_update(
     round: int,
     silo: str,
     private_key: Ed25519PrivateKey,
+    purpose: str = "update",
 ) -> bytes:
-    """Sign ``payload`` as ``silo``'s upload for ``round`` of ``federation_id``; returns 64 bytes."""
+    """Sign ``payload`` as ``silo``'s message for ``round`` of ``federation_id``; returns 64 bytes."""
     if not isinstance(private_key, Ed25519PrivateKey):
         raise TypeError(f"private_key must be an Ed25519PrivateKey, got {type(private_key).__name__}")
-    return private_key.sign(signed_message(payload, federation_id=federation_id, round=round, silo=silo))
+    return private_key.sign(
+        signed_message(payload, federation_id=federation_id, round=round, silo=silo, purpose=purpose)
+    )
 
 
 def verify_update(
@@ -98,6 +126,7 @@ def verify_update(
     round: int,
     silo: str,
     public_key: Ed25519PublicKey,
+    purpose: str = "update",
 ) -> None:
     """Return if ``signature`` is ``silo``'s signature of ``payload`` for this round; raise otherwise.
 
@@ -108,10 +137,11 @@ def verify_update(
     """
     if not isinstance(public_key, Ed25519PublicKey):
         raise TypeError(f"public_key must be an Ed25519PublicKey, got {type(public_key).__name__}")
-    message = signed_message(payload, federation_id=federation_id, round=round, silo=silo)
+    message = signed_message(payload, federation_id=federation_id, round=round, silo=silo, purpose=purpose)
+    what = "upload" if purpose == "update" else f"{purpose} message"
     if signature is None or (isinstance(signature, BytesLike) and len(signature) == 0):
         raise SignatureError(
-            silo, "missing", f"upload for round {round} of {federation_id!r} has no signature"
+            silo, "missing", f"{what} for round {round} of {federation_id!r} has no signature"
         )
     if not isinstance(signature, BytesLike) or len(signature) != SIGNATURE_SIZE:
         got = f"{len(signature)} bytes" if isinstance(signature, BytesLike) else type(signature).__name__
@@ -245,9 +275,16 @@ class SiloKeyPair:
             raise ConfigError(f"{path}: expected an Ed25519 private key, got {type(key).__name__}")
         return cls(key)
 
-    def sign(self, payload: BytesLike, *, federation_id: str, round: int, silo: str) -> bytes:
+    def sign(
+        self, payload: BytesLike, *, federation_id: str, round: int, silo: str, purpose: str = "update"
+    ) -> bytes:
         return sign_update(
-            payload, federation_id=federation_id, round=round, silo=silo, private_key=self.private_key
+            payload,
+            federation_id=federation_id,
+            round=round,
+            silo=silo,
+            private_key=self.private_key,
+            purpose=purpose,
         )
 
 
@@ -314,6 +351,7 @@ class TrustedKeys:
         federation_id: str,
         round: int,
         silo: str,
+        purpose: str = "update",
     ) -> None:
         """:func:`verify_update` with ``silo``'s registered key."""
         verify_update(
@@ -323,4 +361,20 @@ class TrustedKeys:
             round=round,
             silo=silo,
             public_key=self.public_key(silo),
+            purpose=purpose,
         )
+
+
+def public_key_hex(public_key: Ed25519PublicKey) -> str:
+    """The raw 32-byte public key as hex: how a federation config pins a silo's or the coordinator's key."""
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def public_key_from_hex(value: str, *, what: str = "public key") -> Ed25519PublicKey:
+    try:
+        raw = bytes.fromhex(value)
+        if len(raw) != 32:
+            raise ValueError(f"expected 32 bytes, got {len(raw)}")
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: not a hex Ed25519 public key ({exc})") from None

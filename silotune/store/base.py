@@ -18,6 +18,14 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def get_bounded(self, key: str, max_bytes: int) -> bytes:
+        """Read ``key`` if it holds at most ``max_bytes``; a larger object raises StoreError unread.
+
+        For objects another party wrote (a silo's result record): a silo must not be able to make
+        the coordinator read gigabytes into memory.
+        """
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str = "") -> list[str]: ...

@@ -9,6 +9,18 @@
     federations/<fid>/rounds/<r>/evaluation.json       holdout metrics of round r's output (written once)
     federations/<fid>/initial_evaluation.json          holdout metrics of the initial global adapter
     federations/<fid>/final/                           final adapter in PEFT format
+    federations/<fid>/rounds/<r>/secagg/survivors.json secure aggregation: the round's survivors (signed)
+
+Objects a silo writes live under prefixes of its own, so the store's access rules are exact
+(a silo's identity may write only below ``<kind>/<silo>/``) and readers take exact keys of
+configured silos only, never what a listing turns up::
+
+    updates/<silo>/<fid>/<r>/update.<ext>              the silo's upload (+ ``.sig``)
+    results/<silo>/<fid>/<r>/<stage>.json              the silo's signed result record of a flow run
+    messages/<silo>/<fid>/<r>/secagg/advert            secure-aggregation messages the silo sends
+    messages/<silo>/<fid>/<r>/secagg/shares/<peer>       (anyone may read; shares are encrypted to <peer>)
+    messages/<silo>/<fid>/<r>/secagg/unmask
+    published/<silo>/<fid>/final/                      CKKS: the final adapter, decrypted by its publisher
 
 Tensors are stored as safetensors (never pickle). Every read of a tensor object
 can be checked against the sha256 recorded when it was written.
@@ -48,7 +60,22 @@ class FederationLayout:
 
     def update(self, round_: int, silo: str, ext: str = "safetensors") -> str:
         """A silo's upload: ``.safetensors`` (plaintext), ``.ckks`` (encrypted) or ``.masked``."""
-        return f"{self.prefix}/rounds/{round_:05d}/updates/{silo}.{ext}"
+        return f"updates/{silo}/{self.fid}/{round_:05d}/update.{ext}"
+
+    def result(self, round_: int, silo: str, stage: str) -> str:
+        """A silo's signed result record of one flow run (``round``, ``evaluate``, a protocol step)."""
+        return f"results/{silo}/{self.fid}/{round_:05d}/{stage}.json"
+
+    def message(self, round_: int, silo: str, name: str) -> str:
+        """A protocol message ``silo`` sends in round ``round_`` (e.g. ``secagg/advert``)."""
+        return f"messages/{silo}/{self.fid}/{round_:05d}/{name}"
+
+    def survivors(self, round_: int) -> str:
+        return f"{self.prefix}/rounds/{round_:05d}/secagg/survivors.json"
+
+    def published(self, silo: str, name: str) -> str:
+        """CKKS: the final adapter as the publishing silo decrypted it."""
+        return f"published/{silo}/{self.fid}/final/{name}"
 
     def aggregate(self, round_: int) -> str:
         """The encrypted sum of round ``round_`` (CKKS: only silos can decrypt it)."""

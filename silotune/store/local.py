@@ -47,6 +47,17 @@ class LocalStore:
         except FileNotFoundError:
             raise StoreError(f"object not found: {key} (in {self.root})") from None
 
+    def get_bounded(self, key: str, max_bytes: int) -> bytes:
+        path = self._path(key)
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise StoreError(f"object not found: {key} (in {self.root})") from None
+        if len(data) > max_bytes:
+            raise StoreError(f"{key}: object is larger than the {max_bytes}-byte limit; not read")
+        return data
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

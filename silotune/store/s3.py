@@ -96,6 +96,19 @@ class S3Store:
                 raise StoreError(f"object not found: {key} (in {self.describe()})") from None
             raise self._error("read", key, exc) from None
 
+    def get_bounded(self, key: str, max_bytes: int) -> bytes:
+        k = self._key(key)
+        try:  # a ranged read: never more than max_bytes + 1 bytes cross the wire
+            resp = self.client.get_object(Bucket=self.bucket, Key=k, Range=f"bytes=0-{max_bytes}")
+            data = bytes(resp["Body"].read(max_bytes + 1))
+        except Exception as exc:
+            if _code(exc) in _MISSING:
+                raise StoreError(f"object not found: {key} (in {self.describe()})") from None
+            raise self._error("read", key, exc) from None
+        if len(data) > max_bytes:
+            raise StoreError(f"{key}: object is larger than the {max_bytes}-byte limit; not read")
+        return data
+
     def exists(self, key: str) -> bool:
         k = self._key(key)
         try:

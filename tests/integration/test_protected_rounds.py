@@ -159,12 +159,14 @@ def test_ckks_coordinator_is_keyless_and_store_holds_no_plaintext(tmp_path, demo
     setup_local_keys(cfg)
     assert not ckks.load_context(Path(cfg.security.keys_dir, "ckks.public").read_bytes()).is_private
 
-    sent: list[torch.Tensor] = []
-    real_pack = prot.pack_update
+    from silotune.protection.ckks import CkksScheme
 
-    def spy_pack(config, silo, round_, d, store):
+    sent: list[torch.Tensor] = []
+    real_pack = CkksScheme.pack
+
+    def spy_pack(self, ctx, d):
         sent.extend(v.detach().clone() for v in d.values())
-        return real_pack(config, silo, round_, d, store)
+        return real_pack(self, ctx, d)
 
     in_coordinator = {"on": False}
     real_load = ckks.load_context
@@ -183,12 +185,12 @@ def test_ckks_coordinator_is_keyless_and_store_holds_no_plaintext(tmp_path, demo
         finally:
             in_coordinator["on"] = False
 
-    monkeypatch.setattr(prot, "pack_update", spy_pack)
+    monkeypatch.setattr(CkksScheme, "pack", spy_pack)
     monkeypatch.setattr(ckks, "load_context", guarded_load)
     _run_rounds(cfg, tiny_adapter, 2, aggregate=coordinator_agg)
     assert sent, "no update was packed"
     store = LocalStore(cfg.store.root)
-    blobs = [store.get(k) for k in store.list(f"federations/{cfg.federation_id}/")]
+    blobs = [store.get(k) for k in store.list("")]
     # Scan every stored object for any 4 consecutive float32 values of any silo's update.
     for t in sent:
         flat = t.flatten().to(torch.float32)

@@ -1,0 +1,154 @@
+"""No protection: plaintext updates, so every aggregator (robust rules included) can run.
+
+The coordinator sees each silo's delta. Silos still sign (when the federation signs) and their
+DP filters still apply; this scheme only decides the update's encoding and the aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from safetensors.torch import load as st_load
+
+from silotune.adapters import TensorDict, global_norm, lora_b_keys
+from silotune.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    build_server_optimizer,
+    check_update,
+    example_weights,
+)
+from silotune.config import FederationConfig
+from silotune.errors import SilotuneError, UpdateError
+from silotune.methods import hetero
+from silotune.protection.base import (
+    AggregateRecord,
+    AggregationJob,
+    ObjectRef,
+    SiloContext,
+    require_quorum,
+    sign_object,
+    verify_coordinator,
+)
+from silotune.root_update import prepare_aggregator
+from silotune.store import ObjectStore, get_tensors, put_tensors, save_tensors, sha256
+
+log = logging.getLogger(__name__)
+
+
+def exchanged_keys(config: FederationConfig, state: dict[str, Any]) -> list[str]:
+    """The adapter tensors silos train and upload: LoRA B only under FFA-LoRA, else all."""
+    return lora_b_keys(state) if config.ffa_lora else sorted(state)
+
+
+def read_plain_global(ctx: SiloContext, ref: ObjectRef) -> tuple[TensorDict, int]:
+    """A plaintext global adapter, checked against its sha256 and the coordinator's signature."""
+    data = ctx.store.get(ref.key)
+    if sha256(data) != ref.sha256:
+        raise UpdateError(
+            ctx.silo, f"{ref.key}: sha256 mismatch (the global adapter changed or was corrupted)"
+        )
+    verify_coordinator(ctx.config, ctx.store, ref.key, data, round_=_round_of(ref.key), purpose="global")
+    try:
+        return dict(st_load(data)), len(data)
+    except Exception as exc:
+        raise UpdateError(ctx.silo, f"{ref.key}: not a valid safetensors object ({exc})") from None
+
+
+def _round_of(key: str) -> int:
+    """The round number in a global's key (``federations/<fid>/rounds/<r>/global.*``)."""
+    parts = key.split("/")
+    try:
+        return int(parts[parts.index("rounds") + 1])
+    except (ValueError, IndexError):
+        raise UpdateError("global", f"{key!r} is not a global adapter's key") from None
+
+
+def step_server(
+    job: AggregationJob, global_state: TensorDict, combined: TensorDict, included: list[str]
+) -> AggregateRecord:
+    """Step the server optimizer with the combined delta; write (and sign) the next global adapter."""
+    config, store, round_, layout = job.config, job.store, job.round, job.layout
+    keys = exchanged_keys(config, global_state)
+    sub_global = {k: global_state[k] for k in keys}
+    optimizer = build_server_optimizer(
+        config.aggregation.server_optimizer, **config.aggregation.server_options
+    )
+    if round_ > 0 and store.exists(layout.server_state(round_ - 1)):
+        optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
+    new_global = {**global_state, **optimizer.step(sub_global, combined)}
+    key = layout.global_adapter(round_ + 1)
+    data = save_tensors(new_global, {"federation_id": config.federation_id, "round": str(round_ + 1)})
+    store.put(key, data)
+    sign_object(config, store, key, data, round_=round_ + 1, purpose="global")
+    server_ref = None
+    opt_state = optimizer.state_dict()
+    if opt_state:
+        skey = layout.server_state(round_)
+        server_ref = ObjectRef(key=skey, sha256=put_tensors(store, skey, opt_state))
+    return AggregateRecord(
+        round=round_,
+        included=included,
+        excluded=job.excluded,
+        next_global=ObjectRef(key=key, sha256=sha256(data)),
+        server_state=server_ref,
+        delta_norm=global_norm(combined),
+        seconds=job.seconds(),
+    )
+
+
+class PlainScheme:
+    name: ClassVar[str] = "none"
+    extension: ClassVar[str] = "safetensors"
+    steps_before_upload: ClassVar[tuple[str, ...]] = ()
+    steps_after_upload: ClassVar[tuple[str, ...]] = ()
+    publishes_at_silo: ClassVar[bool] = False
+
+    def pack(self, ctx: SiloContext, delta: TensorDict) -> bytes:
+        meta = {"federation_id": ctx.config.federation_id, "round": str(ctx.round), "silo": ctx.silo}
+        return save_tensors(delta, meta)
+
+    def read_global(self, ctx: SiloContext, ref: ObjectRef) -> tuple[TensorDict, int]:
+        return read_plain_global(ctx, ref)
+
+    def run_step(self, ctx: SiloContext, stage: str) -> dict[str, Any]:
+        raise ValueError(f"protection 'none' has no silo step {stage!r}")
+
+    def close_upload(
+        self, config: FederationConfig, store: ObjectStore, round_: int, valid: dict[str, bytes]
+    ) -> list[str]:
+        return sorted(valid)
+
+    def aggregate(self, job: AggregationJob) -> AggregateRecord:
+        """Parse and check each plaintext delta, then the configured (robust) aggregator."""
+        config = job.config
+        global_state = get_tensors(job.store, job.global_ref.key, expected_sha256=job.global_ref.sha256)
+        sub_global = {k: global_state[k] for k in exchanged_keys(config, global_state)}
+        updates: list[ClientUpdate] = []
+        for silo, payload in job.valid.items():
+            try:
+                try:
+                    delta = dict(st_load(payload))
+                except Exception as exc:
+                    raise UpdateError(silo, f"not a valid safetensors update ({exc})") from None
+                # 0: the silo's policy withholds its example count; it then weighs like every other.
+                upd = ClientUpdate(silo=silo, delta=delta, num_examples=job.num_examples.get(silo) or 1)
+                check_update(upd, sub_global)
+                updates.append(upd)
+            except SilotuneError as exc:
+                job.excluded[silo] = str(exc)
+                log.warning("round %d: excluding silo %s: %s", job.round + 1, silo, exc)
+        require_quorum(config, job.round, [u.silo for u in updates], job.excluded)
+        aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
+        prepare_aggregator(aggregator, config, job.store, job.round)  # FLTrust: this round's root update
+        combined = aggregator.aggregate(updates)
+        if config.silo_ranks() is not None:  # validated: plaintext FedAvg only
+            combined = hetero.rescale_by_coverage(
+                combined,
+                [config.lora_for(u.silo).r for u in updates],
+                example_weights(updates)
+                if config.aggregation.options.get("weighted", True)
+                else [1.0 / len(updates)] * len(updates),
+            )
+        return step_server(job, global_state, combined, [u.silo for u in updates])
