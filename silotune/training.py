@@ -10,8 +10,10 @@ Opacus: each step Poisson-samples the batch (each example independently with
 probability ``sample_rate``), Opacus computes per-example gradients of the
 per-sequence loss, clips each to ``max_grad_norm`` and adds Gaussian noise
 ``noise_multiplier * max_grad_norm`` to their sum. Sampling and noise both draw
-from a generator seeded by the silo's secret (:mod:`silotune.keys`): a retried
-round releases the same update, and nobody without the secret can predict either.
+from ChaCha20 under :attr:`DPSGD.noise_key` (:mod:`silotune.privacy.noise`), a key
+the silo derives from its secret and the round's inputs: a retried round releases
+the same update, a round re-run on other inputs draws independent noise, and nobody
+without the secret can predict either. No torch generator is involved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tens
 from silotune.config import TrainSpec
 from silotune.data import Example, batches, collate, per_sequence_loss
 from silotune.fedprox import attach_proximal_term, detach_proximal_term
+from silotune.privacy.noise import KEY_BYTES, seed_key, subkey, uniform
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,29 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class DPSGD:
-    """DP-SGD settings for one silo's local round (already resolved: σ is a number)."""
+    """DP-SGD settings for one silo's local round (already resolved: σ is a number).
+
+    Set exactly one of ``noise_key`` (32 bytes from
+    :func:`silotune.privacy.noise.derive_noise_key`: what a silo uses) or
+    ``noise_seed`` (an integer; tests and benches only, the key then has the
+    seed's entropy and anyone who knows the seed can reproduce the noise).
+    """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
-    noise_seed: int
+    noise_seed: int | None = None
     grad_sample_mode: str = "hooks"
+    noise_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         problems = []
+        if (self.noise_key is None) == (self.noise_seed is None):
+            problems.append("set exactly one of noise_key and noise_seed")
+        if self.noise_key is not None and (
+            not isinstance(self.noise_key, bytes) or len(self.noise_key) != KEY_BYTES
+        ):
+            problems.append(f"noise_key must be {KEY_BYTES} bytes")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             problems.append(f"noise_multiplier={self.noise_multiplier!r} must be > 0")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -71,17 +87,38 @@ class DPSGD:
         if problems:
             raise ValueError("DPSGD: " + "; ".join(problems))
 
+    @property
+    def key(self) -> bytes:
+        """The ChaCha20 key all of this round's sampling and noise derive from."""
+        if self.noise_key is not None:
+            return self.noise_key
+        assert self.noise_seed is not None
+        return seed_key(self.noise_seed)
+
 
 def poisson_batches(
-    examples: Sequence[Example], sample_rate: float, *, steps: int, generator: torch.Generator
+    examples: Sequence[Example],
+    sample_rate: float,
+    *,
+    steps: int,
+    generator: torch.Generator | None = None,
+    key: bytes | None = None,
 ) -> Iterator[list[Example]]:
     """``steps`` Poisson-sampled batches: each example joins each batch with prob. ``sample_rate``.
 
     The batch size varies (it may be 0); this is the sampling the privacy accountant assumes.
+    Pass exactly one source of randomness: ``key`` (ChaCha20, step ``i`` under
+    ``subkey(key, "poisson/i")``; what DP-SGD uses) or a torch ``generator``.
     """
-    for _ in range(steps):
-        picked = torch.rand(len(examples), generator=generator) < sample_rate
-        yield [examples[i] for i in picked.nonzero().flatten().tolist()]
+    if (generator is None) == (key is None):
+        raise ValueError("poisson_batches: pass exactly one of generator and key")
+    for i in range(steps):
+        if key is not None:
+            u = uniform(subkey(key, f"poisson/{i}"), len(examples))
+        else:
+            u = torch.rand(len(examples), generator=generator)
+        picked = u < sample_rate
+        yield [examples[j] for j in picked.nonzero().flatten().tolist()]
 
 
 def silo_seed(seed: int, round_: int, silo_index: int) -> int:
@@ -232,7 +269,8 @@ def _dp_sgd_loop(
 ) -> tuple[list[float], int]:
     """DP-SGD through Opacus; the model is unwrapped again before returning (it is reused)."""
     from opacus.grad_sample.utils import prepare_module
-    from opacus.optimizers import DPOptimizer
+
+    from silotune.privacy.noise import KeyedNoiseDPOptimizer
 
     model = adapter.model
     # Opacus needs train mode before wrapping. The wrapper must see the very parameter
@@ -243,16 +281,15 @@ def _dp_sgd_loop(
         wrapped = [p for p in gsm.parameters() if p.requires_grad]
         if len(wrapped) != len(params) or any(a is not b for a, b in zip(wrapped, params, strict=True)):
             raise RuntimeError("DP-SGD: the wrapped model's trainable parameters are not the optimizer's")
-        secret = torch.Generator().manual_seed(dp.noise_seed)
         base = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
         expected = max(1, round(dp.sample_rate * len(examples)))
-        optimizer = DPOptimizer(
+        optimizer = KeyedNoiseDPOptimizer(
             base,
+            noise_key=subkey(dp.key, "dp-sgd/noise"),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected,
             loss_reduction="mean",
-            generator=secret,
         )
         torch.manual_seed(seed)  # dropout, if configured
         pad_id = adapter.tokenizer.pad_token_id
@@ -262,7 +299,7 @@ def _dp_sgd_loop(
             total=spec.local_steps, desc=f"{desc} (DP-SGD)", unit="step", disable=not progress, leave=False
         )
         for batch_examples in poisson_batches(
-            examples, dp.sample_rate, steps=spec.local_steps, generator=secret
+            examples, dp.sample_rate, steps=spec.local_steps, key=subkey(dp.key, "dp-sgd/poisson")
         ):
             optimizer.zero_grad(set_to_none=True)
             if batch_examples:

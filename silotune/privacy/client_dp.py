@@ -9,24 +9,34 @@ privacy the way minibatch sampling does in DP-SGD. The accountant is Opacus's
 RDP accountant with a client as the "sample" and a round as the "step".
 
 Where the noise is added. DP-FedAvg adds noise ``N(0, (z·C)²)`` once, at the
-server, to the sum of clipped deltas. Here the server is honest but curious and
-may only ever see masked or encrypted updates, so the noise is *distributed*:
-each of the ``m`` silos adds ``N(0, (z·C/√m)²)`` to its own clipped delta before
-it leaves the silo, and the sum over ``m`` silos carries exactly ``N(0, (z·C)²)``.
+server, to the sum of clipped deltas. Here the server may only ever see masked or
+encrypted updates, so the noise is *distributed*, and calibrated against a
+colluding peer: each silo knows its own noise share, so a coalition of the
+coordinator and one silo can subtract that silo's share from the sum. The shares
+of the other ``m − 1`` silos alone must therefore carry ``z·C``: with a cohort of
+``m ≥ 2`` silos each adds ``N(0, (z·C/√(m−1))²)`` to its own clipped delta before
+it leaves the silo (the full sum carries ``z·C·√(m/(m−1))``); with ``m = 1`` (the
+coordinator sees each update) the silo adds the full ``N(0, (z·C)²)`` itself.
 Consequences, all of which the caller must respect:
 
 - ``m`` is the number of silos whose noise is guaranteed to reach the sum. Use
   the round's quorum, not the invited cohort: if only ``m' < m`` updates arrive,
-  the sum carries ``z·C·√(m'/m)`` and ε is larger than calibrated, so aggregate
-  no fewer than ``m`` noised updates.
-- Each individual update carries only ``1/√m`` of the noise. The (ε, δ)
+  the honest shares carry ``z·C·√((m'−1)/(m−1))`` and ε is larger than calibrated,
+  so aggregate no fewer than ``m`` noised updates.
+- The calibration tolerates one colluding silo. With ``t`` colluders the remaining
+  shares carry ``z·C·√((m−t)/(m−1))``. ``m = 2`` means each silo adds the full
+  noise: the other silo knows its own update and noise exactly.
+- Each individual update carries only ``1/√(m−1)`` of the noise. The (ε, δ)
   guarantee is for what the server releases (the aggregate); individual updates
   must stay hidden from the coordinator (secure aggregation or CKKS), otherwise a
-  silo is protected only at noise multiplier ``z/√m``.
+  silo is protected only at noise multiplier ``z/√(m−1)``.
 - The sensitivity argument is for a *sum* (or a mean with a fixed denominator).
   Weighting silos by example count (weighted FedAvg) multiplies silo ``k``'s
   contribution, clip bound and noise by ``w_k``; use unweighted aggregation with
   client DP, or cap the weights as McMahan et al. do and scale ``C`` accordingly.
+- Draw the noise from :func:`silotune.privacy.noise.add_gaussian_noise_keyed` with
+  a key bound to the round's inputs (:func:`~silotune.privacy.noise.derive_noise_key`),
+  and record each round in the silo's :class:`~silotune.privacy.ledger.SiloLedger`.
 """
 
 from __future__ import annotations
@@ -173,7 +183,11 @@ def privatize_update(
 
 
 def per_client_noise_std(*, noise_multiplier: float, clip_norm: float, cohort_size: int) -> float:
-    """Noise std each silo adds so that the sum over ``cohort_size`` silos carries ``z·C``: ``z·C/√m``."""
+    """Noise std each silo adds: ``z·C/√(m−1)`` for a cohort of ``m ≥ 2`` silos, ``z·C`` for ``m = 1``.
+
+    Calibrated against a colluding peer: any ``m − 1`` of the ``m`` shares together
+    carry ``z·C``, so the noise survives one silo subtracting its own share.
+    """
     problems = []
     if not is_finite_positive(noise_multiplier):
         problems.append(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
@@ -183,7 +197,7 @@ def per_client_noise_std(*, noise_multiplier: float, clip_norm: float, cohort_si
         problems.append(f"cohort_size must be an integer >= 1, got {cohort_size!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    return noise_multiplier * clip_norm / math.sqrt(cohort_size)
+    return noise_multiplier * clip_norm / math.sqrt(max(1, cohort_size - 1))
 
 
 @dataclass(frozen=True)
@@ -200,13 +214,18 @@ class ClientNoise:
         )
 
     @property
-    def aggregate_std(self) -> float:
-        """Std of the noise in the sum of the cohort's updates: ``z·C``."""
+    def guaranteed_std(self) -> float:
+        """Std of the noise the sum keeps when one silo subtracts its own share: ``z·C``."""
         return self.noise_multiplier * self.clip_norm
 
     @property
+    def aggregate_std(self) -> float:
+        """Std of the noise in the sum of all ``m`` updates: ``z·C·√(m/(m−1))`` (``z·C`` for ``m = 1``)."""
+        return self.per_client_std * math.sqrt(self.cohort_size)
+
+    @property
     def per_client_std(self) -> float:
-        """Std each silo adds to its own clipped update: ``z·C/√m``."""
+        """Std each silo adds to its own clipped update: ``z·C/√(m−1)`` (``z·C`` for ``m = 1``)."""
         return per_client_noise_std(
             noise_multiplier=self.noise_multiplier, clip_norm=self.clip_norm, cohort_size=self.cohort_size
         )
@@ -344,7 +363,10 @@ class ClientDPConfig(BaseModel):
     clip_norm: float = Field(description="Global L2 bound C on each silo's delta (all tensors together).")
     noise_multiplier: float | None = Field(
         default=None,
-        description="z: the sum of a round's updates carries noise std z·C. Or set target_epsilon.",
+        description=(
+            "z: the round's sum carries noise std z·C even without one silo's share (each silo adds "
+            "z·C/√(m−1), m = the silos per sum). Or set target_epsilon."
+        ),
     )
     target_epsilon: float | None = Field(
         default=None, description="Client-level ε over all rounds; z is derived. Or set noise_multiplier."

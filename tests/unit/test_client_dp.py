@@ -151,18 +151,23 @@ def test_privatize_clips_then_noises_and_fails_closed() -> None:
         privatize_update(delta, clip_norm=1.0, noise_std=0.0)
 
 
-def test_per_client_noise_sums_to_the_aggregate_noise() -> None:
+def test_per_client_noise_survives_one_colluding_peer() -> None:
     z, c, m = 1.2, 0.5, 9
     std = per_client_noise_std(noise_multiplier=z, clip_norm=c, cohort_size=m)
-    assert std == pytest.approx(z * c / 3)
+    assert std == pytest.approx(z * c / math.sqrt(8))
     gen = torch.Generator().manual_seed(2)
-    total = torch.stack(
-        [add_gaussian_noise({"a": torch.zeros(100_000)}, std, gen)["a"] for _ in range(m)]
-    ).sum(0)
-    assert float(total.std()) == pytest.approx(z * c, rel=0.02)
+    shares = [add_gaussian_noise({"a": torch.zeros(100_000)}, std, gen)["a"] for _ in range(m)]
+    # a colluder subtracts its own share: the other m - 1 shares still carry z·C
+    assert float(torch.stack(shares[1:]).sum(0).std()) == pytest.approx(z * c, rel=0.02)
+    assert float(torch.stack(shares).sum(0).std()) == pytest.approx(z * c * math.sqrt(m / (m - 1)), rel=0.02)
     noise = ClientNoise(z, c, m)
-    assert noise.aggregate_std == pytest.approx(z * c)
+    assert noise.guaranteed_std == pytest.approx(z * c)
+    assert noise.aggregate_std == pytest.approx(z * c * 3 / math.sqrt(8))
     assert noise.per_client_std == pytest.approx(std)
+    # two silos: the other one knows its own update, so each adds the full noise; alone: the full noise too
+    assert ClientNoise(z, c, 2).per_client_std == pytest.approx(z * c)
+    assert ClientNoise(z, c, 1).per_client_std == pytest.approx(z * c)
+    assert ClientNoise(z, c, 1).aggregate_std == pytest.approx(z * c)
     with pytest.raises(ValueError, match="cohort_size must be an integer >= 1, got 0"):
         ClientNoise(z, c, 0)
 
@@ -175,7 +180,7 @@ def test_calibration_meets_the_client_level_budget() -> None:
     for _ in range(50):
         ledger.record(noise_multiplier=noise.noise_multiplier, sample_rate=0.1, steps=1)
     assert 2.0 - 0.01 <= ledger.epsilon(1e-5) <= 2.0
-    assert noise.per_client_std == pytest.approx(noise.noise_multiplier * 0.5 / 2)
+    assert noise.per_client_std == pytest.approx(noise.noise_multiplier * 0.5 / math.sqrt(3))
     # Without client sampling there is no amplification: far more noise for the same ε.
     everyone = calibrate_client_noise(
         clip_norm=0.5, target_epsilon=2.0, delta=1e-5, rounds=50, client_sample_rate=1.0, cohort_size=4
@@ -230,4 +235,4 @@ def test_configs_round_trip_and_check_against_the_data() -> None:
     with pytest.raises(ConfigError, match="number of clients"):
         client.check_against_population(0)
     noise = client.resolve(rounds=10, client_sample_rate=1.0, cohort_size=4)
-    assert noise.per_client_std == pytest.approx(0.25)
+    assert noise.per_client_std == pytest.approx(0.5 / math.sqrt(3))
