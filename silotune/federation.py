@@ -36,13 +36,19 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
-from silotune.keys import SiloVault
 from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.poisoning import attack_silo_update, poison_silo_records
-from silotune.privacy.filters import apply_client_dp, client_epsilon, record_sample_dp, sample_dp_plan
+from silotune.privacy.filters import (
+    apply_client_dp,
+    client_epsilon,
+    client_noise,
+    noise_key,
+    record_sample_dp,
+    sample_dp_plan,
+)
 from silotune.protection import (
     AggregateRecord,
     AggregationJob,
@@ -215,6 +221,7 @@ def train_silo(
     *,
     progress: bool = True,
     memo: WorkMemo | None = None,
+    lifetime_epsilon: float | None = None,
 ) -> UpdateRecord:
     """A silo's local round: fetch the global adapter, train, filter, upload its update.
 
@@ -240,13 +247,19 @@ def train_silo(
     frozen = sorted(set(global_state) - set(keys))
     privacy: dict[str, float] = {}
     dp = plan = None
+    # What a DP release is bound to: a round asked again with other inputs is refused by the ledger.
+    inputs = {
+        "global_sha256": global_ref.sha256,
+        "config_fingerprint": config.fingerprint(),
+        "data_sha256": file_sha256(spec.train_path),
+    }
     if config.privacy.sample_dp is not None:
-        plan = sample_dp_plan(config, silo, round_, len(examples))
+        plan = sample_dp_plan(config, silo, round_, len(examples), inputs, lifetime_epsilon=lifetime_epsilon)
         dp = DPSGD(
-            noise_multiplier=plan["sigma"],
+            noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.privacy.sample_dp.max_grad_norm,
-            sample_rate=plan["q"],
-            noise_seed=SiloVault.for_silo(spec).noise_seed(config.federation_id, round_, "dp-sgd"),
+            sample_rate=plan.sample_rate,
+            noise_key=noise_key(config, silo, round_, "dp-sgd", inputs),
             grad_sample_mode=config.privacy.grad_sample_mode,
         )
 
@@ -292,7 +305,7 @@ def train_silo(
     if plan is not None:
         privacy.update(record_sample_dp(config, silo, round_, plan))
     if config.privacy.client_dp is not None:
-        d, info = apply_client_dp(config, silo, round_, d)
+        d, info = apply_client_dp(config, silo, round_, d, inputs, lifetime_epsilon=lifetime_epsilon)
         privacy.update(info)
     payload = scheme.pack(ctx, d)
     key = ctx.layout.update(round_, silo, scheme.extension)
@@ -407,7 +420,9 @@ def screen_uploads(
                     f"{rec.update.key}: sha256 mismatch (stored object changed or was corrupted)"
                 )
             if trusted is not None:
-                sig = store.get(rec.update.key + ".sig") if store.exists(rec.update.key + ".sig") else None
+                sig_key = rec.update.key + ".sig"
+                named = rec.signature is not None and rec.signature.key == sig_key
+                sig = store.get(sig_key) if named and store.exists(sig_key) else None
                 trusted.verify(payload, sig, federation_id=config.federation_id, round=round_, silo=rec.silo)
             valid[rec.silo] = payload
         except (SilotuneError, OSError) as exc:
@@ -505,7 +520,13 @@ def commit_round(
         "bytes": {u.silo: {"up": u.bytes_up, "down": u.bytes_down} for u in updates},
     }
     if config.privacy.client_dp is not None:
-        summary["client_dp_epsilon"] = client_epsilon(config, round_ + 1)
+        # ε from the noise each round actually used (a resume with more rounds recalibrates z for the
+        # rounds to come, never for those already released).
+        z = client_noise(config).noise_multiplier
+        used = [h["client_dp_noise_multiplier"] for h in state.history if "client_dp_noise_multiplier" in h]
+        used += [z] * (round_ - len(used))  # rounds committed before z was recorded
+        summary["client_dp_noise_multiplier"] = z
+        summary["client_dp_epsilon"] = client_epsilon(config, [*used, z])
     manifest = {
         "federation_id": config.federation_id,
         "fingerprint": state.fingerprint,

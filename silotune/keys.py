@@ -95,6 +95,16 @@ class SiloVault:
             raise ConfigError(f"silo {self.silo!r}: {self.ckks_path} holds no secret key")
         return ctx
 
+    def noise_secret(self) -> bytes:
+        """The silo's 32-byte noise secret (created on first use); it keys every DP noise draw."""
+        path = self.root / "noise.secret"
+        if not path.is_file():
+            write_private(path, secrets.token_bytes(32), overwrite=False)
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ConfigError(f"silo {self.silo!r}: {path} is not a 32-byte noise secret")
+        return key
+
     def noise_seed(self, federation_id: str, round_: int, purpose: str) -> int:
         """A 63-bit seed for this round's DP noise, derived from the silo's noise secret."""
         path = self.root / "noise.secret"

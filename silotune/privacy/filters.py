@@ -1,42 +1,71 @@
 """The DP filters a silo applies to what leaves it: DP-SGD's budget, client-level clip and noise.
 
-Silo side only: they read and write the silo's ledger in its private folder. Each silo keeps its
-own books; the coordinator never computes a silo's ε for it.
+Silo side only: they read and write the silo's ledger in its private folder
+(:class:`~silotune.privacy.ledger.SiloLedger`). Every entry and every noise key is bound to the
+round's inputs: the global adapter's sha256, the config's fingerprint and the training data's
+sha256. A coordinator that asks for a round again with another global gets a refusal
+(:class:`~silotune.privacy.ledger.LedgerConflict`), never a second release with the same noise; a
+retry with identical inputs releases the identical update and is counted once. ε composes over
+what was recorded (not what the current config would give), per federation and, for the silo's
+lifetime budget, over every federation that trained on the same data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
 
 from silotune.adapters import TensorDict
 from silotune.config import FederationConfig
-from silotune.errors import SilotuneError
 from silotune.keys import SiloVault
 from silotune.privacy.accountant import PrivacyLedger
-from silotune.privacy.client_dp import ClientNoise, privatize_update
+from silotune.privacy.client_dp import ClientNoise, clip_update
+from silotune.privacy.ledger import LedgerEntry, PrivacyBudgetExhausted, SiloLedger
+from silotune.privacy.noise import add_gaussian_noise_keyed, derive_noise_key
+
+__all__ = [
+    "PrivacyBudgetExhausted",
+    "apply_client_dp",
+    "client_epsilon",
+    "client_noise",
+    "noise_key",
+    "record_sample_dp",
+    "sample_dp_plan",
+]
 
 
-class PrivacyBudgetExhausted(SilotuneError):
-    """The silo's next contribution would take its ε past the configured budget."""
+def _ledger(config: FederationConfig, silo: str) -> SiloLedger:
+    return SiloLedger(SiloVault.for_silo(config.silo(silo)).root, silo)
 
 
-def _ledger_of(rounds: Mapping[str, Any], silo: str, fid: str, accountant: str, before: int) -> PrivacyLedger:
-    ledger = PrivacyLedger(silo=silo, federation_id=fid, accountant=accountant)
-    for key in sorted(rounds, key=int):
-        if int(key) < before:
-            entry = rounds[key]
-            ledger.record(noise_multiplier=entry["sigma"], sample_rate=entry["q"], steps=entry["steps"])
-    return ledger
+def noise_key(
+    config: FederationConfig, silo: str, round_: int, purpose: str, inputs: Mapping[str, str]
+) -> bytes:
+    """The round's noise key: the silo's secret, bound to the federation, round and inputs."""
+    vault = SiloVault.for_silo(config.silo(silo))
+    return derive_noise_key(
+        vault.noise_secret(),
+        purpose=purpose,
+        federation_id=config.federation_id,
+        round=round_,
+        silo=silo,
+        inputs=dict(inputs),
+    )
 
 
-def sample_dp_plan(config: FederationConfig, silo: str, round_: int, num_examples: int) -> dict[str, Any]:
-    """σ, q and steps of this silo's DP-SGD round, after checking its budget.
+def sample_dp_plan(
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    num_examples: int,
+    inputs: Mapping[str, str] | None = None,
+    *,
+    lifetime_epsilon: float | None = None,
+) -> LedgerEntry:
+    """This silo's DP-SGD round (σ, q, steps) as a ledger entry, after checking its budgets.
 
-    Raises :class:`PrivacyBudgetExhausted` when this round would take ε past
-    ``target_epsilon``: the silo sits the round out and says so.
+    Raises :class:`PrivacyBudgetExhausted` when this round would take ε past the federation's
+    ``target_epsilon`` or the silo's ``lifetime_epsilon`` on this dataset (the silo sits the round
+    out and says so), and ``LedgerConflict`` when the round was already released with other inputs.
     """
     dp = config.privacy.sample_dp
     assert dp is not None
@@ -44,45 +73,52 @@ def sample_dp_plan(config: FederationConfig, silo: str, round_: int, num_example
     q = min(1.0, config.train.batch_size / num_examples)
     steps = config.train.local_steps
     sigma = dp.resolve_noise_multiplier(sample_rate=q, steps=steps * config.rounds)
-    vault = SiloVault.for_silo(config.silo(silo))
-    doc = vault.read_ledger(config.federation_id)
-    ledger = _ledger_of(doc["rounds"], silo, config.federation_id, dp.accountant, round_)
-    if dp.target_epsilon is not None and ledger.would_exceed(
-        target_epsilon=dp.target_epsilon, delta=dp.delta, noise_multiplier=sigma, sample_rate=q, steps=steps
-    ):
-        raise PrivacyBudgetExhausted(
-            f"silo {silo!r}: privacy budget spent: ε={ledger.epsilon(dp.delta):.3f} after {round_} round(s); "
-            f"round {round_ + 1} would exceed target_epsilon={dp.target_epsilon} (δ={dp.delta}); "
-            "the silo stops contributing"
+    inputs = dict(inputs or {})
+    entry = LedgerEntry(
+        kind="sample_dp",
+        federation_id=config.federation_id,
+        round=round_,
+        silo=silo,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        accountant=dp.accountant,
+        inputs=inputs,
+        data_sha256=inputs.get("data_sha256"),
+    )
+    ledger = _ledger(config, silo)
+    try:
+        ledger.check_budget(
+            entry,
+            delta=dp.delta,
+            max_federation_epsilon=dp.target_epsilon,
+            max_lifetime_epsilon=lifetime_epsilon,
         )
-    return {"sigma": sigma, "q": q, "steps": steps}
+    except PrivacyBudgetExhausted as exc:
+        raise PrivacyBudgetExhausted(f"silo {silo!r}: {exc}; the silo stops contributing") from None
+    return entry
 
 
-def record_sample_dp(
-    config: FederationConfig, silo: str, round_: int, plan: Mapping[str, Any]
-) -> dict[str, float]:
-    """Write this round into the silo's ledger (replacing an earlier try of the same round).
+def record_sample_dp(config: FederationConfig, silo: str, round_: int, plan: LedgerEntry) -> dict[str, float]:
+    """Append this round to the silo's ledger (a retry with identical inputs is counted once).
 
-    A retried round re-releases the same update (its noise is seeded by the silo's
-    secret), so it is counted once. Returns what the silo reports: ε so far and the settings.
+    Returns what the silo may report: ε so far in this federation and the public settings.
     """
     dp = config.privacy.sample_dp
     assert dp is not None
-    vault = SiloVault.for_silo(config.silo(silo))
-    doc = vault.read_ledger(config.federation_id)
-    rounds = {k: v for k, v in doc["rounds"].items() if int(k) < round_}
-    rounds[str(round_)] = {"sigma": plan["sigma"], "q": plan["q"], "steps": plan["steps"]}
-    doc["rounds"] = rounds
-    doc["accountant"] = dp.accountant
-    vault.write_ledger(config.federation_id, doc)
-    eps = _ledger_of(rounds, silo, config.federation_id, dp.accountant, round_ + 1).epsilon(dp.delta)
+    ledger = _ledger(config, silo)
+    ledger.record(plan)
+    eps = ledger.epsilon(kind="sample_dp", delta=dp.delta, federation_id=config.federation_id)
+    steps = sum(
+        e.steps for e in ledger.entries() if e.kind == "sample_dp" and e.federation_id == plan.federation_id
+    )
     return {
         "dp.epsilon": eps,
         "dp.delta": dp.delta,
-        "dp.noise_multiplier": float(plan["sigma"]),
-        "dp.sample_rate": float(plan["q"]),
+        "dp.noise_multiplier": float(plan.noise_multiplier),
+        "dp.sample_rate": float(plan.sample_rate),
         "dp.max_grad_norm": dp.max_grad_norm,
-        "dp.steps_total": float(sum(r["steps"] for r in rounds.values())),
+        "dp.steps_total": float(steps),
     }
 
 
@@ -92,28 +128,65 @@ def client_noise(config: FederationConfig) -> ClientNoise:
     return dp.resolve(rounds=config.rounds, client_sample_rate=1.0, cohort_size=config.client_noise_cohort())
 
 
-def client_epsilon(config: FederationConfig, rounds_done: int) -> float:
-    """Client-level ε after ``rounds_done`` rounds (every silo takes part in every round)."""
+def client_epsilon(config: FederationConfig, noise_multipliers: list[float]) -> float:
+    """Client-level ε of the rounds whose noise multipliers are given (as each round recorded it)."""
     dp = config.privacy.client_dp
     assert dp is not None
     ledger = PrivacyLedger(silo="(all silos)", federation_id=config.federation_id, accountant=dp.accountant)
-    ledger.record(noise_multiplier=client_noise(config).noise_multiplier, sample_rate=1.0, steps=rounds_done)
+    for z in noise_multipliers:
+        ledger.record(noise_multiplier=z, sample_rate=1.0, steps=1)
     return ledger.epsilon(dp.delta)
 
 
 def apply_client_dp(
-    config: FederationConfig, silo: str, round_: int, d: TensorDict
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    d: TensorDict,
+    inputs: Mapping[str, str] | None = None,
+    *,
+    lifetime_epsilon: float | None = None,
 ) -> tuple[TensorDict, dict[str, float]]:
-    """Clip ``d`` to the configured norm and add this silo's share of the noise."""
+    """Clip ``d`` to the configured norm and add this silo's share of the noise, on the ledger.
+
+    The round is a client-DP entry in the silo's ledger; with ``target_epsilon`` set, a round that
+    would exceed it raises :class:`PrivacyBudgetExhausted` before anything is released.
+    """
     dp = config.privacy.client_dp
     assert dp is not None
     noise = client_noise(config)
-    vault = SiloVault.for_silo(config.silo(silo))
-    gen = torch.Generator().manual_seed(vault.noise_seed(config.federation_id, round_, "client-dp"))
-    private, norm = privatize_update(
-        d, clip_norm=noise.clip_norm, noise_std=noise.per_client_std, generator=gen, silo=silo
+    inputs = dict(inputs or {})
+    entry = LedgerEntry(
+        kind="client_dp",
+        federation_id=config.federation_id,
+        round=round_,
+        silo=silo,
+        noise_multiplier=noise.noise_multiplier,
+        sample_rate=1.0,
+        steps=1,
+        accountant=dp.accountant,
+        inputs=inputs,
+        data_sha256=inputs.get("data_sha256"),
     )
+    ledger = _ledger(config, silo)
+    try:
+        ledger.check_budget(
+            entry,
+            delta=dp.delta,
+            max_federation_epsilon=dp.target_epsilon,
+            max_lifetime_epsilon=lifetime_epsilon,
+        )
+    except PrivacyBudgetExhausted as exc:
+        raise PrivacyBudgetExhausted(f"silo {silo!r}: {exc}; the silo stops contributing") from None
+    clipped, norm, _ = clip_update(d, noise.clip_norm, silo=silo)
+    private = add_gaussian_noise_keyed(
+        clipped, noise.per_client_std, noise_key(config, silo, round_, "client-dp", inputs)
+    )
+    ledger.record(entry)
     return private, {
+        "client_dp.epsilon": ledger.epsilon(
+            kind="client_dp", delta=dp.delta, federation_id=config.federation_id
+        ),
         "client_dp.norm_before_clip": norm,
         "client_dp.clip_norm": noise.clip_norm,
         "client_dp.noise_multiplier": noise.noise_multiplier,
