@@ -14,6 +14,7 @@ from collections import OrderedDict
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.memo import WorkMemo
+from silotune.policy import SiloPolicy
 from silotune.store import ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 
@@ -84,3 +85,12 @@ def store_for(config: FederationConfig) -> ObjectStore:
 
 def tracker_for(config: FederationConfig) -> Tracker:
     return open_tracker(config.tracking)
+
+
+# Policies of the silos this process serves (`silotune silo join --policy`, or tests): a silo's flow runs
+# only configs its policy allows.
+SILO_POLICIES: dict[str, SiloPolicy] = {}
+
+
+def register_silo_policy(policy: SiloPolicy) -> None:
+    SILO_POLICIES[policy.silo] = policy
