@@ -57,6 +57,7 @@ import os
 import re
 import struct
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -239,6 +240,10 @@ class StoreKeysPolicy(_Policy):
         )
 
 
+def _default_protection() -> list[Protection]:
+    return ["secagg", "ckks"]
+
+
 class SiloPolicy(_Policy):
     """One silo's policy. Relative paths in a policy *file* resolve against the file's folder."""
 
@@ -280,7 +285,7 @@ class SiloPolicy(_Policy):
         description="Post-training methods this silo runs (e.g. [lora]). None: any registered method.",
     )
     protection: list[Protection] = Field(
-        default_factory=lambda: ["secagg", "ckks"],
+        default_factory=_default_protection,
         min_length=1,
         description=(
             "Protection schemes allowed for this silo's update: 'secagg' (pairwise masking), 'ckks' "
@@ -667,17 +672,15 @@ def check_config(
                     "method.name", _line("methods", policy.methods), f"{config.method.name!r} is not allowed"
                 )
             )
-        if index is not None and config.silos[index].method is not None:
-            own = config.silos[index].method
-            assert own is not None
-            if own.name not in policy.methods:
-                add(
-                    Violation(
-                        f"silos.{index}.method.name",
-                        _line("methods", policy.methods),
-                        f"{own.name!r} is not allowed",
-                    )
+        own = config.silos[index].method if index is not None else None
+        if own is not None and own.name not in policy.methods:
+            add(
+                Violation(
+                    f"silos.{index}.method.name",
+                    _line("methods", policy.methods),
+                    f"{own.name!r} is not allowed",
                 )
+            )
 
     out.extend(_dp_violations(policy, config))
 
@@ -1006,7 +1009,10 @@ def enforce(
     if policy.require_accepted_config:
         violations.extend(_acceptance_violations(policy, config))
     if violations:
-        _log_refusal(policy, config, violations)
+        try:
+            _log_refusal(policy, config, violations)
+        except OSError as exc:  # the refusal stands even when it cannot be logged
+            warnings.warn(f"silo {policy.silo}: cannot log the refusal ({exc})", stacklevel=2)
         raise PolicyRefusal(policy.silo, config.federation_id, violations)
     own = {"private_dir": policy.private_dir, "train_path": policy.train_path, "eval_path": policy.eval_path}
     silos = [s.model_copy(update=own) if s.name == policy.silo else s for s in config.silos]
@@ -1067,7 +1073,7 @@ def load_policy(path: str | Path) -> SiloPolicy:
         for key in ("private_dir", "train_path", "eval_path", "coordinator_key"):
             value = raw.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                raw[key] = str(base / value)
+                raw[key] = str((base / value).resolve())
             elif isinstance(value, str) and value:
                 raw[key] = str(Path(value).expanduser())
     policy = parse_policy(raw, source=str(p))
