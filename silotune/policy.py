@@ -69,6 +69,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.config import FederationConfig, ModelSpec, StoreSpec
+from silotune.crypto.signing import public_key_hex
 from silotune.errors import ConfigError, SilotuneError
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -664,6 +665,27 @@ def check_config(
         )
     if policy.require_signing and not sec.signing:
         add(Violation("security.signing", _line("require_signing", True), "uploads must be signed"))
+    if policy.require_signing:
+        unpinned = [s.name for s in config.silos if not s.public_key]
+        if unpinned:
+            add(
+                Violation(
+                    "silos[].public_key",
+                    _line("require_signing", True),
+                    f"no pinned public key for {unpinned}: the roster and every signature check need "
+                    "each silo's key in the accepted config",
+                )
+            )
+    if policy.coordinator_key is not None:
+        pinned = public_key_hex(policy.coordinator_public_key())
+        if sec.coordinator_key != pinned:
+            add(
+                Violation(
+                    "security.coordinator_key",
+                    _line("coordinator_key", policy.coordinator_key),
+                    f"{sec.coordinator_key!r} is not the coordinator key this policy pins ({pinned[:16]}…)",
+                )
+            )
 
     if policy.methods is not None:
         if config.method.name not in policy.methods:

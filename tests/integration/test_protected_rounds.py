@@ -202,6 +202,15 @@ def test_ckks_coordinator_is_keyless_and_store_holds_no_plaintext(tmp_path, demo
     # and the same scan does find them when protection is off (the check can fail)
     plain = _config(tmp_path / "p", demo_data, "plainscan", security={"ffa_lora": True},
                     aggregation={"options": {"weighted": False}})
+    from silotune.protection.none import PlainScheme
+
+    real_plain_pack = PlainScheme.pack
+
+    def spy_plain(self, ctx, d):
+        sent.extend(v.detach().clone() for v in d.values())
+        return real_plain_pack(self, ctx, d)
+
+    monkeypatch.setattr(PlainScheme, "pack", spy_plain)
     sent.clear()
     _run_rounds(plain, tiny_adapter, 1)
     pstore = LocalStore(plain.store.root)
