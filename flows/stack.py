@@ -11,14 +11,25 @@ MLflow databases, S3 identities) stays in the state folder, so ``up`` after
 Everything listens on 127.0.0.1 only. S3 identities are generated once per stack
 (random keys in ``s3/credentials.json``, mode 0600) and handed to each process
 through its environment: the coordinator, MLflow and every silo sign with their
-own identity, limited to what they must touch.
+own identity, limited to exact per-silo prefixes (see :func:`_identities`).
+
+The Prefect API requires authentication: the server runs with
+``PREFECT_SERVER_API_AUTH_STRING``, a random secret generated once per stack
+(``prefect/api-auth-string``, mode 0600), and every client the stack starts or
+configures (workers, ``prefect deploy``, :func:`prefect_api`) sends it as
+``PREFECT_API_AUTH_STRING``. Requests without it get HTTP 401 (``/api/health``
+and ``/api/ready`` stay open for probes); the UI asks for the string once.
+It is one shared secret: it keeps out whoever is not part of the federation,
+not a participant that holds it, so each silo still enforces its own policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -44,6 +55,9 @@ MLFLOW_BUCKET = "silotune-mlflow"
 RESULTS_BLOCK = "silotune-results"
 REGION = "us-east-1"
 COORDINATOR_POOL = "coordinator"
+PREFECT_AUTH_FILE = "prefect/api-auth-string"
+# As silotune.config validates silo names: no '*', '?' or '/', so a name is literal in an S3 action.
+SILO_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 # The user-facing ports are the usual ones; SeaweedFS's internal servers get theirs explicitly so that
 # nothing ends up on a port we did not check.
@@ -135,13 +149,33 @@ class Stack:
             "AWS_DEFAULT_REGION": REGION,
         }
 
-    def prefect_env(self) -> dict[str, str]:
-        return {
-            "PREFECT_API_URL": self.prefect_api,
-            "PREFECT_HOME": str(self.root / "prefect"),
-            # Silo results cross processes (and, at real silos, hosts) through the S3 result bucket.
-            "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}",
-        }
+    @property
+    def prefect_auth_file(self) -> Path:
+        return self.root / PREFECT_AUTH_FILE
+
+    def prefect_auth_string(self) -> str:
+        """The secret the Prefect server requires (``PREFECT_SERVER_API_AUTH_STRING``) and clients send."""
+        try:
+            return self.prefect_auth_file.read_text().strip()
+        except FileNotFoundError:
+            raise StackError(
+                f"no Prefect API auth string in {self.prefect_auth_file} (`silotune stack up` creates it)"
+            ) from None
+
+    def prefect_env(self, identity: str = COORDINATOR_POOL) -> dict[str, str]:
+        """The environment of a Prefect client of this stack acting for ``identity``.
+
+        The coordinator (and ``prefect deploy``) keeps its flow results in the S3 result bucket. A silo
+        has no right on that bucket and its own Prefect home: what a silo reports travels as signed
+        JSON records in its own prefix of the data bucket, never through Prefect's result store.
+        """
+        env = {"PREFECT_API_URL": self.prefect_api, "PREFECT_API_AUTH_STRING": self.prefect_auth_string()}
+        if identity == COORDINATOR_POOL:
+            env["PREFECT_HOME"] = str(self.root / "prefect")
+            env["PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
+        else:
+            env["PREFECT_HOME"] = str(self.root / "workers" / identity / "prefect")
+        return env
 
     def store_spec(self) -> dict[str, Any]:
         """The ``store`` section of a federation config that uses this stack's S3 bucket."""
@@ -216,13 +250,34 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+_IDENTITY_VARS = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_SERVER_API_AUTH_STRING",
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+        "PREFECT_HOME",
+        "PREFECT_PROFILES_PATH",
+    }
+)
+
+
 def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
     """Start ``cmd`` in a new session (its own process group) with stdout/stderr to logs/<name>.log."""
     stack.logs.mkdir(parents=True, exist_ok=True)
     log = open(stack.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
     log.flush()
-    full_env = {**os.environ, **OFFLINE_ENV, **env}
+    # Who a process is (its S3 keys, its Prefect API and secret, where its results go) comes from the
+    # stack alone, never from the caller's shell: a silo must not inherit the coordinator's settings.
+    inherited = {k: v for k, v in os.environ.items() if k not in _IDENTITY_VARS}
+    full_env = {**inherited, **OFFLINE_ENV, **env}
     try:
         proc = subprocess.Popen(
             cmd,
@@ -290,57 +345,108 @@ def _bin(name: str) -> str:
 
 
 def _identities(silos: Iterable[str]) -> dict[str, list[str]]:
-    """What each identity may do (SeaweedFS actions; ``*`` matches across ``/``).
+    """What each S3 identity may do: SeaweedFS ``Action:bucket/key-pattern`` grants (see :func:`s3_allows`).
 
-    Silos read global adapters and write only their own update slot (and their own secure-aggregation
-    messages); they write Prefect results.
+    The data bucket's layout gives every silo its own top-level prefixes, so each grant is one exact
+    prefix ``<area>/<silo>/*`` (``*`` crosses ``/``, but the ``/`` after the silo's name keeps
+    ``clinic`` from matching ``clinic2``; silo names cannot hold ``*`` or ``?``):
+
+    ============ ========================================== ==========================================
+    identity     may                                        why
+    ============ ========================================== ==========================================
+    silo-<s>     write ``updates/<s>/``                     its (signed; masked or encrypted) update
+                 write ``results/<s>/``                     its signed result records (plain JSON)
+                 write ``messages/<s>/``                    the secure-aggregation messages it sends
+                 write ``published/<s>/``                   CKKS: the final adapter it decrypted, when
+                                                            it is the designated publisher (readers
+                                                            read only that silo's ``published/``)
+                 read ``federations/``                      globals, CKKS pointers and aggregates,
+                                                            survivors, manifests, the signed config
+                 read ``messages/``                         peers' adverts, shares (encrypted to their
+                                                            addressee) and unmask answers
+                 nothing else                               no list (readers read exact keys), no
+                                                            ``updates/``/``results/`` of anyone (its own
+                                                            included), no ``federations/`` write, no
+                                                            Prefect result bucket, no MLflow bucket
+                                                            (artifacts go through the MLflow server)
+    coordinator  read, list the data bucket                 every silo's slots, to aggregate and check
+                 write ``federations/``                     globals, aggregates, manifests, state, final
+                                                            (never a silo's prefix: it cannot forge a
+                                                            silo's update, message or published final)
+                 read, write the Prefect result bucket      its own flows' results (``silotune run``)
+    mlflow       read, write, list the MLflow bucket        artifacts it serves (``--serve-artifacts``)
+    admin        everything                                 ``stack up`` creates the buckets; tests
+    ============ ========================================== ==========================================
+
+    SeaweedFS (4.48, checked against the real server in tests/integration/test_stack_s3.py) matches a
+    grant with ``*`` or ``?`` as a glob over the whole ``Action:bucket/key`` (``*`` and ``?`` match
+    ``/`` too); a grant without them counts only as ``Action:bucket``, the whole bucket, so
+    ``Write:bucket/exact/key`` and ``Write:bucket/prefix/`` grant nothing. Keys are checked after
+    ``//`` is collapsed and ``..`` is resolved (or refused), and a copy checks Read on its source.
     """
+    d = DATA_BUCKET
     ids = {
         "admin": ["Admin", "Read", "Write", "List", "Tagging"],
         "coordinator": [
-            f"Read:{DATA_BUCKET}",
-            f"Write:{DATA_BUCKET}",
-            f"List:{DATA_BUCKET}",
+            f"Read:{d}",
+            f"List:{d}",
+            f"Write:{d}/federations/*",
             f"Read:{RESULTS_BUCKET}",
             f"Write:{RESULTS_BUCKET}",
         ],
         "mlflow": [f"Read:{MLFLOW_BUCKET}", f"Write:{MLFLOW_BUCKET}", f"List:{MLFLOW_BUCKET}"],
     }
     for s in silos:
+        if not SILO_NAME.match(s):
+            raise StackError(f"silo name {s!r}: lowercase letters, digits, '-' or '_' (at most 63)")
         ids[f"silo-{s}"] = [
-            # The global adapter (plaintext, or its CKKS ciphertext and pointer), secure-aggregation
-            # messages addressed to silos; never another silo's update.
-            f"Read:{DATA_BUCKET}/*/global.safetensors",
-            f"Read:{DATA_BUCKET}/*/global.json",
-            f"Read:{DATA_BUCKET}/*/aggregate.ckks",
-            f"Read:{DATA_BUCKET}/*/secagg/*",
-            # Its own update slot (any encoding) and its own secure-aggregation messages.
-            f"Write:{DATA_BUCKET}/*/updates/{s}.*",
-            f"Write:{DATA_BUCKET}/*/secagg/adverts/{s}",
-            f"Write:{DATA_BUCKET}/*/secagg/shares/*/{s}",
-            f"Write:{DATA_BUCKET}/*/secagg/unmask/{s}",
-            # With CKKS only a silo can decrypt, so the publishing silo writes the final adapter.
-            f"Write:{DATA_BUCKET}/*/final/*",
-            f"Read:{RESULTS_BUCKET}",
-            f"Write:{RESULTS_BUCKET}",
+            *(f"Write:{d}/{area}/{s}/*" for area in ("updates", "results", "messages", "published")),
+            f"Read:{d}/federations/*",
+            f"Read:{d}/messages/*",
         ]
     return ids
 
 
-def _write_identities(stack: Stack) -> None:
+def s3_allows(actions: Iterable[str], action: str, bucket: str, key: str = "") -> bool:
+    """Whether SeaweedFS grants ``action`` on ``bucket/key`` to an identity holding ``actions``.
+
+    A pure-Python copy of the matching observed on the real server (``Identity.CanDo``): a bare
+    action (``Read``) covers every bucket; ``Admin`` everything; a grant with ``*``/``?`` is a glob
+    over ``Action:bucket/key`` where both match any character, ``/`` included; a grant without them
+    is ``Action:bucket`` or ``Admin:bucket`` for the whole bucket and nothing narrower. Keys are
+    normalized as the server does (leading ``/`` dropped, ``//`` collapsed).
+    """
+    acts = list(actions)
+    if "Admin" in acts or action in acts:
+        return True
+    if not bucket:
+        return False
+    key = re.sub(r"/+", "/", key.replace("\\", "/")).lstrip("/")
+    path = f"{bucket}/{key}" if key else bucket
+    for a in acts:
+        if any(c in a for c in "*?"):
+            # fnmatch without character classes: escape '[' so only '*' and '?' are special.
+            pattern = a.replace("[", "[[]")
+            if any(fnmatch.fnmatchcase(f"{act}:{path}", pattern) for act in (action, "Admin")):
+                return True
+        elif a in (f"{action}:{bucket}", f"Admin:{bucket}"):
+            return True
+    return False
+
+
+def _write_identities(stack: Stack, actions: dict[str, list[str]] | None = None) -> None:
+    """Keys (generated once, kept) and SeaweedFS's identities file for ``actions`` (default: the stack's)."""
     d = stack.root / "s3"
     d.mkdir(parents=True, exist_ok=True)
     cred_file = d / "credentials.json"
     creds: dict[str, dict[str, str]] = json.loads(cred_file.read_text()) if cred_file.is_file() else {}
-    actions = _identities(stack.silos)
+    actions = _identities(stack.silos) if actions is None else actions
     for ident in actions:
         creds.setdefault(
             ident,
             {"access_key": f"{ident[:12]}-{secrets.token_hex(6)}", "secret_key": secrets.token_urlsafe(30)},
         )
-    fd = os.open(cred_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(creds, fh, indent=2)
+    _write_secret(cred_file, json.dumps(creds, indent=2))
     config = {
         "identities": [
             {
@@ -353,9 +459,33 @@ def _write_identities(stack: Stack) -> None:
             for ident, acts in actions.items()
         ]
     }
-    fd = os.open(d / "identities.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_secret(d / "identities.json", json.dumps(config, indent=2))
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(config, fh, indent=2)
+        fh.write(text)
+    os.chmod(path, 0o600)  # also when the file existed with looser bits
+
+
+def _write_prefect_auth(stack: Stack) -> None:
+    """Generate the stack's Prefect API auth string once (kept across ``down``/``up``, mode 0600)."""
+    f = stack.prefect_auth_file
+    current = f.read_text().strip() if f.is_file() else ""
+    _write_secret(f, current or f"silotune:{secrets.token_urlsafe(32)}")
+
+
+@contextlib.contextmanager
+def _api_settings(stack: Stack) -> Iterator[None]:
+    """Prefect settings of this process that reach (and authenticate to) this stack's API."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(
+        {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth_string()}
+    ):
+        yield
 
 
 def s3_client(stack: Stack, identity: str = "admin") -> Any:
@@ -489,6 +619,9 @@ def _start_prefect(stack: Stack) -> None:
             else f"sqlite+aiosqlite:///{stack.root / 'prefect' / 'prefect.db'}"
         ),
         "PREFECT_UI_API_URL": stack.prefect_api,
+        # Every API request needs the stack's secret (HTTP basic auth; the UI asks for it once).
+        "PREFECT_SERVER_API_AUTH_STRING": stack.prefect_auth_string(),
+        "PREFECT_API_AUTH_STRING": stack.prefect_auth_string(),
         # SQLite busy errors become 503s that clients retry after 2 s; log them to explain slow rounds.
         "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
         # Automations are not used here; their service writes bookkeeping rows for every event.
@@ -531,11 +664,10 @@ def _configure_prefect(stack: Stack) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api}):
+    with _api_settings(stack):
         with get_client(sync_client=True) as client:
             for pool in stack.pools():
                 with contextlib.suppress(ObjectAlreadyExists):
@@ -574,9 +706,8 @@ def deploy(stack: Stack) -> None:
 def _deployed(stack: Stack) -> bool:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
+    with _api_settings(stack), get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name("federated-training/federated-training")
         except ObjectNotFound:
@@ -603,16 +734,19 @@ def _start_worker(stack: Stack, pool: str) -> None:
         cmd = [sys.executable, "-m", "flows.cli", "worker", pool]
     else:
         identity = pool
+        # Issue 11, phase 2: each silo worker starts with its own policy file, written by `up` with
+        # silotune.policy.write_local_policies(config, stack.root / "policies") before the workers start:
+        #   cmd += ["--policy", str(stack.root / "policies" / f"{pool.removeprefix('silo-')}.yaml")]
         cmd = [sys.executable, "-m", "flows.cli", "silo", "join", pool.removeprefix("silo-")]
-    env = {**stack.prefect_env(), **stack.identity_env(identity), "SILOTUNE_HOME": str(REPO_ROOT)}
+    env = {**stack.prefect_env(identity), **stack.identity_env(identity), "SILOTUNE_HOME": str(REPO_ROOT)}
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     _spawn(stack, f"worker-{pool}", cmd, env)
 
 
 def _online_workers(stack: Stack, pool: str) -> set[str]:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
+    with _api_settings(stack), get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(pool)
     return {w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
 
@@ -695,8 +829,12 @@ def up(
         raise StackError(
             f"port(s) already in use on 127.0.0.1: {', '.join(busy)} (another stack? `silotune stack down`)"
         )
+    for s in stack.silos:
+        if not SILO_NAME.match(s):
+            raise StackError(f"silo name {s!r}: lowercase letters, digits, '-' or '_' (at most 63)")
     stack.save()
     _write_identities(stack)
+    _write_prefect_auth(stack)
     try:
         _start_seaweedfs(stack)
         if stack.database == "postgres":
@@ -717,7 +855,7 @@ def up(
             stack,
             "prefect-server",
         )
-        echo(f"Prefect server   {stack.prefect_ui}")
+        echo(f"Prefect server   {stack.prefect_ui}  (API auth string: {stack.prefect_auth_file})")
         _configure_prefect(stack)
         for pool in stack.pools():
             _start_worker(stack, pool)
@@ -786,6 +924,8 @@ def status(root: Path | str = DEFAULT_STATE) -> dict[str, Any]:
         "prefect_ui": stack.prefect_ui if stack.ports else None,
         "mlflow_ui": stack.mlflow_uri if stack.ports else None,
         "s3_endpoint": stack.s3_endpoint if stack.ports else None,
+        # The Prefect API and UI ask for the string in this file (mode 0600).
+        "prefect_auth_file": str(stack.prefect_auth_file) if stack.prefect_auth_file.is_file() else None,
         "silos": stack.silos,
         "running": bool(procs) and all(procs.values()),
     }
@@ -793,8 +933,9 @@ def status(root: Path | str = DEFAULT_STATE) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def prefect_api(stack: Stack) -> Iterator[None]:
-    """Talk to this stack's Prefect API in this process (and sign S3 requests as the coordinator)."""
+    """Talk to this stack's Prefect API (with its auth string) here; sign S3 requests as the coordinator."""
     from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
         PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
         temporary_settings,
@@ -807,6 +948,7 @@ def prefect_api(stack: Stack) -> Iterator[None]:
         with temporary_settings(
             {
                 PREFECT_API_URL: stack.prefect_api,
+                PREFECT_API_AUTH_STRING: stack.prefect_auth_string(),
                 PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"s3-bucket/{RESULTS_BLOCK}",
             }
         ):

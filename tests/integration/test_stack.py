@@ -140,15 +140,23 @@ def test_federation_through_workers(stack, demo_data) -> None:
     assert state["completed_rounds"] == 2
     assert store.exists(lay.final("adapter_model.safetensors"))
 
-    # Each silo's identity reads the global adapter and writes only its own update slot.
+    # Each silo's identity reads federations/ and writes only its own prefixes (the whole matrix, on the
+    # real server, is in test_stack_s3.py).
     clinic = _store(stack, "silo-clinic")
     assert clinic.get(lay.global_adapter(1))
-    clinic.put(lay.update(1, "clinic"), store.get(lay.update(1, "clinic")))
-    for key in (lay.update(1, "lab"), lay.global_adapter(2), lay.state()):
+    clinic.put("updates/clinic/stack-a/probe", b"probe")
+    for key in (
+        "updates/lab/stack-a/probe",
+        "results/lab/stack-a/probe",
+        "published/lab/stack-a/final/adapter_model.safetensors",
+        lay.global_adapter(2),
+        lay.state(),
+    ):
         with pytest.raises(StoreError, match="AccessDenied"):
             clinic.put(key, b"tampered")
-    with pytest.raises(StoreError, match="AccessDenied"):
-        clinic.get(lay.update(1, "lab"))
+    for key in ("updates/lab/stack-a/00001/update.safetensors", "results/lab/stack-a/00001/train.json"):
+        with pytest.raises(StoreError, match="AccessDenied"):
+            clinic.get(key)
 
     # MLflow (server, artifacts proxied to S3): the run, its metrics, the registered adapter with lineage.
     client = MlflowClient(stack.mlflow_uri)
@@ -240,6 +248,35 @@ def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None
     # The wave that fell below quorum still recorded the evaluation it got of round 1's output.
     assert list(state["history"][0]["eval"]) == ["clinic"] and "lab" in state["history"][0]["eval_failures"]
     assert all(h["evaluated"] for h in state["history"])
+
+
+def test_prefect_api_requires_the_auth_string(stack) -> None:
+    import base64
+    import json
+    import stat
+    import urllib.error
+    import urllib.request
+
+    def status(url: str, secret: str | None = None, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if secret is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode()
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, data=body, headers=headers), timeout=10
+            ) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
+    api = stack.prefect_api
+    assert status(f"{api}/health")[0] == 200  # probes stay open
+    assert status(f"{api}/flows/filter", body=b"{}")[0] == 401
+    assert status(f"{api}/flows/filter", "silotune:wrong", body=b"{}")[0] == 401
+    assert status(f"{api}/flows/filter", stack.prefect_auth_string(), body=b"{}")[0] == 200
+    code, ui = status(f"{stack.prefect_ui}/ui-settings")
+    assert code == 200 and json.loads(ui)["auth"] == "BASIC"  # the UI asks for the string
+    assert stat.S_IMODE(stack.prefect_auth_file.stat().st_mode) == 0o600
 
 
 def test_down_leaves_no_process_and_no_port(stack) -> None:
