@@ -364,6 +364,9 @@ def _identities(silos: Iterable[str]) -> dict[str, list[str]]:
                                                             survivors, manifests, the signed config
                  read ``messages/``                         peers' adverts, shares (encrypted to their
                                                             addressee) and unmask answers
+                 read ``updates/**.ckks(.sig)``             CKKS: the listed ciphertexts, to recompute
+                                                            the sum it decrypts (the shared key's limit:
+                                                            see silotune.protection.ckks)
                  nothing else                               no list (readers read exact keys), no
                                                             ``updates/``/``results/`` of anyone (its own
                                                             included), no ``federations/`` write, no
@@ -403,6 +406,10 @@ def _identities(silos: Iterable[str]) -> dict[str, list[str]]:
             *(f"Write:{d}/{area}/{s}/*" for area in ("updates", "results", "messages", "published")),
             f"Read:{d}/federations/*",
             f"Read:{d}/messages/*",
+            # CKKS: a silo decrypts only a sum it recomputed from the listed, signed uploads. Only
+            # ciphertexts (and their signatures) are readable; plaintext and masked uploads are not.
+            f"Read:{d}/updates/*.ckks",
+            f"Read:{d}/updates/*.ckks.sig",
         ]
     return ids
 

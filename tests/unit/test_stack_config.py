@@ -65,6 +65,8 @@ def test_identities_for_three_silos_are_exact() -> None:
                 f"Write:{d}/published/{s}/*",
                 f"Read:{d}/federations/*",
                 f"Read:{d}/messages/*",
+                f"Read:{d}/updates/*.ckks",
+                f"Read:{d}/updates/*.ckks.sig",
             ]
             for s in SILOS
         },
@@ -169,6 +171,12 @@ def test_silo_reads_federations_and_messages_only(silo: str) -> None:
     for action in ("List", "Tagging", "Admin"):
         for key in ("", "federations/", "messages/", f"updates/{silo}/"):
             assert not _can(ident, action, key), (ident, action, key)
+    # CKKS ciphertexts (and their signatures) only: a silo recomputes the sum it decrypts
+    for other in SILOS:
+        base = f"updates/{other}/{FID}/00001/update"
+        assert _can(ident, "Read", base + ".ckks") and _can(ident, "Read", base + ".ckks.sig")
+        for ext in (".safetensors", ".masked", ".safetensors.sig", ".ckks.json", ".ckksx"):
+            assert not _can(ident, "Read", base + ext), (ident, ext)
 
 
 @pytest.mark.parametrize("silo", SILOS)
