@@ -92,9 +92,9 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
             global_ref=state.global_ref,
             run_id=state.tracking_run_id,
         )
-        if publisher not in published or not published[publisher].keys:
+        if publisher not in published or not published[publisher].objects:
             raise RuntimeError(f"the publishing silo {publisher!r} could not publish: {publish_failures}")
-        adapter_dir = published_location(config, published[publisher].keys[0])
+        adapter_dir = published_location(config, published[publisher].objects[0])
     else:
         adapter_dir = publish(config, state)
     summary = report(config, state, adapter_dir)

@@ -108,5 +108,5 @@ def silo_step(
         keys = [publish_at_silo(config, silo, global_ref, run_id)]
     else:
         keys = protocol_step(config, silo, round_, stage)
-    record = SiloStepResult(silo=silo, round=round_, stage=stage, keys=keys, run_id=_run_id())
+    record = SiloStepResult(silo=silo, round=round_, stage=stage, objects=keys, run_id=_run_id())
     report(config, silo, round_, stage, record, release)

@@ -153,7 +153,7 @@ class SiloStepResult(BaseModel):
     silo: str
     round: int
     stage: str
-    keys: list[str] = Field(default_factory=list)
+    objects: list[str] = Field(default_factory=list)  # not `keys`: Prefect reads that as a mapping
     run_id: str | None = None
 
 

@@ -467,7 +467,8 @@ def test_flow_runs_ckks_and_a_silo_publishes_the_final_adapter(tmp_path, demo_da
     store = LocalStore(cfg.store.root)
     final = tmp_path / "final"
     final.mkdir()
-    for key in store.list("federations/flowenc/final/"):
+    assert out["adapter"].endswith("published/clinic/flowenc/final/")  # the designated publisher's prefix
+    for key in store.list("published/clinic/flowenc/final/"):
         (final / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
     model = PeftModel.from_pretrained(load_base_model(resolve_model_path("tiny-llama")), final)
     assert model is not None
