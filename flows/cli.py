@@ -983,6 +983,43 @@ def silo_accept(
     )
 
 
+@silo_app.command("ledger")
+def silo_ledger(
+    policy: Annotated[Path, typer.Option(help="The silo's policy file (its private folder has the ledger).")],
+) -> None:
+    """The silo's own privacy books: every release it made, ε per federation and per dataset (lifetime)."""
+    from silotune.privacy.ledger import SiloLedger
+
+    pol = _load_policy(policy)
+    ledger = SiloLedger(Path(pol.private_dir), pol.silo)
+    entries = ledger.entries()
+    if not entries:
+        console.print(f"silo {pol.silo}: no DP release recorded in {ledger.folder}")
+        return
+    delta = pol.dp.max_delta or 1e-5
+    table = Table(title=f"Privacy ledger of silo {pol.silo} (ε at δ={delta:g})")
+    cols = ("kind", "federation", "rounds", "σ / z", "ε (federation)", "dataset", "ε (dataset, lifetime)")
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for e in entries:
+        groups.setdefault((e.kind, e.federation_id), []).append(e)
+    for (kind, fid), group in sorted(groups.items()):
+        data = group[-1].data_sha256
+        table.add_row(
+            kind,
+            fid,
+            str(len(group)),
+            ", ".join(sorted({f"{e.noise_multiplier:.3g}" for e in group})),
+            f"{ledger.epsilon(kind=kind, delta=delta, federation_id=fid):.3f}",
+            (data or "unknown")[:12],
+            f"{ledger.epsilon(kind=kind, delta=delta, data_sha256=data):.3f}" if data else "-",
+        )
+    console.print(table)
+    if pol.dp.max_lifetime_epsilon is not None:
+        console.print(f"lifetime budget per dataset (policy): ε ≤ {pol.dp.max_lifetime_epsilon:g}")
+
+
 @silo_app.command("join")
 def silo_join(
     name: Annotated[str, typer.Argument(help="The silo's name in the federation config.")],

@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 
 from silotune import protection as prot
 from silotune.config import FederationConfig, parse_config
-from silotune.errors import ConfigError
+from silotune.errors import ConfigError, QuorumError
 from silotune.federation import (
     aggregate_round,
     close_secagg_upload,
@@ -29,7 +29,6 @@ from silotune.federation import (
     start_federation,
     train_silo,
 )
-from silotune.errors import QuorumError
 from silotune.keys import CoordinatorKeys, SiloVault, setup_local_keys
 from silotune.privacy.filters import PrivacyBudgetExhausted, sample_dp_plan
 from silotune.store import FederationLayout, LocalStore
