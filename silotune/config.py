@@ -305,9 +305,9 @@ class SecuritySpec(_Spec):
     coordinator_key: str | None = Field(
         None,
         description=(
-            "The coordinator's Ed25519 public key (64 hex digits): silos verify the globals, CKKS pointers, "
-            "survivor sets and manifests it signs. None: the coordinator signs nothing (then a silo whose "
-            "policy pins a coordinator key refuses)."
+            "The coordinator's Ed25519 public key (64 hex digits): silos verify the globals, CKKS pointers "
+            "and survivor sets it signs (it signs manifests too, for audits). None: silos check no "
+            "coordinator signature (then a silo whose policy pins a coordinator key refuses)."
         ),
     )
     publisher: str | None = Field(

@@ -384,8 +384,15 @@ def evaluate_silo(
 # --- coordinator side -------------------------------------------------------------------------
 
 
+UPLOAD_SIZE_FACTOR = 32
+
+
 def screen_uploads(
-    config: FederationConfig, store: ObjectStore, round_: int, records: Sequence[UpdateRecord]
+    config: FederationConfig,
+    store: ObjectStore,
+    round_: int,
+    records: Sequence[UpdateRecord],
+    global_key: str | None = None,
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """Verify every upload's slot, checksum and signature; returns (silo -> payload, excluded).
 
@@ -398,6 +405,9 @@ def screen_uploads(
     ext = scheme_for(config).extension
     names = {s.name for s in config.silos}
     trusted = silo_keys(config)
+    # An upload is at most a few times the global adapter (CKKS' standard encoding: ~20x fp32); a silo
+    # must not make the coordinator read an arbitrarily large object into memory.
+    limit = UPLOAD_SIZE_FACTOR * len(store.get(global_key)) + (1 << 20) if global_key else None
     valid: dict[str, bytes] = {}
     excluded: dict[str, str] = {}
     for rec in records:
@@ -414,7 +424,7 @@ def screen_uploads(
                 raise UpdateError(
                     rec.silo, f"update key {rec.update.key!r} is not this silo's slot for round {round_ + 1}"
                 )
-            payload = store.get(rec.update.key)
+            payload = store.get(rec.update.key) if limit is None else store.get_bounded(rec.update.key, limit)
             if sha256(payload) != rec.update.sha256:
                 raise StoreError(
                     f"{rec.update.key}: sha256 mismatch (stored object changed or was corrupted)"
@@ -429,6 +439,14 @@ def screen_uploads(
             excluded[rec.silo] = str(exc)
             log.warning("round %d: excluding silo %s: %s", round_ + 1, rec.silo, exc)
     return valid, excluded
+
+
+def _plain_base(ref: ObjectRef, store: ObjectStore) -> str:
+    """The plaintext global whose size bounds this round's uploads (under CKKS: the first round's)."""
+    key = ref.key
+    while key.endswith(".json"):  # a CKKS pointer: follow its bases down to the plaintext global
+        key = get_json(store, key)["base"]["key"]
+    return key
 
 
 def close_upload(
@@ -462,7 +480,9 @@ def aggregate_round(
     (:mod:`silotune.protection`): a robust rule on plaintext, a masked sum, a ciphertext sum.
     """
     start = time.perf_counter()
-    valid, excluded = screen_uploads(config, store, round_, records)
+    valid, excluded = screen_uploads(
+        config, store, round_, records, global_key=_plain_base(global_ref, store)
+    )
     job = AggregationJob(
         config=config,
         store=store,

@@ -665,15 +665,15 @@ def check_config(
         )
     if policy.require_signing and not sec.signing:
         add(Violation("security.signing", _line("require_signing", True), "uploads must be signed"))
-    if policy.require_signing:
+    if policy.require_signing and sec.protection in ("secagg", "ckks"):
         unpinned = [s.name for s in config.silos if not s.public_key]
         if unpinned:
             add(
                 Violation(
                     "silos[].public_key",
                     _line("require_signing", True),
-                    f"no pinned public key for {unpinned}: the roster and every signature check need "
-                    "each silo's key in the accepted config",
+                    f"no pinned public key for {unpinned}: the secure-aggregation roster and the "
+                    "checks of peers' signatures need each silo's key in the accepted config",
                 )
             )
     if policy.coordinator_key is not None:

@@ -193,6 +193,12 @@ class SecAggScheme:
         stray = sorted(set(survivors) - set(ctx.roster))
         if stray:
             raise ProtocolRefusal(f"silo {ctx.silo!r}: survivors {stray} are not silos of this federation")
+        if len(set(survivors)) < ctx.config.aggregation.min_silos:
+            # A smaller sum would carry fewer client-DP noise shares than the silo calibrated for.
+            raise ProtocolRefusal(
+                f"silo {ctx.silo!r}: {len(set(survivors))} survivor(s), below the federation's quorum "
+                f"of {ctx.config.aggregation.min_silos}: refusing to unmask"
+            )
         with _claimed(ctx) as path:
             client = _load(ctx, path)
             response = client.unmask(survivors)  # raises for a second, different survivor set

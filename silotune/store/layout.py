@@ -4,7 +4,6 @@
 
     federations/<fid>/state.json                       last completed round (the resume point)
     federations/<fid>/rounds/<r>/global.safetensors    global adapter broadcast at the start of round r
-    federations/<fid>/rounds/<r>/updates/<silo>.safetensors   silo deltas of round r
     federations/<fid>/rounds/<r>/manifest.json         what round r produced, with sha256 of every object
     federations/<fid>/rounds/<r>/evaluation.json       holdout metrics of round r's output (written once)
     federations/<fid>/initial_evaluation.json          holdout metrics of the initial global adapter

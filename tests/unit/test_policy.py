@@ -38,14 +38,17 @@ from silotune.policy import (
 )
 
 SHA = "ab" * 32
+# Pinned silo keys (any valid Ed25519 public keys): under secagg/ckks a policy that requires signing
+# needs every silo's key pinned in the accepted config.
+KEY_A, KEY_B = (SiloKeyPair.generate().public_key.public_bytes_raw().hex() for _ in range(2))
 
 
 def _config(tmp: Path, **over):
     cfg = {
         "federation_id": "fed-1",
         "silos": [
-            {"name": "a", "train_path": "coord/a.jsonl", "private_dir": "coord/priv-a"},
-            {"name": "b", "train_path": "coord/b.jsonl"},
+            {"name": "a", "train_path": "coord/a.jsonl", "private_dir": "coord/priv-a", "public_key": KEY_A},
+            {"name": "b", "train_path": "coord/b.jsonl", "public_key": KEY_B},
         ],
         "security": {"protection": "secagg", "signing": True},
         "privacy": {"sample_dp": {"target_epsilon": 4.0, "delta": 1e-5}},
@@ -107,7 +110,7 @@ def test_every_violation_is_reported_at_once(tmp_path: Path) -> None:
         ],
         security={"protection": "none", "signing": False},
         privacy={"sample_dp": None, "client_dp": {"clip_norm": 1.0, "noise_multiplier": 0.5, "delta": 0.01}},
-        aggregation={"min_silos": 1, "options": {"weighted": False}},
+        aggregation={"min_silos": 2, "options": {"weighted": False}},
         store={
             "kind": "s3",
             "endpoint_url": "http://evil:9000",
@@ -131,7 +134,6 @@ def test_every_violation_is_reported_at_once(tmp_path: Path) -> None:
         "silos.0.method.name",
         "privacy.sample_dp",
         "privacy.client_dp.target_epsilon",
-        "aggregation.min_silos",
         "store",
         "store.access_key_env",
         "model.name_or_path",
@@ -143,7 +145,6 @@ def test_every_violation_is_reported_at_once(tmp_path: Path) -> None:
     assert by_field["store"].message == "s3://evil:9000/loot is not an allowed store"
     assert by_field["store.access_key_env"].rule == "store_keys.access_key_env: AWS_ACCESS_KEY_ID"
     assert "cdcd" in by_field["model.name_or_path"].message
-    assert by_field["aggregation.min_silos"].rule.startswith("built-in")
 
 
 def test_dp_floors(tmp_path: Path) -> None:
@@ -190,7 +191,13 @@ def test_dp_floors(tmp_path: Path) -> None:
 
 
 def test_a_config_without_this_silo_is_refused(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, silos=[{"name": "b", "train_path": "y"}, {"name": "c", "train_path": "z"}])
+    cfg = _config(
+        tmp_path,
+        silos=[
+            {"name": "b", "train_path": "y", "public_key": KEY_A},
+            {"name": "c", "train_path": "z", "public_key": KEY_B},
+        ],
+    )
     (v,) = check_config(_policy(tmp_path), cfg, model_sha256=_sha)
     assert (v.field, v.rule) == ("silos", "silo: a") and "silos: b, c" in v.message
 
@@ -199,8 +206,8 @@ def test_attack_simulation_only_when_the_policy_allows_it(tmp_path: Path) -> Non
     cfg = _config(
         tmp_path,
         silos=[
-            {"name": "a", "train_path": "x", "poison": {"flip_fraction": 0.5}},
-            {"name": "b", "train_path": "y"},
+            {"name": "a", "train_path": "x", "poison": {"flip_fraction": 0.5}, "public_key": KEY_A},
+            {"name": "b", "train_path": "y", "public_key": KEY_B},
         ],
     )
     assert _fields(check_config(_policy(tmp_path), cfg, model_sha256=_sha)) == {"silos.0.poison"}
@@ -209,15 +216,14 @@ def test_attack_simulation_only_when_the_policy_allows_it(tmp_path: Path) -> Non
 
 
 def test_client_dp_needs_two_silos_per_sum(tmp_path: Path) -> None:
-    policy = _policy(tmp_path, protection=["none"], require_signing=False)
-    cfg = _config(
-        tmp_path,
-        security={"protection": "none"},
-        privacy={"client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.01}},
-        aggregation={"min_silos": 1, "options": {"weighted": False}},
-    )
-    (v,) = check_config(policy, cfg, model_sha256=_sha)
-    assert v.field == "aggregation.min_silos" and "client DP" in v.message
+    # The federation config itself refuses it now, before any policy is asked.
+    with pytest.raises(ConfigError, match=r"min_silos: 1 with client DP on"):
+        _config(
+            tmp_path,
+            security={"protection": "none"},
+            privacy={"client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.01}},
+            aggregation={"min_silos": 1, "options": {"weighted": False}},
+        )
 
 
 @pytest.mark.parametrize(
@@ -357,8 +363,8 @@ def test_fields_outside_the_fingerprint_may_change_but_are_still_checked(tmp_pat
         tags={"run": "2"},
         tracking={"kind": "none"},
         silos=[
-            {"name": "a", "train_path": "/elsewhere/a.jsonl", "private_dir": "/elsewhere/priv"},
-            {"name": "b", "train_path": "/elsewhere/b.jsonl", "work_pool": "pool-b"},
+            {"name": "a", "train_path": "/elsewhere/a.jsonl", "private_dir": "/elsewhere/priv", "public_key": KEY_A},
+            {"name": "b", "train_path": "/elsewhere/b.jsonl", "work_pool": "pool-b", "public_key": KEY_B},
         ],
     )
     enforce(policy, resumed, model_sha256=_sha)

@@ -52,7 +52,10 @@ def test_json_and_layout(tmp_path: Path) -> None:
     lay = FederationLayout("f")
     put_json(s, lay.state(), {"a": 1})
     assert get_json(s, lay.state()) == {"a": 1}
-    assert lay.update(3, "bank") == "federations/f/rounds/00003/updates/bank.safetensors"
+    assert lay.update(3, "bank") == "updates/bank/f/00003/update.safetensors"
+    assert lay.result(3, "bank", "round") == "results/bank/f/00003/round.json"
+    assert lay.message(3, "bank", "secagg/advert") == "messages/bank/f/00003/secagg/advert"
+    assert lay.published("bank", "x") == "published/bank/f/final/x"
     s.put("bad.json", b"{nope")
     with pytest.raises(StoreError, match="invalid JSON"):
         get_json(s, "bad.json")
