@@ -153,7 +153,7 @@ def summary(
 ) -> None:
     """Show a federation's rounds and metrics from its stored state."""
     from silotune.errors import SilotuneError
-    from silotune.federation import load_state
+    from silotune.federation.commit import load_state
     from silotune.store import LocalStore
 
     try:
@@ -258,7 +258,7 @@ def ledger(
 ) -> None:
     """A federation's privacy ledger: ε spent per silo per round, DP settings, protection, bytes."""
     from silotune.errors import StoreError
-    from silotune.federation import load_state
+    from silotune.federation.commit import load_state
     from silotune.store import LocalStore, open_store
 
     if Path(federation).is_file():  # a config: its id and its store (local or S3)

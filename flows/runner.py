@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel
 
 from silotune.config import FederationConfig
-from silotune.federation import (
+from silotune.records import (
     EvalRecord,
     ObjectRef,
     SiloEvalResult,

@@ -20,7 +20,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed, State
 
 from silotune.config import FederationConfig
-from silotune.federation import ObjectRef, SiloEvalResult, SiloRoundResult, SiloStepResult
+from silotune.records import ObjectRef, SiloEvalResult, SiloRoundResult, SiloStepResult
 from tasks.evaluate import evaluate_global
 from tasks.local_train import local_train
 from tasks.runtime import admit

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
-from silotune.federation import FederationState
+from silotune.records import FederationState
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 from silotune.tracking import Tracker
 

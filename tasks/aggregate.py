@@ -6,7 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
-from silotune.federation import AggregateRecord, ObjectRef, UpdateRecord, aggregate_round
+from silotune.federation.coordinator import aggregate_round
+from silotune.records import AggregateRecord, ObjectRef, UpdateRecord
 from silotune.root_update import RootUpdateRecord, train_root_update
 from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from silotune.audit import audit_federation, audit_markdown, backdoor_success, plot_audit
 from silotune.config import FederationConfig
 from silotune.data import read_records
-from silotune.federation import load_state
+from silotune.federation.commit import load_state
 from silotune.store import get_tensors
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 

@@ -21,16 +21,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
-from silotune.federation import (
-    AggregateRecord,
-    EvalRecord,
-    FederationState,
-    SiloFailure,
-    UpdateRecord,
-    commit_round,
-    record_evaluation,
-    save_state,
-)
+from silotune.federation.commit import commit_round, record_evaluation, save_state
+from silotune.records import AggregateRecord, EvalRecord, FederationState, SiloFailure, UpdateRecord
 from silotune.report import plot_history
 from tasks.runtime import store_for, tracker_for
 

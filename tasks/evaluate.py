@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 
 from silotune.config import FederationConfig
-from silotune.federation import EvalRecord, ObjectRef, evaluate_silo
+from silotune.federation.silo import evaluate_silo
+from silotune.records import EvalRecord, ObjectRef
 from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 

@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
-from silotune.federation import FederationState
 from silotune.publish import publish_final, register_final
+from silotune.records import FederationState
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 
 

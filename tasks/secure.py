@@ -7,10 +7,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from silotune.config import FederationConfig
-from silotune.federation import FederationState, ObjectRef, UpdateRecord
-from silotune.federation import close_upload as close_round_upload
+from silotune.federation.coordinator import close_upload as close_round_upload
 from silotune.protection import SiloContext, run_silo_step, scheme_for
 from silotune.publish import publish_final
+from silotune.records import FederationState, ObjectRef, UpdateRecord
 from silotune.results import Release, put_result, redact
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for, tracker_for
 

@@ -14,7 +14,7 @@ from silotune.audit.mia import MIAResult, membership_inference
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError
-from silotune.federation import load_state
+from silotune.federation.commit import load_state
 from silotune.store import ObjectStore, get_tensors
 
 

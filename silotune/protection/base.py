@@ -24,31 +24,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel
-
 from silotune.adapters import TensorDict
 from silotune.config import FederationConfig
 from silotune.crypto.signing import SiloKeyPair, TrustedKeys, public_key_from_hex, verify_update
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
 from silotune.keys import CoordinatorKeys, SiloVault
+from silotune.records import AggregateRecord, ObjectRef
 from silotune.store import FederationLayout, ObjectStore
 
 COORDINATOR = "coordinator"  # the signer name in the coordinator's signatures
-
-
-class ObjectRef(BaseModel):
-    key: str
-    sha256: str
-
-
-class AggregateRecord(BaseModel):
-    round: int
-    included: list[str]
-    excluded: dict[str, str]
-    next_global: ObjectRef
-    server_state: ObjectRef | None = None
-    delta_norm: float
-    seconds: float
 
 
 @dataclass(frozen=True)
