@@ -23,6 +23,7 @@ from silotune.config import FederationConfig
 from silotune.records import ObjectRef, SiloEvalResult, SiloRoundResult, SiloStepResult
 from tasks.evaluate import evaluate_global
 from tasks.local_train import local_train
+from tasks.release import clip_and_noise, protect, sign, upload
 from tasks.runtime import admit
 from tasks.secure import protocol_step, publish_at_silo, report
 
@@ -51,9 +52,11 @@ def silo_round(
 ) -> State | None:
     """Evaluate the global adapter received (round ``round_ - 1``'s output), then post-train from it.
 
-    One run per silo per round: the evaluation of the previous round's output rides along with
-    the next round's training. If training fails the run fails, but its record still carries the
-    evaluation (and the training error), so the coordinator counts the evaluation.
+    The steps are the design's: evaluate → local train → clip and noise → protect → sign → upload,
+    each its own task passing paths in the silo's private folder. One run per silo per round: the
+    evaluation of the previous round's output rides along with the next round's training. If a step
+    fails the run fails, but its record still carries the evaluation (and the error), so the
+    coordinator counts the evaluation.
     """
     config, release = admit(config, silo)
     result = SiloRoundResult(silo=silo, round=round_, run_id=_run_id())
@@ -63,11 +66,14 @@ def silo_round(
             result.evaluation = ev.result()
         else:
             result.eval_error = _error(ev)
-    tr = _train(config, silo, round_, global_ref, return_state=True)
-    if tr.is_completed():
-        result.update = tr.result()
-    else:
-        result.train_error = _error(tr)
+    try:
+        trained = _train(config, silo, round_, global_ref)
+        trained = clip_and_noise(config, trained)
+        payload = protect(config, trained)
+        signature = sign(config, silo, round_, payload)
+        result.update = upload(config, trained, payload, signature)
+    except Exception as exc:  # the failed task's own exception, with its message
+        result.train_error = f"{type(exc).__name__}: {exc}"
     report(config, silo, round_, "round", result, release)
     if result.train_error is not None:
         return Failed(message=f"local training failed: {result.train_error}")

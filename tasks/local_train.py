@@ -1,23 +1,22 @@
-"""Local post-training at a silo (runs on the silo's own worker)."""
+"""Local post-training at a silo (runs on the silo's own worker): the delta goes to its private folder."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from silotune.config import FederationConfig
-from silotune.federation.silo import train_silo
-from silotune.records import ObjectRef, UpdateRecord
+from silotune.federation.silo import TrainedDelta, train_step
+from silotune.records import ObjectRef
 from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-# Idempotent: the same inputs write the same update object under the same key, so a retry is safe
-# (the DP ledger counts an identical release once and refuses one with other inputs).
+# Idempotent: the same inputs train the same delta; the DP ledger counts an identical release once and
+# refuses one with other inputs, so a retry never spends privacy twice.
 @task(name="local-train", retries=1, retry_delay_seconds=2, task_run_name="local-train-{silo}-r{round_}")
-def local_train(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> UpdateRecord:
-    policy = runtime.SILO_POLICIES.get(silo)
+def local_train(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> TrainedDelta:
     with TRAIN_LOCK:
-        return train_silo(
+        return train_step(
             config,
             silo,
             round_,
@@ -25,5 +24,5 @@ def local_train(config: FederationConfig, silo: str, round_: int, global_ref: Ob
             store_for(config),
             adapter_for(config, silo),
             memo=runtime.MEMO,
-            lifetime_epsilon=policy.dp.max_lifetime_epsilon if policy is not None else None,
+            lifetime_epsilon=runtime.lifetime_epsilon(silo),
         )

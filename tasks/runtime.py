@@ -78,6 +78,12 @@ def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Releas
     return enforce(policy, config), Release(**policy.release.model_dump())
 
 
+def lifetime_epsilon(silo: str) -> float | None:
+    """The silo policy's lifetime ε per dataset, if this process serves the silo under a policy."""
+    policy = SILO_POLICIES.get(silo)
+    return policy.dp.max_lifetime_epsilon if policy is not None else None
+
+
 def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
     """The trainable model of ``silo`` (its own method, if it has one), else of the federation."""
     method = config.method_for(silo) if silo is not None else config.method

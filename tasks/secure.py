@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from silotune.config import FederationConfig
 from silotune.federation.coordinator import close_upload as close_round_upload
-from silotune.protection import SiloContext, run_silo_step, scheme_for
+from silotune.protection import ProtocolRefusal, SiloContext, run_silo_step, scheme_for
 from silotune.publish import publish_final
 from silotune.records import FederationState, ObjectRef, UpdateRecord
 from silotune.results import Release, put_result, redact
@@ -49,7 +49,18 @@ def close_upload(config: FederationConfig, round_: int, records: list[UpdateReco
 
 @task(name="publish-at-silo", task_run_name="publish-at-{silo}", persist_result=False, cache_policy=NO_CACHE)
 def publish_at_silo(config: FederationConfig, silo: str, global_ref: ObjectRef, run_id: str | None) -> str:
-    """Silo: decrypt the final global adapter it checked and publish it under its own prefix (CKKS)."""
+    """Silo: decrypt the final global adapter it checked and publish it under its own prefix (CKKS).
+
+    Only the config's designated publisher publishes: every silo publishing a different checked
+    pointer on request would let the coordinator difference their means into one silo's update.
+    """
+    if silo != config.ckks_publisher or not scheme_for(config).publishes_at_silo:
+        raise ProtocolRefusal(
+            f"silo {silo!r} refuses to publish: the designated publisher is {config.ckks_publisher!r} "
+            f"and protection {config.security.protection!r} publishes at the coordinator"
+            if not scheme_for(config).publishes_at_silo
+            else f"silo {silo!r} refuses to publish: the designated publisher is {config.ckks_publisher!r}"
+        )
     store = store_for(config)
     ctx = SiloContext(config, silo, 0, store)
     final, _ = scheme_for(config).read_global(ctx, global_ref)

@@ -6,12 +6,17 @@ clip and noise, then the protection scheme's packing (plaintext, masked or encry
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field
+from safetensors.torch import load as st_load
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.evaluation import evaluate
+from silotune.keys import SiloVault, write_private
 from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
@@ -19,7 +24,7 @@ from silotune.poisoning import attack_silo_update, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
 from silotune.protection import SiloContext, exchanged_keys, scheme_for
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
-from silotune.store import ObjectStore, sha256
+from silotune.store import FederationLayout, ObjectStore, save_tensors, sha256
 from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
 
@@ -29,7 +34,34 @@ def _silo_examples(
     return encode_file(path, adapter.tokenizer, config.model.max_seq_len, pairs=pairs)
 
 
-def train_silo(
+class TrainedDelta(BaseModel):
+    """What the train step leaves for the next steps: where the delta is, and small facts about it."""
+
+    silo: str
+    round: int
+    delta: str  # a file in the silo's private folder (never a tensor across a task boundary)
+    num_examples: int
+    train: dict[str, float | int]
+    privacy: dict[str, float] = Field(default_factory=dict)
+    inputs: dict[str, str]  # global sha256, config fingerprint, data sha256: what DP releases bind to
+    bytes_down: int = 0
+
+
+def _work(config: FederationConfig, silo: str, round_: int) -> Path:
+    """The silo's scratch folder for a round's steps (in its private folder, mode 0700)."""
+    return SiloVault.for_silo(config.silo(silo)).root / "work" / config.federation_id / f"{round_:05d}"
+
+
+def _write(path: Path, data: bytes) -> str:
+    write_private(path, data)
+    return str(path)
+
+
+def _read_tensors(path: str) -> TensorDict:
+    return dict(st_load(Path(path).read_bytes()))
+
+
+def train_step(
     config: FederationConfig,
     silo: str,
     round_: int,
@@ -40,19 +72,16 @@ def train_silo(
     progress: bool = True,
     memo: WorkMemo | None = None,
     lifetime_epsilon: float | None = None,
-) -> UpdateRecord:
-    """A silo's local round: fetch the global adapter, train, filter, upload its update.
+) -> TrainedDelta:
+    """Fetch the global adapter the silo accepts and post-train on local data (DP-SGD if configured).
 
-    The filters run in order and fail closed (see :mod:`silotune.protection`):
-    DP-SGD in training, client-level clip + noise, encryption or masking, signing.
-    ``memo`` (experiments only, :mod:`silotune.memo`): reuse the training result of an
-    earlier call with identical inputs; never used with DP-SGD.
+    The delta goes to the silo's private folder. ``memo`` (experiments only, :mod:`silotune.memo`):
+    reuse the training result of an earlier call with identical inputs; never used with DP-SGD.
     """
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
-    scheme = scheme_for(config)
     ctx = SiloContext(config, silo, round_, store)
-    global_state, bytes_down = scheme.read_global(ctx, global_ref)
+    global_state, bytes_down = scheme_for(config).read_global(ctx, global_ref)
     objective = build_objective(config.objective_for(silo))
     if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
         raw = read_records(spec.train_path)
@@ -122,31 +151,109 @@ def train_silo(
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
         privacy.update(record_sample_dp(config, silo, round_, plan))
-    if config.privacy.client_dp is not None:
-        d, info = apply_client_dp(config, silo, round_, d, inputs, lifetime_epsilon=lifetime_epsilon)
-        privacy.update(info)
-    payload = scheme.pack(ctx, d)
-    key = ctx.layout.update(round_, silo, scheme.extension)
+    path = _write(_work(config, silo, round_) / "delta.safetensors", save_tensors(d))
+    return TrainedDelta(
+        silo=silo,
+        round=round_,
+        delta=path,
+        num_examples=result.num_examples,
+        train=result.as_dict(),
+        privacy=privacy,
+        inputs=inputs,
+        bytes_down=bytes_down,
+    )
+
+
+def clip_and_noise_step(
+    config: FederationConfig, trained: TrainedDelta, *, lifetime_epsilon: float | None = None
+) -> TrainedDelta:
+    """Client-level DP: clip the delta and add this silo's share of the noise (on its ledger)."""
+    if config.privacy.client_dp is None:
+        return trained
+    d = _read_tensors(trained.delta)
+    d, info = apply_client_dp(
+        config, trained.silo, trained.round, d, trained.inputs, lifetime_epsilon=lifetime_epsilon
+    )
+    path = _write(_work(config, trained.silo, trained.round) / "private.safetensors", save_tensors(d))
+    return trained.model_copy(update={"delta": path, "privacy": {**trained.privacy, **info}})
+
+
+def protect_step(config: FederationConfig, trained: TrainedDelta, store: ObjectStore) -> str:
+    """The bytes that leave the silo (plaintext, masked or encrypted, by the scheme) into its folder."""
+    ctx = SiloContext(config, trained.silo, trained.round, store)
+    payload = scheme_for(config).pack(ctx, _read_tensors(trained.delta))
+    return _write(_work(config, trained.silo, trained.round) / "payload", payload)
+
+
+def sign_step(config: FederationConfig, silo: str, round_: int, payload_path: str) -> str | None:
+    """The silo's Ed25519 signature of its payload (None when the federation does not sign)."""
+    if not (config.security.signing or config.silo(silo).public_key is not None):
+        return None
+    vault = SiloVault.for_silo(config.silo(silo))
+    sig = vault.signing_key().sign(
+        Path(payload_path).read_bytes(), federation_id=config.federation_id, round=round_, silo=silo
+    )
+    return _write(_work(config, silo, round_) / "payload.sig", sig)
+
+
+def upload_step(
+    config: FederationConfig,
+    trained: TrainedDelta,
+    payload_path: str,
+    signature_path: str | None,
+    store: ObjectStore,
+) -> UpdateRecord:
+    """Put the payload and its signature into the silo's update slot; the plaintext scratch goes."""
+    silo, round_ = trained.silo, trained.round
+    key = FederationLayout(config.federation_id).update(round_, silo, scheme_for(config).extension)
+    payload = Path(payload_path).read_bytes()
     signature = None
-    if config.security.signing or config.silos[index].public_key is not None:
-        sig = ctx.vault.signing_key().sign(
-            payload, federation_id=config.federation_id, round=round_, silo=silo
-        )
+    if signature_path is not None:
+        sig = Path(signature_path).read_bytes()
         store.put(key + ".sig", sig)
         signature = ObjectRef(key=key + ".sig", sha256=sha256(sig))
     store.put(key, payload)
+    for name in ("delta.safetensors", "private.safetensors"):  # plaintext deltas: not kept after upload
+        (_work(config, silo, round_) / name).unlink(missing_ok=True)
     return UpdateRecord(
         silo=silo,
         round=round_,
         update=ObjectRef(key=key, sha256=sha256(payload)),
-        num_examples=result.num_examples,
-        train=result.as_dict(),
+        num_examples=trained.num_examples,
+        train=trained.train,
         protection=config.security.protection,
         signature=signature,
-        privacy=privacy,
+        privacy=trained.privacy,
         bytes_up=len(payload) + (64 if signature else 0),
-        bytes_down=bytes_down,
+        bytes_down=trained.bytes_down,
     )
+
+
+def train_silo(
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    global_ref: ObjectRef,
+    store: ObjectStore,
+    adapter: AdapterModel,
+    *,
+    progress: bool = True,
+    memo: WorkMemo | None = None,
+    lifetime_epsilon: float | None = None,
+) -> UpdateRecord:
+    """A silo's whole local round: train → clip and noise → protect → sign → upload.
+
+    The filters run in this order and fail closed (see :mod:`silotune.protection`). The silo's flow
+    runs each step as its own task; this is the same sequence in one call, for notebooks and tests.
+    """
+    trained = train_step(
+        config, silo, round_, global_ref, store, adapter,
+        progress=progress, memo=memo, lifetime_epsilon=lifetime_epsilon,
+    )  # fmt: skip
+    trained = clip_and_noise_step(config, trained, lifetime_epsilon=lifetime_epsilon)
+    payload = protect_step(config, trained, store)
+    signature = sign_step(config, silo, round_, payload)
+    return upload_step(config, trained, payload, signature, store)
 
 
 def evaluate_silo(

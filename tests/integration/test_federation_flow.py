@@ -305,18 +305,18 @@ def test_a_wave_below_quorum_still_records_the_evaluations_it_got(
     tmp_path: Path, demo_data, monkeypatch
 ) -> None:
     """lab's training fails in round 2 (quorum 2 lost), but its evaluation of round 1's output counts."""
-    import silotune.federation as fed
+    import silotune.federation.silo as fed_silo
     from flows.federated_training import federated_training
     from silotune.federation import load_state
 
-    real_train = fed.train_silo
+    real_train = fed_silo.train_step
 
     def lab_fails_in_round_2(config, silo, round_, *args, **kwargs):
         if silo == "lab" and round_ == 1:
             raise RuntimeError("privacy budget spent")
         return real_train(config, silo, round_, *args, **kwargs)
 
-    monkeypatch.setattr("tasks.local_train.train_silo", lab_fails_in_round_2)
+    monkeypatch.setattr("tasks.local_train.train_step", lab_fails_in_round_2)
     cfg = _config(tmp_path, demo_data, "fed-qe", rounds=2, tracking=False)
     with pytest.raises(QuorumError, match="round 2: only 1 silo"):
         federated_training(cfg)
