@@ -1329,6 +1329,8 @@ def status(root: Path | str = DEFAULT_STATE) -> dict[str, Any]:
         # The Prefect API and UI ask for the string in this file (mode 0600).
         "prefect_auth_file": str(stack.prefect_auth_file) if stack.prefect_auth_file.is_file() else None,
         "silos": stack.silos,
+        # Each silo worker joins with its own policy (`silotune silo policy show FILE`).
+        "policies": {s: str(stack.policy_path(s)) for s in stack.silos if stack.policy_path(s).is_file()},
         "running": bool(procs) and all(procs.values()),
     }
 

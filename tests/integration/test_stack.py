@@ -243,6 +243,34 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
     assert check_config(policies["clinic"], _config(stack, demo_data, "made")) == []
 
 
+def test_stack_config_command_makes_a_config_the_default_policies_run(stack, demo_data, tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from silotune.config import load_config
+    from silotune.policy import check_config, load_policy
+
+    raw = _raw_config(stack, demo_data, "cli-made", security={"protection": "secagg"})
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "store"}))
+    out = tmp_path / "out.yaml"
+    res = CliRunner().invoke(
+        app, ["stack", "config", str(tmp_path / "in.yaml"), "--out", str(out), "--state-dir", str(stack.root)]
+    )
+    assert res.exit_code == 0, res.output
+    cfg = load_config(out)
+    assert cfg.security.signing and cfg.security.keys_dir == str(stack.keys_dir)
+    assert cfg.store.endpoint_url == stack.s3_endpoint and cfg.orchestration.mode == "workpools"
+    assert {s.private_dir for s in cfg.silos} == {str(stack.private_dir(s)) for s in SILOS}
+    assert all(s.public_key for s in cfg.silos) and cfg.security.coordinator_key
+    assert all(check_config(load_policy(stack.policy_path(s)), cfg) == [] for s in SILOS)
+    assert stk.status(stack.root)["policies"] == {s: str(stack.policy_path(s)) for s in SILOS}
+    # A config naming a silo the stack does not have is refused before anything starts.
+    with pytest.raises(stk.StackError, match="not in --silos"):
+        stk.up(tmp_path / "other", silos=["clinic"], config=cfg, auto_ports=True, echo=print)
+    assert not (tmp_path / "other" / "stack.json").exists()
+
+
 def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
     from flows.stack import start_worker
 
