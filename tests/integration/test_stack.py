@@ -232,6 +232,9 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
             kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv
         )
         assert os.readlink(f"/proc/{pid}/cwd") == str(stk.REPO_ROOT)
+        # its own S3 identity only, and no Prefect result storage
+        assert env[b"AWS_ACCESS_KEY_ID"].decode() == stack.credentials()[f"silo-{s}"]["access_key"]
+        assert b"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in env
         assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(stk.REPO_ROOT)
         if "OMP_NUM_THREADS" not in os.environ:
             assert env[b"OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // (len(SILOS) + 1))).encode()
