@@ -629,8 +629,19 @@ _STATE = Annotated[Path, typer.Option("--state-dir", help="The stack's state fol
 @stack_app.command("up")
 def stack_up(
     state_dir: _STATE = Path(".silotune/stack"),
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A federation config (YAML) to run on the stack (repeatable): it is made for the stack "
+            "(STATE/federations/<id>.yaml, keys created and pinned) and every silo's policy is written "
+            "strict from it (STATE/policies/<silo>.yaml: the config's protection, signing and DP as "
+            "floors; the config accepted). Without it, existing policies are kept and a missing one is the "
+            "stack's default (signed uploads, this stack's store and coordinator key, any federation).",
+        ),
+    ] = None,
     silos: Annotated[
-        str | None, typer.Option(help="Comma-separated silo names (first start; default clinic,bank,lab).")
+        str | None,
+        typer.Option(help="Comma-separated silo names (default: the configs' silos, else clinic,bank,lab)."),
     ] = None,
     auto_ports: Annotated[bool, typer.Option(help="Free ephemeral ports instead of 4200/5000/8333.")] = False,
     database: Annotated[
@@ -641,7 +652,12 @@ def stack_up(
         bool, typer.Option(help="Re-register deployments/prefect.yaml (resets schedules to the file's).")
     ] = False,
 ) -> None:
-    """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy."""
+    """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy.
+
+    Each silo's worker is `silotune silo join SILO --policy STATE/policies/SILO.yaml`: every run is
+    checked against that policy before the silo reads any data. Each silo's private folder is
+    STATE/silos/SILO/private (its own). Edit a policy, then restart the stack, to change what a silo runs.
+    """
     from flows.stack import StackError, up
 
     try:
@@ -649,6 +665,7 @@ def stack_up(
         st = up(
             state_dir,
             silos=names,
+            config=list(config) if config else None,
             auto_ports=auto_ports,
             database=database,
             redeploy=redeploy,
@@ -657,6 +674,11 @@ def stack_up(
     except StackError as exc:
         _fail(str(exc))
     console.print(f"Prefect UI: [bold]{st.prefect_ui}[/]   MLflow UI: [bold]{st.mlflow_uri}[/]")
+    for c in config or []:
+        from silotune.config import load_config
+
+        fid = load_config(c).federation_id
+        console.print(f"run {fid} with: silotune run {st.config_path(fid)} --state-dir {state_dir}")
     console.print(f"stop with: silotune stack down --state-dir {state_dir}")
 
 
@@ -687,15 +709,23 @@ def stack_config(
     out: Annotated[Path, typer.Option(help="Where to write the result.")],
     state_dir: _STATE = Path(".silotune/stack"),
 ) -> None:
-    """Rewrite a config's store/tracking/orchestration sections for the running stack."""
-    from flows.stack import Stack
-    from silotune.config import dump_config, load_config, parse_config
+    """Make a config for the stack: its store, tracking, orchestration, the silos' private folders and
+    the coordinator's keys folder; every key created and pinned (signing on).
+
+    The silos run it if their policies allow it: the stack's default policies do; policies written by
+    `stack up --config` allow only those federations (`stack down`, then `stack up --config` this one).
+    """
+    from flows.stack import Stack, StackError
+    from flows.stack import stack_config as make
+    from silotune.config import dump_config
 
     st = Stack.load(state_dir)
-    cfg = load_config(config)
-    data = cfg.model_dump(mode="json")
-    data.update(store=st.store_spec(), tracking=st.tracking_spec(), orchestration={"mode": "workpools"})
-    dump_config(parse_config(data), out)
+    if not st.ports:
+        _fail(f"no stack in {state_dir} (`silotune stack up` first)")
+    try:
+        dump_config(make(st, _load(config)), out)
+    except StackError as exc:
+        _fail(str(exc))
     console.print(f"wrote {out}")
 
 

@@ -1,9 +1,20 @@
 """The real stack on loopback: SeaweedFS, Prefect server, MLflow server, one in-process worker per pool.
 
-One stack for the module (free ports, a temporary state folder). The tests run in order: a federation
-through the workers; a silo killed mid-round (the quorum holds); a silo killed mid-round below quorum,
-then a coordinator restart that resumes after the last completed round; finally ``down`` must leave
-no process and no open port.
+Every silo worker is ``silotune silo join <silo> --policy <state>/policies/<silo>.yaml`` and enforces
+that policy on each run.
+
+1. One stack (free ports, a temporary state folder) started without a config: each silo has the
+   stack's default policy (signed uploads with pinned keys, this stack's store and coordinator key, its
+   own private folder and data). The tests run in order: a federation through the workers; a silo
+   killed mid-round (the quorum holds); a silo killed mid-round below quorum, then a coordinator restart
+   that resumes after the last completed round; the Prefect API's auth; finally ``down`` must leave no
+   process and no open port.
+2. :class:`TestProtectedStack`: a second stack started with three protected configs (``up(config=...)``),
+   so every silo's policy is strict (the configs' protection, signing and DP as floors; each config
+   accepted): secure aggregation with DP-SGD, CKKS with DP-SGD, and three silos at quorum 2 where one
+   silo's tightened policy refuses the coordinator's config. A test instrument in the silo workers
+   (a ``sitecustomize`` on their ``PYTHONPATH``) records every update a silo packs before protection, and
+   the buckets and databases are scanned for its values.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from flows import stack as stk
 from silotune.config import FederationConfig, StoreSpec, parse_config
 from silotune.errors import StoreError
 from silotune.store import FederationLayout, S3Store, get_json, sha256
@@ -27,8 +39,6 @@ SILOS = ("clinic", "lab")
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from flows import stack as stk
-
     root = tmp_path_factory.mktemp("stack")
     st = stk.up(root, silos=list(SILOS), auto_ports=True, echo=print)
     yield st
@@ -37,6 +47,13 @@ def stack(tmp_path_factory):
 
 
 def _config(st: Any, demo_data, fid: str, **over: Any) -> FederationConfig:
+    # Made for the stack: the silos' and coordinator's folders of the stack, every key pinned (signing).
+    return stk.stack_config(st, parse_config(_raw_config(st, demo_data, fid, **over)))
+
+
+def _raw_config(
+    st: Any | None, demo_data, fid: str, silos: tuple[str, ...] = SILOS, **over: Any
+) -> dict[str, Any]:
     data = {
         "federation_id": fid,
         "rounds": 2,
@@ -46,17 +63,17 @@ def _config(st: Any, demo_data, fid: str, **over: Any) -> FederationConfig:
         "train": {"local_steps": 2, "batch_size": 4, "learning_rate": 5e-2, "torch_threads": 1},
         "silos": [
             {"name": s, "train_path": str(demo_data[s]["train"]), "eval_path": str(demo_data[s]["eval"])}
-            for s in SILOS
+            for s in silos
         ],
         "aggregation": {"min_silos": 2},
         "evaluation": {"max_examples": 8},
-        "store": st.store_spec(),
-        "tracking": st.tracking_spec("stack-test"),
+        "store": st.store_spec() if st is not None else {},
+        "tracking": st.tracking_spec("stack-test") if st is not None else {},
         "orchestration": {"mode": "workpools", "silo_timeout_s": 120, "pickup_timeout_s": 60},
     }
     for k, v in over.items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) else v
-    return parse_config(data)
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return data
 
 
 def _start(st: Any, cfg: FederationConfig) -> Any:
@@ -186,6 +203,77 @@ def test_federation_through_workers(stack, demo_data) -> None:
     assert fr.work_pool_name == "coordinator"
 
 
+def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
+    """Each silo worker runs this checkout's code with its own policy file, folder and thread budget."""
+    import stat
+
+    from silotune.policy import check_config, load_policy
+
+    assert Path(__file__).resolve().parents[2] == stk.REPO_ROOT  # the workers run the code under test
+    policies = {s: load_policy(stack.policy_path(s)) for s in SILOS}
+    for s, p in policies.items():
+        assert p.private_dir == str(stack.private_dir(s)) and p.train_path.startswith(str(stack.data_dir(s)))
+        assert stat.S_IMODE(stack.silo_dir(s).stat().st_mode) == 0o700
+        assert p.require_signing and p.federations == ["*"] and not p.require_accepted_config
+        assert p.stores == [f"s3://127.0.0.1:{stack.ports['s3']}/silotune"]
+        assert p.coordinator_key == str(stack.keys_dir / "coordinator.pub.pem")
+        pid = stack.pids[f"worker-silo-{s}"]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert [a.decode() for a in argv[1:8]] == [
+            "-m",
+            "flows.cli",
+            "silo",
+            "join",
+            s,
+            "--policy",
+            str(stack.policy_path(s)),
+        ]
+        env = dict(
+            kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv
+        )
+        assert os.readlink(f"/proc/{pid}/cwd") == str(stk.REPO_ROOT)
+        # its own S3 identity only, and no Prefect result storage
+        assert env[b"AWS_ACCESS_KEY_ID"].decode() == stack.credentials()[f"silo-{s}"]["access_key"]
+        assert b"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in env
+        assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(stk.REPO_ROOT)
+        if "OMP_NUM_THREADS" not in os.environ:
+            assert env[b"OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // (len(SILOS) + 1))).encode()
+    assert len({p.private_dir for p in policies.values()}) == len(SILOS)
+    # A config not made for this stack (no pinned keys, no coordinator key, unsigned) is refused.
+    raw = parse_config(_raw_config(stack, demo_data, "not-made"))
+    fields = {v.field for v in check_config(policies["clinic"], raw)}
+    assert {"security.signing", "security.coordinator_key"} <= fields
+    assert check_config(policies["clinic"], _config(stack, demo_data, "made")) == []
+
+
+def test_stack_config_command_makes_a_config_the_default_policies_run(stack, demo_data, tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from silotune.config import load_config
+    from silotune.policy import check_config, load_policy
+
+    raw = _raw_config(stack, demo_data, "cli-made", security={"protection": "secagg"})
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "store"}))
+    out = tmp_path / "out.yaml"
+    res = CliRunner().invoke(
+        app, ["stack", "config", str(tmp_path / "in.yaml"), "--out", str(out), "--state-dir", str(stack.root)]
+    )
+    assert res.exit_code == 0, res.output
+    cfg = load_config(out)
+    assert cfg.security.signing and cfg.security.keys_dir == str(stack.keys_dir)
+    assert cfg.store.endpoint_url == stack.s3_endpoint and cfg.orchestration.mode == "workpools"
+    assert {s.private_dir for s in cfg.silos} == {str(stack.private_dir(s)) for s in SILOS}
+    assert all(s.public_key for s in cfg.silos) and cfg.security.coordinator_key
+    assert all(check_config(load_policy(stack.policy_path(s)), cfg) == [] for s in SILOS)
+    assert stk.status(stack.root)["policies"] == {s: str(stack.policy_path(s)) for s in SILOS}
+    # A config naming a silo the stack does not have is refused before anything starts.
+    with pytest.raises(stk.StackError, match="not in --silos"):
+        stk.up(tmp_path / "other", silos=["clinic"], config=cfg, auto_ports=True, echo=print)
+    assert not (tmp_path / "other" / "stack.json").exists()
+
+
 def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
     from flows.stack import start_worker
 
@@ -294,3 +382,263 @@ def test_down_leaves_no_process_and_no_port(stack) -> None:
                 if root in (d / "cmdline").read_bytes().decode(errors="replace"):
                     leftovers.append(d.name)
     assert not leftovers
+
+
+# -- protected federations with strict silo policies -------------------------------------------------
+
+# A test instrument for the silo workers (never part of the stack): a sitecustomize that records every
+# update a silo packs, before secure aggregation masks it or CKKS encrypts it.
+SPY = '''
+"""Test instrument of tests/integration/test_stack.py: records each delta a silo packs, unprotected."""
+import importlib.abc
+import sys
+import uuid
+from pathlib import Path
+
+OUT = Path(__file__).with_name("packed")
+TARGETS = {"silotune.protection.secagg": "SecAggScheme", "silotune.protection.ckks": "CkksScheme"}
+
+
+def _record(cls):
+    real = cls.pack
+
+    def pack(self, ctx, delta):
+        from safetensors.torch import save_file
+
+        OUT.mkdir(exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in delta.items()}
+        save_file(tensors, str(OUT / f"{ctx.silo}-{ctx.config.federation_id}-{ctx.round}-{uuid.uuid4().hex}.st"))
+        return real(self, ctx, delta)
+
+    cls.pack = pack
+
+
+class _Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name not in TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            _record(getattr(module, TARGETS[name]))
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Spy())
+'''
+
+PSILOS = ("clinic", "bank", "lab")
+DP = {"sample_dp": {"target_epsilon": 8.0, "delta": 1e-3}}
+
+
+def _protected(demo_data, fid: str, silos: tuple[str, ...], **over: Any) -> FederationConfig:
+    """A config before it is made for the stack (``up(config=...)`` does that)."""
+    raw = _raw_config(None, demo_data, fid, silos, **over)
+    for key in ("store", "tracking"):  # up() replaces them with the stack's
+        raw.pop(key)
+    return parse_config({**raw, "tracking": {"kind": "mlflow", "experiment": "stack-protected"}})
+
+
+PROTECTED = {
+    "prot-secagg": {"silos": ("clinic", "lab"), "security": {"protection": "secagg"}, "privacy": DP},
+    "prot-ckks": {"silos": ("clinic", "lab"), "rounds": 1, "security": {"protection": "ckks"}, "privacy": DP},
+    "prot-refuse": {
+        "silos": PSILOS,
+        "rounds": 1,
+        "security": {"protection": "secagg"},
+        "privacy": DP,
+        "aggregation": {"min_silos": 2},
+    },
+}
+
+
+def _needles(spy: Path, fid: str) -> list[bytes]:
+    """Windows of 4 consecutive float32 values (none zero) of every update the silos packed for ``fid``."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = []
+    files = sorted((spy / "packed").glob(f"*-{fid}-*.st"))
+    for f in files:
+        for t in load_file(str(f)).values():
+            flat = t.flatten().to(torch.float32)
+            step = max(1, flat.numel() // 16)
+            for i in range(0, max(1, flat.numel() - 4), step):
+                window = flat[i : i + 4]
+                if window.numel() == 4 and bool((window != 0).all()):
+                    out.append(window.numpy().tobytes())
+    return out
+
+
+def _everything_stored(st: Any) -> list[bytes]:
+    """Every object of the stack's buckets (data, Prefect results, MLflow) and its two databases."""
+    from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_client
+
+    c = s3_client(st, "admin")
+    blobs = []
+    for bucket in (DATA_BUCKET, RESULTS_BUCKET, MLFLOW_BUCKET):
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                blobs.append(c.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+    for db in (st.root / "prefect" / "prefect.db", st.root / "mlflow" / "mlflow.db"):
+        blobs.append(db.read_bytes())
+    return blobs
+
+
+def _assert_no_plaintext_update(st: Any, spy: Path, fid: str, updates: int) -> None:
+    from safetensors.torch import load_file, save
+
+    files = sorted((spy / "packed").glob(f"*-{fid}-*.st"))
+    assert len(files) >= updates, f"the instrument saw {len(files)} packed update(s) of {fid}, not {updates}"
+    needles = _needles(spy, fid)
+    assert needles
+    # The scan finds an update stored in plaintext (the payload format of an unprotected upload) ...
+    plain = save(load_file(str(files[0])))
+    assert any(n in plain for n in needles)
+    # ... and finds none of them anywhere in the stack's buckets or databases.
+    blobs = _everything_stored(st)
+    found = [i for i, n in enumerate(needles) if any(n in b for b in blobs)]
+    assert not found, f"{len(found)} plaintext window(s) of a silo's update are stored"
+
+
+@pytest.fixture(scope="class")
+def pstack(tmp_path_factory, demo_data):
+    spy = tmp_path_factory.mktemp("spy")
+    (spy / "sitecustomize.py").write_text(SPY)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")])))
+    root = tmp_path_factory.mktemp("pstack")
+    configs = [_protected(demo_data, fid, **over) for fid, over in PROTECTED.items()]
+    t0 = time.monotonic()
+    try:
+        st = stk.up(root, config=configs, auto_ports=True, echo=print)
+        print(f"protected stack up in {time.monotonic() - t0:.1f} s")
+        yield st, spy
+    finally:
+        with contextlib.suppress(Exception):
+            stk.down(root, echo=print)
+        mp.undo()
+
+
+class TestProtectedStack:
+    """Secure aggregation and CKKS through the work pools, every silo with its strict policy in place."""
+
+    def test_strict_policies_from_the_configs(self, pstack) -> None:
+        from silotune.policy import acceptance_fingerprint, accepted_fingerprint, load_policy
+
+        st, _ = pstack
+        for silo in PSILOS:
+            p = load_policy(st.policy_path(silo))
+            fids = [f for f, over in PROTECTED.items() if silo in over["silos"]]
+            assert p.federations == fids and p.require_accepted_config and p.require_signing
+            assert set(p.protection) == {
+                over["security"]["protection"] for f, over in PROTECTED.items() if f in fids
+            }
+            assert p.dp.require_sample_dp and p.dp.max_epsilon == 8.0 and p.base_model_sha256
+            assert p.private_dir == str(st.private_dir(silo))
+            for fid in fids:
+                assert accepted_fingerprint(p, fid) == acceptance_fingerprint(st.federation_config(fid))
+
+    def test_secagg_with_dp_and_signing(self, pstack) -> None:
+        st, spy = pstack
+        t0 = time.monotonic()
+        cfg = st.federation_config("prot-secagg")
+        assert cfg.security.signing and cfg.security.protection == "secagg" and cfg.privacy.sample_dp
+        fr = _wait_final(st, _start(st, cfg).id)
+        assert fr.state.is_completed(), fr.state.message
+        print(f"secagg + DP-SGD + signing, 2 silos, 2 rounds: {time.monotonic() - t0:.1f} s")
+        store, lay = _store(st), FederationLayout("prot-secagg")
+        state = get_json(store, lay.state())
+        assert state["completed_rounds"] == 2
+        for r in range(2):
+            m = get_json(store, lay.manifest(r))
+            assert m["included"] == ["clinic", "lab"] and m["excluded"] == {}
+            assert store.exists(lay.update(r, "clinic", "masked")) and not store.exists(
+                lay.update(r, "clinic")
+            )
+        assert state["history"][-1]["protection"] == "secagg"
+        assert state["history"][-1]["privacy"]["clinic"]["dp.epsilon"] > 0
+        assert store.exists(lay.final("adapter_model.safetensors"))
+        _assert_no_plaintext_update(st, spy, "prot-secagg", updates=4)
+
+    def test_ckks_publishes_at_the_designated_silo(self, pstack, tmp_path) -> None:
+        from peft import PeftModel
+
+        from silotune.modeling import load_base_model, resolve_model_path
+
+        st, spy = pstack
+        t0 = time.monotonic()
+        cfg = st.federation_config("prot-ckks")
+        fr = _wait_final(st, _start(st, cfg).id)
+        assert fr.state.is_completed(), fr.state.message
+        print(f"CKKS + DP-SGD + signing, 2 silos, 1 round: {time.monotonic() - t0:.1f} s")
+        store, lay = _store(st), FederationLayout("prot-ckks")
+        assert get_json(store, lay.state())["completed_rounds"] == 1
+        assert store.exists(lay.update(0, "lab", "ckks"))
+        publisher = cfg.ckks_publisher
+        prefix = lay.published(publisher, "")
+        assert prefix == f"published/{publisher}/prot-ckks/final/"
+        keys = store.list(prefix)
+        assert lay.published(publisher, "adapter_model.safetensors") in keys
+        assert not store.list(lay.final(""))  # the coordinator holds no key: it publishes nothing itself
+        for key in keys:
+            (tmp_path / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
+        assert PeftModel.from_pretrained(load_base_model(resolve_model_path("tiny-llama")), tmp_path)
+        _assert_no_plaintext_update(st, spy, "prot-ckks", updates=2)
+
+    def test_a_silo_refuses_and_the_round_goes_on_at_quorum(self, pstack) -> None:
+        import json
+
+        from silotune.policy import dump_policy, load_policy
+
+        st, _ = pstack
+        t0 = time.monotonic()
+        # bank's operator tightens its policy (client-level DP required), then restarts its worker.
+        path = st.policy_path("bank")
+        policy = load_policy(path)
+        dump_policy(
+            policy.model_copy(update={"dp": policy.dp.model_copy(update={"require_client_dp": True})}), path
+        )
+        stk.restart_worker(st, "silo-bank")
+        t1 = time.monotonic()
+        cfg = st.federation_config("prot-refuse")
+        assert cfg.privacy.client_dp is None and cfg.aggregation.min_silos == 2
+        fr = _wait_final(st, _start(st, cfg).id)
+        assert fr.state.is_completed(), fr.state.message
+        print(
+            f"3 silos, one refusing, quorum 2: bank restarted in {t1 - t0:.1f} s, "
+            f"federation {time.monotonic() - t1:.1f} s"
+        )
+        store, lay = _store(st), FederationLayout("prot-refuse")
+        m = get_json(store, lay.manifest(0))
+        assert m["included"] == ["clinic", "lab"]
+        why = m["excluded"]["bank"]
+        assert "PolicyRefusal" in why and "silo bank refuses federation prot-refuse" in why
+        assert "privacy.client_dp: client DP is off [policy: dp.require_client_dp: true]" in why
+        # its own log of the refusal, in its private folder
+        log = st.private_dir("bank") / "refusals.log"
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        assert entries and all(e["federation_id"] == "prot-refuse" for e in entries)
+        assert {
+            "field": "privacy.client_dp",
+            "rule": "dp.require_client_dp: true",
+            "message": "client DP is off",
+        } in (entries[0]["violations"])
+        # nothing of bank's in the store for this federation: no advert, share, update or record
+        for area in ("updates", "messages", "results", "published"):
+            assert store.list(f"{area}/bank/prot-refuse/") == [], area
+        assert store.exists(lay.update(0, "clinic", "masked"))
+        runs = {r.name: r for r in _silo_runs(st, "prot-refuse")}
+        assert runs["bank-secagg-advertise-0"].state.is_failed()
+        assert get_json(store, lay.state())["completed_rounds"] == 1
