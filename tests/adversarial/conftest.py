@@ -5,23 +5,32 @@ through the real code path (the silo flows, ``silotune.protection``, ``federatio
 asserting the *defence*: the attack is refused or detected, nothing private leaves the silo, the
 coordinator executes nothing.
 
-Everything that says *how the defence is configured* lives here, not in the tests, so that the same
-tests run on main before the fix (where these helpers configure nothing, or fall back to today's
-layout, and the tests fail on their assertions) and after it (where they configure the silo policy,
-the accepted config, the signed survivor lists, ... of the new code). When the new APIs land, adapt
-the helpers marked ``ADAPT`` below; the tests themselves should not need to change.
+Everything that says *how the defence is configured* lives here, not in the tests: each silo's own
+policy (``silotune.policy.SiloPolicy``, registered with ``tasks.runtime.register_silo_policy``), its
+signed acceptance of the federation config (``silotune.policy.accept_config``), the keys every config
+pins (``silotune.keys.pin_local_keys``: every silo's Ed25519 key and the coordinator's), the store
+layout (``silotune.store.FederationLayout``: ``updates/<silo>/``, ``results/<silo>/``,
+``messages/<silo>/``, ``published/<silo>/``), the coordinator's signatures (a malicious coordinator
+holds ``<keys_dir>/coordinator.pem``, so what it forges it signs) and how the coordinator reads a silo
+run (``flows.runner.read_outcome``: the silo's signed record in its own results prefix).
+
+No helper falls back to "not configured" when a module or function is missing: a test whose defence
+is missing fails (with an ImportError or AttributeError at worst), it never passes or skips.
 
 Vocabulary of the silo policy rules (``silo_policy(config, silo, **rules)``); what is not given is
-derived from the honest config (its federation id, store, the silo's private folder and data paths):
+derived from the honest config by ``silotune.policy.local_policy`` (strict: its federation id, store,
+the silo's private folder and data paths, its DP settings as floors, the pinned coordinator key and
+base model, acceptance required):
 
     min_protection       "none" | "secagg" | "ckks": the weakest protection the silo runs
     require_signing      bool
     require_sample_dp    bool (DP-SGD must be on)
     min_noise_multiplier float | None
-    any other keyword    passed to ``SiloPolicy`` as it is
+    any other keyword    a ``SiloPolicy`` field, as it is
 
-The baseline of this suite is main at f412311, before issue 11's fix. Modules this checkout lacks are
-treated as absent even when the venv's editable install would find them in another checkout.
+The baseline of this suite is main at f412311, before issue 11's fix (see
+/work/notes/adversarial-baseline.md); the results on the fixed main are in
+/work/notes/adversarial-after.md.
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import inspect
 import json
 import os
 import sys
@@ -42,25 +50,7 @@ from typing import Any
 import pytest
 import torch
 
-_CHECKOUT = Path(__file__).resolve().parents[2]
-
-
-def _optional(module: str) -> Any | None:
-    """``module`` if this checkout has it, else None.
-
-    The venv's editable install maps a module missing here to another checkout of the repository:
-    such a module is treated as absent (and never imported), so that main-before-the-fix stays itself.
-    """
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-    except ImportError:
-        return None
-    if spec is None or spec.origin is None or _CHECKOUT not in Path(spec.origin).resolve().parents:
-        return None
-    return importlib.import_module(module)
-
+from silotune.store import FederationLayout
 
 # -- Prefect ------------------------------------------------------------------------------------------
 
@@ -71,17 +61,34 @@ def prefect_results_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prefect-results")
 
 
+_PREFECT_DB: list[Path] = []
+
+
 @pytest.fixture(scope="session")
 def prefect_api(prefect_results_dir: Path) -> Iterator[None]:
     """A temporary Prefect API on 127.0.0.1, results persisted to ``prefect_results_dir``."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import (
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
     with (
         temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(prefect_results_dir)}),
         prefect_test_harness(server_startup_timeout=180),
     ):
+        url = str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value())
+        _PREFECT_DB[:] = [Path(url.split(":///", 1)[1]).parent] if ":///" in url else []
         yield
+
+
+@pytest.fixture
+def prefect_records(prefect_api: None, prefect_results_dir: Path) -> list[Path]:
+    """Everything Prefect keeps: its result storage and the folder of its database (flow-run parameters,
+    states, logs), for the plaintext scans."""
+    assert _PREFECT_DB and any(_PREFECT_DB[0].glob("*.db")), f"Prefect's database not found ({_PREFECT_DB})"
+    return [prefect_results_dir, *_PREFECT_DB]
 
 
 # -- configs ------------------------------------------------------------------------------------------
@@ -94,17 +101,24 @@ def make_config(
     *,
     silos: Sequence[str] = ("clinic", "lab"),
     protection: str = "none",
-    signing: bool = False,
+    signing: bool = True,
     sample_dp: dict[str, Any] | None = None,
     client_dp: dict[str, Any] | None = None,
     rounds: int = 2,
     local_steps: int = 1,
     min_silos: int = 2,
     store: dict[str, Any] | None = None,
+    pin: bool = True,
     **sections: Any,
 ) -> Any:
-    """A federation config on the tiny random model: few steps, no tracking, a local store under ``root``."""
+    """A federation config on the tiny random model: few steps, no tracking, a local store under ``root``.
+
+    ``pin`` (default): every key the config needs exists (silo identities, the coordinator's signing
+    key, CKKS contexts) and the config pins each silo's public key and the coordinator's
+    (``silotune.keys.pin_local_keys``, which also turns signing on).
+    """
     from silotune.config import parse_config
+    from silotune.keys import pin_local_keys
 
     raw: dict[str, Any] = {
         "federation_id": fid,
@@ -130,7 +144,10 @@ def make_config(
         "privacy": {"sample_dp": sample_dp, "client_dp": client_dp},
     }
     raw.update(sections)
-    return parse_config(raw)
+    config = parse_config(raw)
+    if pin:
+        config = parse_config(pin_local_keys(config).model_dump(mode="json"))
+    return config
 
 
 def with_changes(config: Any, **changes: Any) -> Any:
@@ -147,16 +164,28 @@ def with_changes(config: Any, **changes: Any) -> Any:
     return parse_config(raw)
 
 
+def _round_in_key(key: str) -> int:
+    parts = key.split("/")
+    return int(parts[parts.index("rounds") + 1])
+
+
+def coordinator_signs(config: Any, store: Any, key: str, data: bytes, *, round_: int, purpose: str) -> None:
+    """The (malicious) coordinator signs what it wrote with its own key, as the honest one does."""
+    from silotune.protection.base import sign_object
+
+    assert (Path(config.security.keys_dir) / "coordinator.pem").is_file(), "the coordinator has no key"
+    sign_object(config, store, key, data, round_=round_, purpose=purpose)
+
+
 def coordinator_put_global(config: Any, store: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """The coordinator writes a (plaintext) global adapter at ``key``; returns its reference.
-
-    ADAPT: the new code signs globals with the coordinator's key (a malicious coordinator has that key).
-    """
+    """The coordinator writes a (plaintext) global adapter at ``key``, signed with its key; its reference."""
     from silotune.federation import ObjectRef
-    from silotune.store import put_tensors
+    from silotune.store import save_tensors, sha256
 
-    sha = put_tensors(store, key, tensors, metadata={"federation_id": config.federation_id})
-    return ObjectRef(key=key, sha256=sha)
+    data = save_tensors(tensors, {"federation_id": config.federation_id})
+    store.put(key, data)
+    coordinator_signs(config, store, key, data, round_=_round_in_key(key), purpose="global")
+    return ObjectRef(key=key, sha256=sha256(data))
 
 
 def perturbed(tensors: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
@@ -165,57 +194,55 @@ def perturbed(tensors: dict[str, torch.Tensor], seed: int, scale: float = 0.02) 
 
 
 def setup_keys(config: Any) -> None:
-    """Every key the config needs on one machine (silo identities, CKKS, and in the new code the coordinator's)."""
+    """Every key the config needs on one machine (idempotent; ``make_config`` already pinned them)."""
     from silotune.keys import setup_local_keys
 
     setup_local_keys(config)
+    assert all(s.public_key for s in config.silos) and config.security.coordinator_key, (
+        "the config pins no keys: build it with make_config(pin=True)"
+    )
 
 
-# -- the silo's own policy (ADAPT when silotune.policy lands) ------------------------------------------
+def silo_keypair(config: Any, silo: str) -> Any:
+    """The silo's own Ed25519 key (a malicious silo signs what it forges with it)."""
+    from silotune.keys import SiloVault
+
+    return SiloVault.for_silo(config.silo(silo)).signing_key()
+
+
+# -- the silo's own policy ----------------------------------------------------------------------------
 
 
 _PROTECTION_AT_LEAST = {"none": ["none", "secagg", "ckks"], "secagg": ["secagg", "ckks"], "ckks": ["ckks"]}
 
 
-def _store_entry(policy_mod: Any, spec: Any) -> str:
-    if hasattr(policy_mod, "store_location"):
-        loc = policy_mod.store_location(spec)
-        return loc.text() if callable(loc.text) else str(loc.text)
-    if spec.kind == "local":
-        return "file://" + str(Path(spec.root).resolve())
-    return f"s3://{spec.endpoint_url.split('://', 1)[-1]}/{spec.bucket}"
+def _build_policy(config: Any, silo: str, rules: dict[str, Any]) -> Any:
+    """The suite's rule vocabulary (module docstring) on top of ``silotune.policy.local_policy``."""
+    from silotune.policy import SiloPolicy, local_policy, model_weights_sha256
 
-
-def _build_policy(policy_mod: Any, config: Any, silo: str, rules: dict[str, Any]) -> Any:
-    """ADAPT: the suite's rule vocabulary (module docstring) as a ``silotune.policy.SiloPolicy``.
-
-    Written against the policy API merged into main after this suite's baseline (``SiloPolicy(silo,
-    private_dir, train_path, eval_path, federations, coordinator_key, protection, require_signing, dp,
-    stores)``); not yet run against it.
-    """
-    spec = config.silo(silo)
-    rules = dict(rules)
-    min_protection = rules.pop("min_protection", config.security.protection)
-    require_signing = rules.pop("require_signing", config.security.signing)
-    dp = {
-        "require_sample_dp": rules.pop("require_sample_dp", config.privacy.sample_dp is not None),
-        "min_noise_multiplier": rules.pop("min_noise_multiplier", None),
-    }
     coordinator_key = Path(config.security.keys_dir) / "coordinator.pub.pem"
-    fields: dict[str, Any] = {
-        "silo": silo,
-        "private_dir": str(Path(spec.private_folder).resolve()),
-        "train_path": spec.train_path,
-        "eval_path": spec.eval_path,
-        "federations": [config.federation_id],
-        "coordinator_key": str(coordinator_key) if coordinator_key.is_file() else None,
-        "protection": _PROTECTION_AT_LEAST[min_protection],
-        "require_signing": require_signing,
-        "dp": {k: v for k, v in dp.items() if v is not None},
-        "stores": [_store_entry(policy_mod, config.store)],
-        **rules,
-    }
-    return policy_mod.SiloPolicy.model_validate(fields)
+    assert coordinator_key.is_file(), f"no coordinator public key at {coordinator_key} (make_config pins it)"
+    base = local_policy(
+        config,
+        silo,
+        coordinator_key=str(coordinator_key),
+        base_model_sha256=model_weights_sha256(config.model),
+    )
+    fields = base.model_dump()
+    rules = dict(rules)
+    fields["protection"] = _PROTECTION_AT_LEAST[rules.pop("min_protection", config.security.protection)]
+    fields["require_signing"] = rules.pop("require_signing", True)
+    dp = dict(fields["dp"])
+    if "require_sample_dp" in rules:
+        dp["require_sample_dp"] = rules.pop("require_sample_dp")
+    if "min_noise_multiplier" in rules:
+        dp["min_noise_multiplier"] = rules.pop("min_noise_multiplier")
+    fields["dp"] = dp
+    fields["private_dir"] = str(Path(fields["private_dir"]).resolve())
+    fields.update(rules)
+    policy = SiloPolicy.model_validate(fields)
+    assert policy.require_accepted_config, "the suite's silos run only configs they accepted"
+    return policy
 
 
 @pytest.fixture
@@ -228,46 +255,34 @@ def _policies() -> dict[str, Any]:
 def silo_policy(_policies: dict[str, Any]) -> Iterator[Callable[..., Any]]:
     """``silo_policy(config, silo, **rules)``: give ``silo`` its own policy, derived from the honest ``config``.
 
-    On main before the fix there is no ``silotune.policy``: this does nothing and returns None, and
-    the attack tests fail on their assertions. With the new code it builds a ``SiloPolicy`` and
-    registers it with ``tasks.runtime.register_silo_policy`` (removed again after the test).
+    Builds a ``silotune.policy.SiloPolicy`` and registers it with ``tasks.runtime.register_silo_policy``:
+    from then on every run of ``silo``'s flows in this process is checked against it
+    (``tasks.runtime.admit``). Removed again after the test.
     """
-    runtime = importlib.import_module("tasks.runtime")
+    from tasks.runtime import SILO_POLICIES, register_silo_policy
 
     def apply(config: Any, silo: str, **rules: Any) -> Any:
-        policy_mod = _optional("silotune.policy")
-        register = getattr(runtime, "register_silo_policy", None)
-        if policy_mod is None or register is None:
-            return None
-        policy = _build_policy(policy_mod, config, silo, rules)
-        if len(inspect.signature(register).parameters) == 1:
-            register(policy)
-        else:
-            register(silo, policy)
+        policy = _build_policy(config, silo, rules)
+        register_silo_policy(policy)
+        assert SILO_POLICIES.get(silo) is policy
         _policies[silo] = policy
         return policy
 
     yield apply
-    registry = getattr(runtime, "SILO_POLICIES", None)
     for silo in _policies:
-        if isinstance(registry, dict):
-            registry.pop(silo, None)
+        SILO_POLICIES.pop(silo, None)
 
 
 @pytest.fixture
 def silo_accepts(_policies: dict[str, Any]) -> Callable[[Any, str], None]:
-    """``silo_accepts(config, silo)``: the silo signs this config's fingerprint at join time.
-
-    Main before the fix has no notion of an accepted config: this does nothing. With the new code it
-    calls ``silotune.policy.accept_config(policy, config, create_key=True)`` with the silo's policy.
-    """
+    """``silo_accepts(config, silo)``: the silo signs this config's fingerprint at join time
+    (``silotune.policy.accept_config`` with the silo's registered policy)."""
+    from silotune.policy import accept_config
 
     def accept(config: Any, silo: str) -> None:
-        policy_mod = _optional("silotune.policy")
         policy = _policies.get(silo)
-        if policy_mod is None or policy is None or not hasattr(policy_mod, "accept_config"):
-            return
-        policy_mod.accept_config(policy, config, create_key=True)
+        assert policy is not None, f"silo_accepts({silo!r}) before silo_policy({silo!r})"
+        accept_config(policy, config, create_key=True)
 
     return accept
 
@@ -276,7 +291,7 @@ def silo_accepts(_policies: dict[str, Any]) -> Callable[[Any, str], None]:
 
 
 class Captured:
-    """Every local training result (the silo's private delta) and the DP settings it ran with."""
+    """Every local training result (the silo's private delta) and the DP noise key it ran with."""
 
     def __init__(self) -> None:
         self.runs: list[dict[str, Any]] = []
@@ -309,7 +324,9 @@ def captured(monkeypatch) -> Captured:
                 "silo": silo,
                 "desc": desc,
                 "delta": {k: v.detach().clone() for k, v in delta.items()},
-                "noise_seed": getattr(dp, "noise_seed", None),
+                # the key of the DP noise draws (silotune.privacy.noise; a test-only integer seed
+                # is turned into a key the same way)
+                "noise_key": getattr(dp, "key", None),
             }
         )
         return delta, result
@@ -347,9 +364,11 @@ def plaintext_leaks(
     """Files under ``roots`` (and ``blobs``) holding any 4 consecutive float32 values of ``tensors``: name -> size.
 
     The scan of ``test_ckks_coordinator_is_keyless_and_store_holds_no_plaintext``, over every file of
-    the store(s) and of the Prefect result storage.
+    the store(s) (``federations/``, ``updates/``, ``results/``, ``messages/``, ``published/``: the whole
+    root), of the attacker's store and of Prefect's records.
     """
     needles = [n for t in tensors for n in _needles(t)]
+    assert needles or not tensors, "nothing to look for: the captured deltas are all zero"
     items = {str(p): d for p, d in files_under(*roots).items()} | dict(blobs or {})
     return {name: len(data) for name, data in items.items() if any(n in data for n in needles)}
 
@@ -364,36 +383,129 @@ def new_files(before: dict[Path, bytes], *roots: Path) -> dict[str, int]:
 
 
 def run_error(state: Any) -> str:
+    """Why a silo run failed, as its final state says (empty for a run that completed)."""
+    parts = [state.message or ""]
     try:
         value = state.result(raise_on_failure=False)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if isinstance(value, BaseException):
-        return f"{type(value).__name__}: {value}"
-    return " ".join(str(x) for x in (state.message, getattr(value, "train_error", None)) if x)
+        parts.append(f"{type(exc).__name__}: {exc}")
+    else:
+        if isinstance(value, BaseException):
+            parts.append(f"{type(value).__name__}: {value}")
+    out: list[str] = []
+    for p in parts:
+        if p and not any(p in q for q in out):
+            out.append(p)
+    return " | ".join(out)
 
 
-def completed_with_update(state: Any) -> bool:
-    """The silo run finished and handed an update to the coordinator."""
+def outcome(config: Any, flow_name: str, silo: str, round_: int, state: Any, stage: str = "") -> Any:
+    """What the coordinator reads of a silo run: ``flows.runner.read_outcome`` (the silo's signed
+    record in its results prefix, or the exception saying why there is none)."""
+    from flows.runner import read_outcome
+
+    return read_outcome(config, flow_name, stage, silo, round_, state).value
+
+
+def completed_with_update(config: Any, silo: str, round_: int, state: Any) -> bool:
+    """The silo's ``silo-round`` run finished and handed an update to the coordinator."""
     if not state.is_completed():
         return False
-    value = state.result(raise_on_failure=False)
-    return getattr(value, "update", value) is not None
+    value = outcome(config, "silo-round", silo, round_, state)
+    return getattr(value, "update", None) is not None
+
+
+def update_record(config: Any, silo: str, round_: int, state: Any) -> Any:
+    """The silo's update record of a ``silo-round`` run, as the coordinator reads it."""
+    value = outcome(config, "silo-round", silo, round_, state)
+    assert not isinstance(value, BaseException), f"no record of {silo}'s round {round_ + 1}: {value}"
+    assert value.update is not None, f"{silo}'s round {round_ + 1} has no update: {value.train_error}"
+    return value.update
+
+
+class CoordinatorTrace:
+    """What the coordinator touched while reading a silo run: store keys, files, unpickled classes,
+    Prefect result reads (an audit hook and spies; see ``coordinator_reads``)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str]] = []  # (method, key)
+        self.opened: list[str] = []
+        self.unpickled: list[str] = []
+        self.prefect_reads: list[str] = []
+
+
+_TRACE: list[CoordinatorTrace] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _TRACE:
+        return
+    if event == "open" and args and isinstance(args[0], str | bytes | os.PathLike):
+        _TRACE[-1].opened.append(os.fsdecode(args[0]))
+    elif event == "pickle.find_class":
+        _TRACE[-1].unpickled.append(".".join(str(a) for a in args))
+
+
+sys.addaudithook(_audit)
 
 
 @pytest.fixture
-def coordinator_reads() -> Callable[[Any], Any]:
-    """How the coordinator turns a silo run's final state into a value: ``flows.runner.read_outcome``.
+def coordinator_reads(monkeypatch) -> Callable[..., tuple[Any, CoordinatorTrace]]:
+    """``coordinator_reads(config, flow_name, silo, round_, state, stage="")``: how the coordinator turns a
+    silo run into a value (``flows.runner.read_outcome``), traced: the store keys it read, the files it
+    opened, the classes it unpickled and every Prefect result read (``State.result``,
+    ``ResultStore.read``)."""
+    from prefect.client.schemas.objects import State
+    from prefect.results import ResultStore
 
-    ADAPT: the new runner reads the silo's signed result record from the store instead; point this at
-    the function that does so for a run (it must still be handed whatever the silo's engine reported).
-    """
-    from flows import runner
+    from silotune.store import LocalStore
 
-    def read(state: Any) -> Any:
-        return runner.read_outcome(state).value
+    def spy_store(name: str) -> None:
+        real = getattr(LocalStore, name)
+
+        def spy(self: Any, key: str, *a: Any, **kw: Any) -> Any:
+            if _TRACE:
+                _TRACE[-1].keys.append((name, key))
+            return real(self, key, *a, **kw)
+
+        monkeypatch.setattr(LocalStore, name, spy)
+
+    def spy_prefect(cls: Any, name: str) -> None:
+        real = getattr(cls, name)
+
+        def spy(*a: Any, **kw: Any) -> Any:
+            if _TRACE:
+                _TRACE[-1].prefect_reads.append(f"{cls.__name__}.{name}")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cls, name, spy)
+
+    for name in ("get", "get_bounded", "exists", "list"):
+        spy_store(name)
+    for cls, name in ((State, "result"), (State, "aresult"), (ResultStore, "read"), (ResultStore, "aread")):
+        spy_prefect(cls, name)
+
+    def read(config: Any, flow_name: str, silo: str, round_: int, state: Any, stage: str = "") -> Any:
+        trace = CoordinatorTrace()
+        _TRACE.append(trace)
+        try:
+            value = outcome(config, flow_name, silo, round_, state, stage)
+        finally:
+            _TRACE.remove(trace)
+        return value, trace
 
     return read
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[CoordinatorTrace]:
+    """Trace the coordinator's further steps (inside a test using ``coordinator_reads``)."""
+    trace = CoordinatorTrace()
+    _TRACE.append(trace)
+    try:
+        yield trace
+    finally:
+        _TRACE.remove(trace)
 
 
 def report_state(flow_name: str, state: Any) -> Any:
@@ -433,114 +545,145 @@ def result_record(result: Any, *, storage_key: str, serializer: str = "json") ->
     return record, data
 
 
-# -- store layout: today's keys and the planned ones (ADAPT if the final layout differs) ----------------
+def result_key(config: Any, silo: str, round_: int, stage: str) -> str:
+    """Where ``silo`` writes its result record of a run (its own results prefix)."""
+    return FederationLayout(config.federation_id).result(round_, silo, stage)
+
+
+def silo_writes_result(config: Any, store: Any, silo: str, round_: int, stage: str, data: bytes) -> str:
+    """A (malicious) silo writes ``data`` as its result record, signed with its own key, in its prefix."""
+    key = result_key(config, silo, round_, stage)
+    sig = silo_keypair(config, silo).sign(
+        data, federation_id=config.federation_id, round=round_, silo=silo, purpose="result"
+    )
+    store.put(key + ".sig", sig)
+    store.put(key, data)
+    return key
+
+
+# -- store layout -------------------------------------------------------------------------------------
+# The keys of silotune.store.FederationLayout, plus the pre-issue-11 keys (federations/<fid>/rounds/...):
+# attacks write both, and the checks look at both, so a reader that fell back to the old layout is caught.
 
 
 def advert_keys(config: Any, silo: str, round_: int) -> list[str]:
     fid = config.federation_id
     return [
+        FederationLayout(fid).message(round_, silo, "secagg/advert"),
         f"federations/{fid}/rounds/{round_:05d}/secagg/adverts/{silo}",
-        f"messages/{silo}/{fid}/{round_:05d}/secagg/advert",
     ]
 
 
 def share_keys(config: Any, sender: str, recipient: str, round_: int) -> list[str]:
     fid = config.federation_id
     return [
+        FederationLayout(fid).message(round_, sender, f"secagg/shares/{recipient}"),
         f"federations/{fid}/rounds/{round_:05d}/secagg/shares/{recipient}/{sender}",
-        f"messages/{sender}/{fid}/{round_:05d}/secagg/shares/{recipient}",
     ]
 
 
 def final_prefixes(config: Any, silo: str) -> list[str]:
-    fid = config.federation_id
-    return [f"federations/{fid}/final/", f"published/{silo}/{fid}/final/"]
+    lay = FederationLayout(config.federation_id)
+    return [lay.published(silo, ""), lay.final("")]
 
 
 def publish_survivors(config: Any, store: Any, round_: int, survivors: Sequence[str]) -> None:
-    """The coordinator fixes a round's secure-aggregation survivors.
-
-    ADAPT: the new code signs the list with the coordinator's key; use its function here.
-    """
-    from silotune import protection as prot
-
-    fn = getattr(prot, "secagg_publish_survivors", None)
-    if fn is None:
-        raise AssertionError("ADAPT publish_survivors: no silotune.protection.secagg_publish_survivors")
-    fn(config, round_, store, list(survivors))
+    """The (malicious) coordinator fixes a round's secure-aggregation survivors, any set it likes, and
+    signs the list with its key (what ``SecAggScheme.close_upload`` writes for the honest set)."""
+    key = FederationLayout(config.federation_id).survivors(round_)
+    data = json.dumps(sorted(survivors)).encode()
+    store.put(key, data)
+    coordinator_signs(config, store, key, data, round_=round_, purpose="survivors")
 
 
 def ckks_pointer(
-    config: Any, store: Any, *, round_next: int, base: Any, aggregate: bytes, parts: Sequence[str]
+    config: Any,
+    store: Any,
+    *,
+    round_next: int,
+    base: Any,
+    aggregate: bytes,
+    contributions: Sequence[tuple[str, str, str]],
+    base_round: int | None = None,
+    tag: str = "attack",
 ) -> Any:
-    """The coordinator names the next CKKS global: ``base`` plus the encrypted ``aggregate``.
+    """The (malicious) coordinator names the next CKKS global: ``base`` plus the encrypted ``aggregate``
+    of the listed ``contributions`` ((silo, key, sha256) each), a ``GlobalPointer`` signed with its key.
 
-    ``parts`` are the silos whose ciphertexts it claims to have summed (the new pointer lists them).
-    ADAPT: today's pointer is ``{"round", "base", "aggregate"}``; the new one adds the parts and is signed.
+    The aggregate and the pointer go to keys of their own (``….<tag>.*``), so that an honest pointer
+    of the same round stays as it was.
     """
-    from silotune import protection as prot
     from silotune.federation import ObjectRef
-    from silotune.store import FederationLayout, sha256
+    from silotune.protection.ckks import Contribution, GlobalPointer
+    from silotune.store import sha256
 
     lay = FederationLayout(config.federation_id)
-    agg_key = lay.aggregate(round_next - 1) + ".attack"
+    agg_key = lay.aggregate(round_next - 1) + f".{tag}"
     store.put(agg_key, aggregate)
-    pointer = prot.ckks_pointer(round_next, base.model_dump(), {"key": agg_key, "sha256": sha256(aggregate)})
-    key = lay.global_pointer(round_next).removesuffix(".json") + ".attack.json"
-    store.put(key, pointer)
-    return ObjectRef(key=key, sha256=sha256(pointer))
+    pointer = GlobalPointer(
+        round=round_next,
+        base=ObjectRef(key=base.key, sha256=base.sha256),
+        base_round=round_next - 1 if base_round is None else base_round,
+        aggregate=ObjectRef(key=agg_key, sha256=sha256(aggregate)),
+        contributions=[Contribution(silo=s, key=k, sha256=h) for s, k, h in contributions],
+    )
+    data = json.dumps(pointer.model_dump(mode="json"), sort_keys=True).encode()
+    key = lay.global_pointer(round_next).removesuffix(".json") + f".{tag}.json"
+    store.put(key, data)
+    coordinator_signs(config, store, key, data, round_=round_next, purpose="global")
+    return ObjectRef(key=key, sha256=sha256(data))
 
 
-def read_published(config: Any, store: Any, prefix: str) -> dict[str, bytes]:
-    """What a consumer of the federation gets as its final adapter, from the prefix the flow returned.
+def read_published(config: Any, store: Any) -> dict[str, bytes]:
+    """What a consumer of the federation gets as its final adapter under CKKS: the files of the designated
+    publisher's ``published/`` prefix, the only one ``tasks.runtime.published_location`` accepts."""
+    from tasks.runtime import published_location
 
-    ADAPT: the new code reads only the designated publisher's slot and verifies it; use its reader.
-    """
-    mod = _optional("silotune.publish")
-    for name in ("read_published", "load_published"):
-        if mod is not None and hasattr(mod, name):
-            return getattr(mod, name)(config, store)
+    prefix = FederationLayout(config.federation_id).published(config.ckks_publisher, "")
+    published_location(config, prefix)  # the coordinator's own check of the prefix it reports
     return {k.removeprefix(prefix): store.get(k) for k in store.list(prefix)}
 
 
-# -- privacy ledger (ADAPT to silotune.privacy.ledger) ----------------------------------------------------
+# -- privacy ledger -----------------------------------------------------------------------------------
 
 
 def silo_epsilon(config: Any, silo: str) -> tuple[float, int]:
-    """The silo's ε in ``config``'s federation as its private ledger records it, and the number of rounds."""
-    from silotune import protection as prot
+    """The silo's DP-SGD ε in ``config``'s federation as its private ledger records it, and its rounds."""
     from silotune.keys import SiloVault
+    from silotune.privacy.ledger import SiloLedger
 
     dp = config.privacy.sample_dp
-    vault = SiloVault.for_silo(config.silo(silo))
-    doc = vault.read_ledger(config.federation_id)
-    rounds = doc.get("rounds", {})
-    if not rounds:
-        return 0.0, 0
-    ledger = prot._ledger_of(rounds, silo, config.federation_id, dp.accountant, 10**9)
-    return float(ledger.epsilon(dp.delta)), len(rounds)
+    books = SiloLedger(SiloVault.for_silo(config.silo(silo)).root, silo)
+    rounds = [e for e in books.entries() if e.kind == "sample_dp" and e.federation_id == config.federation_id]
+    eps = books.epsilon(kind="sample_dp", delta=dp.delta, federation_id=config.federation_id)
+    return float(eps), len(rounds)
 
 
 # -- S3 identities of the stack ---------------------------------------------------------------------------
 
 
-def s3_actions(silos: Sequence[str], **kwargs: Any) -> dict[str, list[str]]:
-    """The SeaweedFS actions the stack grants each identity (``flows.stack``)."""
-    stack = importlib.import_module("flows.stack")
-    fn = stack._identities
-    accepted = set(inspect.signature(fn).parameters)
-    return fn(silos, **{k: v for k, v in kwargs.items() if k in accepted})
+def s3_actions(silos: Sequence[str]) -> dict[str, list[str]]:
+    """The SeaweedFS actions the stack grants each identity (``flows.stack._identities``)."""
+    from flows.stack import _identities
+
+    return _identities(list(silos))
 
 
 def s3_allows(actions: Sequence[str], action: str, bucket: str, key: str) -> bool:
-    """SeaweedFS semantics: ``Write`` alone is every bucket, ``Write:b`` all of b, ``Write:b/pat`` with ``*``
-    matching any characters, ``/`` included."""
+    """Whether ``actions`` grant ``action`` on ``bucket/key``: allowed if the suite's own model of SeaweedFS
+    allows it (``Write`` alone is every bucket, ``Write:b`` all of b, ``Write:b/pat`` with ``*`` matching any
+    characters, ``/`` included) or the stack's model (``flows.stack.s3_allows``, checked against the real
+    server) does: the more permissive of the two."""
     import fnmatch
 
+    from flows.stack import s3_allows as stack_allows
+
+    if stack_allows(actions, action, bucket, key):
+        return True
     target = f"{bucket}/{key}"
     for granted in actions:
         name, _, resource = granted.partition(":")
-        if name != action:
+        if name not in (action, "Admin"):
             continue
         if not resource or resource == bucket:
             return True
