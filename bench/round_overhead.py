@@ -250,14 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         emb_rows, emb_total = ([], 0.0) if args.no_embedded else run_embedded(emb_cfg, args.timeline)
 
         def stack_cfg(st: Any) -> FederationConfig:
-            return make_config(
-                "bench-stack",
-                data,
-                silos,
-                args,
-                store=st.store_spec(),
-                tracking=st.tracking_spec("bench"),
-                orchestration={"mode": "workpools"},
+            # The stack's silos run under their policies: the config gets the stack's store, tracking,
+            # private folders and pinned keys (signing on), as `silotune stack config` writes it.
+            from flows import stack as stk
+
+            return stk.stack_config(
+                st,
+                make_config(
+                    "bench-stack",
+                    data,
+                    silos,
+                    args,
+                    store=st.store_spec(),
+                    tracking=st.tracking_spec("bench"),
+                    orchestration={"mode": "workpools"},
+                ),
             )
 
         stacks = {}
