@@ -964,11 +964,33 @@ def accepted_fingerprint(policy: SiloPolicy, federation_id: str) -> str | None:
     return fp
 
 
+_RETRAIN_STAMP = re.compile(r"-\d{8}-\d{4}$")  # flows/retraining.py: <federation_id>-<%Y%m%d-%H%M>
+
+
+def retraining_base(config: FederationConfig) -> str | None:
+    """The base federation id of a scheduled retraining run, or None when ``config`` is not one."""
+    base = config.tags.get("silotune.retraining_of")
+    stamp = _RETRAIN_STAMP.search(config.federation_id)
+    if not base or stamp is None:
+        return None
+    prefix = config.federation_id[: stamp.start()]
+    return base if base.startswith(prefix) and prefix else None
+
+
 def _acceptance_violations(policy: SiloPolicy, config: FederationConfig) -> list[Violation]:
     rule = _line("require_accepted_config", True)
     fid = config.federation_id
     try:
         accepted = accepted_fingerprint(policy, fid)
+        base = retraining_base(config)
+        if accepted is None and base is not None:
+            # A scheduled retraining run (a new id, ``<base>-<UTC stamp>``) runs under the acceptance of
+            # its base federation, but only with exactly the accepted config: the fingerprint is
+            # compared with the id set back to the base. ε still composes per dataset in the ledger.
+            base_accepted = accepted_fingerprint(policy, base)
+            if base_accepted is not None:
+                config = config.model_copy(update={"federation_id": base})
+                fid, accepted = base, base_accepted
     except SilotuneError as exc:
         return [Violation("fingerprint", rule, str(exc))]
     if accepted is None:

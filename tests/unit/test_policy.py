@@ -678,3 +678,16 @@ def test_cli_accept_show_init_and_join(tmp_path: Path, cli_files: tuple[Path, Pa
     assert res.exit_code == 2 and "policy of silo 'a', not 'b'" in res.output
     res = runner.invoke(app, ["silo", "join", "a", "--policy", str(policy)])
     assert res.exit_code == 2 and "train_path: file not found" in res.output
+
+
+def test_scheduled_retraining_runs_under_the_base_acceptance_with_the_same_config(tmp_path: Path) -> None:
+    policy = _with_key(_policy(tmp_path))
+    accept_config(policy, _config(tmp_path), model_sha256=_sha)
+    retrain = {"federation_id": "fed-1-20261202-0800", "tags": {"silotune.retraining_of": "fed-1"}}
+    enforce(policy, _config(tmp_path, **retrain), model_sha256=_sha)  # same config, new id: allowed
+    with pytest.raises(PolicyRefusal, match="differs from the one this silo accepted"):
+        enforce(policy, _config(tmp_path, **retrain, train={"learning_rate": 0.5}), model_sha256=_sha)
+    # the tag names an accepted federation, but the id is not a retraining run of it
+    forged = {"federation_id": "fed-9-20261202-0800", "tags": {"silotune.retraining_of": "fed-1"}}
+    with pytest.raises(PolicyRefusal, match="has not accepted federation fed-9-20261202-0800"):
+        enforce(policy, _config(tmp_path, **forged), model_sha256=_sha)
