@@ -1,4 +1,4 @@
-"""The coordinator's flow: rounds of broadcast → silo runs (evaluate + train) → aggregation → commit.
+"""The coordinator's flow: start or resume, then rounds of silo runs → aggregation → commit.
 
 Control flow only: every step is a task or a silo flow that exchanges object-store
 keys and small records. Re-running with the same ``federation_id`` resumes after
@@ -22,19 +22,23 @@ from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.protection import scheme_for
 from tasks.aggregate import aggregate, root_update
-from tasks.broadcast import broadcast
 from tasks.checkpoint import commit, record_eval, report, track_start
 from tasks.publish import publish
 from tasks.runtime import published_location
 from tasks.secure import close_upload
+from tasks.start import start_or_resume
 
 
 @flow(name="federated-training", flow_run_name="{config.federation_id}", log_prints=True)
-def federated_training(config: FederationConfig) -> dict[str, Any]:
-    """Run (or resume) a federation. Returns the final metrics and where the results are."""
+def federated_training(config: FederationConfig, reuse: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a federation. Returns the final metrics and where the results are.
+
+    ``reuse`` (experiments only, e.g. the robustness grid): the name of a memo in which identical
+    local work of the processes that run this federation is done once (see ``tasks.runtime``).
+    """
     logger = get_run_logger()
     runner = runner_for(config)
-    state = track_start(config, broadcast(config))
+    state = track_start(config, start_or_resume(config))
     if state.completed_rounds:
         logger.info(
             "resuming %s after round %d of %d", config.federation_id, state.completed_rounds, config.rounds
@@ -50,7 +54,7 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         for phase in scheme.steps_before_upload:  # secure aggregation: adverts, then encrypted shares
             _, phase_failures = runner.step(config, phase, r)
             failures += phase_failures
-        wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None)
+        wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None, reuse=reuse)
         failures += wave.failures
         try:
             if len(wave.updates) < config.aggregation.min_silos:
@@ -64,7 +68,7 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
                     _, phase_failures = runner.step(config, phase, r, silos=survivors)
                     failures += phase_failures
             if config.aggregation.root_data_path is not None:  # FLTrust scores the silos against it
-                root_update(config, r, state.global_ref)
+                root_update(config, r, state.global_ref, reuse)
             agg = aggregate(config, r, state.global_ref, wave.updates)
         except QuorumError:
             if pending is not None:  # the evaluations this wave did get still count
@@ -78,7 +82,7 @@ def federated_training(config: FederationConfig) -> dict[str, Any]:
         update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)
     final = state.pending_evaluation
     if final is not None:  # the last round's output: one evaluate-only wave
-        evals, eval_failures = runner.evaluate(config, final, state.global_ref)
+        evals, eval_failures = runner.evaluate(config, final, state.global_ref, reuse=reuse)
         state = record_eval(config, state, final, evals, eval_failures)
         if final >= 0:
             _log_round(logger, config, state.history[final])

@@ -15,7 +15,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.federated_training import federated_training
-from silotune.memo import WorkMemo
 from silotune.robustness import (
     BACKDOOR_ATTACKS,
     BACKDOOR_TARGET,
@@ -58,12 +57,12 @@ def robustness_grid(
     cells = grid_configs(Path(out), model=model, preset=preset, attacks=attacks, rules=rules, grid_id=grid_id)
     # Identical local work across cells (honest silos' training from the same global, evaluations of the
     # same adapter) runs once: every cell is still a full federation, with its own store objects and run.
-    memo, previous_memo = WorkMemo(), runtime.MEMO
-    runtime.MEMO = memo
+    memo = runtime.work_memo(grid_id)
+    assert memo is not None
     try:
-        rows = _run_cells(cells, attacks, logger)
+        rows = _run_cells(cells, attacks, logger, reuse=grid_id)
     finally:
-        runtime.MEMO = previous_memo
+        runtime.drop_work_memo(grid_id)
     memo_stats = memo.stats()
     logger.info("reused local work: %s", memo_stats)
     notes = _notes(model, preset, attacks, memo_stats)
@@ -78,11 +77,11 @@ def robustness_grid(
     return {"rows": [r.__dict__ for r in rows], "memo": memo_stats, **pub}
 
 
-def _run_cells(cells: list[Any], attacks: list[str], logger: Any) -> list[GridRow]:
+def _run_cells(cells: list[Any], attacks: list[str], logger: Any, *, reuse: str) -> list[GridRow]:
     rows: list[GridRow] = []
     for i, cell in enumerate(cells, start=1):
         t0 = time.perf_counter()
-        res = federated_training(cell.config)
+        res = federated_training(cell.config, reuse)
         row = row_from_history(cell.attack, cell.rule, res["history"], res["initial_eval"], 0.0)
         if cell.attack in BACKDOOR_ATTACKS or (
             cell.attack == "none" and cell.rule == "fedavg" and set(BACKDOOR_ATTACKS) & set(attacks)

@@ -50,11 +50,17 @@ class Wave(NamedTuple):
 
 class SiloRunner(Protocol):
     def run_round(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+        self,
+        config: FederationConfig,
+        round_: int,
+        global_ref: ObjectRef,
+        *,
+        evaluate: bool,
+        reuse: str | None = None,
     ) -> Wave: ...
 
     def evaluate(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, reuse: str | None = None
     ) -> tuple[list[EvalRecord], list[SiloFailure]]: ...
 
     def step(
@@ -176,26 +182,32 @@ class InProcessRunner:
     """
 
     def run_round(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+        self,
+        config: FederationConfig,
+        round_: int,
+        global_ref: ObjectRef,
+        *,
+        evaluate: bool,
+        reuse: str | None = None,
     ) -> Wave:
         from flows.silo import silo_round
 
         with _no_heartbeats():
             states = {
-                s.name: silo_round(config, s.name, round_, global_ref, evaluate, return_state=True)
+                s.name: silo_round(config, s.name, round_, global_ref, evaluate, reuse, return_state=True)
                 for s in config.silos
             }
         outcomes = {n: read_outcome(config, "silo-round", "train", n, round_, st) for n, st in states.items()}
         return wave_outcome(outcomes, round_, evaluate=evaluate)
 
     def evaluate(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, reuse: str | None = None
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
         from flows.silo import silo_evaluate
 
         with _no_heartbeats():
             states = {
-                s.name: silo_evaluate(config, s.name, round_, global_ref, return_state=True)
+                s.name: silo_evaluate(config, s.name, round_, global_ref, reuse, return_state=True)
                 for s in config.silos
             }
         outcomes = {
@@ -244,16 +256,22 @@ class WorkPoolRunner:
         self._seconds: dict[str, float] = {}  # each silo's last run, Running to final
 
     def run_round(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, evaluate: bool
+        self,
+        config: FederationConfig,
+        round_: int,
+        global_ref: ObjectRef,
+        *,
+        evaluate: bool,
+        reuse: str | None = None,
     ) -> Wave:
-        params = {"round_": round_, "global_ref": global_ref, "evaluate": evaluate}
+        params = {"round_": round_, "global_ref": global_ref, "evaluate": evaluate, "reuse": reuse}
         outcomes, lost = self._wave("silo-round", "train", config, round_, params)
         return wave_outcome(outcomes, round_, evaluate=evaluate, lost=lost)
 
     def evaluate(
-        self, config: FederationConfig, round_: int, global_ref: ObjectRef
+        self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, reuse: str | None = None
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
-        params = {"round_": round_, "global_ref": global_ref}
+        params = {"round_": round_, "global_ref": global_ref, "reuse": reuse}
         results, failures = self._run("silo-evaluate", "evaluate", config, round_, params)
         return [r.evaluation for r in results.values() if r.evaluation is not None], failures
 

@@ -48,7 +48,12 @@ def _run_id() -> str | None:
 
 @flow(name="silo-round", flow_run_name="{silo}-round-{round_}", log_prints=True, persist_result=False)
 def silo_round(
-    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, evaluate: bool = True
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    global_ref: ObjectRef,
+    evaluate: bool = True,
+    reuse: str | None = None,
 ) -> State | None:
     """Evaluate the global adapter received (round ``round_ - 1``'s output), then post-train from it.
 
@@ -61,13 +66,13 @@ def silo_round(
     config, release = admit(config, silo)
     result = SiloRoundResult(silo=silo, round=round_, run_id=_run_id())
     if evaluate:
-        ev = _evaluate(config, silo, round_ - 1, global_ref, return_state=True)
+        ev = _evaluate(config, silo, round_ - 1, global_ref, reuse, return_state=True)
         if ev.is_completed():
             result.evaluation = ev.result()
         else:
             result.eval_error = _error(ev)
     try:
-        trained = _train(config, silo, round_, global_ref)
+        trained = _train(config, silo, round_, global_ref, reuse)
         trained = clip_and_noise(config, trained)
         payload = protect(config, trained)
         signature = sign(config, silo, round_, payload)
@@ -81,10 +86,12 @@ def silo_round(
 
 
 @flow(name="silo-evaluate", flow_run_name="{silo}-evaluate-{round_}", log_prints=True, persist_result=False)
-def silo_evaluate(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> None:
+def silo_evaluate(
+    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
+) -> None:
     """Evaluate a global adapter on the silo's local holdout (the final global, after the last round)."""
     config, release = admit(config, silo)
-    evaluation = _evaluate(config, silo, round_, global_ref)
+    evaluation = _evaluate(config, silo, round_, global_ref, reuse)
     report(
         config,
         silo,

@@ -29,7 +29,9 @@ def aggregate(
     persist_result=False,
     cache_policy=NO_CACHE,
 )
-def root_update(config: FederationConfig, round_: int, global_ref: ObjectRef) -> RootUpdateRecord:
+def root_update(
+    config: FederationConfig, round_: int, global_ref: ObjectRef, reuse: str | None = None
+) -> RootUpdateRecord:
     """FLTrust: the coordinator trains on its own root data set from the round's global adapter."""
     with TRAIN_LOCK:
         return train_root_update(
@@ -39,5 +41,5 @@ def root_update(config: FederationConfig, round_: int, global_ref: ObjectRef) ->
             global_ref.sha256,
             store_for(config),
             adapter_for(config),
-            memo=runtime.MEMO,
+            memo=runtime.work_memo(reuse),
         )

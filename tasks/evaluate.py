@@ -13,9 +13,15 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 @task(name="evaluate", retries=1, retry_delay_seconds=2, task_run_name="evaluate-{silo}-r{round_}")
 def evaluate_global(
-    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef
+    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
 ) -> EvalRecord | None:
     with TRAIN_LOCK:
         return evaluate_silo(
-            config, silo, round_, global_ref, store_for(config), adapter_for(config, silo), memo=runtime.MEMO
+            config,
+            silo,
+            round_,
+            global_ref,
+            store_for(config),
+            adapter_for(config, silo),
+            memo=runtime.work_memo(reuse),
         )

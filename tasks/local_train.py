@@ -14,7 +14,9 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 # Idempotent: the same inputs train the same delta; the DP ledger counts an identical release once and
 # refuses one with other inputs, so a retry never spends privacy twice.
 @task(name="local-train", retries=1, retry_delay_seconds=2, task_run_name="local-train-{silo}-r{round_}")
-def local_train(config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef) -> TrainedDelta:
+def local_train(
+    config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
+) -> TrainedDelta:
     with TRAIN_LOCK:
         return train_step(
             config,
@@ -23,6 +25,6 @@ def local_train(config: FederationConfig, silo: str, round_: int, global_ref: Ob
             global_ref,
             store_for(config),
             adapter_for(config, silo),
-            memo=runtime.MEMO,
+            memo=runtime.work_memo(reuse),
             lifetime_epsilon=runtime.lifetime_epsilon(silo),
         )

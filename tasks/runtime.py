@@ -2,7 +2,7 @@
 
 Loading a base model costs seconds to minutes, so a process keeps the models
 it has loaded and reuses them across rounds and silos (silos in one process
-train one after another, each loading the broadcast adapter first). This is
+train one after another, each loading the global adapter it received first). This is
 an explicit, bounded cache owned by the task layer, not by the library.
 """
 
@@ -47,10 +47,24 @@ class ModelCache:
 
 
 MODELS = ModelCache()
-# Experiments that run many federations in this process (the robustness grid) set a memo here so that
-# identical local work (round-1 training of honest silos, evaluations of the same global) runs once.
-# None for ordinary federations.
-MEMO: WorkMemo | None = None
+# Experiments that run many federations in this process (the robustness grid) name a memo (the flow
+# parameter ``reuse``), so that identical local work (round-1 training of honest silos, evaluations of
+# the same global) runs once. Ordinary federations name none.
+_MEMOS: dict[str, WorkMemo] = {}
+_MEMOS_LOCK = threading.Lock()
+
+
+def work_memo(name: str | None) -> WorkMemo | None:
+    """The named memo of identical local work in this process (created on first use); None: no reuse."""
+    if name is None:
+        return None
+    with _MEMOS_LOCK:
+        return _MEMOS.setdefault(name, WorkMemo())
+
+
+def drop_work_memo(name: str) -> None:
+    with _MEMOS_LOCK:
+        _MEMOS.pop(name, None)
 # Training mutates the shared model's adapter weights: one silo at a time per process.
 TRAIN_LOCK = threading.Lock()
 

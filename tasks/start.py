@@ -1,4 +1,8 @@
-"""Broadcast: publish the round's global adapter (creating or resuming the federation)."""
+"""Start or resume a federation: its initial global adapter, or the resume point of an earlier run.
+
+Runs once, at the start of the coordinator's flow (each round's global is written by the aggregation
+and received by the silos in their round runs).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from silotune.records import FederationState
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-@task(name="broadcast", persist_result=False, cache_policy=NO_CACHE)
-def broadcast(config: FederationConfig) -> FederationState:
+@task(name="start-or-resume", persist_result=False, cache_policy=NO_CACHE)
+def start_or_resume(config: FederationConfig) -> FederationState:
     """Return the federation's resume point; on a fresh federation, write the initial global adapter."""
     with TRAIN_LOCK:
         adapter = adapter_for(config)
