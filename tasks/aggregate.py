@@ -25,6 +25,7 @@ def aggregate(
     name="root-update",
     retries=1,
     retry_delay_seconds=2,
+    retry_condition_fn=runtime.transient,
     task_run_name="root-update-r{round_}",
     persist_result=False,
     cache_policy=NO_CACHE,

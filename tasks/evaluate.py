@@ -11,7 +11,13 @@ from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=2, task_run_name="evaluate-{silo}-r{round_}")
+@task(
+    name="evaluate",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=runtime.transient,
+    task_run_name="evaluate-{silo}-r{round_}",
+)
 def evaluate_global(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
 ) -> EvalRecord | None:

@@ -13,7 +13,13 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 # Idempotent: the same inputs train the same delta; the DP ledger counts an identical release once and
 # refuses one with other inputs, so a retry never spends privacy twice.
-@task(name="local-train", retries=1, retry_delay_seconds=2, task_run_name="local-train-{silo}-r{round_}")
+@task(
+    name="local-train",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=runtime.transient,
+    task_run_name="local-train-{silo}-r{round_}",
+)
 def local_train(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
 ) -> TrainedDelta:

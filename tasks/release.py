@@ -47,6 +47,7 @@ def sign(config: FederationConfig, silo: str, round_: int, payload: str) -> str 
 @task(
     name="upload",
     retries=2,
+    retry_condition_fn=runtime.transient,
     retry_delay_seconds=2,
     task_run_name="upload-{trained.silo}-r{trained.round}",
     **_QUIET,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
+from silotune.errors import SilotuneError, StoreError
 from silotune.memo import WorkMemo
 from silotune.policy import SiloPolicy, enforce
 from silotune.results import Release
@@ -65,6 +67,8 @@ def work_memo(name: str | None) -> WorkMemo | None:
 def drop_work_memo(name: str) -> None:
     with _MEMOS_LOCK:
         _MEMOS.pop(name, None)
+
+
 # Training mutates the shared model's adapter weights: one silo at a time per process.
 TRAIN_LOCK = threading.Lock()
 
@@ -90,6 +94,23 @@ def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Releas
     if policy is None:
         return config, Release()
     return enforce(policy, config), Release(**policy.release.model_dump())
+
+
+def transient(task: object, task_run: object, state: Any) -> bool:
+    """Retry condition: only what may pass on a second try (store and network errors, crashes).
+
+    Bad input (a config, data, an update, a policy refusal, a spent budget) fails the same way every
+    time: it is reported once, not retried.
+    """
+    try:
+        state.result()
+    except StoreError:
+        return True
+    except SilotuneError:
+        return False
+    except Exception:
+        return True
+    return False
 
 
 def lifetime_epsilon(silo: str) -> float | None:
