@@ -36,7 +36,6 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.errors import ConfigError, SilotuneError, StoreError, UpdateError
 from silotune.evaluation import EvalResult, evaluate, weighted_mean
-from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.methods.peft_methods import initial_lora as initial_adapter
@@ -59,6 +58,7 @@ from silotune.protection import (
     silo_keys,
 )
 from silotune.protection.base import require_quorum, sign_object
+from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors, put_json, put_tensors, sha256
 from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
@@ -227,7 +227,7 @@ def train_silo(
 
     The filters run in order and fail closed (see :mod:`silotune.protection`):
     DP-SGD in training, client-level clip + noise, encryption or masking, signing.
-    ``memo`` (experiments only, :mod:`silotune.memo`): reuse the training result of an
+    ``memo`` (experiments only, :mod:`silotune.reuse`): reuse the training result of an
     earlier call with identical inputs; never used with DP-SGD.
     """
     spec = config.silo(silo)
