@@ -131,7 +131,7 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path) -> None:
 
 def test_written_config_estimates_match_the_plan() -> None:
     """The per-silo memory model of a config (silotune estimate) reproduces the plan's numbers."""
-    from silotune.methods.memory_model import estimate_silo
+    from silotune.silo_memory import estimate_silo
 
     a = load_answers(EXAMPLES / "mixed.yaml")
     p = make_plan(a)
@@ -141,7 +141,7 @@ def test_written_config_estimates_match_the_plan() -> None:
 
 
 def test_estimate_reads_a_local_model_shape(tmp_path: Path) -> None:
-    from silotune.methods.memory_model import estimate_silo
+    from silotune.silo_memory import estimate_silo
 
     cfg = parse_config(
         {
