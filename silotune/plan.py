@@ -575,7 +575,7 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
             "train_path": f"{data_root}/{p.name}/train.jsonl",
             "eval_path": f"{data_root}/{p.name}/eval.jsonl",
         }
-        m = _method_of(p) if first_method.uses_lora_section else method
+        m = _method_of(p)
         if m != method:
             entry["method"] = m
         silos.append(entry)
