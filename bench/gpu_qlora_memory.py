@@ -1,9 +1,10 @@
 """QLoRA peak GPU memory: measured (torch.cuda.max_memory_allocated) vs silotune's estimator.
 
-Self-contained for a bare GPU machine without internet: needs torch (CUDA),
-transformers, peft and bitsandbytes (``pip install --no-deps .gpu_wheels/*.whl``)
-and reads only ``silotune/memory.py`` of this repository (loaded by path, so
-nothing else of silotune and none of its dependencies are imported).
+For a bare GPU machine without internet: needs torch (CUDA), transformers, peft,
+bitsandbytes and pydantic (``pip install --no-deps .gpu_wheels/*.whl``: bitsandbytes,
+pydantic, pydantic-core, annotated-types, typing-inspection where missing), and
+imports only ``silotune.memory_estimate`` and ``silotune.methods`` of this
+repository (the estimator and QLoRA's own footprint; no config, store or Prefect).
 
 For each model shape (SmolLM2-135M, a ~1.1B Llama, Llama-2-7B) a randomly
 initialised Llama is built directly on the GPU in bf16, its decoder linear
@@ -22,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECIPES = {
     "r8-qv": {"r": 8, "targets": ["q_proj", "v_proj"], "checkpointing": False},
@@ -37,13 +39,24 @@ RECIPES = {
 }
 
 
-def _load_memory_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("silotune_memory", ROOT / "silotune" / "memory.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["silotune_memory"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+def qlora_estimate(shape, recipe: str, batch: int, seq: int):  # type: ignore[no-untyped-def]
+    """silotune's estimate of this bench's recipe: QLoRA's declared footprint, everything but LoRA in bf16."""
+    import dataclasses
+
+    from silotune.memory_estimate import estimate
+    from silotune.methods import get_method
+    from silotune.methods.peft_methods import QLoRAOptions
+
+    r = RECIPES[recipe]
+    # The LoRA shape as a config's `lora` section gives it (LoraSpec lives with the config).
+    lora = SimpleNamespace(r=r["r"], target_modules=r["targets"])
+    options = QLoRAOptions(bits=4, double_quant=True, compute_dtype="bfloat16")
+    footprint = get_method("qlora").footprint(shape, options, lora)
+    # Built directly in bf16 (not prepare_model_for_kbit_training): norms and the LM head stay bf16.
+    footprint = dataclasses.replace(footprint, other_bytes=2)
+    return estimate(
+        shape, footprint, batch=batch, seq=seq, adapter_bytes=4, gradient_checkpointing=r["checkpointing"]
+    )
 
 
 def _quantise_linears(model, torch, bnb, device: str) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +85,7 @@ def _quantise_linears(model, torch, bnb, device: str) -> None:  # type: ignore[n
         torch.cuda.empty_cache()
 
 
-def run_one(shape, recipe: str, batch: int, seq: int, steps: int, mem, device: str = "cuda") -> dict:  # type: ignore[no-untyped-def]
+def run_one(shape, recipe: str, batch: int, seq: int, steps: int, device: str = "cuda") -> dict:  # type: ignore[no-untyped-def]
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
@@ -126,21 +139,7 @@ def run_one(shape, recipe: str, batch: int, seq: int, steps: int, mem, device: s
         step_s.append(time.perf_counter() - t)
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() if cuda else 1
-    est = mem.estimate(
-        shape,
-        "qlora",
-        batch=batch,
-        seq=seq,
-        lora_r=r["r"],
-        lora_targets=r["targets"],
-        bits=4,
-        double_quant=True,
-        weight_bytes=2,
-        other_bytes=2,
-        compute_bytes=2,
-        adapter_bytes=4,
-        gradient_checkpointing=r["checkpointing"],
-    )
+    est = qlora_estimate(shape, recipe, batch, seq)
     del model, opt, out, loss, params
     gc.collect()
     if cuda:
@@ -182,15 +181,16 @@ def main() -> int:
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure", file=sys.stderr)
         return 2
-    mem = _load_memory_module()
+    from silotune.memory_estimate import SHAPES
+
     device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (dry run)"
     print(f"device: {device}; torch {torch.__version__}", flush=True)
     rows = []
     for shape_name in args.shapes.split(","):
         for recipe in args.recipes.split(","):
-            shape = mem.SHAPES[shape_name]
+            shape = SHAPES[shape_name]
             try:
-                row = run_one(shape, recipe, args.batch, args.seq, args.steps, mem, dev)
+                row = run_one(shape, recipe, args.batch, args.seq, args.steps, dev)
             except Exception as exc:  # one failing shape must not lose the others' numbers
                 row = {"shape": shape_name, "recipe": recipe, "error": f"{type(exc).__name__}: {exc}"}
                 gc.collect()

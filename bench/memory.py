@@ -115,8 +115,9 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from silotune.memory import MIB, ModelShape, estimate
+    from silotune.memory_estimate import MIB, ModelShape
     from silotune.modeling import resolve_model_path
+    from silotune.silo_memory import estimate_method
 
     path = resolve_model_path(args.model)
     shape = ModelShape.from_hf_config(json.loads((path / "config.json").read_text()), name=args.model)
@@ -145,7 +146,8 @@ def main() -> int:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{method}: the measuring subprocess failed (rc {proc.returncode})")
         m = json.loads(line.removeprefix("RESULT "))
-        est = estimate(shape, method, batch=args.batch, seq=args.seq)  # CPU: fp32 weights and compute
+        # The method's default options and LoRA shape: fp32 weights and compute on CPU.
+        est = estimate_method(shape, method, batch=args.batch, seq=args.seq)
         measured = m["peak"] - m["rss_imports"]
         rows.append(
             {

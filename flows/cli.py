@@ -463,10 +463,10 @@ def models() -> None:
 
 @app.command()
 def estimate(config: Annotated[Path, typer.Argument(help="Federation config (YAML).")]) -> None:
-    """Estimated peak training memory of every silo of a federation (see silotune/memory.py)."""
+    """Estimated peak training memory of every silo of a federation (see silotune/memory_estimate.py)."""
     from silotune.config import load_config
     from silotune.errors import SilotuneError
-    from silotune.methods.memory_model import estimate_silo, model_shape
+    from silotune.silo_memory import estimate_silo, model_shape
 
     try:
         cfg = load_config(config)

@@ -118,6 +118,6 @@ def _notes(model: str, preset: Any, attacks: list[str], memo_stats: dict[str, in
         "silos f=1 is refused by its validation.",
         f"model-poisoning attacks: {', '.join(a for a in attacks if a in MODEL_POISONING)}; "
         f"gaussian std {preset.gaussian_std}; sign_flip scale 4; scale factor 10.",
-        "identical local work was computed once and reused across cells (silotune.memo, keyed by the sha256 "
+        "identical local work was computed once and reused across cells (silotune.reuse, keyed by the sha256 "
         f"of every input): {memo_stats['hits']} reuses, {memo_stats['misses']} computations.",
     ]

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.errors import ConfigError
+from silotune.methods import get_method
+from silotune.methods.validation import validate_federation
 from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -63,11 +65,12 @@ class LoraSpec(_Spec):
 class MethodSpec(_Spec):
     """Which post-training method every silo runs (see ``silotune methods``).
 
-    ``lora`` and ``qlora`` take their adapter shape from the ``lora`` section;
-    every method validates its own ``options`` (unknown keys are refused).
+    LoRA-shaped methods (``lora``, ``qlora``) take their adapter shape from the
+    ``lora`` section; every method validates its own ``options`` (unknown keys are
+    refused).
     """
 
-    name: str = Field("lora", description="Method name: lora, qlora, full, ia3 or prompt_tuning.")
+    name: str = Field("lora", description="Method name (see `silotune methods`).")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Method options, e.g. {'bits': 4} for qlora, {'num_virtual_tokens': 16}.",
@@ -494,8 +497,6 @@ class FederationConfig(_Spec):
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
         # Methods, objectives and the model's openness (paper Table 1): every problem at once.
-        from silotune.methods.validation import validate_federation
-
         problems.extend(validate_federation(self))
         if problems:
             raise ValueError("; ".join(problems))
@@ -571,7 +572,7 @@ class FederationConfig(_Spec):
     def ffa_lora(self) -> bool:
         """Whether LoRA A is frozen and only B is trained and exchanged."""
         # FFA-LoRA is about LoRA's B·A product; IA3 scales, soft prompts and full weights sum exactly.
-        if any(self.method_for(s.name).name not in ("lora", "qlora") for s in self.silos):
+        if not all(get_method(self.method_for(s.name).name).ffa_lora for s in self.silos):
             return False
         if self.security.ffa_lora is not None:
             return self.security.ffa_lora

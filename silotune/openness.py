@@ -24,8 +24,9 @@ silo's data to a remote inference API, with the paper's privacy reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -243,16 +244,37 @@ def resolve_descriptor(name_or_path: str, descriptor: str | Mapping[str, Any] | 
     )
 
 
-# Table 1 in code: the Table-1 row a method belongs to, per objective.
-TABLE1_ROW = {
-    "full": "full fine-tuning",
-    "lora": "LoRA / adapters",
-    "qlora": "LoRA / adapters",
-    "ia3": "LoRA / adapters",
-    "prompt_tuning": "prompt tuning",
-    "sft": "instruction tuning",
-    "dpo": "RLHF (preference alignment)",
+@dataclass(frozen=True)
+class Table1Row:
+    """A post-training method's or objective's row of the paper's Table 1.
+
+    Open models allow every row; a black-box model none (they all need the weights).
+    Each method declares its row (``Method.table1``); objectives are listed below.
+    """
+
+    row: str  # the row's name in Table 1
+    # 'partial': only where the provider's API exposes it; 'impossible': it needs the weights,
+    # which stay with the provider.
+    gray_box: Literal["partial", "impossible"]
+    black_box_note: str = ""  # what remains on a black-box model, if anything
+
+
+OBJECTIVE_ROWS = {
+    "sft": Table1Row(row="instruction tuning", gray_box="partial"),
+    "dpo": Table1Row(row="RLHF (preference alignment)", gray_box="impossible"),
 }
+
+
+def table1_row(name: str) -> Table1Row:
+    """The Table 1 row of a method or objective (an unknown name: its own row, partial on gray-box)."""
+    # Methods declare their rows with Table1Row from here, so the registry is imported on use.
+    from silotune.methods import METHODS
+
+    if name in OBJECTIVE_ROWS:
+        return OBJECTIVE_ROWS[name]
+    if name in METHODS:
+        return METHODS.get(name).table1  # type: ignore[no-any-return]
+    return Table1Row(row=name, gray_box="partial")
 
 
 def check_table1(descriptor: ModelDescriptor, method: str, objective: str) -> list[str]:
@@ -262,21 +284,21 @@ def check_table1(descriptor: ModelDescriptor, method: str, objective: str) -> li
     if cls.has_weights:
         return problems
     for name in (method, objective):
-        row = TABLE1_ROW.get(name, name)
+        t1 = table1_row(name)
         if cls is Openness.BLACK_BOX:
-            extra = " (only textual prompt engineering remains)" if name == "prompt_tuning" else ""
+            extra = f" ({t1.black_box_note})" if t1.black_box_note else ""
             problems.append(
-                f"{row} ({name}) needs the model's weights, which a black-box model ({descriptor.name}) does "
-                f"not expose (paper Table 1){extra}"
+                f"{t1.row} ({name}) needs the model's weights, which a black-box model ({descriptor.name}) "
+                f"does not expose (paper Table 1){extra}"
             )
-        elif name in ("full", "dpo", "qlora"):
+        elif t1.gray_box == "impossible":
             problems.append(
-                f"{row} ({name}) is impossible on a gray-box model ({descriptor.name}): the weights stay "
+                f"{t1.row} ({name}) is impossible on a gray-box model ({descriptor.name}): the weights stay "
                 "with the provider (paper Table 1)"
             )
         elif name not in descriptor.provider_methods:
             problems.append(
-                f"{row} ({name}) is only partially available on a gray-box model, and {descriptor.name}'s "
+                f"{t1.row} ({name}) is only partially available on a gray-box model, and {descriptor.name}'s "
                 f"API exposes only {list(descriptor.provider_methods) or 'nothing'} (paper Table 1)"
             )
     return problems

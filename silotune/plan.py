@@ -8,12 +8,13 @@ The walk follows the paper's guide (section 4, Figure 2):
    must be open, or the deployment exceeds an open-weight licence's usage limit
    (e.g. Llama's 700M monthly users); otherwise open-weight is acceptable.
 2. **Hardware.** Each silo's memory (GPU VRAM, else CPU RAM) bounds what it can
-   run: the estimator (:mod:`silotune.memory`) picks, per silo, the most precise
-   base that fits at the federation's common LoRA rank: a 16-bit LoRA base, an
-   8-bit base, or a 4-bit NF4 base (QLoRA), with gradient checkpointing only when
-   needed. Silos may differ in base precision and still aggregate: they
-   exchange the same adapter. The rank is the largest every silo can afford, so
-   nobody is excluded (the paper's heterogeneity principle).
+   run: the estimator (:mod:`silotune.silo_memory`) picks, per silo, the most
+   precise base that fits at the federation's common LoRA rank, among the choices
+   the registered methods offer (:meth:`~silotune.methods.Method.plan_choices`: a
+   16-bit LoRA base, an 8-bit base, or a 4-bit NF4 base with QLoRA), with gradient
+   checkpointing only when needed. Silos may differ in base precision and still
+   aggregate: they exchange the same adapter. The rank is the largest every silo
+   can afford, so nobody is excluded (the paper's heterogeneity principle).
 3. **Closed models only when nothing runs locally**, and only without strict
    privacy or autonomy needs: gray-box if the provider exposes fine-tuning,
    black-box otherwise, each with the privacy cost stated.
@@ -26,14 +27,17 @@ The walk follows the paper's guide (section 4, Figure 2):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from silotune import memory
+from silotune.config import parse_config
 from silotune.errors import ConfigError
+from silotune.memory_estimate import MODEL_SHAPES, SHAPES, MemoryEstimate, ModelShape, shape_for_params
+from silotune.methods import METHODS, Defense, Method, PlanChoice, Support, get_method
 from silotune.openness import (
     BUILTIN_DESCRIPTORS,
     PRIVACY_REASON,
@@ -41,6 +45,7 @@ from silotune.openness import (
     Openness,
     check_licence,
 )
+from silotune.silo_memory import estimate_method
 
 # Rank is the last thing to spend memory on: with every attention projection adapted, the QLoRA paper
 # found rank to matter little, so memory goes to base precision first, then to avoiding recomputation.
@@ -102,6 +107,7 @@ class SiloPlan(BaseModel):
     budget_gb: float
     device: str
     method: str
+    options: dict[str, Any] = Field(default_factory=dict, description="The method options it writes.")
     bits: int | None = None
     rank: int | None = None
     gradient_checkpointing: bool = False
@@ -154,50 +160,56 @@ def _budget(s: SiloAnswers) -> tuple[float, str]:
     return s.ram_gb * CPU_HEADROOM, f"CPU {s.ram_gb:g} GB RAM"
 
 
-def _shape(d: ModelDescriptor) -> memory.ModelShape:
-    if d.name in memory.SHAPES:
-        return memory.SHAPES[d.name]
-    alias = memory.MODEL_SHAPES.get(d.name)
+def _shape(d: ModelDescriptor) -> ModelShape:
+    if d.name in SHAPES:
+        return SHAPES[d.name]
+    alias = MODEL_SHAPES.get(d.name)
     if alias:
-        return memory.SHAPES[alias]
-    return memory.shape_for_params(d.params_b or 1.0)
+        return SHAPES[alias]
+    return shape_for_params(d.params_b or 1.0)
 
 
-def _fit(shape: memory.ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers) -> SiloPlan | None:
+def _choices(*, gpu: bool, preferred: bool) -> list[tuple[Method, PlanChoice]]:
+    """Every registered method's plan choices (``when_preferred`` ones or the others), most precise first."""
+    out = [
+        (m, c)
+        for m in map(get_method, METHODS.names())
+        for c in m.plan_choices(gpu=gpu)
+        if c.when_preferred == preferred
+    ]
+    return sorted(out, key=lambda mc: -mc[1].base_bits)
+
+
+def _lora_shape(rank: int) -> dict[str, Any]:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if rank >= 16 else ["q_proj", "v_proj"]
+    return {"r": rank, "alpha": 2 * rank, "target_modules": targets}
+
+
+def _estimates(
+    shape: ModelShape, method: Method, choice: PlanChoice, a: PlanAnswers, lora: dict[str, Any] | None = None
+) -> Iterator[tuple[bool, dict[str, Any], MemoryEstimate]]:
+    """(checkpointing, the options to write, their estimate) for each checkpointing setting of ``choice``."""
+    for ckpt in choice.checkpointing:
+        options = {**({"gradient_checkpointing": True} if ckpt else {}), **choice.options}
+        est = estimate_method(
+            shape, method.name, batch=a.batch, seq=a.seq, options=options, lora=lora, objective=a.objective
+        )
+        yield ckpt, options, est
+
+
+def _fit(shape: ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers) -> SiloPlan | None:
     """The most precise base that fits ``silo`` at LoRA rank ``rank``; None if nothing fits."""
     budget, device = _budget(silo)
     gpu = silo.vram_gb > 0
-    wbytes = 2 if gpu else 4  # bf16 on GPUs; fp32 on CPUs (bf16 is 15-20× slower without bf16 units)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj") if rank >= 16 else ("q_proj", "v_proj")
-    options = [("lora", None), ("qlora", 8), ("qlora", 4)]
-    for method, bits in options:
-        for ckpt in (False, True):
-            est = memory.estimate(
-                shape,
-                method,
-                batch=a.batch,
-                seq=a.seq,
-                lora_r=rank,
-                lora_targets=targets,
-                bits=bits or 4,
-                weight_bytes=wbytes,
-                other_bytes=4 if method == "qlora" else wbytes,
-                compute_bytes=wbytes,
-                gradient_checkpointing=ckpt,
-                objective=a.objective,
-            )
+    for n, (method, choice) in enumerate(_choices(gpu=gpu, preferred=False)):
+        for ckpt, options, est in _estimates(shape, method, choice, a, _lora_shape(rank)):
             gb = est.total / 1e9
             if gb <= budget:
-                what = (
-                    "LoRA on a 16-bit base"
-                    if method == "lora" and gpu
-                    else ("LoRA on an fp32 base" if method == "lora" else f"QLoRA, {bits}-bit base")
-                )
                 why = (
-                    f"{what} at rank {rank} needs ~{gb:.1f} GB (estimate: {est.summary()}) of the "
+                    f"{choice.label} at rank {rank} needs ~{gb:.1f} GB (estimate: {est.summary()}) of the "
                     f"{budget:.1f} GB usable on {device}"
                 )
-                if method != "lora":
+                if n > 0:
                     why += "; a more precise base does not fit"
                 if ckpt:
                     why += "; gradient checkpointing needed to fit the activations"
@@ -207,8 +219,9 @@ def _fit(shape: memory.ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers)
                     name=silo.name,
                     budget_gb=round(budget, 1),
                     device=device,
-                    method=method,
-                    bits=bits,
+                    method=method.name,
+                    options=options,
+                    bits=choice.base_bits if choice.quantised else None,
                     rank=rank,
                     gradient_checkpointing=ckpt,
                     estimate_gb=round(gb, 2),
@@ -217,32 +230,27 @@ def _fit(shape: memory.ModelShape, silo: SiloAnswers, rank: int, a: PlanAnswers)
     return None
 
 
-def _full_fits(shape: memory.ModelShape, silo: SiloAnswers, a: PlanAnswers) -> SiloPlan | None:
+def _preferred_fits(shape: ModelShape, silo: SiloAnswers, a: PlanAnswers) -> SiloPlan | None:
+    """The method the answers prefer (full fine-tuning), if it fits ``silo``; else None."""
     budget, device = _budget(silo)
-    wbytes = 2 if silo.vram_gb > 0 else 4
-    est = memory.estimate(
-        shape,
-        "full",
-        batch=a.batch,
-        seq=a.seq,
-        weight_bytes=wbytes,
-        gradient_checkpointing=True,
-        objective=a.objective,
-    )
-    gb = est.total / 1e9
-    if gb > budget:
-        return None
-    return SiloPlan(
-        name=silo.name,
-        budget_gb=round(budget, 1),
-        device=device,
-        method="full",
-        gradient_checkpointing=True,
-        estimate_gb=round(gb, 2),
-        reason=(
-            f"full fine-tuning needs ~{gb:.1f} GB (estimate: {est.summary()}) of {budget:.1f} GB on {device}"
-        ),
-    )
+    for method, choice in _choices(gpu=silo.vram_gb > 0, preferred=True):
+        for ckpt, options, est in _estimates(shape, method, choice, a):
+            gb = est.total / 1e9
+            if gb <= budget:
+                return SiloPlan(
+                    name=silo.name,
+                    budget_gb=round(budget, 1),
+                    device=device,
+                    method=method.name,
+                    options=options,
+                    gradient_checkpointing=ckpt,
+                    estimate_gb=round(gb, 2),
+                    reason=(
+                        f"{choice.label} needs ~{gb:.1f} GB (estimate: {est.summary()}) of {budget:.1f} GB "
+                        f"on {device}"
+                    ),
+                )
+    return None
 
 
 def _candidates(a: PlanAnswers, need_open_source: bool) -> list[ModelDescriptor]:
@@ -435,10 +443,10 @@ def make_plan(a: PlanAnswers) -> Plan:
 
 
 def _plan_silos(
-    shape: memory.ModelShape, silos: list[SiloAnswers], a: PlanAnswers, *, allow_exclusion: bool = False
+    shape: ModelShape, silos: list[SiloAnswers], a: PlanAnswers, *, allow_exclusion: bool = False
 ) -> list[SiloPlan] | None:
     if a.prefer_full_finetuning:
-        full = [_full_fits(shape, s, a) for s in silos]
+        full = [_preferred_fits(shape, s, a) for s in silos]
         if all(full):
             return [p for p in full if p is not None]
     for rank in LORA_RANKS:
@@ -464,8 +472,6 @@ def _plan_silos(
 
 
 def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
-    from silotune.methods import Defense, Support, get_method
-
     methods = {p.method for p in plans if p.method != "none"}
     out: list[Recommendation] = []
     encrypted = a.curious_coordinator and a.privacy != "none"
@@ -523,7 +529,7 @@ def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
         reason = "all silos are trusted"
     out.append(Recommendation(item="robust_aggregation", recommended=robust, reason=reason))
     for m in sorted(methods):
-        if m not in ("lora", "qlora", "full", "ia3", "prompt_tuning"):
+        if m not in METHODS:
             continue
         for d, support in get_method(m).defenses.items():
             if support.level is not Support.FULL:
@@ -555,27 +561,13 @@ def _defenses(a: PlanAnswers, plans: list[SiloPlan]) -> list[Recommendation]:
 
 def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[str, Any]:
     """A federation config (mapping) implementing ``plan``; ConfigError if nothing can train locally."""
-    from silotune.config import parse_config
-
     if not plan.feasible or plan.model is None:
         raise ConfigError(f"no federation config can implement this plan: {plan.openness_reason}")
     training = [p for p in plan.silos if p.method != "none"]
     first = training[0]
-    if first.method == "full":
-        method: dict[str, Any] = {"name": "full", "options": {"gradient_checkpointing": True}}
-        if first.device.startswith("GPU"):
-            method["options"]["base_dtype"] = "bfloat16"
-        lora = {}
-    else:
-        method = _method_of(training[0])
-        rank = first.rank or 8
-        lora = {
-            "r": rank,
-            "alpha": 2 * rank,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]
-            if rank >= 16
-            else ["q_proj", "v_proj"],
-        }
+    first_method = get_method(first.method)
+    method = _method_of(first)
+    lora = _lora_shape(first.rank or 8) if first_method.uses_lora_section else {}
     silos = []
     for p in training:
         entry: dict[str, Any] = {
@@ -583,7 +575,7 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
             "train_path": f"{data_root}/{p.name}/train.jsonl",
             "eval_path": f"{data_root}/{p.name}/eval.jsonl",
         }
-        m = _method_of(p) if p.method != "full" else method
+        m = _method_of(p)
         if m != method:
             entry["method"] = m
         silos.append(entry)
@@ -603,7 +595,7 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
         "train": {
             "local_steps": 20,
             "batch_size": a.batch,
-            "learning_rate": 2e-4 if first.method != "full" else 1e-5,
+            "learning_rate": first_method.plan_learning_rate,
         },
         "silos": silos,
         "aggregation": {
@@ -620,17 +612,7 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
 
 
 def _method_of(p: SiloPlan) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if p.gradient_checkpointing:
-        opts["gradient_checkpointing"] = True
-    gpu = p.device.startswith("GPU")
-    if p.method == "qlora":
-        opts["bits"] = p.bits
-        if gpu:
-            opts["compute_dtype"] = "bfloat16"
-    elif gpu:
-        opts["base_dtype"] = "bfloat16"
-    return {"name": p.method, "options": opts}
+    return {"name": p.method, "options": dict(p.options)}
 
 
 def write_config(a: PlanAnswers, plan: Plan, path: str | Path) -> dict[str, Any]:

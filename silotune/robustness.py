@@ -83,7 +83,7 @@ PRESETS: dict[str, GridPreset] = {
     ),
     # SmolLM2 (~2.4 s per step at batch 8 x ~65 tokens on 2 CPU cores). Every cell of the full grid: one
     # round of 16 local steps, so that honest local work is identical across cells and computed once
-    # (silotune.memo); what differs per cell is the attacker's update, the aggregation and the evaluation.
+    # (silotune.reuse); what differs per cell is the attacker's update, the aggregation and the evaluation.
     # Union holdout: 120 examples (40 per honest silo), so one example is 0.83 points of exact match.
     "smollm2-135m-instruct": GridPreset(
         rounds=1,

@@ -19,7 +19,7 @@ from silotune.adapters import AdapterModel, lora_b_keys
 from silotune.config import FederationConfig
 from silotune.data import encode_dataset, read_records
 from silotune.errors import ConfigError
-from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
+from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, get_tensors, put_tensors
 from silotune.training import TrainResult, silo_seed, train_local
 
@@ -73,7 +73,7 @@ def train_root_update(
 
     if memo is None:
         d, result = run()
-    else:  # experiments only (silotune.memo): identical inputs, identical delta
+    else:  # experiments only (silotune.reuse): identical inputs, identical delta
         key = memo_key(
             "root-update",
             tensor_digest(global_state),

@@ -15,9 +15,9 @@ from typing import Any
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import SilotuneError, StoreError
-from silotune.memo import WorkMemo
 from silotune.policy import SiloPolicy, enforce
 from silotune.results import Release
+from silotune.reuse import WorkMemo
 from silotune.store import ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 

@@ -17,13 +17,13 @@ from silotune.config import FederationConfig
 from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
 from silotune.evaluation import evaluate
 from silotune.keys import SiloVault, write_private
-from silotune.memo import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.poisoning import attack_silo_update, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
 from silotune.protection import SiloContext, exchanged_keys, scheme_for
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
+from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, save_tensors, sha256
 from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
@@ -75,7 +75,7 @@ def train_step(
 ) -> TrainedDelta:
     """Fetch the global adapter the silo accepts and post-train on local data (DP-SGD if configured).
 
-    The delta goes to the silo's private folder. ``memo`` (experiments only, :mod:`silotune.memo`):
+    The delta goes to the silo's private folder. ``memo`` (experiments only, :mod:`silotune.reuse`):
     reuse the training result of an earlier call with identical inputs; never used with DP-SGD.
     """
     spec = config.silo(silo)

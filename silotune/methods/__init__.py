@@ -17,6 +17,7 @@ from silotune.methods.base import (
     Method,
     MethodOptions,
     Payload,
+    PlanChoice,
     Support,
     parse_options,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Method",
     "MethodOptions",
     "Payload",
+    "PlanChoice",
     "Support",
     "get_method",
     "parse_options",

@@ -1,11 +1,19 @@
 """What every post-training method declares and does.
 
 A method turns a base model into a trainable model, says which tensors a silo
-exchanges each round (an adapter, a soft prompt, or the full weights), how the
-federation's first global of those tensors is drawn, how much memory it needs
-(:mod:`silotune.memory`) and which defenses apply to what it exchanges (paper
-Table 4). The training loop, the aggregators and the filters (DP, encryption,
-masking, robust aggregation) only ever see a flat ``dict[str, Tensor]``.
+exchanges each round (an adapter, a soft prompt, or the full weights) and how
+the federation's first global of those tensors is drawn. The training loop, the
+aggregators and the filters (DP, encryption, masking, robust aggregation) only
+ever see a flat ``dict[str, Tensor]``.
+
+A method also owns every fact the rest of silotune needs about it, so adding one
+is one file plus its registration and nothing else names methods:
+
+- what it trains and exchanges (``trains``, ``payload``, :meth:`Method.exchange_signature`);
+- its memory footprint for :mod:`silotune.memory_estimate` (:meth:`Method.footprint`);
+- its row of the paper's Table 1 (``table1``) and which defenses apply (``defenses``, Table 4);
+- whether FFA-LoRA applies (``ffa_lora``) and whether it takes the ``lora`` section's shape;
+- whether and on which hardware ``plan`` may recommend it (:meth:`Method.plan_choices`).
 """
 
 from __future__ import annotations
@@ -14,14 +22,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from silotune.memory_estimate import Footprint, ModelShape
+from silotune.openness import Table1Row
 from silotune.registry import Registry
 
 TensorDict = dict[str, torch.Tensor]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class Payload(StrEnum):
@@ -54,6 +65,26 @@ class DefenseSupport:
 ALL_DEFENSES_FULL = {
     d: DefenseSupport(Support.FULL, "paper Table 4: all four defense categories apply") for d in Defense
 }
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """One way ``plan`` (the paper's Figure 2) may run a method on a silo.
+
+    ``plan`` tries the choices of every method, the most precise base first
+    (``base_bits``), each without and then with gradient checkpointing, and gives
+    a silo the first that fits its memory. Choices that are not ``when_preferred``
+    share the federation's LoRA shape (``plan`` picks the rank), so silos may mix
+    them; a ``when_preferred`` choice is tried only when the answers prefer it and
+    must fit every silo.
+    """
+
+    label: str  # what the silo runs, for the plan's reason ("QLoRA, 4-bit base")
+    options: Mapping[str, Any]  # the method options it writes into the config
+    base_bits: int  # precision of the base's linear layers: plan prefers the most precise that fits
+    quantised: bool = False  # the base is quantised to base_bits (the plan reports the bits)
+    checkpointing: tuple[bool, ...] = (False, True)  # gradient checkpointing settings to try, in order
+    when_preferred: bool = False  # only when the answers prefer this method (prefer_full_finetuning)
 
 
 class MethodOptions(BaseModel):
@@ -93,6 +124,27 @@ class Method(Protocol):
     options_model: ClassVar[type[MethodOptions]]
     defenses: ClassVar[Mapping[Defense, DefenseSupport]]
     trains: ClassVar[str]
+    table1: ClassVar[Table1Row]
+    # Trains LoRA's A/B factors, so FFA-LoRA (freeze A, exchange only B) applies.
+    ffa_lora: ClassVar[bool]
+    # Takes its adapter shape (rank, alpha, target modules) from the config's ``lora`` section.
+    uses_lora_section: ClassVar[bool]
+    # Python packages the method needs beyond silotune's own (config validation names them).
+    requires_packages: ClassVar[tuple[str, ...]]
+    # The local learning rate ``plan`` writes for it.
+    plan_learning_rate: ClassVar[float]
+
+    def exchange_signature(self, options: MethodOptions, lora: Any) -> tuple[Any, ...]:
+        """What the method exchanges, up to values: two silos aggregate iff their signatures are equal."""
+        ...
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """What the method puts in memory on ``shape`` (``lora``: the silo's LoRA shape)."""
+        ...
+
+    def plan_choices(self, *, gpu: bool) -> tuple[PlanChoice, ...]:
+        """The ways ``plan`` may run the method on a silo with (or without) a GPU; () if never."""
+        ...
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
         """Load the base model from ``path`` and make the method's parameters (and only those) trainable."""
@@ -128,6 +180,20 @@ METHODS: Registry[type[Any]] = Registry("post-training method")
 
 def parse_options(method: Method, options: Mapping[str, Any]) -> MethodOptions:
     return method.options_model.model_validate(dict(options))
+
+
+class Storage(TypedDict):
+    """Bytes per base weight, per non-linear weight of a quantised base, and per activation."""
+
+    weight_bytes: int
+    other_bytes: int
+    compute_bytes: int
+
+
+def base_storage(options: MethodOptions) -> Storage:
+    """An unquantised base at ``options.base_dtype``: weights and activations alike."""
+    b = DTYPE_BYTES[options.base_dtype]
+    return {"weight_bytes": b, "other_bytes": b, "compute_bytes": b}
 
 
 def load_base(path: Path, options: MethodOptions) -> Any:

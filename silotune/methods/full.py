@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from silotune.memory_estimate import Footprint, ModelShape
 from silotune.methods.base import (
     METHODS,
     Built,
@@ -23,10 +24,13 @@ from silotune.methods.base import (
     DefenseSupport,
     MethodOptions,
     Payload,
+    PlanChoice,
     Support,
     TensorDict,
+    base_storage,
     load_base,
 )
+from silotune.openness import Table1Row
 
 
 class FullOptions(MethodOptions):
@@ -58,6 +62,11 @@ class FullFineTuning:
         ),
         Defense.ROBUST_AGGREGATION: DefenseSupport(Support.FULL, "paper Table 4"),
     }
+    table1: ClassVar[Table1Row] = Table1Row(row="full fine-tuning", gray_box="impossible")
+    ffa_lora: ClassVar[bool] = False  # full weights sum exactly; there is no B·A product
+    uses_lora_section: ClassVar[bool] = False
+    requires_packages: ClassVar[tuple[str, ...]] = ()
+    plan_learning_rate: ClassVar[float] = 1e-5  # every weight moves: far below an adapter's rate
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
         assert isinstance(options, FullOptions)
@@ -106,3 +115,40 @@ class FullFineTuning:
 
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
         return load_base(folder, options)
+
+    def exchange_signature(self, options: MethodOptions, lora: Any) -> tuple[Any, ...]:
+        assert isinstance(options, FullOptions)
+        return ("full", options.train_embeddings)
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """Activations per token and layer: 9h + 2kv + 4i.
+
+        The norms keep their input and their normalised and scaled outputs (their weights
+        train), q, k, v and the attention output stay for SDPA, o_proj keeps its input, and
+        the MLP keeps gate, SiLU, up and their product. Gradients and AdamW moments are at the
+        weights' precision, and DPO's reference is a frozen copy of the base.
+        """
+        assert isinstance(options, FullOptions)
+        h, kv, i = shape.hidden_size, shape.kv_dim, shape.intermediate_size
+        emb = shape.vocab_size * h * (1 if shape.tie_embeddings else 2)
+        return Footprint(
+            method=self.name,
+            trainable_params=shape.num_params() - (0 if options.train_embeddings else emb),
+            activations_per_token=9 * h + 2 * kv + 4 * i,
+            trains_base=True,
+            final_norm_outputs=3,
+            reference_copy=True,
+            **base_storage(options),
+        )
+
+    def plan_choices(self, *, gpu: bool) -> tuple[PlanChoice, ...]:
+        # Only when the answers prefer it (and every silo can afford it), always with checkpointing.
+        return (
+            PlanChoice(
+                "full fine-tuning",
+                {"base_dtype": "bfloat16"} if gpu else {},
+                base_bits=16 if gpu else 32,
+                checkpointing=(True,),
+                when_preferred=True,
+            ),
+        )

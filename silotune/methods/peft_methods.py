@@ -8,6 +8,7 @@ its adapter disabled, so preference alignment costs no second model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,18 +17,26 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from silotune.memory_estimate import Footprint, ModelShape, check_targets
 from silotune.methods.base import (
     ALL_DEFENSES_FULL,
+    DTYPE_BYTES,
     METHODS,
     Built,
     Defense,
     DefenseSupport,
     MethodOptions,
     Payload,
+    PlanChoice,
+    Storage,
     Support,
     TensorDict,
+    base_storage,
     load_base,
 )
+from silotune.openness import Table1Row
+
+ADAPTERS = Table1Row(row="LoRA / adapters", gray_box="partial")
 
 
 def lora_config(spec: Any) -> Any:
@@ -78,6 +87,16 @@ class _PeftMethod:
 
     requires_weights: ClassVar[bool] = True
     defenses: ClassVar[Mapping[Defense, DefenseSupport]] = ALL_DEFENSES_FULL
+    table1: ClassVar[Table1Row] = ADAPTERS
+    ffa_lora: ClassVar[bool] = False
+    uses_lora_section: ClassVar[bool] = False
+    requires_packages: ClassVar[tuple[str, ...]] = ()
+    plan_learning_rate: ClassVar[float] = 2e-4
+
+    def plan_choices(self, *, gpu: bool) -> tuple[PlanChoice, ...]:
+        # The paper's Figure 2 picks between LoRA/QLoRA by memory and full fine-tuning; other PEFT
+        # methods stay available in configs but are never recommended.
+        return ()
 
     def state(self, built: Built) -> TensorDict:
         from peft import get_peft_model_state_dict
@@ -134,6 +153,8 @@ class LoRA(_PeftMethod):
     payload: ClassVar[Payload] = Payload.ADAPTER
     options_model: ClassVar[type[MethodOptions]] = LoRAOptions
     trains: ClassVar[str] = "low-rank A/B matrices on the `lora.target_modules` linear layers"
+    ffa_lora: ClassVar[bool] = True
+    uses_lora_section: ClassVar[bool] = True
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
         from peft import get_peft_model
@@ -149,6 +170,55 @@ class LoRA(_PeftMethod):
 
     def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
         return initial_lora(template, seed)
+
+    def exchange_signature(self, options: MethodOptions, lora: Any) -> tuple[Any, ...]:
+        # The base's precision (fp32, 8-bit, NF4) and a silo's smaller rank (uploaded zero-padded)
+        # do not change what is exchanged: LoRA and QLoRA silos mix freely at one LoRA shape.
+        return ("lora", lora.r, lora.alpha, tuple(sorted(lora.target_modules)))
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """Activations per token and layer: 4h + 2kv + 3i, plus h or i per adapted input no other op keeps.
+
+        Frozen linears keep only their weight; SiLU and the gate·up product need gate and up
+        (3i); the norms keep their inputs and q, k, v and the attention output stay for SDPA
+        (4h + 2kv). The LoRA A matmul keeps its input: the normalised attention input once
+        if any of q/k/v is adapted, the MLP's normalised input once if gate/up are, and the
+        o_proj (h) and down_proj (i) inputs each their own.
+        """
+        assert isinstance(options, LoRAOptions)
+        targets = tuple(lora.target_modules)
+        check_targets(shape, targets)
+        h, i = shape.hidden_size, shape.intermediate_size
+        n = 4 * h + 2 * shape.kv_dim + 3 * i
+        if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
+            n += h
+        if "o_proj" in targets:
+            n += h
+        if any(t in targets for t in ("gate_proj", "up_proj")):
+            n += h
+        if "down_proj" in targets:
+            n += i
+        return self._lora_footprint(shape, options, lora, n, base_storage(options))
+
+    def _lora_footprint(
+        self, shape: ModelShape, options: LoRAOptions, lora: Any, activations: int, storage: Storage
+    ) -> Footprint:
+        r = options.rank or lora.r
+        lin = shape.linears()
+        targets = tuple(lora.target_modules)
+        return Footprint(
+            method=self.name,
+            trainable_params=shape.num_layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets),
+            activations_per_token=activations,
+            adapter_input_features=sum(lin[t][0] for t in targets),
+            **storage,
+        )
+
+    def plan_choices(self, *, gpu: bool) -> tuple[PlanChoice, ...]:
+        if gpu:
+            return (PlanChoice("LoRA on a 16-bit base", {"base_dtype": "bfloat16"}, base_bits=16),)
+        # fp32 on CPUs: bf16 is 15-20× slower without bf16 units.
+        return (PlanChoice("LoRA on an fp32 base", {}, base_bits=32),)
 
 
 class QLoRAOptions(LoRAOptions):
@@ -176,6 +246,33 @@ class QLoRA(LoRA):
     title: ClassVar[str] = "QLoRA"
     options_model: ClassVar[type[MethodOptions]] = QLoRAOptions
     trains: ClassVar[str] = "LoRA A/B matrices; the base is stored in 4-bit NF4 (or 8-bit) and frozen"
+    # Paper Table 1: quantising and training the base needs the weights, which a gray-box provider keeps.
+    table1: ClassVar[Table1Row] = Table1Row(row="LoRA / adapters", gray_box="impossible")
+    requires_packages: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """Activations per token and layer: LoRA's with every adapted-input term, plus 2h + i.
+
+        bitsandbytes' 4-bit matmul keeps its input whenever the input needs a gradient, so
+        the attention input (h), o_proj's (h) and the MLP's inputs (h + i) are kept whichever
+        modules carry adapters. Non-quantised weights (embeddings, norms, LM head) are fp32
+        after ``prepare_model_for_kbit_training``.
+        """
+        assert isinstance(options, QLoRAOptions)
+        check_targets(shape, lora.target_modules)
+        h, i = shape.hidden_size, shape.intermediate_size
+        n = 4 * h + 2 * shape.kv_dim + 3 * i + h + (2 * h + i)
+        compute = DTYPE_BYTES[options.compute_dtype]
+        storage: Storage = {"weight_bytes": compute, "other_bytes": 4, "compute_bytes": compute}
+        fp = self._lora_footprint(shape, options, lora, n, storage)
+        return dataclasses.replace(fp, quantised_bits=options.bits, double_quant=options.double_quant)
+
+    def plan_choices(self, *, gpu: bool) -> tuple[PlanChoice, ...]:
+        dtype = {"compute_dtype": "bfloat16"} if gpu else {}
+        return tuple(
+            PlanChoice(f"QLoRA, {bits}-bit base", {"bits": bits, **dtype}, base_bits=bits, quantised=True)
+            for bits in (8, 4)
+        )
 
     def _load_base(self, path: Path, options: MethodOptions) -> Any:
         from peft import prepare_model_for_kbit_training
@@ -265,6 +362,25 @@ class IA3(_PeftMethod):
         # IA3 starts as the identity: every scale is one, so round 0's global is the base model.
         return {k: torch.ones_like(template[k]) for k in sorted(template)}
 
+    def exchange_signature(self, options: MethodOptions, lora: Any) -> tuple[Any, ...]:
+        assert isinstance(options, IA3Options)
+        return ("ia3", tuple(sorted(options.target_modules)), tuple(sorted(options.feedforward_modules)))
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """Activations per token and layer: 4h + 4kv + 4i (the scaled k/v outputs and MLP input)."""
+        assert isinstance(options, IA3Options)
+        check_targets(shape, options.target_modules)
+        lin, h, kv, i = shape.linears(), shape.hidden_size, shape.kv_dim, shape.intermediate_size
+        ff = set(options.feedforward_modules)
+        # One scale per output channel, or per input channel of a feed-forward module.
+        per_layer = sum(lin[t][0] if t in ff else lin[t][1] for t in options.target_modules)
+        return Footprint(
+            method=self.name,
+            trainable_params=shape.num_layers * per_layer,
+            activations_per_token=4 * h + 4 * kv + 4 * i,
+            **base_storage(options),
+        )
+
 
 class PromptTuningOptions(MethodOptions):
     num_virtual_tokens: int = Field(16, ge=1, le=512, description="Length of the learned soft prompt.")
@@ -288,6 +404,9 @@ class PromptTuning(_PeftMethod):
     payload: ClassVar[Payload] = Payload.SOFT_PROMPT
     options_model: ClassVar[type[MethodOptions]] = PromptTuningOptions
     trains: ClassVar[str] = "num_virtual_tokens × hidden_size prompt embeddings; the model is frozen"
+    table1: ClassVar[Table1Row] = Table1Row(
+        row="prompt tuning", gray_box="partial", black_box_note="only textual prompt engineering remains"
+    )
     defenses: ClassVar[Mapping[Defense, DefenseSupport]] = {
         Defense.DIFFERENTIAL_PRIVACY: DefenseSupport(
             Support.LIMITED,
@@ -345,3 +464,19 @@ class PromptTuning(_PeftMethod):
             idx = torch.randint(0, min(options.init_vocab, emb.shape[0]), (n,), generator=gen)
         (key,) = template
         return {key: emb[idx].clone().to(template[key].dtype).reshape(template[key].shape).contiguous()}
+
+    def exchange_signature(self, options: MethodOptions, lora: Any) -> tuple[Any, ...]:
+        assert isinstance(options, PromptTuningOptions)
+        return ("prompt_tuning", options.num_virtual_tokens)
+
+    def footprint(self, shape: ModelShape, options: MethodOptions, lora: Any) -> Footprint:
+        """Activations per token and layer: 4h + 2kv + 3i (LoRA's without adapters), on s + n tokens."""
+        assert isinstance(options, PromptTuningOptions)
+        h = shape.hidden_size
+        return Footprint(
+            method=self.name,
+            trainable_params=options.num_virtual_tokens * h,
+            activations_per_token=4 * h + 2 * shape.kv_dim + 3 * shape.intermediate_size,
+            virtual_tokens=options.num_virtual_tokens,
+            **base_storage(options),
+        )

@@ -8,7 +8,7 @@ combination is refused before anything loads, with every reason at once:
 - any model that would run at a provider (silo data would leave the silo);
 - silos whose methods would exchange different tensors (e.g. LoRA next to full
   fine-tuning, or different LoRA shapes) and so cannot be averaged;
-- QLoRA without bitsandbytes installed.
+- a method whose packages are missing (QLoRA without bitsandbytes).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from silotune.errors import ConfigError, RegistryError
+from silotune.methods import METHODS, get_method, parse_options
+from silotune.openness import check_data_stays_local, check_table1, resolve_descriptor
 
 
 def _options_problems(where: str, spec: Any) -> list[str]:
-    from silotune.methods import get_method, parse_options
-
     try:
         method = get_method(spec.name)
     except RegistryError as exc:
@@ -40,21 +40,8 @@ def _options_problems(where: str, spec: Any) -> list[str]:
 
 def exchange_signature(spec: Any, lora: Any) -> tuple[Any, ...]:
     """What a method exchanges, up to values: two silos can be aggregated iff their signatures are equal."""
-    from silotune.methods import get_method, parse_options
-
     method = get_method(spec.name)
-    opts = parse_options(method, spec.options)
-    if spec.name in ("lora", "qlora"):
-        # The base's precision (fp32, 8-bit, NF4) and a silo's smaller rank (uploaded zero-padded)
-        # do not change what is exchanged.
-        return ("lora", lora.r, lora.alpha, tuple(sorted(lora.target_modules)))
-    if spec.name == "ia3":
-        return ("ia3", tuple(sorted(opts.target_modules)), tuple(sorted(opts.feedforward_modules)))  # type: ignore[attr-defined]
-    if spec.name == "prompt_tuning":
-        return ("prompt_tuning", opts.num_virtual_tokens)  # type: ignore[attr-defined]
-    if spec.name == "full":
-        return ("full", opts.train_embeddings)  # type: ignore[attr-defined]
-    return (spec.name, tuple(sorted(opts.model_dump().items())))
+    return method.exchange_signature(parse_options(method, spec.options), lora)  # type: ignore[no-any-return]
 
 
 def _rank_problems(config: Any) -> list[str]:
@@ -87,8 +74,6 @@ def _rank_problems(config: Any) -> list[str]:
 
 def validate_federation(config: Any) -> list[str]:
     """Every problem of ``config``'s methods, objectives and model openness (empty: none)."""
-    from silotune.openness import check_data_stays_local, check_table1, resolve_descriptor
-
     problems: list[str] = []
     specs = [("method", config.method)] + [
         (f"silos.{i}.method", s.method) for i, s in enumerate(config.silos) if s.method is not None
@@ -128,15 +113,18 @@ def validate_federation(config: Any) -> list[str]:
                 f"privacy.sample_dp: DP-SGD clips per row, but a preference pair (two rows) is the privacy "
                 f"unit of DPO silos {dpo}; use privacy.client_dp, which protects each silo's whole update"
             )
+    known = [get_method(spec.name) for _, spec in specs if spec.name in METHODS]
     security = getattr(config, "security", None)
     if security is not None and getattr(security, "ffa_lora", None):
-        others = sorted({spec.name for _, spec in specs if spec.name not in ("lora", "qlora")})
+        others = sorted(
+            {spec.name for _, spec in specs if spec.name not in METHODS or not get_method(spec.name).ffa_lora}
+        )
         if others:
             problems.append(
                 f"security.ffa_lora: FFA-LoRA freezes LoRA's A matrices, but method(s) {others} have none"
             )
     problems += _rank_problems(config)
-    uses_bnb = any(spec.name == "qlora" for _, spec in specs)
-    if uses_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("method: qlora needs the bitsandbytes package (pip install bitsandbytes)")
+    for name, package in sorted({(m.name, p) for m in known for p in m.requires_packages}):
+        if importlib.util.find_spec(package) is None:
+            problems.append(f"method: {name} needs the {package} package (pip install {package})")
     return problems

@@ -7,12 +7,19 @@ functions (start → train_silo × 2 → aggregate_round → evaluate_silo):
 - what a silo uploads has exactly the method's exchanged keys and shapes, and
   round-trips through the object store bit for bit;
 - the final artifact is written in the method's native format and loads back
-  onto a fresh base, computing the same logits as the trained model.
+  onto a fresh base, computing the same logits as the trained model;
+- the method's declared memory footprint counts exactly the parameters it trains.
+
+Every registered method also declares the facts the rest of silotune reads
+(Table 1 row, defenses, FFA-LoRA, plan choices), and no library module outside
+``silotune/methods`` compares against a method's name. The per-method runtimes of
+the round are printed by ``tests/unit/conftest.py`` at the end of the session.
 """
 
 from __future__ import annotations
 
-import time
+import ast
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +31,15 @@ from silotune.config import FederationConfig, parse_config
 from silotune.data import encode_dataset, read_records
 from silotune.evaluation import evaluate
 from silotune.federation import aggregate_round, evaluate_silo, start_federation, train_silo
-from silotune.methods import METHODS, Payload, get_method, parse_options
+from silotune.memory_estimate import ModelShape
+from silotune.methods import METHODS, Defense, Method, Payload, PlanChoice, get_method, parse_options
+from silotune.openness import Table1Row
 from silotune.store import FederationLayout, LocalStore, get_tensors
 
 # Per-method local learning rates for the tiny random model (full FT moves every weight: smaller).
 LR = {"lora": 0.1, "qlora": 0.1, "ia3": 0.3, "prompt_tuning": 1e-2, "full": 3e-3}
 OPTIONS: dict[str, dict[str, Any]] = {"prompt_tuning": {"num_virtual_tokens": 8}}
-TIMINGS: dict[str, float] = {}
+SILOTUNE = Path(__file__).resolve().parents[2] / "silotune"
 
 
 def _config(tmp: Path, demo_data, method: str, **extra: Any) -> FederationConfig:
@@ -62,13 +71,55 @@ def test_registry_lists_every_method_of_table_1() -> None:
     assert {payloads[n] for n in ("lora", "qlora", "ia3")} == {Payload.ADAPTER}
 
 
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_declares_its_facts(method: str) -> None:
+    m = get_method(method)
+    assert isinstance(m, Method) and m.name == method
+    assert set(m.defenses) == set(Defense) and isinstance(m.table1, Table1Row)
+    assert m.ffa_lora <= m.uses_lora_section  # FFA-LoRA freezes the A of a LoRA shape
+    for gpu in (False, True):
+        choices = m.plan_choices(gpu=gpu)
+        assert all(isinstance(c, PlanChoice) for c in choices)
+        # Every option plan would write is one the method accepts.
+        for c in choices:
+            parse_options(m, {**c.options, "gradient_checkpointing": True})
+    assert m.plan_learning_rate > 0
+
+
+def _compared_strings(tree: ast.AST) -> set[str]:
+    """String constants that a comparison (==, !=, in, not in) checks against."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                elts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                out |= {e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return out
+
+
+def test_no_library_module_outside_methods_compares_method_names() -> None:
+    """Methods own their facts: the rest of the library reads them from the registry, never by name."""
+    names = set(METHODS.names())
+    offenders = {
+        str(path.relative_to(SILOTUNE)): sorted(hits)
+        for path in SILOTUNE.rglob("*.py")
+        if "methods" not in path.relative_to(SILOTUNE).parts
+        and (hits := _compared_strings(ast.parse(path.read_text())) & names)
+    }
+    assert offenders == {}
+
+
 @pytest.mark.parametrize("method", sorted(LR))
 def test_method_contract_one_federated_round(method: str, tmp_path: Path, demo_data) -> None:
-    t0 = time.perf_counter()
     cfg = _config(tmp_path, demo_data, method)
     store = LocalStore(cfg.store.root)
     adapter = AdapterModel.create(cfg.model, cfg.lora, seed=0, method=cfg.method)
     template = adapter.state()
+    # The memory footprint the method declares counts exactly what it trains.
+    impl = get_method(method)
+    shape = ModelShape.from_hf_config(json.loads((adapter.model_path / "config.json").read_text()))
+    footprint = impl.footprint(shape, parse_options(impl, cfg.method.options), cfg.lora)
+    assert footprint.trainable_params == adapter.num_trainable(), method
 
     state = start_federation(cfg, store, adapter)
     g0 = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
@@ -105,7 +156,6 @@ def test_method_contract_one_federated_round(method: str, tmp_path: Path, demo_d
 
     # The published artifact loads back onto a fresh base and computes the same function.
     folder = adapter.save_pretrained(tmp_path / "artifact", g1)
-    impl = get_method(method)
     reloaded = impl.load_artifact(folder, adapter.model_path, parse_options(impl, cfg.method.options))
     ids = torch.tensor([[1, 20, 300, 4000, 5]])
     mask = torch.ones_like(ids)
@@ -116,7 +166,6 @@ def test_method_contract_one_federated_round(method: str, tmp_path: Path, demo_d
         b = reloaded(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(a, b, atol=1e-4), (method, float((a - b).abs().max()))
     assert FederationLayout(cfg.federation_id).global_adapter(1) == agg.next_global.key
-    TIMINGS[method] = time.perf_counter() - t0
 
 
 def test_qlora_and_lora_silos_federate_together(tmp_path: Path, demo_data) -> None:
@@ -156,12 +205,3 @@ def test_mismatched_exchanges_are_refused(tmp_path: Path, demo_data) -> None:
     data["silos"][1]["method"] = {"name": "adalora"}
     with pytest.raises(ConfigError, match="unknown post-training method 'adalora'; known: full, ia3, lora"):
         parse_config(data)
-
-
-def test_contract_table(capsys) -> None:
-    """Prints the per-method runtimes of this session's contract runs (informative, never fails)."""
-    if TIMINGS:
-        with capsys.disabled():
-            print("\nmethod contract (tiny model, 2 silos × 6 steps, one round):")
-            for m, s in sorted(TIMINGS.items()):
-                print(f"  {m:<14} {s:6.2f} s")

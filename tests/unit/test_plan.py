@@ -131,17 +131,26 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path) -> None:
 
 def test_written_config_estimates_match_the_plan() -> None:
     """The per-silo memory model of a config (silotune estimate) reproduces the plan's numbers."""
-    from silotune.methods.memory_model import estimate_silo
+    from silotune.silo_memory import estimate_silo
 
-    a = load_answers(EXAMPLES / "mixed.yaml")
-    p = make_plan(a)
-    cfg = parse_config(to_config(a, p))
-    for s in p.silos:
-        assert estimate_silo(cfg, s.name).total / 1e9 == pytest.approx(s.estimate_gb, abs=0.01)
+    full = {
+        "silos": [{"name": "gpu", "vram_gb": 80}, {"name": "cpu", "vram_gb": 0, "ram_gb": 256}],
+        "prefer_full_finetuning": True,
+        "model_size_b": 0.135,
+    }
+    for a in (load_answers(EXAMPLES / "mixed.yaml"), parse_answers(full)):
+        p = make_plan(a)
+        cfg = parse_config(to_config(a, p))
+        for s in p.silos:
+            assert estimate_silo(cfg, s.name).total / 1e9 == pytest.approx(s.estimate_gb, abs=0.01)
+    # Full fine-tuning on both: bf16 on the GPU silo, fp32 on the CPU silo (each as estimated).
+    assert {s.method for s in p.silos} == {"full"}
+    assert cfg.method_for("gpu").options.get("base_dtype") == "bfloat16"
+    assert cfg.method_for("cpu").options.get("base_dtype", "float32") == "float32"
 
 
 def test_estimate_reads_a_local_model_shape(tmp_path: Path) -> None:
-    from silotune.methods.memory_model import estimate_silo
+    from silotune.silo_memory import estimate_silo
 
     cfg = parse_config(
         {

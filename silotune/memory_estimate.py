@@ -1,13 +1,16 @@
 """Peak training memory of a post-training method, estimated from the model's shape.
 
-Pure Python on purpose (no torch, no silotune imports): ``plan`` uses it to pick
-a method per silo, and ``bench/gpu_qlora_memory.py`` runs it on machines that
-have nothing of silotune but this file.
+Pure Python on purpose (the standard library only): the estimator is arithmetic
+over a :class:`ModelShape` and a method's :class:`Footprint`, and knows no method
+by name. Each registered method (:mod:`silotune.methods`) declares its own
+footprint from its options: what it trains, what autograd keeps for it, whether
+its base is quantised. :mod:`silotune.silo_memory` turns a federation config into
+a footprint per silo; ``plan`` uses the same path to pick a method per silo.
 
 The estimate is the sum of what is alive at the peak of a training step:
 
 ``weights``
-    every parameter at its storage precision; QLoRA's quantised linear layers at
+    every parameter at its storage precision; a quantised base's linear layers at
     ``bits``/8 bytes per parameter plus their quantisation constants (4-bit:
     one fp32 absmax per 64-value block, 0.5 bit/param; with double quantisation
     an 8-bit absmax per block plus an fp32 constant per 256 blocks, ~0.127
@@ -16,38 +19,24 @@ The estimate is the sum of what is alive at the peak of a training step:
 ``gradients`` and ``optimizer``
     one gradient and two AdamW moments per *trainable* parameter, at the
     trainable parameters' precision (``adapter_bytes``; PEFT keeps adapters in
-    fp32 even on a 16-bit base).
+    fp32 even on a 16-bit base), or at the weights' precision for a method that
+    trains the base's own weights.
 ``activations``
     what autograd saves for the backward pass, per decoder layer of a Llama
     (RMSNorm, SDPA attention, SwiGLU MLP), counted tensor by tensor in units of
-    batch × sequence tokens (h: hidden, kv: key/value width, i: MLP width):
-
-    ============  ===========================  ==========================================
-    method        per layer                     why
-    ============  ===========================  ==========================================
-    full          9h + 2kv + 4i                 norms keep input, normalised and scaled
-                                                outputs; q, k, v, attention output (SDPA);
-                                                o_proj input; gate, SiLU, up, product
-    lora          4h + 2kv + 3i (+ h per        frozen linears keep only their weight; the
-                  adapted linear whose input    LoRA A matmul keeps its input (shared by
-                  no other op keeps)            q/k/v); SiLU and product need gate and up
-    qlora         lora + o_proj, MLP inputs     bitsandbytes' 4-bit matmul keeps its input
-                  (+2h + i)                     whenever the input needs a gradient
-    ia3           4h + 4kv + 4i                 scaled k/v outputs and the scaled MLP input
-    prompt tun.   4h + 2kv + 3i                 as LoRA without adapters, on s + n tokens
-    ============  ===========================  ==========================================
-
-    plus, with ``attention="eager"``, the softmax matrix (heads × s² per
-    sequence). With gradient checkpointing only each layer's input (h) is kept,
-    plus one layer's activations during its recomputation.
+    batch × sequence tokens by each method (its ``Footprint.activations_per_token``;
+    the methods' docstrings give the count and why), plus, with
+    ``attention="eager"``, the softmax matrix (heads × s² per sequence). With
+    gradient checkpointing only each layer's input (h) is kept, plus one layer's
+    activations during its recomputation.
 ``logits``
     the LM head output, the fp32 log-softmax kept by the loss, and the
     gradient of the logits (batch × sequence × vocabulary each): the largest
     single term for small models with large vocabularies such as SmolLM2.
 ``reference``
-    DPO: full fine-tuning keeps a frozen copy of the base; PEFT methods disable
-    their adapter instead (free). A DPO batch is twice the rows (chosen and
-    rejected).
+    DPO: a method whose reference policy is a frozen copy of the base (full
+    fine-tuning) keeps that copy; PEFT methods disable their adapter instead
+    (free). A DPO batch is twice the rows (chosen and rejected).
 
 The sum is an upper bound of the true peak (gradients of early layers are
 allocated as late activations are freed); ``bench/memory.py`` and
@@ -62,8 +51,6 @@ from typing import Any
 
 GIB = 1024**3
 MIB = 1024**2
-
-METHOD_NAMES = ("full", "lora", "qlora", "ia3", "prompt_tuning")
 
 
 @dataclass(frozen=True)
@@ -156,8 +143,7 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("llama-65b", 32000, 8192, 22016, 80, 64, 64),
     )
 }
-# Built-in model names that silotune can load, mapped to their shapes.
-# Model descriptor names (silotune.openness) mapped to their shapes.
+# Built-in model and descriptor names (silotune.openness) mapped to the preset of their shape.
 MODEL_SHAPES = {
     "smollm2-135m-instruct": "smollm2-135m",
     "tinyllama-1.1b": "llama-1b",
@@ -216,7 +202,7 @@ class MemoryEstimate:
         return f"{self.total / GIB:.2f} GiB ({parts})"
 
 
-def _quant_bytes(shape: ModelShape, bits: int, double_quant: bool) -> tuple[int, int]:
+def quantised_bytes(shape: ModelShape, bits: int, double_quant: bool) -> tuple[int, int]:
     """(packed weight bytes, constant bytes) of the quantised linear layers."""
     n = shape.linear_params()
     if bits == 4:
@@ -229,155 +215,108 @@ def _quant_bytes(shape: ModelShape, bits: int, double_quant: bool) -> tuple[int,
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
-def trainable_params(
-    shape: ModelShape,
-    method: str,
-    *,
-    lora_r: int = 8,
-    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
-    ia3_targets: Sequence[str] = ("k_proj", "v_proj", "down_proj"),
-    ia3_feedforward: Sequence[str] = ("down_proj",),
-    num_virtual_tokens: int = 16,
-    train_embeddings: bool = True,
-) -> int:
+def check_targets(shape: ModelShape, targets: Sequence[str]) -> None:
+    """Refuse target modules that a Llama decoder layer does not have."""
     lin = shape.linears()
-    if method in ("lora", "qlora"):
-        _check_targets(lora_targets, lin)
-        return shape.num_layers * sum(lora_r * (lin[t][0] + lin[t][1]) for t in lora_targets)
-    if method == "ia3":
-        _check_targets(ia3_targets, lin)
-        return shape.num_layers * sum(lin[t][0] if t in ia3_feedforward else lin[t][1] for t in ia3_targets)
-    if method == "prompt_tuning":
-        return num_virtual_tokens * shape.hidden_size
-    if method == "full":
-        emb = shape.vocab_size * shape.hidden_size * (1 if shape.tie_embeddings else 2)
-        return shape.num_params() - (0 if train_embeddings else emb)
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
-
-
-def _check_targets(targets: Sequence[str], lin: Mapping[str, Any]) -> None:
     bad = [t for t in targets if t not in lin]
     if bad:
         raise ValueError(f"unknown target modules {bad}; a Llama layer has {sorted(lin)}")
 
 
-def activation_elements_per_token(
-    shape: ModelShape,
-    method: str,
-    *,
-    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
-) -> int:
-    """Elements autograd keeps per token and decoder layer (see the module docstring's table)."""
-    h, kv, i = shape.hidden_size, shape.kv_dim, shape.intermediate_size
-    if method == "full":
-        return 9 * h + 2 * kv + 4 * i
-    if method in ("lora", "qlora"):
-        n = 4 * h + 2 * kv + 3 * i
-        # The normalised attention input (h) is kept once if any of q/k/v is adapted; the
-        # MLP's normalised input once if gate/up are; o_proj and down_proj inputs are their own.
-        if any(t in lora_targets for t in ("q_proj", "k_proj", "v_proj")) or method == "qlora":
-            n += h
-        if "o_proj" in lora_targets and method == "lora":
-            n += h
-        if any(t in lora_targets for t in ("gate_proj", "up_proj")) and method == "lora":
-            n += h
-        if "down_proj" in lora_targets and method == "lora":
-            n += i
-        if method == "qlora":  # the 4-bit matmul keeps every input that needs a gradient
-            n += 2 * h + i
-        return n
-    if method == "ia3":
-        return 4 * h + 4 * kv + 4 * i
-    if method == "prompt_tuning":
-        return 4 * h + 2 * kv + 3 * i
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
+@dataclass(frozen=True)
+class Footprint:
+    """What one method, with its options, puts in memory on one model shape.
+
+    Declared by each method (``Method.footprint``); the estimator only sums it.
+    """
+
+    method: str
+    trainable_params: int
+    # Elements autograd keeps per token and decoder layer (compute dtype).
+    activations_per_token: int
+    # Storage of unquantised base weights (4 fp32 on CPU, 2 bf16 on GPU).
+    weight_bytes: int = 4
+    # Embeddings, norms and LM head of a quantised base (PEFT's prepare_model_for_kbit_training: fp32).
+    other_bytes: int = 4
+    # Activation dtype.
+    compute_bytes: int = 4
+    # Input features per layer that PEFT casts to the adapter's dtype before the adapter (kept when the
+    # compute dtype differs from the adapter's).
+    adapter_input_features: int = 0
+    # Tokens the method prepends to every sequence (soft prompts).
+    virtual_tokens: int = 0
+    # Bits of a quantised base's linear layers (None: unquantised). A quantised base's LM head
+    # computes at ``other_bytes``.
+    quantised_bits: int | None = None
+    double_quant: bool = True
+    # The trainable parameters are the base's own weights: no separate adapter, gradients and
+    # moments at the weights' precision, and the mixed-precision recipe applies.
+    trains_base: bool = False
+    # Per-token elements of h the final norm keeps (1: its input; 3 when its weight trains).
+    final_norm_outputs: int = 1
+    # DPO's reference policy is a frozen copy of the base (not the base with the adapter disabled).
+    reference_copy: bool = False
 
 
 def estimate(
     shape: ModelShape,
-    method: str,
+    footprint: Footprint,
     *,
     batch: int,
     seq: int,
-    lora_r: int = 8,
-    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
-    bits: int = 4,
-    double_quant: bool = True,
-    weight_bytes: int = 4,
-    other_bytes: int | None = None,
-    compute_bytes: int | None = None,
     adapter_bytes: int = 4,
     optimizer_states: int = 2,
     mixed_precision: bool = False,
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
-    num_virtual_tokens: int = 16,
-    train_embeddings: bool = True,
     objective: str = "sft",
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one training step; see the module docstring for the model.
 
-    ``weight_bytes``: storage of unquantised base weights (4 fp32 on CPU, 2 bf16 on GPU).
-    ``other_bytes``: embeddings/norms/LM head of a quantised model (default: ``weight_bytes``;
-    4 after PEFT's ``prepare_model_for_kbit_training``). ``compute_bytes``: activation dtype
-    (default: ``weight_bytes``). ``adapter_bytes``: trainable parameters, their gradients and
-    AdamW moments (4: fp32). ``optimizer_states``: 2 for Adam/AdamW, 0 for SGD.
-    ``mixed_precision``: full fine-tuning of a 16-bit model with fp32 master weights and fp32
-    moments (the usual recipe: 2 + 2 + 4 + 8 = 16 bytes per parameter).
+    ``adapter_bytes``: trainable parameters, their gradients and AdamW moments (4: fp32).
+    ``optimizer_states``: 2 for Adam/AdamW, 0 for SGD. ``mixed_precision``: a method that trains
+    the base's weights, on a 16-bit model with fp32 master weights and fp32 moments (the usual
+    recipe: 2 + 2 + 4 + 8 = 16 bytes per parameter).
     """
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
-    compute = compute_bytes or weight_bytes
-    other = other_bytes or weight_bytes
+    fp = footprint
+    compute, other = fp.compute_bytes, fp.other_bytes
     n_params = shape.num_params()
-    trainable = trainable_params(
-        shape,
-        method,
-        lora_r=lora_r,
-        lora_targets=lora_targets,
-        num_virtual_tokens=num_virtual_tokens,
-        train_embeddings=train_embeddings,
-    )
+    trainable = fp.trainable_params
     quant = 0
-    if method == "qlora":
-        packed, quant = _quant_bytes(shape, bits, double_quant)
+    if fp.quantised_bits is not None:
+        packed, quant = quantised_bytes(shape, fp.quantised_bits, fp.double_quant)
         weights = packed + shape.other_params() * other
     else:
-        weights = n_params * weight_bytes
-    if method in ("lora", "qlora", "ia3", "prompt_tuning"):
+        weights = n_params * fp.weight_bytes
+    if not fp.trains_base:
         weights += trainable * adapter_bytes  # the adapter itself (full FT trains the weights in place)
-    grad_bytes = adapter_bytes if method != "full" else weight_bytes
+    grad_bytes = fp.weight_bytes if fp.trains_base else adapter_bytes
     gradients = trainable * grad_bytes
-    if method == "full" and mixed_precision:
+    if fp.trains_base and mixed_precision:
         optimizer = trainable * (4 + 4 * optimizer_states)  # fp32 master copy + fp32 moments
     else:
         optimizer = trainable * grad_bytes * optimizer_states
 
     rows = batch * (2 if objective == "dpo" else 1)
-    tokens = rows * (seq + (num_virtual_tokens if method == "prompt_tuning" else 0))
-    per_layer = activation_elements_per_token(shape, method, lora_targets=lora_targets)
-    if method in ("lora", "qlora") and adapter_bytes != compute:
-        # PEFT casts a 16-bit input to the adapter's fp32 before the A matmul, and keeps the copy.
-        per_layer_extra = sum(shape.linears()[t][0] for t in lora_targets) * adapter_bytes
-    else:
-        per_layer_extra = 0
+    tokens = rows * (seq + fp.virtual_tokens)
+    # PEFT casts a 16-bit input to the adapter's fp32 before the A matmul, and keeps the copy.
+    per_layer_extra = fp.adapter_input_features * adapter_bytes if adapter_bytes != compute else 0
     if attention == "eager":
         eager = shape.num_heads * (tokens // rows) * rows * (tokens // rows) * compute
     else:
         eager = 0
-    layer_bytes = tokens * (per_layer * compute + per_layer_extra) + eager
+    layer_bytes = tokens * (fp.activations_per_token * compute + per_layer_extra) + eager
     if gradient_checkpointing:
         activations = shape.num_layers * tokens * shape.hidden_size * compute + layer_bytes
     else:
         activations = shape.num_layers * layer_bytes
-    final = 3 if method == "full" else 1  # the final norm: input (+ normalised, scaled)
-    activations += tokens * shape.hidden_size * final * compute
+    activations += tokens * shape.hidden_size * fp.final_norm_outputs * compute
     # LM head output (compute dtype, fp32 after prepare_model_for_kbit_training), fp32 log-softmax, its grad.
-    head_bytes = other if method == "qlora" else compute
+    head_bytes = other if fp.quantised_bits is not None else compute
     logits = tokens * shape.vocab_size * (head_bytes + 4 + 4)
-    reference = n_params * weight_bytes if (objective == "dpo" and method == "full") else 0
+    reference = n_params * fp.weight_bytes if (objective == "dpo" and fp.reference_copy) else 0
     return MemoryEstimate(
-        method=method,
+        method=fp.method,
         model=shape.name,
         batch=batch,
         seq=seq,

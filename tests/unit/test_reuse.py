@@ -1,4 +1,4 @@
-"""Reuse of identical local work (silotune.memo): only bit-identical inputs hit, and a hit changes nothing."""
+"""Reuse of identical local work (silotune.reuse): only bit-identical inputs hit, and a hit changes nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from silotune.config import parse_config
-from silotune.memo import WorkMemo, memo_key, tensor_digest
+from silotune.reuse import WorkMemo, memo_key, tensor_digest
 
 
 def test_memo_computes_once_and_returns_copies() -> None:
