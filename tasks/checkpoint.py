@@ -11,10 +11,8 @@ coordinator flow, in the same process.
 
 from __future__ import annotations
 
-import base64
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -22,8 +20,16 @@ from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
 from silotune.federation.commit import commit_round, record_evaluation, save_state
-from silotune.records import AggregateRecord, EvalRecord, FederationState, SiloFailure, UpdateRecord
-from silotune.report import plot_history
+from silotune.records import (
+    AggregateRecord,
+    EvalRecord,
+    FederationState,
+    HoldoutMetrics,
+    SiloFailure,
+    UpdateRecord,
+)
+from silotune.report import initial_and_final, plot_history, round_table, summary_markdown
+from silotune.tracking import initial_metrics
 from tasks.runtime import store_for, tracker_for
 
 
@@ -76,11 +82,7 @@ def _track_evaluation(config: FederationConfig, state: FederationState, round_: 
     """MLflow metrics at the round's step (nested run per round) and the round's Prefect table."""
     tracker = tracker_for(config)
     if round_ < 0:
-        initial = state.initial_eval or {}
-        metrics = {f"global.{k}": float(v) for k, v in initial.get("global_eval", {}).items()}
-        for silo, ev in initial.get("eval", {}).items():
-            metrics.update({f"silo.{silo}.eval.{k}": float(v) for k, v in ev.items()})
-        tracker.log_initial(state.tracking_run_id, metrics)
+        tracker.log_initial(state.tracking_run_id, initial_metrics(state.initial_eval))
         return
     summary = state.history[round_]
     tracker.log_round(state.tracking_run_id, round_ + 1, summary)
@@ -89,55 +91,6 @@ def _track_evaluation(config: FederationConfig, state: FederationState, round_: 
         table=round_table(summary),
         description=f"Federation {config.federation_id}, round {round_ + 1}: training and holdout metrics.",
     )
-
-
-def round_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    silos = sorted(
-        set(summary["train"])
-        | set(summary["eval"])
-        | set(summary["excluded"])
-        | set(summary.get("eval_failures", {}))
-    )
-    for silo in silos:
-        tr = summary["train"].get(silo, {})
-        ev = summary["eval"].get(silo, {})
-        if silo in summary["excluded"]:
-            status = "excluded: " + summary["excluded"][silo][:120]
-        elif silo in summary.get("eval_failures", {}):
-            status = "included; evaluation failed: " + summary["eval_failures"][silo][:100]
-        else:
-            status = "included"
-        rows.append(
-            {
-                "silo": silo,
-                "status": status,
-                "examples": tr.get("num_examples", ""),
-                "train_loss_first": round(tr["first_loss"], 4) if "first_loss" in tr else "",
-                "train_loss_final": round(tr["final_loss"], 4) if "final_loss" in tr else "",
-                "tokens_per_s": round(tr["tokens_per_second"], 1) if "tokens_per_second" in tr else "",
-                "update_norm": round(tr["update_norm"], 4) if "update_norm" in tr else "",
-                "holdout_loss": round(ev["loss"], 4) if "loss" in ev else "",
-                "holdout_exact_match": round(ev["exact_match"], 4) if "exact_match" in ev else "",
-            }
-        )
-    g = summary.get("global_eval") or {}
-    rows.append(
-        {
-            "silo": "GLOBAL (weighted)",
-            "status": "",
-            "examples": g.get("num_examples", ""),
-            "train_loss_first": "",
-            "train_loss_final": "",
-            "tokens_per_s": "",
-            "update_norm": round(summary["delta_norm"], 4)
-            if summary.get("delta_norm") is not None
-            else "(encrypted)",
-            "holdout_loss": round(g["loss"], 4) if "loss" in g else "",
-            "holdout_exact_match": round(g["exact_match"], 4) if "exact_match" in g else "",
-        }
-    )
-    return rows
 
 
 @task(name="track-start", persist_result=False, cache_policy=NO_CACHE)
@@ -152,41 +105,27 @@ def track_start(config: FederationConfig, state: FederationState) -> FederationS
 
 
 @task(name="report", persist_result=False, cache_policy=NO_CACHE)
-def report(config: FederationConfig, state: FederationState, final_adapter_dir: str | None) -> dict[str, Any]:
-    """Plot the history to MLflow and Prefect; return a small summary for the caller."""
+def report(
+    config: FederationConfig, state: FederationState, final_adapter_dir: str | None
+) -> tuple[HoldoutMetrics | None, HoldoutMetrics | None]:
+    """Plot the history to MLflow and Prefect, close the MLflow run; return the weighted holdout metrics
+    of the initial and the final global adapter (None where not evaluated)."""
     tracker = tracker_for(config)
     png = plot_history(state.history, state.initial_eval, title=f"silotune federation {config.federation_id}")
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "federation_history.png"
         p.write_bytes(png)
         tracker.log_file(state.tracking_run_id, p, "plots")
-    first = (state.initial_eval or {}).get("global_eval", {})
-    last = state.history[-1]["global_eval"] if state.history else {}
-    md = [
-        f"# Federation `{config.federation_id}`",
-        "",
-        f"Rounds completed: **{state.completed_rounds}** of {config.rounds}; "
-        f"silos: {', '.join(s.name for s in config.silos)}.",
-        "",
-    ]
-    if first and last:
-        md += [
-            "| holdout (weighted over silos) | initial global | final global |",
-            "|---|---|---|",
-            f"| loss | {first['loss']:.4f} | {last['loss']:.4f} |",
-            f"| exact match | {first['exact_match']:.3f} | {last['exact_match']:.3f} |",
-            "",
-        ]
-    md += [
-        f"Final adapter: `{final_adapter_dir}`",
-        f"MLflow run: `{state.tracking_run_id}`",
-        "",
-        f"![history](data:image/png;base64,{base64.b64encode(png).decode()})",
-    ]
     create_markdown_artifact(
         key=f"{config.federation_id}-summary".replace("_", "-"),
-        markdown="\n".join(md),
+        markdown=summary_markdown(
+            state,
+            planned_rounds=config.rounds,
+            silos=[s.name for s in config.silos],
+            final_adapter_dir=final_adapter_dir,
+            plot_png=png,
+        ),
         description="Federation summary",
     )
     tracker.finish(state.tracking_run_id)
-    return {"initial": first, "final": last}
+    return initial_and_final(state)
