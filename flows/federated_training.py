@@ -24,10 +24,13 @@ from silotune.protection import scheme_for
 from silotune.records import RoundSummary
 from tasks.aggregate import aggregate, root_update
 from tasks.broadcast import broadcast
-from tasks.checkpoint import commit, record_eval, report, track_start
+from tasks.commit import commit
 from tasks.publish import publish
+from tasks.record_evaluation import record_eval
+from tasks.report import report
 from tasks.runtime import published_location
 from tasks.secure import close_upload
+from tasks.track import track_start
 
 
 @flow(name="federated-training", flow_run_name="{config.federation_id}", log_prints=True)
