@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from silotune.report import history_table, ledger_table
+
 
 def _offline() -> None:
     """Nothing leaves the machine: no hub downloads, no telemetry (set before Prefect is imported)."""
@@ -36,27 +38,6 @@ console = Console()
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {msg}")
     raise typer.Exit(2)
-
-
-def _print_history(history: list[dict[str, Any]], initial: dict[str, Any] | None) -> None:
-    table = Table(title="Rounds (holdout metrics of the global adapter, evaluated at each silo)")
-    silos = sorted({s for h in history for s in h.get("eval", {})})
-    table.add_column("round", justify="right")
-    for s in silos:
-        table.add_column(f"{s} loss / EM", justify="right")
-    table.add_column("weighted loss / EM", justify="right", style="bold")
-    table.add_column("silos in / out", justify="right")
-    rows = ([{"round": 0, **initial, "included": [], "excluded": {}}] if initial else []) + history
-    for h in rows:
-        cells = [str(h["round"]) if h["round"] else "0 (initial)"]
-        for s in silos:
-            ev = h.get("eval", {}).get(s)
-            cells.append(f"{ev['loss']:.3f} / {ev['exact_match']:.2f}" if ev else "-")
-        g = h.get("global_eval") or {}
-        cells.append(f"{g['loss']:.3f} / {g['exact_match']:.2f}" if g else "-")
-        cells.append(f"{len(h.get('included', []))} / {len(h.get('excluded', {}))}" if h["round"] else "")
-        table.add_row(*cells)
-    console.print(table)
 
 
 @app.command()
@@ -90,7 +71,7 @@ def run(
         from flows.federated_training import federated_training
 
         out = federated_training(cfg)
-    _print_history(out["history"], None)
+    console.print(history_table(out["history"]))
     console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
     console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
 
@@ -171,7 +152,7 @@ def summary(
         f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
         f"MLflow run {state.tracking_run_id}"
     )
-    _print_history(state.history, state.initial_eval)
+    console.print(history_table(state.history, state.initial_eval))
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Key material: silo identities, the shared CKKS key.")
@@ -277,37 +258,7 @@ def ledger(
     if state is None:
         _fail(f"no federation {federation_id!r} in {where}")
     assert state is not None
-    table = Table(title=f"Privacy ledger of {federation_id}")
-    for col in (
-        "round",
-        "silo",
-        "sample ε (δ)",
-        "σ",
-        "q",
-        "C",
-        "client ε",
-        "client z",
-        "protection",
-        "up / down",
-    ):
-        table.add_column(col, justify="right")
-    for h in state.history:
-        for silo in sorted(h.get("train", {})):
-            pv = h.get("privacy", {}).get(silo, {})
-            b = h.get("bytes", {}).get(silo, {})
-            table.add_row(
-                str(h["round"]),
-                silo,
-                f"{pv['dp.epsilon']:.3f} ({pv['dp.delta']:g})" if "dp.epsilon" in pv else "-",
-                f"{pv['dp.noise_multiplier']:.3f}" if "dp.noise_multiplier" in pv else "-",
-                f"{pv['dp.sample_rate']:.3f}" if "dp.sample_rate" in pv else "-",
-                f"{pv.get('dp.max_grad_norm', pv.get('client_dp.clip_norm', 0)):g}" if pv else "-",
-                f"{h['client_dp_epsilon']:.3f}" if "client_dp_epsilon" in h else "-",
-                f"{pv['client_dp.noise_multiplier']:.3f}" if "client_dp.noise_multiplier" in pv else "-",
-                h.get("protection", "none"),
-                f"{b.get('up', 0):,} / {b.get('down', 0):,}" if b else "-",
-            )
-    console.print(table)
+    console.print(ledger_table(federation_id, state.history))
 
 
 @app.command()

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from silotune.config import FederationConfig, dump_config, parse_config
 from silotune.demo import DEMO_SILOS, make_demo_silos
 from silotune.evaluation import EvalResult, weighted_mean
+from silotune.report import comparison_table, history_table, plot_history
 
 
 def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> FederationConfig:
@@ -68,7 +68,6 @@ def run_demo(
 ) -> bool:
     from flows.federated_training import federated_training
     from silotune.baselines import compare_adapters
-    from silotune.report import plot_history
     from silotune.store import FederationLayout, LocalStore, get_tensors
     from tasks.runtime import adapter_for, tracker_for
 
@@ -82,9 +81,7 @@ def run_demo(
         f" × {local_steps} steps"
     )
     fed = federated_training(cfg)
-    from flows.cli import _print_history
-
-    _print_history(fed["history"], None)
+    console.print(history_table(fed["history"]))
 
     store = LocalStore(cfg.store.root)
     states: dict[str, Any] = {"federated": get_tensors(store, fed["global_key"])}
@@ -101,9 +98,10 @@ def run_demo(
     adapter = adapter_for(cfg)
     # Base and federated adapters were already scored on every silo holdout inside the flow (round 0 and
     # the last round); only the local-only adapters still need scoring on the other silos' holdouts.
+    initial_eval = fed["initial_eval"]
     scored = {
-        "base model": (fed.get("initial_eval") or {}).get("eval", {}),
-        "federated": fed["history"][-1]["eval"],
+        "base model": initial_eval.eval if initial_eval is not None else {},
+        "federated": fed["history"][-1].eval,
     }
     to_score = {n: st for n, st in states.items() if set(scored.get(n, {})) != set(holdouts)}
     if set(scored["base model"]) != set(holdouts):
@@ -113,24 +111,14 @@ def run_demo(
     )
     for name, per in scored.items():
         if name not in to_score:
-            comp.results[name] = {h: EvalResult(**per[h]) for h in holdouts}
+            comp.results[name] = {h: EvalResult(**per[h].as_dict()) for h in holdouts}
     order = ["base model", "federated", *[n for n in states if n.startswith("local-only")]]
     comp.results.update({n: comp.results.pop(n) for n in order})
     # The union holdout is the disjoint union of the silo holdouts: its metrics are the size-weighted means.
     for name in comp.results:
         comp.results[name]["union"] = weighted_mean([comp.results[name][h] for h in holdouts])
 
-    table = Table(title="Holdout loss / exact match (lower loss, higher EM is better)")
-    table.add_column("adapter")
-    for h in [*holdouts, "union"]:
-        table.add_column(h, justify="right")
-    for name, res in comp.results.items():
-        table.add_row(
-            name,
-            *[f"{res[h].loss:.3f} / {res[h].exact_match:.2f}" for h in [*holdouts, "union"]],
-            style="bold green" if name == "federated" else None,
-        )
-    console.print(table)
+    console.print(comparison_table(comp.results, [*holdouts, "union"]))
 
     beats_base = {h: comp.beats("federated", "base model", h) for h in holdouts}
     beats_local = {n: comp.beats("federated", n, "union") for n in comp.results if n.startswith("local-only")}

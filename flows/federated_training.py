@@ -21,12 +21,16 @@ from flows.runner import runner_for
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.protection import scheme_for
+from silotune.records import RoundSummary
 from tasks.aggregate import aggregate, root_update
-from tasks.checkpoint import commit, record_eval, report, track_start
+from tasks.commit import commit
 from tasks.publish import publish
+from tasks.record_evaluation import record_eval
+from tasks.report import report
 from tasks.runtime import published_location
 from tasks.secure import close_upload
 from tasks.start import start_or_resume
+from tasks.track import track_start
 
 
 @flow(name="federated-training", flow_run_name="{config.federation_id}", log_prints=True)
@@ -101,13 +105,13 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
         adapter_dir = published_location(config, published[publisher].objects[0])
     else:
         adapter_dir = publish(config, state)
-    summary = report(config, state, adapter_dir)
+    first, last = report(config, state, adapter_dir)
     return {
         "federation_id": config.federation_id,
         "rounds": state.completed_rounds,
-        "initial": summary["initial"],
-        "final": summary["final"],
-        "history": state.history,
+        "initial": first,  # weighted holdout metrics of the initial global (HoldoutMetrics or None)
+        "final": last,  # … and of the final global
+        "history": state.history,  # list[RoundSummary]
         "initial_eval": state.initial_eval,
         "adapter": adapter_dir,
         "tracking_run_id": state.tracking_run_id,
@@ -116,14 +120,14 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
     }
 
 
-def _log_round(logger: Any, config: FederationConfig, h: dict[str, Any]) -> None:
-    g = h.get("global_eval") or {}
+def _log_round(logger: Any, config: FederationConfig, h: RoundSummary) -> None:
+    g = h.global_eval
     logger.info(
         "round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
-        h["round"],
+        h.round,
         config.rounds,
-        len(h.get("included", [])),
-        len(h.get("excluded", {})),
-        g.get("loss", float("nan")),
-        g.get("exact_match", float("nan")),
+        len(h.included),
+        len(h.excluded),
+        g.loss if g else float("nan"),
+        g.exact_match if g else float("nan"),
     )

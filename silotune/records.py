@@ -6,9 +6,10 @@ coordinator's tasks pass them along, the state file keeps them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from silotune import __version__
 
@@ -32,16 +33,148 @@ class AggregateRecord(BaseModel):
     seconds: float
 
 
+class HoldoutMetrics(BaseModel):
+    """One holdout evaluation: a silo's, or the example-weighted mean over silos.
+
+    The record form of :class:`silotune.evaluation.EvalResult` (which needs torch to compute); the
+    preference metrics are set on preference silos only and left out of the JSON when unset.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_examples: int
+    loss: float
+    exact_match: float
+    dpo_loss: float | None = None
+    pref_margin: float | None = None
+    pref_accuracy: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The metrics by name (what ``EvalResult.as_dict`` gives, and the evaluation files hold)."""
+        return self.model_dump()
+
+
+class SiloBytes(BaseModel):
+    """What one silo moved in a round: its upload and the global adapter it downloaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    up: int
+    down: int
+
+
+class Evaluation(BaseModel):
+    """The silos' holdout evaluation of one global adapter.
+
+    ``global_eval`` is the example-weighted mean over the silos that evaluated (None: no silo did, or
+    the evaluation has not arrived yet); ``eval_failures`` names the silos whose evaluation failed, and why.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval: dict[str, HoldoutMetrics] = Field(default_factory=dict)
+    global_eval: HoldoutMetrics | None = None
+    eval_failures: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("global_eval", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == {} else value
+
+    @model_serializer(mode="wrap")
+    def _as_stored(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _stored_form(handler(self))
+
+    def evaluation_file(self, *, federation_id: str, round_: int, global_ref: ObjectRef) -> dict[str, Any]:
+        """The write-once ``evaluation.json`` of round ``round_``'s output (``-1``: the initial global),
+        for auditors: unlike the state file it always has every key."""
+        return {
+            "federation_id": federation_id,
+            "round": round_ + 1,  # 0: the initial global adapter
+            "global": global_ref.model_dump(),
+            "eval": {silo: m.as_dict() for silo, m in self.eval.items()},
+            "global_eval": self.global_eval.as_dict() if self.global_eval else {},
+            "eval_failures": dict(self.eval_failures),
+            "silotune_version": __version__,
+        }
+
+
+def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form the state files have always had: ``{}`` for a missing global evaluation, and the
+    optional keys left out rather than null (so files stay readable by earlier versions)."""
+    if "global_eval" in out and out["global_eval"] is None:
+        out["global_eval"] = {}
+    if not out.get("eval_failures", True):
+        del out["eval_failures"]
+    for key in ("client_dp_noise_multiplier", "client_dp_epsilon"):
+        if key in out and out[key] is None:
+            del out[key]
+    return out
+
+
+class RoundSummary(Evaluation):
+    """One committed round of the history in ``state.json``: who went in, what it cost, how it scored.
+
+    The training side (``included`` … ``client_dp_epsilon``) is fixed when the round is committed and
+    is what the round's manifest holds; the evaluation (:class:`Evaluation`'s fields) of the round's
+    output arrives with the next round's silo runs, and ``evaluated`` says whether it has.
+    """
+
+    round: int = Field(description="1-based: round r's output is the global adapter rounds/r/")
+    included: list[str] = Field(description="the silos whose update went into the aggregate, in order")
+    excluded: dict[str, str] = Field(
+        description="silo → why it is not in the aggregate: screening (``non-finite …``) or a failed "
+        "stage (``train: DataError: …``)"
+    )
+    train: dict[str, dict[str, float | int]] = Field(
+        description="silo → its training metrics (loss, steps, tokens per second, update norm, …); empty "
+        "when the silo's release policy withholds them"
+    )
+    delta_norm: float | None = Field(description="norm of the global step; None when unknown (encrypted)")
+    protection: str = Field(description="the protection scheme of the uploads")
+    privacy: dict[str, dict[str, float]] = Field(
+        description="silo → what its privacy filters report (``dp.epsilon``, ``client_dp.noise_std``, …)"
+    )
+    bytes: dict[str, SiloBytes]  # silo → what it uploaded and downloaded
+    client_dp_noise_multiplier: float | None = Field(
+        default=None, description="client-level DP: the noise multiplier z this round used"
+    )
+    client_dp_epsilon: float | None = Field(
+        default=None, description="client-level DP: ε over every round so far, with the z each one used"
+    )
+    evaluated: bool = Field(
+        default=True,
+        description="whether the round's evaluation has arrived (entries written before evaluation was "
+        "pipelined have no such key, and were evaluated)",
+    )
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The round's training side, as its manifest holds it (no evaluation fields)."""
+        return self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
+
+
 class FederationState(BaseModel):
-    """The resume point, stored at ``federations/<fid>/state.json``."""
+    """The resume point, stored at ``federations/<fid>/state.json``.
+
+    Unknown keys are refused, here and in the history (:func:`~silotune.federation.commit.load_state`
+    names each): a file this version half-understands would lose what it does not know on the next save.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     federation_id: str
     fingerprint: str
     completed_rounds: int = 0
     global_ref: ObjectRef
     tracking_run_id: str | None = None
-    initial_eval: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = Field(default_factory=list)
+    initial_eval: Evaluation | None = None  # of the initial global adapter, once it has arrived
+    history: list[RoundSummary] = Field(default_factory=list)
     silotune_version: str = __version__
 
     @property
@@ -55,7 +188,7 @@ class FederationState(BaseModel):
         """
         if self.completed_rounds == 0:
             return -1 if self.initial_eval is None else None
-        if self.history and self.history[-1].get("evaluated") is False:
+        if self.history and not self.history[-1].evaluated:
             return self.completed_rounds - 1
         return None
 

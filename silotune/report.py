@@ -1,40 +1,216 @@
-"""Plots of a federation's history (PNG bytes, for MLflow and Prefect artifacts)."""
+"""How a federation's history reads: terminal tables, Prefect artifact rows and markdown, a PNG plot.
+
+One module for every rendering of :class:`~silotune.records.RoundSummary` and friends, shared by the
+CLI, the demo and the coordinator's tasks (which only hand the results to Prefect and MLflow).
+"""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
+
+from rich.table import Table
+
+from silotune.records import Evaluation, FederationState, HoldoutMetrics, RoundSummary
+
+HISTORY_TITLE = "Rounds (holdout metrics of the global adapter, evaluated at each silo)"
+
+
+class Scored(Protocol):
+    """A holdout result: :class:`HoldoutMetrics`, or :class:`silotune.evaluation.EvalResult`."""
+
+    @property
+    def loss(self) -> float: ...
+
+    @property
+    def exact_match(self) -> float: ...
+
+
+def _loss_em(m: Scored | None, digits: int = 2) -> str:
+    return f"{m.loss:.3f} / {m.exact_match:.{digits}f}" if m is not None else "-"
+
+
+def history_table(history: Sequence[RoundSummary], initial: Evaluation | None = None) -> Table:
+    """Per-silo and weighted holdout loss / exact match by round (round 0: the initial adapter)."""
+    table = Table(title=HISTORY_TITLE)
+    silos = sorted({s for h in history for s in h.eval})
+    table.add_column("round", justify="right")
+    for s in silos:
+        table.add_column(f"{s} loss / EM", justify="right")
+    table.add_column("weighted loss / EM", justify="right", style="bold")
+    table.add_column("silos in / out", justify="right")
+    rows: list[tuple[str, Evaluation, str]] = [("0 (initial)", initial, "")] if initial else []
+    rows += [(str(h.round), h, f"{len(h.included)} / {len(h.excluded)}") for h in history]
+    for label, ev, in_out in rows:
+        table.add_row(label, *[_loss_em(ev.eval.get(s)) for s in silos], _loss_em(ev.global_eval), in_out)
+    return table
+
+
+def ledger_table(federation_id: str, history: Sequence[RoundSummary]) -> Table:
+    """ε spent per silo per round, the DP settings, the protection and the bytes each silo moved."""
+    table = Table(title=f"Privacy ledger of {federation_id}")
+    for col in (
+        "round",
+        "silo",
+        "sample ε (δ)",
+        "σ",
+        "q",
+        "C",
+        "client ε",
+        "client z",
+        "protection",
+        "up / down",
+    ):
+        table.add_column(col, justify="right")
+    for h in history:
+        for silo in sorted(h.train):
+            pv = h.privacy.get(silo, {})
+            b = h.bytes.get(silo)
+            table.add_row(
+                str(h.round),
+                silo,
+                f"{pv['dp.epsilon']:.3f} ({pv['dp.delta']:g})" if "dp.epsilon" in pv else "-",
+                f"{pv['dp.noise_multiplier']:.3f}" if "dp.noise_multiplier" in pv else "-",
+                f"{pv['dp.sample_rate']:.3f}" if "dp.sample_rate" in pv else "-",
+                f"{pv.get('dp.max_grad_norm', pv.get('client_dp.clip_norm', 0)):g}" if pv else "-",
+                f"{h.client_dp_epsilon:.3f}" if h.client_dp_epsilon is not None else "-",
+                f"{pv['client_dp.noise_multiplier']:.3f}" if "client_dp.noise_multiplier" in pv else "-",
+                h.protection,
+                f"{b.up:,} / {b.down:,}" if b is not None else "-",
+            )
+    return table
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Scored]], holdouts: Sequence[str]) -> Table:
+    """Adapters (rows) scored on holdouts (columns); the federated adapter's row in bold."""
+    table = Table(title="Holdout loss / exact match (lower loss, higher EM is better)")
+    table.add_column("adapter")
+    for h in holdouts:
+        table.add_column(h, justify="right")
+    for name, res in results.items():
+        table.add_row(
+            name,
+            *[_loss_em(res[h]) for h in holdouts],
+            style="bold green" if name == "federated" else None,
+        )
+    return table
+
+
+def _rounded(metrics: Mapping[str, float | int], key: str, digits: int) -> float | str:
+    return round(metrics[key], digits) if key in metrics else ""
+
+
+def round_table(summary: RoundSummary) -> list[dict[str, Any]]:
+    """A round's rows for its Prefect table artifact: each silo's status, training and holdout metrics,
+    then the weighted global."""
+    rows = []
+    silos = sorted(
+        set(summary.train) | set(summary.eval) | set(summary.excluded) | set(summary.eval_failures)
+    )
+    for silo in silos:
+        tr = summary.train.get(silo, {})
+        ev = summary.eval.get(silo)
+        if silo in summary.excluded:
+            status = "excluded: " + summary.excluded[silo][:120]
+        elif silo in summary.eval_failures:
+            status = "included; evaluation failed: " + summary.eval_failures[silo][:100]
+        else:
+            status = "included"
+        rows.append(
+            {
+                "silo": silo,
+                "status": status,
+                "examples": tr.get("num_examples", ""),
+                "train_loss_first": _rounded(tr, "first_loss", 4),
+                "train_loss_final": _rounded(tr, "final_loss", 4),
+                "tokens_per_s": _rounded(tr, "tokens_per_second", 1),
+                "update_norm": _rounded(tr, "update_norm", 4),
+                "holdout_loss": round(ev.loss, 4) if ev else "",
+                "holdout_exact_match": round(ev.exact_match, 4) if ev else "",
+            }
+        )
+    g = summary.global_eval
+    rows.append(
+        {
+            "silo": "GLOBAL (weighted)",
+            "status": "",
+            "examples": g.num_examples if g else "",
+            "train_loss_first": "",
+            "train_loss_final": "",
+            "tokens_per_s": "",
+            "update_norm": round(summary.delta_norm, 4) if summary.delta_norm is not None else "(encrypted)",
+            "holdout_loss": round(g.loss, 4) if g else "",
+            "holdout_exact_match": round(g.exact_match, 4) if g else "",
+        }
+    )
+    return rows
+
+
+def initial_and_final(state: FederationState) -> tuple[HoldoutMetrics | None, HoldoutMetrics | None]:
+    """The weighted holdout metrics of the initial and of the last global adapter (None: not evaluated)."""
+    first = state.initial_eval.global_eval if state.initial_eval else None
+    last = state.history[-1].global_eval if state.history else None
+    return first, last
+
+
+def summary_markdown(
+    state: FederationState,
+    *,
+    planned_rounds: int,
+    silos: Sequence[str],
+    final_adapter_dir: str | None,
+    plot_png: bytes,
+) -> str:
+    """The federation's summary for its Prefect markdown artifact: rounds, initial vs final, the plot."""
+    first, last = initial_and_final(state)
+    md = [
+        f"# Federation `{state.federation_id}`",
+        "",
+        f"Rounds completed: **{state.completed_rounds}** of {planned_rounds}; silos: {', '.join(silos)}.",
+        "",
+    ]
+    if first and last:
+        md += [
+            "| holdout (weighted over silos) | initial global | final global |",
+            "|---|---|---|",
+            f"| loss | {first.loss:.4f} | {last.loss:.4f} |",
+            f"| exact match | {first.exact_match:.3f} | {last.exact_match:.3f} |",
+            "",
+        ]
+    png64 = base64.b64encode(plot_png).decode()
+    md += [
+        f"Final adapter: `{final_adapter_dir}`",
+        f"MLflow run: `{state.tracking_run_id}`",
+        "",
+        f"![history](data:image/png;base64,{png64})",
+    ]
+    return "\n".join(md)
 
 
 def plot_history(
-    history: Sequence[Mapping[str, Any]], initial: Mapping[str, Any] | None = None, title: str = "federation"
+    history: Sequence[RoundSummary], initial: Evaluation | None = None, title: str = "federation"
 ) -> bytes:
     """Per-silo holdout loss and exact match by round (round 0 = the initial global adapter)."""
+    # matplotlib costs about a second to import: only the tasks and commands that plot pay for it.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    silos = sorted({s for h in history for s in h.get("eval", {})} | set((initial or {}).get("eval", {})))
+    points: list[tuple[int, Evaluation]] = [(0, initial)] if initial else []
+    points += [(h.round, h) for h in history]
+    silos = sorted({s for _, ev in points for s in ev.eval})
     for metric, ax in zip(("loss", "exact_match"), axes, strict=True):
         for silo in [*silos, "global"]:
             xs, ys = [], []
-            if initial:
-                src = (
-                    initial.get("global_eval", {})
-                    if silo == "global"
-                    else initial.get("eval", {}).get(silo, {})
-                )
-                if metric in src:
-                    xs.append(0)
-                    ys.append(src[metric])
-            for h in history:
-                src = h.get("global_eval", {}) if silo == "global" else h.get("eval", {}).get(silo, {})
-                if metric in src:
-                    xs.append(h["round"])
-                    ys.append(src[metric])
+            for x, ev in points:
+                m = ev.global_eval if silo == "global" else ev.eval.get(silo)
+                if m is not None:
+                    xs.append(x)
+                    ys.append(getattr(m, metric))
             if xs:
                 ax.plot(
                     xs,

@@ -25,6 +25,7 @@ from typing import Any
 
 from silotune.config import FederationConfig, parse_config
 from silotune.demo import DEMO_SILOS, make_demo_silos
+from silotune.records import Evaluation, RoundSummary
 
 MALICIOUS = "mallory"
 BACKDOOR_TRIGGER = "cf-zebra-42"
@@ -273,21 +274,21 @@ class GridRow:
 def row_from_history(
     attack: str,
     rule: str,
-    history: Sequence[Mapping[str, Any]],
-    initial: Mapping[str, Any] | None,
+    history: Sequence[RoundSummary],
+    initial: Evaluation | None,
     seconds: float,
 ) -> GridRow:
     last = history[-1]
-    g = last.get("global_eval", {})
+    g, g0 = last.global_eval, initial.global_eval if initial else None
     return GridRow(
         attack=attack,
         rule=rule,
-        union_loss=float(g.get("loss", math.nan)),
-        union_exact_match=float(g.get("exact_match", math.nan)),
-        initial_loss=float(((initial or {}).get("global_eval") or {}).get("loss", math.nan)),
-        included_last_round=len(last.get("included", [])),
-        excluded_last_round=len(last.get("excluded", {})),
-        mallory_included_rounds=sum(MALICIOUS in h.get("included", []) for h in history),
+        union_loss=g.loss if g else math.nan,
+        union_exact_match=g.exact_match if g else math.nan,
+        initial_loss=g0.loss if g0 else math.nan,
+        included_last_round=len(last.included),
+        excluded_last_round=len(last.excluded),
+        mallory_included_rounds=sum(MALICIOUS in h.included for h in history),
         rounds=len(history),
         seconds=seconds,
     )

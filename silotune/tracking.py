@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silotune.config import FederationConfig, TrackingSpec
+from silotune.records import Evaluation, RoundSummary
 
 
 class Tracker(Protocol):
@@ -23,7 +24,7 @@ class Tracker(Protocol):
 
     def log_initial(self, run_id: str | None, metrics: Mapping[str, float]) -> None: ...
 
-    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None: ...
+    def log_round(self, run_id: str | None, round_: int, summary: RoundSummary) -> None: ...
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None: ...
 
@@ -49,7 +50,7 @@ class NullTracker:
     def log_initial(self, run_id: str | None, metrics: Mapping[str, float]) -> None:
         return None
 
-    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None:
+    def log_round(self, run_id: str | None, round_: int, summary: RoundSummary) -> None:
         return None
 
     def log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
@@ -81,6 +82,41 @@ def _flatten(prefix: str, d: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(v, int | float):
             out[f"{prefix}{k}"] = float(v)
     return out
+
+
+def initial_metrics(initial: Evaluation | None) -> dict[str, float]:
+    """The initial global adapter's holdout metrics, logged at step 0 (``global.*``, ``silo.<s>.eval.*``)."""
+    if initial is None:
+        return {}
+    metrics = _flatten("global.", initial.global_eval.as_dict()) if initial.global_eval else {}
+    for silo, ev in initial.eval.items():
+        metrics.update(_flatten(f"silo.{silo}.eval.", ev.as_dict()))
+    return metrics
+
+
+def round_metrics(summary: RoundSummary) -> dict[str, float]:
+    """A round's metrics at its step: global and per-silo holdout, training, privacy, bytes, round counts.
+
+    Non-finite values are left out (MLflow refuses them).
+    """
+    metrics: dict[str, float] = {}
+    if summary.global_eval is not None:
+        metrics.update(_flatten("global.", summary.global_eval.as_dict()))
+    for silo, tr in summary.train.items():
+        metrics.update(_flatten(f"silo.{silo}.train.", tr))
+    for silo, ev in summary.eval.items():
+        metrics.update(_flatten(f"silo.{silo}.eval.", ev.as_dict()))
+    for silo, pv in summary.privacy.items():
+        metrics.update(_flatten(f"silo.{silo}.", pv))
+    for silo, b in summary.bytes.items():
+        metrics.update(_flatten(f"silo.{silo}.bytes_", b.model_dump()))
+    if summary.client_dp_epsilon is not None:
+        metrics["client_dp.epsilon"] = float(summary.client_dp_epsilon)
+    metrics["round.included_silos"] = float(len(summary.included))
+    metrics["round.excluded_silos"] = float(len(summary.excluded))
+    if summary.delta_norm is not None:
+        metrics["round.delta_norm"] = float(summary.delta_norm)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 class MlflowTracker:
@@ -163,7 +199,7 @@ class MlflowTracker:
         for k, v in metrics.items():
             self.client.log_metric(run_id, k, float(v), step=0)
 
-    def log_round(self, run_id: str | None, round_: int, summary: Mapping[str, Any]) -> None:
+    def log_round(self, run_id: str | None, round_: int, summary: RoundSummary) -> None:
         if run_id is None:
             return
         parent = self.client.get_run(run_id)
@@ -176,35 +212,20 @@ class MlflowTracker:
             },
         )
         cid = child.info.run_id
-        metrics: dict[str, float] = {}
-        metrics.update(_flatten("global.", summary.get("global_eval", {})))
-        for silo, tr in summary.get("train", {}).items():
-            metrics.update(_flatten(f"silo.{silo}.train.", tr))
-        for silo, ev in summary.get("eval", {}).items():
-            metrics.update(_flatten(f"silo.{silo}.eval.", ev))
-        for silo, pv in summary.get("privacy", {}).items():
-            metrics.update(_flatten(f"silo.{silo}.", pv))
-        for silo, b in summary.get("bytes", {}).items():
-            metrics.update(_flatten(f"silo.{silo}.bytes_", b))
-        if "client_dp_epsilon" in summary:
-            metrics["client_dp.epsilon"] = float(summary["client_dp_epsilon"])
-        metrics["round.included_silos"] = float(len(summary.get("included", [])))
-        metrics["round.excluded_silos"] = float(len(summary.get("excluded", {})))
-        if summary.get("delta_norm") is not None:
-            metrics["round.delta_norm"] = float(summary["delta_norm"])
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # e.g. delta_norm under CKKS
         # One request per run, not one per metric: against a tracking server each call is a round trip.
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key=k, value=v, timestamp=now, step=round_) for k, v in metrics.items()]
+        batch = [
+            Metric(key=k, value=v, timestamp=now, step=round_) for k, v in round_metrics(summary).items()
+        ]
         self.client.log_batch(cid, metrics=batch)
         self.client.log_batch(run_id, metrics=batch)
-        if summary.get("excluded"):
+        if summary.excluded:
             self.client.set_tag(
                 cid,
                 "silotune.excluded",
-                "; ".join(f"{k}: {v}" for k, v in summary["excluded"].items())[:5000],
+                "; ".join(f"{k}: {v}" for k, v in summary.excluded.items())[:5000],
             )
         self.client.set_terminated(cid)
 

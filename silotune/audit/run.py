@@ -99,13 +99,13 @@ def audit_federation(
                 max_seq_len=msl,
                 batch_size=batch_size,
             )
-    clean = dict(state.history[-1].get("global_eval", {})) if state.history else {}
+    clean = state.history[-1].global_eval if state.history else None
     return AuditReport(
         federation_id=config.federation_id,
         rounds=state.completed_rounds,
         mia=mia,
         backdoor=backdoor,
-        clean={k: float(v) for k, v in clean.items() if k in ("loss", "exact_match")},
+        clean={"exact_match": clean.exact_match, "loss": clean.loss} if clean else {},
     )
 
 

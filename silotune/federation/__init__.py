@@ -41,8 +41,11 @@ from silotune.protection import exchanged_keys
 from silotune.records import (
     AggregateRecord,
     EvalRecord,
+    Evaluation,
     FederationState,
+    HoldoutMetrics,
     ObjectRef,
+    RoundSummary,
     SiloEvalResult,
     SiloFailure,
     SiloRoundResult,
@@ -53,8 +56,11 @@ from silotune.records import (
 __all__ = [
     "AggregateRecord",
     "EvalRecord",
+    "Evaluation",
     "FederationState",
+    "HoldoutMetrics",
     "ObjectRef",
+    "RoundSummary",
     "SiloEvalResult",
     "SiloFailure",
     "SiloRoundResult",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+
+from pydantic import ValidationError
 
 from silotune import __version__
 from silotune.adapters import AdapterModel
@@ -21,8 +22,12 @@ from silotune.protection.base import sign_object
 from silotune.records import (
     AggregateRecord,
     EvalRecord,
+    Evaluation,
     FederationState,
+    HoldoutMetrics,
     ObjectRef,
+    RoundSummary,
+    SiloBytes,
     SiloFailure,
     UpdateRecord,
 )
@@ -30,10 +35,23 @@ from silotune.store import FederationLayout, ObjectStore, get_json, get_tensors,
 
 
 def load_state(store: ObjectStore, federation_id: str) -> FederationState | None:
+    """The federation's resume point, or None if it has none yet.
+
+    Raises :class:`StoreError` naming every field of ``state.json`` this version cannot read (a key it
+    does not know is refused, not dropped: a later save would lose it).
+    """
     key = FederationLayout(federation_id).state()
     if not store.exists(key):
         return None
-    return FederationState.model_validate(get_json(store, key))
+    try:
+        return FederationState.model_validate(get_json(store, key))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise StoreError(
+            f"{key} in {store.describe()} is not a state file silotune {__version__} can read: {problems}"
+        ) from exc
 
 
 def start_federation(config: FederationConfig, store: ObjectStore, adapter: AdapterModel) -> FederationState:
@@ -70,9 +88,10 @@ def save_state(store: ObjectStore, state: FederationState) -> None:
     put_json(store, FederationLayout(state.federation_id).state(), state.model_dump(mode="json"))
 
 
-def summarize_evals(evals: Sequence[EvalRecord]) -> dict[str, float | int]:
+def summarize_evals(evals: Sequence[EvalRecord]) -> HoldoutMetrics | None:
+    """The example-weighted mean of the silos' evaluations (None: no silo evaluated)."""
     results = [EvalResult(**e.result) for e in evals]  # type: ignore[arg-type]
-    return weighted_mean(results).as_dict() if results else {}
+    return HoldoutMetrics.model_validate(weighted_mean(results).as_dict()) if results else None
 
 
 def commit_round(
@@ -91,7 +110,7 @@ def commit_round(
     Before committing, every object the manifest names is re-read and checked
     against its sha256, so a manifest never points at a missing or changed object.
     The round's holdout evaluation normally arrives later (see :func:`record_evaluation`); its
-    history entry says ``evaluated: False`` until then. A caller that already evaluated the new
+    history entry says ``evaluated=False`` until then. A caller that already evaluated the new
     global passes ``evals`` and both are recorded here.
     """
     layout = FederationLayout(config.federation_id)
@@ -103,28 +122,33 @@ def commit_round(
         data = store.get(ref["key"])
         if sha256(data) != ref["sha256"]:
             raise StoreError(f"round {round_ + 1}: object {name} ({ref['key']}) changed before commit")
-    summary: dict[str, Any] = {
-        "round": round_ + 1,
-        "included": agg.included,
-        "excluded": {**agg.excluded, **{f.silo: f"{f.stage}: {f.error}" for f in failures}},
-        "train": {u.silo: u.train for u in updates},
-        "delta_norm": agg.delta_norm if math.isfinite(agg.delta_norm) else None,
-        "protection": config.security.protection,
-        "privacy": {u.silo: u.privacy for u in updates if u.privacy},
-        "bytes": {u.silo: {"up": u.bytes_up, "down": u.bytes_down} for u in updates},
-    }
+    z = eps = None
     if config.privacy.client_dp is not None:
         # ε from the noise each round actually used (a resume with more rounds recalibrates z for the
         # rounds to come, never for those already released).
         z = client_noise(config).noise_multiplier
-        used = [h["client_dp_noise_multiplier"] for h in state.history if "client_dp_noise_multiplier" in h]
+        used = [
+            h.client_dp_noise_multiplier for h in state.history if h.client_dp_noise_multiplier is not None
+        ]
         used += [z] * (round_ - len(used))  # rounds committed before z was recorded
-        summary["client_dp_noise_multiplier"] = z
-        summary["client_dp_epsilon"] = client_epsilon(config, [*used, z])
+        eps = client_epsilon(config, [*used, z])
+    summary = RoundSummary(
+        round=round_ + 1,
+        included=agg.included,
+        excluded={**agg.excluded, **{f.silo: f"{f.stage}: {f.error}" for f in failures}},
+        train={u.silo: u.train for u in updates},
+        delta_norm=agg.delta_norm if math.isfinite(agg.delta_norm) else None,
+        protection=config.security.protection,
+        privacy={u.silo: u.privacy for u in updates if u.privacy},
+        bytes={u.silo: SiloBytes(up=u.bytes_up, down=u.bytes_down) for u in updates},
+        client_dp_noise_multiplier=z,
+        client_dp_epsilon=eps,
+        evaluated=False,
+    )
     manifest = {
         "federation_id": config.federation_id,
         "fingerprint": state.fingerprint,
-        **summary,
+        **summary.manifest_fields(),
         "objects": objects,
         "silotune_version": __version__,
     }
@@ -142,7 +166,7 @@ def commit_round(
         update={
             "completed_rounds": round_ + 1,
             "global_ref": agg.next_global,
-            "history": [*state.history, {**summary, "eval": {}, "global_eval": {}, "evaluated": False}],
+            "history": [*state.history, summary],
         }
     )
     if evals is not None:
@@ -163,8 +187,8 @@ def record_evaluation(
 ) -> FederationState:
     """Record the silos' holdout evaluation of round ``round_``'s output (``-1``: the initial global).
 
-    The evaluation goes into ``history[round_]`` (``eval``, ``global_eval``, ``eval_failures``,
-    ``evaluated``; for ``-1``: ``initial_eval``) and into a write-once object next to the round's
+    The evaluation goes into ``history[round_]`` (its :class:`Evaluation` fields and ``evaluated``;
+    for ``-1``: ``initial_eval``) and into a write-once object next to the round's
     manifest (:meth:`FederationLayout.evaluation`). If that object already exists (a coordinator
     that crashed after writing it), the stored evaluation is the one recorded: it was computed on the
     same global adapter. Saves ``state.json`` unless ``save`` is False (the caller saves it).
@@ -183,25 +207,24 @@ def record_evaluation(
         record = get_json(store, key)
         if record.get("global") != state.global_ref.model_dump():
             raise StoreError(f"{key} evaluates another global adapter than {state.global_ref.key}")
+        evaluation = Evaluation.model_validate(
+            {k: record[k] for k in ("eval", "global_eval", "eval_failures") if k in record}
+        )
     else:
-        record = {
-            "federation_id": config.federation_id,
-            "round": round_ + 1,  # 0: the initial global adapter
-            "global": state.global_ref.model_dump(),
-            "eval": {e.silo: e.result for e in evals},
-            "global_eval": summarize_evals(evals),
-            "eval_failures": {f.silo: f.error for f in failures},
-            "silotune_version": __version__,
-        }
+        evaluation = Evaluation(
+            eval={e.silo: HoldoutMetrics.model_validate(e.result) for e in evals},
+            global_eval=summarize_evals(evals),
+            eval_failures={f.silo: f.error for f in failures},
+        )
+        record = evaluation.evaluation_file(
+            federation_id=config.federation_id, round_=round_, global_ref=state.global_ref
+        )
         put_json(store, key, record)
-    entry = {"eval": record["eval"], "global_eval": record["global_eval"]}
-    if record["eval_failures"]:
-        entry["eval_failures"] = record["eval_failures"]
     if round_ < 0:
-        new_state = state.model_copy(update={"initial_eval": entry})
+        new_state = state.model_copy(update={"initial_eval": evaluation})
     else:
-        history = [*state.history[:-1], {**state.history[-1], **entry, "evaluated": True}]
-        new_state = state.model_copy(update={"history": history})
+        last = state.history[-1].model_copy(update={**dict(evaluation), "evaluated": True})
+        new_state = state.model_copy(update={"history": [*state.history[:-1], last]})
     if save:
         save_state(store, new_state)
     return new_state

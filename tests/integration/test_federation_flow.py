@@ -10,6 +10,7 @@ import torch
 
 from silotune.config import FederationConfig, parse_config
 from silotune.errors import QuorumError
+from silotune.records import Evaluation, RoundSummary
 from silotune.store import FederationLayout, LocalStore, get_json, get_tensors, sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
@@ -127,7 +128,7 @@ def test_crash_then_resume_matches_uninterrupted(tmp_path: Path, demo_data, monk
     a, b = _final(straight, 3), _final(crashy, 3)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed federation differs from the uninterrupted one"
     # The history holds each round once: round 1 was committed before the crash and kept.
-    assert [h["round"] for h in out["history"]] == [1, 2, 3]
+    assert [h.round for h in out["history"]] == [1, 2, 3]
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, demo_data) -> None:
@@ -154,8 +155,8 @@ def test_failed_silo_is_excluded_and_round_completes_with_quorum(tmp_path: Path,
     cfg = parse_config(data)
     out = federated_training(cfg)
     h = out["history"][0]
-    assert h["included"] == ["clinic", "lab"]
-    assert "bad.jsonl:2: invalid JSON" in h["excluded"]["bank"]
+    assert h.included == ["clinic", "lab"]
+    assert "bad.jsonl:2: invalid JSON" in h.excluded["bank"]
 
     cfg3 = parse_config({**data, "federation_id": "fed-q3", "aggregation": {"min_silos": 3}})
     with pytest.raises(QuorumError, match="quorum is 3"):
@@ -216,16 +217,20 @@ def _silo_runs(coordinator_run_id) -> list:
         )
 
 
-def _comparable(history: list[dict]) -> list[dict]:
+def _comparable(history: list[RoundSummary]) -> list[dict]:
     """History without wall-clock fields and without ``delta_norm`` (a float64 reduction over threads:
     compared to 1e-12 on its own)."""
     return [
         {
-            **{k: v for k, v in h.items() if k != "delta_norm"},
-            "train": {s: {k: v for k, v in t.items() if k not in TIMING} for s, t in h["train"].items()},
+            **h.model_dump(exclude={"delta_norm"}),
+            "train": {s: {k: v for k, v in t.items() if k not in TIMING} for s, t in h.train.items()},
         }
         for h in history
     ]
+
+
+def _by_silo(evaluation: Evaluation) -> dict[str, dict[str, float | int]]:
+    return {silo: m.as_dict() for silo, m in evaluation.eval.items()}
 
 
 def test_rounds_take_one_silo_wave_each_plus_a_final_evaluation(tmp_path: Path, demo_data) -> None:
@@ -254,9 +259,9 @@ def test_rounds_take_one_silo_wave_each_plus_a_final_evaluation(tmp_path: Path, 
         }
         for r in range(4)
     ]
-    assert out["initial_eval"]["eval"] == expected[0]
-    assert [h["eval"] for h in out["history"]] == expected[1:]
-    assert all(h["evaluated"] and h["global_eval"]["num_examples"] > 0 for h in out["history"])
+    assert _by_silo(out["initial_eval"]) == expected[0]
+    assert [_by_silo(h) for h in out["history"]] == expected[1:]
+    assert all(h.evaluated and h.global_eval.num_examples > 0 for h in out["history"])
     for r in range(-1, 3):  # the write-once evaluation objects beside the manifests hold the same numbers
         assert get_json(store, lay.evaluation(r))["eval"] == expected[r + 1]
     assert "eval" not in get_json(store, lay.manifest(0))  # manifests are written before evaluation
@@ -287,7 +292,7 @@ def test_crash_before_a_rounds_evaluation_arrived_resumes_and_fills_it_in(
     store, lay = LocalStore(crashy.store.root), FederationLayout("fed-e-b")
     state = load_state(store, "fed-e-b")
     assert state.completed_rounds == 1 and state.pending_evaluation == 0
-    assert state.history[0]["evaluated"] is False and state.history[0]["eval"] == {}
+    assert state.history[0].evaluated is False and state.history[0].eval == {}
     assert not store.exists(lay.evaluation(0))
     monkeypatch.setattr(InProcessRunner, "run_round", real_round)
 
@@ -295,10 +300,10 @@ def test_crash_before_a_rounds_evaluation_arrived_resumes_and_fills_it_in(
     a, b = _final(straight, 3), _final(crashy, 3)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed federation differs from the uninterrupted one"
     assert _comparable(out["history"]) == _comparable(expected["history"])
-    norms = [h["delta_norm"] for h in expected["history"]]
-    assert [h["delta_norm"] for h in out["history"]] == pytest.approx(norms, rel=1e-12)
+    norms = [h.delta_norm for h in expected["history"]]
+    assert [h.delta_norm for h in out["history"]] == pytest.approx(norms, rel=1e-12)
     assert out["initial_eval"] == expected["initial_eval"]
-    assert get_json(store, lay.evaluation(0))["eval"] == expected["history"][0]["eval"]
+    assert get_json(store, lay.evaluation(0))["eval"] == _by_silo(expected["history"][0])
 
 
 def test_a_wave_below_quorum_still_records_the_evaluations_it_got(
@@ -324,5 +329,5 @@ def test_a_wave_below_quorum_still_records_the_evaluations_it_got(
     state = load_state(store, "fed-qe")
     assert state.completed_rounds == 1 and state.pending_evaluation is None
     h = state.history[0]
-    assert h["evaluated"] and sorted(h["eval"]) == ["clinic", "lab"]
-    assert get_json(store, lay.evaluation(0))["eval"] == h["eval"]
+    assert h.evaluated and sorted(h.eval) == ["clinic", "lab"]
+    assert get_json(store, lay.evaluation(0))["eval"] == _by_silo(h)

@@ -127,8 +127,8 @@ def test_protected_rounds_match_plaintext_ffa_rounds(tmp_path: Path, demo_data, 
     assert all(torch.equal(g0[k], b[k]) for k in b if "lora_A" in k)
     assert any(not torch.equal(g0[k], b[k]) for k in b if "lora_B" in k)
     # the manifests record protection and bytes per silo
-    assert b_state.history[-1]["protection"] == protection
-    assert all(v["up"] > 0 for v in b_state.history[-1]["bytes"].values())
+    assert b_state.history[-1].protection == protection
+    assert all(v.up > 0 for v in b_state.history[-1].bytes.values())
 
 
 def test_ffa_lora_mean_of_b_is_the_exact_mean_of_products(tmp_path: Path, demo_data, tiny_adapter) -> None:
@@ -225,7 +225,7 @@ def test_secagg_survives_a_dropped_silo(tmp_path: Path, demo_data, tiny_adapter)
     plain = _config(tmp_path / "p", demo_data, "dropplain", silos=("clinic", "bank", "lab"),
                     security={"ffa_lora": True}, aggregation={"options": {"weighted": False}})
     state = _run_rounds(cfg, tiny_adapter, 1, fail={"bank"})  # bank shared keys, then never uploaded
-    assert state.history[0]["included"] == ["clinic", "lab"]
+    assert state.history[0].included == ["clinic", "lab"]
     # the mean over the two survivors equals the plaintext mean of the same two silos
     ref = _final(plain, _run_rounds(plain, tiny_adapter, 1, fail={"bank"}))
     got = _final(cfg, state)
@@ -353,12 +353,12 @@ def test_dp_ledger_resumes_to_the_same_epsilon_and_stops_at_the_budget(tmp_path,
     train_silo(split, "clinic", 1, st.global_ref, store, tiny_adapter, progress=False)
     s_split = _run_rounds(split, tiny_adapter, 2)
     for silo in ("clinic", "lab"):
-        e1 = s_whole.history[-1]["privacy"][silo]["dp.epsilon"]
-        e2 = s_split.history[-1]["privacy"][silo]["dp.epsilon"]
-        assert e1 == e2 and e1 > s_whole.history[0]["privacy"][silo]["dp.epsilon"] > 0
+        e1 = s_whole.history[-1].privacy[silo]["dp.epsilon"]
+        e2 = s_split.history[-1].privacy[silo]["dp.epsilon"]
+        assert e1 == e2 and e1 > s_whole.history[0].privacy[silo]["dp.epsilon"] > 0
     # budget: a target that one round fits and two do not
-    eps1 = s_whole.history[0]["privacy"]["clinic"]["dp.epsilon"]
-    eps2 = s_whole.history[1]["privacy"]["clinic"]["dp.epsilon"]
+    eps1 = s_whole.history[0].privacy["clinic"]["dp.epsilon"]
+    eps2 = s_whole.history[1].privacy["clinic"]["dp.epsilon"]
     tight = _config(tmp_path / "c", demo_data, "dptight", privacy={"sample_dp": {
         **dp["sample_dp"], "noise_multiplier": None, "target_epsilon": (eps1 + eps2) / 2}})
     # σ is now derived from the target over all rounds; force the real check with the ledger directly
@@ -437,9 +437,9 @@ def test_flow_runs_secagg_with_dp_and_signing_and_the_ledger_command(tmp_path, d
     out = federated_training(cfg)
     assert out["rounds"] == 2
     last = out["history"][-1]
-    assert last["included"] == ["bank", "clinic", "lab"] and last["protection"] == "secagg"
-    assert last["privacy"]["clinic"]["dp.epsilon"] > out["history"][0]["privacy"]["clinic"]["dp.epsilon"]
-    assert last["client_dp_epsilon"] > 0
+    assert last.included == ["bank", "clinic", "lab"] and last.protection == "secagg"
+    assert last.privacy["clinic"]["dp.epsilon"] > out["history"][0].privacy["clinic"]["dp.epsilon"]
+    assert last.client_dp_epsilon is not None and last.client_dp_epsilon > 0
     res = CliRunner().invoke(app, ["ledger", "flowsec", "--store", cfg.store.root])
     assert res.exit_code == 0, res.output
     assert "clinic" in res.output and "secagg" in res.output

@@ -36,7 +36,7 @@ def test_real_model_federation_improves_every_silo(tmp_path: Path) -> None:
     )
     out = federated_training(cfg)
     initial, final = out["initial"], out["final"]
-    assert final["loss"] < initial["loss"]
+    assert final.loss < initial.loss
     for silo in ("clinic", "bank"):
-        assert out["history"][0]["train"][silo]["final_loss"] < out["history"][0]["train"][silo]["first_loss"]
+        assert out["history"][0].train[silo]["final_loss"] < out["history"][0].train[silo]["first_loss"]
     assert (Path(cfg.store.root) / "federations/real-e2e/final/adapter_config.json").is_file()

@@ -68,7 +68,7 @@ def test_scaling_backdoor_attacker_under_fltrust_then_audit(tmp_path: Path, demo
     assert global_norm(uploaded) == pytest.approx(5 * manifest["train"]["mallory"]["update_norm"], rel=1e-5)
     # The coordinator trained its FLTrust root update on the root data set.
     assert global_norm(get_tensors(store, lay.root_update(0))) > 0
-    assert math.isfinite(out["final"]["loss"])
+    assert math.isfinite(out["final"].loss)
 
     # The audit on the finished federation, from the CLI, logs to the federation's MLflow run.
     cfg_path = tmp_path / "federation.yaml"
@@ -98,8 +98,8 @@ def test_nan_attacker_is_excluded_and_the_round_goes_on(tmp_path: Path, demo_dat
     )
     out = federated_training(cfg)
     h = out["history"][0]
-    assert h["included"] == ["clinic", "bank", "lab"]
-    assert "non-finite" in h["excluded"]["mallory"]
+    assert h.included == ["clinic", "bank", "lab"]
+    assert "non-finite" in h.excluded["mallory"]
 
 
 def test_fltrust_without_root_data_is_refused(tmp_path: Path, demo_data) -> None:
