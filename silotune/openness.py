@@ -24,13 +24,14 @@ silo's data to a remote inference API, with the paper's privacy reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from silotune.errors import ConfigError
+from silotune.methods import METHODS
+from silotune.methods.base import Table1Row
 
 
 class Openness(StrEnum):
@@ -244,21 +245,6 @@ def resolve_descriptor(name_or_path: str, descriptor: str | Mapping[str, Any] | 
     )
 
 
-@dataclass(frozen=True)
-class Table1Row:
-    """A post-training method's or objective's row of the paper's Table 1.
-
-    Open models allow every row; a black-box model none (they all need the weights).
-    Each method declares its row (``Method.table1``); objectives are listed below.
-    """
-
-    row: str  # the row's name in Table 1
-    # 'partial': only where the provider's API exposes it; 'impossible': it needs the weights,
-    # which stay with the provider.
-    gray_box: Literal["partial", "impossible"]
-    black_box_note: str = ""  # what remains on a black-box model, if anything
-
-
 OBJECTIVE_ROWS = {
     "sft": Table1Row(row="instruction tuning", gray_box="partial"),
     "dpo": Table1Row(row="RLHF (preference alignment)", gray_box="impossible"),
@@ -267,9 +253,6 @@ OBJECTIVE_ROWS = {
 
 def table1_row(name: str) -> Table1Row:
     """The Table 1 row of a method or objective (an unknown name: its own row, partial on gray-box)."""
-    # Methods declare their rows with Table1Row from here, so the registry is imported on use.
-    from silotune.methods import METHODS
-
     if name in OBJECTIVE_ROWS:
         return OBJECTIVE_ROWS[name]
     if name in METHODS:

@@ -28,11 +28,25 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from silotune.memory_estimate import Footprint, ModelShape
-from silotune.openness import Table1Row
 from silotune.registry import Registry
 
 TensorDict = dict[str, torch.Tensor]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    """A post-training method's or objective's row of the paper's Table 1.
+
+    Open models allow every row; a black-box model none (they all need the weights).
+    Each method declares its row (``Method.table1``); objectives' rows are in :mod:`silotune.openness`.
+    """
+
+    row: str  # the row's name in Table 1
+    # 'partial': only where the provider's API exposes it; 'impossible': it needs the weights,
+    # which stay with the provider.
+    gray_box: Literal["partial", "impossible"]
+    black_box_note: str = ""  # what remains on a black-box model, if anything
 
 
 class Payload(StrEnum):

@@ -26,11 +26,11 @@ from silotune.methods.base import (
     Payload,
     PlanChoice,
     Support,
+    Table1Row,
     TensorDict,
     base_storage,
     load_base,
 )
-from silotune.openness import Table1Row
 
 
 class FullOptions(MethodOptions):

@@ -30,11 +30,11 @@ from silotune.methods.base import (
     PlanChoice,
     Storage,
     Support,
+    Table1Row,
     TensorDict,
     base_storage,
     load_base,
 )
-from silotune.openness import Table1Row
 
 ADAPTERS = Table1Row(row="LoRA / adapters", gray_box="partial")
 
