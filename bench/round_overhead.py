@@ -188,7 +188,7 @@ def run_embedded(cfg: FederationConfig, timeline: bool) -> tuple[list[dict[str, 
 def run_stack(
     cfg_for: Any, silos: list[str], state_dir: Path, database: str, timeline: bool
 ) -> tuple[list[dict[str, Any]], float, float]:
-    from flows import stack as stk
+    from ops import stack as stk
 
     t0 = time.perf_counter()
     st = stk.up(state_dir, silos=silos, auto_ports=True, database=database, echo=lambda *a: None)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         def stack_cfg(st: Any) -> FederationConfig:
             # The stack's silos run under their policies: the config gets the stack's store, tracking,
             # private folders and pinned keys (signing on), as `silotune stack config` writes it.
-            from flows import stack as stk
+            from ops import stack as stk
 
             return stk.stack_config(
                 st,

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from flows import stack as stk
+from ops import stack as stk
 from silotune.config import FederationConfig, StoreSpec, parse_config
 from silotune.errors import StoreError
 from silotune.store import FederationLayout, S3Store, get_json, sha256
@@ -77,7 +77,7 @@ def _raw_config(
 
 
 def _start(st: Any, cfg: FederationConfig) -> Any:
-    from flows.stack import prefect_api
+    from ops.stack import prefect_api
 
     with prefect_api(st):
         from prefect.deployments import run_deployment
@@ -86,7 +86,7 @@ def _start(st: Any, cfg: FederationConfig) -> Any:
 
 
 def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
-    from flows.stack import prefect_api
+    from ops.stack import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -102,7 +102,7 @@ def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
 
 
 def _silo_runs(st: Any, fid: str) -> list[Any]:
-    from flows.stack import prefect_api
+    from ops.stack import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -115,14 +115,14 @@ def _silo_runs(st: Any, fid: str) -> list[Any]:
 
 
 def _store(st: Any, identity: str = "coordinator") -> S3Store:
-    from flows.stack import s3_client
+    from ops.stack import s3_client
 
     return S3Store(StoreSpec(**st.store_spec()), client=s3_client(st, identity))
 
 
 def _kill_mid_run(st: Any, fid: str, run_name: str, pool: str, timeout: float = 180) -> None:
     """SIGKILL ``pool``'s worker as soon as the silo run ``run_name`` of ``fid`` is running."""
-    from flows.stack import kill_worker
+    from ops.stack import kill_worker
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -275,7 +275,7 @@ def test_stack_config_command_makes_a_config_the_default_policies_run(stack, dem
 
 
 def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
-    from flows.stack import start_worker
+    from ops.stack import start_worker
 
     cfg = _config(
         stack,
@@ -302,7 +302,7 @@ def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
 
 
 def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None:
-    from flows.stack import kill_worker, start_worker
+    from ops.stack import kill_worker, start_worker
 
     cfg = _config(
         stack,
@@ -368,7 +368,7 @@ def test_prefect_api_requires_the_auth_string(stack) -> None:
 
 
 def test_down_leaves_no_process_and_no_port(stack) -> None:
-    from flows.stack import _group_alive, down, port_open
+    from ops.stack import _group_alive, down, port_open
 
     pids = dict(stack.pids)
     down(stack.root, echo=print)
@@ -483,7 +483,7 @@ def _needles(spy: Path, fid: str) -> list[bytes]:
 
 def _everything_stored(st: Any) -> list[bytes]:
     """Every object of the stack's buckets (data, Prefect results, MLflow) and its two databases."""
-    from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_client
+    from ops.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_client
 
     c = s3_client(st, "admin")
     blobs = []

@@ -29,7 +29,7 @@ PROBES = {
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory):
-    from flows import stack as stk
+    from ops import stack as stk
 
     root = tmp_path_factory.mktemp("weed")
     st = stk.Stack(root=root, silos=list(SILOS))
@@ -96,7 +96,7 @@ def _server_allows(c: Any, action: str, bucket: str, key: str) -> bool:
 
 
 def test_matcher_agrees_with_seaweedfs(weed) -> None:
-    from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_allows, s3_client
+    from ops.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_allows, s3_client
 
     st, actions = weed
     cases = []
@@ -120,7 +120,7 @@ def test_matcher_agrees_with_seaweedfs(weed) -> None:
 
 
 def _seed(st: Any) -> dict[str, bytes]:
-    from flows.stack import DATA_BUCKET, s3_client
+    from ops.stack import DATA_BUCKET, s3_client
 
     admin = s3_client(st, "admin")
     objs = {
@@ -160,7 +160,7 @@ def _raw(st: Any, ident: str, method: str, path: str, query: str = "", body: byt
 def test_a_silo_cannot_reach_another_silos_objects_by_other_requests(weed) -> None:
     import urllib3
 
-    from flows.stack import DATA_BUCKET, s3_client
+    from ops.stack import DATA_BUCKET, s3_client
 
     st, _ = weed
     objs = _seed(st)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import stack as stk
-from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, StackError, s3_allows
+from ops import stack as stk
+from ops.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, StackError, s3_allows
 
 SILOS = ("clinic", "bank", "lab")
 AREAS = ("updates", "results", "messages", "published")
