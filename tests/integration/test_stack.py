@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 
 from ops import stack as stk
+from ops.policies import stack_config
+from ops.state import REPO_ROOT, StackError
 from silotune.config import FederationConfig, StoreSpec, parse_config
 from silotune.errors import StoreError
 from silotune.store import FederationLayout, S3Store, get_json, sha256
@@ -48,7 +50,7 @@ def stack(tmp_path_factory):
 
 def _config(st: Any, demo_data, fid: str, **over: Any) -> FederationConfig:
     # Made for the stack: the silos' and coordinator's folders of the stack, every key pinned (signing).
-    return stk.stack_config(st, parse_config(_raw_config(st, demo_data, fid, **over)))
+    return stack_config(st, parse_config(_raw_config(st, demo_data, fid, **over)))
 
 
 def _raw_config(
@@ -77,7 +79,7 @@ def _raw_config(
 
 
 def _start(st: Any, cfg: FederationConfig) -> Any:
-    from ops.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.deployments import run_deployment
@@ -86,7 +88,7 @@ def _start(st: Any, cfg: FederationConfig) -> Any:
 
 
 def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
-    from ops.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -102,7 +104,7 @@ def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
 
 
 def _silo_runs(st: Any, fid: str) -> list[Any]:
-    from ops.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -115,7 +117,7 @@ def _silo_runs(st: Any, fid: str) -> list[Any]:
 
 
 def _store(st: Any, identity: str = "coordinator") -> S3Store:
-    from ops.stack import s3_client
+    from ops.credentials import s3_client
 
     return S3Store(StoreSpec(**st.store_spec()), client=s3_client(st, identity))
 
@@ -209,7 +211,7 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
 
     from silotune.policy import check_config, load_policy
 
-    assert Path(__file__).resolve().parents[2] == stk.REPO_ROOT  # the workers run the code under test
+    assert Path(__file__).resolve().parents[2] == REPO_ROOT  # the workers run the code under test
     policies = {s: load_policy(stack.policy_path(s)) for s in SILOS}
     for s, p in policies.items():
         assert p.private_dir == str(stack.private_dir(s)) and p.train_path.startswith(str(stack.data_dir(s)))
@@ -231,11 +233,11 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
         env = dict(
             kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv
         )
-        assert os.readlink(f"/proc/{pid}/cwd") == str(stk.REPO_ROOT)
+        assert os.readlink(f"/proc/{pid}/cwd") == str(REPO_ROOT)
         # its own S3 identity only, and no Prefect result storage
         assert env[b"AWS_ACCESS_KEY_ID"].decode() == stack.credentials()[f"silo-{s}"]["access_key"]
         assert b"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in env
-        assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(stk.REPO_ROOT)
+        assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(REPO_ROOT)
         if "OMP_NUM_THREADS" not in os.environ:
             assert env[b"OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // (len(SILOS) + 1))).encode()
     assert len({p.private_dir for p in policies.values()}) == len(SILOS)
@@ -269,7 +271,7 @@ def test_stack_config_command_makes_a_config_the_default_policies_run(stack, dem
     assert all(check_config(load_policy(stack.policy_path(s)), cfg) == [] for s in SILOS)
     assert stk.status(stack.root)["policies"] == {s: str(stack.policy_path(s)) for s in SILOS}
     # A config naming a silo the stack does not have is refused before anything starts.
-    with pytest.raises(stk.StackError, match="not in --silos"):
+    with pytest.raises(StackError, match="not in --silos"):
         stk.up(tmp_path / "other", silos=["clinic"], config=cfg, auto_ports=True, echo=print)
     assert not (tmp_path / "other" / "stack.json").exists()
 
@@ -368,11 +370,12 @@ def test_prefect_api_requires_the_auth_string(stack) -> None:
 
 
 def test_down_leaves_no_process_and_no_port(stack) -> None:
-    from ops.stack import _group_alive, down, port_open
+    from ops.stack import down
+    from ops.supervise import group_alive, port_open
 
     pids = dict(stack.pids)
     down(stack.root, echo=print)
-    assert not [n for n, p in pids.items() if _group_alive(p)]
+    assert not [n for n, p in pids.items() if group_alive(p)]
     assert not [n for n, p in stack.ports.items() if port_open(p)]
     root = str(stack.root)
     leftovers = []
@@ -483,7 +486,8 @@ def _needles(spy: Path, fid: str) -> list[bytes]:
 
 def _everything_stored(st: Any) -> list[bytes]:
     """Every object of the stack's buckets (data, Prefect results, MLflow) and its two databases."""
-    from ops.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_client
+    from ops.credentials import s3_client
+    from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET
 
     c = s3_client(st, "admin")
     blobs = []
