@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import time
@@ -49,6 +50,7 @@ from ops.state import (
 )
 from ops.supervise import (
     alive,
+    find_bin,
     free_ports,
     group_alive,
     http_ok,
@@ -73,34 +75,49 @@ def worker_env(stack: Stack, identity: str) -> dict[str, str]:
     return env
 
 
-def _start_worker(stack: Stack, pool: str) -> None:
-    if pool == COORDINATOR_POOL:
-        identity = "coordinator"
+def _start_worker(stack: Stack, pool: str, *, stock: bool = False) -> str:
+    """Start ``pool``'s worker; returns the name it registers under with the Prefect server.
+
+    ``stock``: Prefect's own process worker (``prefect worker start --type process``, a Python process
+    per flow run) instead of silotune's in-process worker; the fallback of ops/prefect_private.py. A
+    silo's policy then reaches each run's process through ``$SILOTUNE_SILO_POLICY``.
+    """
+    identity = "coordinator" if pool == COORDINATOR_POOL else pool
+    env = worker_env(stack, identity)
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    name = None
+    if stock:
+        name = f"{pool}-stock-{secrets.token_hex(4)}"  # a new name per start: a killed one may look online
+        cmd = [find_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+        if pool != COORDINATOR_POOL:
+            from tasks.runtime import POLICY_ENV  # imports torch (seconds); only for this fallback
+
+            env[POLICY_ENV] = str(stack.policy_path(pool.removeprefix("silo-")))
+    elif pool == COORDINATOR_POOL:
         cmd = [sys.executable, "-m", "flows.cli", "worker", pool]
     else:
-        identity = pool
         silo = pool.removeprefix("silo-")
         # The silo's own policy, loaded into the worker's process: every run is checked against it.
         policy = str(stack.policy_path(silo))
         cmd = [sys.executable, "-m", "flows.cli", "silo", "join", silo, "--policy", policy]
-    env = worker_env(stack, identity)
-    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    spawn(stack, f"worker-{pool}", cmd, env, cwd=REPO_ROOT)
+    pid = spawn(stack, f"worker-{pool}", cmd, env, cwd=REPO_ROOT)
+    return name or f"{pool}-{pid}"  # the in-process worker's name (ops.worker.serve)
 
 
-def _wait_workers(stack: Stack, pools: Iterable[str], timeout: float) -> None:
-    """Wait until each pool has its worker online (by name: a killed worker may still look online)."""
-    pending = set(pools)
+def _wait_workers(stack: Stack, names: dict[str, str], timeout: float) -> None:
+    """Wait until each pool's worker is online, by the name it registers under (``{pool: name}``): a
+    killed worker may still look online."""
+    pending = dict(names)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pool in list(pending):
+        for pool, worker in list(pending.items()):
             name = f"worker-{pool}"
             pid = stack.pids.get(name)
             if pid is not None and not alive(pid):
                 raise StackError(f"worker for pool {pool} exited:\n{tail(stack.logs / f'{name}.log')}")
             with contextlib.suppress(Exception):
-                if f"{pool}-{pid}" in prefect_server.online_workers(stack, pool):
-                    pending.discard(pool)
+                if worker in prefect_server.online_workers(stack, pool):
+                    del pending[pool]
         if not pending:
             return
         time.sleep(0.5)
@@ -117,14 +134,18 @@ def kill_worker(stack: Stack, pool: str) -> None:
         time.sleep(0.1)
 
 
-def start_worker(stack: Stack, *pools: str, timeout: float = 120.0) -> None:
-    """(Re)start pools' workers (side by side) and wait until they are online."""
+def start_worker(stack: Stack, *pools: str, timeout: float = 120.0, stock: bool = False) -> None:
+    """(Re)start pools' workers (side by side) and wait until they are online.
+
+    ``stock``: serve them with Prefect's stock process worker instead (see :func:`_start_worker`).
+    """
+    names = {}
     for pool in pools:
         name = f"worker-{pool}"
         if name in stack.pids and group_alive(stack.pids[name]):
             raise StackError(f"{name} is already running")
-        _start_worker(stack, pool)
-    _wait_workers(stack, pools, timeout)
+        names[pool] = _start_worker(stack, pool, stock=stock)
+    _wait_workers(stack, names, timeout)
 
 
 def restart_worker(stack: Stack, *pools: str, timeout: float = 120.0) -> None:
@@ -223,8 +244,7 @@ def up(
         )
         echo(f"Prefect server   {stack.prefect_ui}  (API auth string: {stack.prefect_auth_file})")
         prefect_server.configure(stack)
-        for pool in stack.pools():
-            _start_worker(stack, pool)
+        workers = {pool: _start_worker(stack, pool) for pool in stack.pools()}
         if redeploy or not prefect_server.deployed(stack):
             prefect_server.deploy(stack)
             echo("deployments      registered from deployments/prefect.yaml")
@@ -232,7 +252,7 @@ def up(
             echo("deployments      already registered (`up --redeploy` re-reads deployments/prefect.yaml)")
         wait_until("MLflow server", lambda: http_ok(f"{stack.mlflow_uri}/health"), timeout, stack, "mlflow")
         echo(f"MLflow server    {stack.mlflow_uri}")
-        _wait_workers(stack, stack.pools(), timeout)
+        _wait_workers(stack, workers, timeout)
         echo(f"workers          {', '.join(stack.pools())} online")
     except BaseException:
         down(stack.root, echo=lambda *_: None)

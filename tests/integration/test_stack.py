@@ -340,6 +340,68 @@ def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None
     assert all(h["evaluated"] for h in state["history"])
 
 
+def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
+    """The public fallback of ops/prefect_private.py: Prefect's own process worker serves lab's pool
+    (``prefect worker start --pool silo-lab --type process``, a Python process per flow run) for a
+    round next to clinic's in-process worker, and lab's policy reaches each run's process through
+    ``$SILOTUNE_SILO_POLICY``."""
+    import json
+
+    from ops.stack import kill_worker, start_worker
+
+    kill_worker(stack, "silo-lab")
+    try:
+        start_worker(stack, "silo-lab", stock=True)
+        pid = stack.pids["worker-silo-lab"]
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        assert argv[-8:-1] == ["worker", "start", "--pool", "silo-lab", "--type", "process", "--name"]
+        t0 = time.monotonic()
+        cfg = _config(
+            stack,
+            demo_data,
+            "stack-stock",
+            rounds=1,
+            train={"local_steps": 1},
+            # each lab run starts a Python process (imports, model load) on a shared machine
+            orchestration={"silo_timeout_s": 300, "pickup_timeout_s": 120},
+        )
+        fr = _wait_final(stack, _start(stack, cfg).id, timeout=600)
+        assert fr.state.is_completed(), fr.state.message
+        print(f"1 round, lab on the stock process worker: {time.monotonic() - t0:.1f} s")
+        store, lay = _store(stack), FederationLayout("stack-stock")
+        assert get_json(store, lay.manifest(0))["included"] == ["clinic", "lab"]
+        runs = {r.name: r for r in _silo_runs(stack, "stack-stock")}
+        assert set(runs) == {f"{s}-{stage}-0" for s in SILOS for stage in ("round", "evaluate")}
+        assert all(r.state.is_completed() for r in runs.values())
+        # lab's runs ran in processes the stock worker started (it records their pid; silotune's
+        # in-process worker starts none)
+        assert runs["lab-round-0"].infrastructure_pid and runs["lab-evaluate-0"].infrastructure_pid
+        assert not runs["clinic-round-0"].infrastructure_pid
+
+        # lab's policy is enforced there: a config not made for the stack (unsigned, no pinned
+        # coordinator key) is refused before any data is read, and the refusal is logged at lab.
+        raw = parse_config(
+            _raw_config(
+                stack, demo_data, "stack-stock-refused", ("lab",), rounds=1, aggregation={"min_silos": 1}
+            )
+        )
+        fr2 = _wait_final(stack, _start(stack, raw).id, timeout=600)
+        assert fr2.state.is_failed()
+        refusals = (stack.private_dir("lab") / "refusals.log").read_text().splitlines()
+        entries = [json.loads(line) for line in refusals]
+        assert any(e["federation_id"] == "stack-stock-refused" for e in entries)
+        fields = {
+            v["field"]
+            for e in entries
+            if e["federation_id"] == "stack-stock-refused"
+            for v in e["violations"]
+        }
+        assert "security.signing" in fields
+    finally:
+        kill_worker(stack, "silo-lab")
+        start_worker(stack, "silo-lab")
+
+
 def test_prefect_api_requires_the_auth_string(stack) -> None:
     import base64
     import json
