@@ -16,10 +16,12 @@ The workers run this checkout's code: they are ``python -m flows.cli ...`` with 
 as working directory and first on ``PYTHONPATH`` (not the ``silotune`` console script, which imports
 the installed package). The coordinator's is ``flows.cli worker coordinator``; each silo's is
 ``flows.cli silo join <silo> --policy <state>/policies/<silo>.yaml``, which loads the silo's policy
-into its process. Both serve their pool with :class:`ops.worker.InProcessWorker`. Each worker gets
-``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of ``cpu_count // (silos + 1)`` (at least 1) unless the
-caller's environment sets ``OMP_NUM_THREADS``: the silos, the coordinator and the servers share one
-machine.
+into its process. Both serve their pool with :class:`ops.worker.InProcessWorker`;
+``start_worker(..., stock=True)`` serves a pool with Prefect's stock process worker instead (the
+fallback of :mod:`ops.prefect_private`; a silo's policy then travels as ``$SILOTUNE_SILO_POLICY``).
+Each worker gets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of ``cpu_count // (silos + 1)`` (at least 1)
+unless the caller's environment sets ``OMP_NUM_THREADS``: the silos, the coordinator and the servers
+share one machine.
 """
 
 from __future__ import annotations
