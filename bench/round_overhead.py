@@ -188,14 +188,15 @@ def run_embedded(cfg: FederationConfig, timeline: bool) -> tuple[list[dict[str, 
 def run_stack(
     cfg_for: Any, silos: list[str], state_dir: Path, database: str, timeline: bool
 ) -> tuple[list[dict[str, Any]], float, float]:
-    from flows import stack as stk
+    from ops import stack as stk
+    from ops.prefect_server import prefect_api
 
     t0 = time.perf_counter()
     st = stk.up(state_dir, silos=silos, auto_ports=True, database=database, echo=lambda *a: None)
     up_s = time.perf_counter() - t0
     try:
         cfg = cfg_for(st)
-        with stk.prefect_api(st):
+        with prefect_api(st):
             from prefect.client.orchestration import get_client
             from prefect.deployments import run_deployment
 
@@ -252,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         def stack_cfg(st: Any) -> FederationConfig:
             # The stack's silos run under their policies: the config gets the stack's store, tracking,
             # private folders and pinned keys (signing on), as `silotune stack config` writes it.
-            from flows import stack as stk
+            from ops.policies import stack_config
 
-            return stk.stack_config(
+            return stack_config(
                 st,
                 make_config(
                     "bench-stack",

@@ -80,7 +80,8 @@ def _run_on_stack(cfg: Any, state_dir: Path) -> dict[str, Any]:
     import contextlib
     import os
 
-    from flows.stack import Stack, prefect_api
+    from ops.prefect_server import prefect_api
+    from ops.state import Stack
 
     ctx: Any = contextlib.nullcontext()
     if not os.environ.get("PREFECT_API_URL"):
@@ -609,7 +610,8 @@ def stack_up(
     checked against that policy before the silo reads any data. Each silo's private folder is
     STATE/silos/SILO/private (its own). Edit a policy, then restart the stack, to change what a silo runs.
     """
-    from flows.stack import StackError, up
+    from ops.stack import up
+    from ops.state import StackError
 
     try:
         names = silos.split(",") if silos else None
@@ -636,7 +638,8 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(state_dir: _STATE = Path(".silotune/stack")) -> None:
     """Stop every part of the stack; data stays in the state folder."""
-    from flows.stack import StackError, down
+    from ops.stack import down
+    from ops.state import StackError
 
     try:
         down(state_dir, echo=console.print)
@@ -649,7 +652,7 @@ def stack_status(state_dir: _STATE = Path(".silotune/stack")) -> None:
     """Which parts run, and where the UIs are."""
     import json
 
-    from flows.stack import status
+    from ops.stack import status
 
     console.print_json(json.dumps(status(state_dir)))
 
@@ -666,8 +669,8 @@ def stack_config(
     The silos run it if their policies allow it: the stack's default policies do; policies written by
     `stack up --config` allow only those federations (`stack down`, then `stack up --config` this one).
     """
-    from flows.stack import Stack, StackError
-    from flows.stack import stack_config as make
+    from ops.policies import stack_config as make
+    from ops.state import Stack, StackError
     from silotune.config import dump_config
 
     st = Stack.load(state_dir)
@@ -688,7 +691,7 @@ def worker(
     ] = 5.0,
 ) -> None:
     """Serve a work pool in this process (flow runs execute in-process; models stay loaded)."""
-    from flows.agent import serve
+    from ops.worker import serve
 
     serve(pool, query_seconds=query_seconds)
 
@@ -1049,7 +1052,7 @@ def silo_join(
         os.environ["PREFECT_API_URL"] = api_url
     if not os.environ.get("PREFECT_API_URL"):
         _fail("no Prefect API: pass --api-url http://<coordinator>:4200/api or set PREFECT_API_URL")
-    from flows.agent import ensure_silo_deployments, serve
+    from ops.worker import ensure_silo_deployments, serve
     from tasks.runtime import register_silo_policy
 
     _print_policy(pol, policy)

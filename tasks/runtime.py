@@ -8,6 +8,7 @@ an explicit, bounded cache owned by the task layer, not by the library.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import SilotuneError, StoreError
-from silotune.policy import SiloPolicy, enforce
+from silotune.policy import PolicyError, SiloPolicy, enforce, load_policy
 from silotune.results import Release
 from silotune.reuse import WorkMemo
 from silotune.store import ObjectStore, open_store
@@ -76,10 +77,33 @@ TRAIN_LOCK = threading.Lock()
 # Policies of the silos this process serves (`silotune silo join --policy`, or tests): a silo's flow runs
 # only configs its policy allows.
 SILO_POLICIES: dict[str, SiloPolicy] = {}
+# A flow run that a stock `prefect worker start` runs in a process of its own has no registered policy:
+# the worker's environment names the silo's policy file (the fallback in ops/prefect_private.py).
+POLICY_ENV = "SILOTUNE_SILO_POLICY"
 
 
 def register_silo_policy(policy: SiloPolicy) -> None:
     SILO_POLICIES[policy.silo] = policy
+
+
+def silo_policy(silo: str) -> SiloPolicy | None:
+    """The policy this process serves ``silo`` under: the registered one, else ``$SILOTUNE_SILO_POLICY``.
+
+    The file that variable names is read at the first run that asks, and registered. A file that is
+    another silo's policy is an error, never "no policy": the process serves that silo alone.
+    """
+    policy = SILO_POLICIES.get(silo)
+    path = os.environ.get(POLICY_ENV)
+    if policy is not None or not path:
+        return policy
+    policy = load_policy(path)
+    if policy.silo != silo:
+        raise PolicyError(
+            f"{path} (${POLICY_ENV}) is the policy of silo {policy.silo!r}: "
+            f"this process does not serve {silo!r}"
+        )
+    register_silo_policy(policy)
+    return policy
 
 
 def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Release]:
@@ -87,10 +111,11 @@ def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Releas
 
     With a registered policy the policy decides: the config is checked against it before any data is
     read (a refusal is logged in the silo's private folder and nothing is uploaded), and the silo's
-    own private folder and data paths replace the config's. Without one (an embedded federation, where
-    coordinator and silos are one process and one party) the config is taken as it is.
+    own private folder and data paths replace the config's (:func:`silo_policy`: registered, or named by
+    ``$SILOTUNE_SILO_POLICY``). Without one (an embedded federation, where coordinator and silos are one
+    process and one party) the config is taken as it is.
     """
-    policy = SILO_POLICIES.get(silo)
+    policy = silo_policy(silo)
     if policy is None:
         return config, Release()
     return enforce(policy, config), Release(**policy.release.model_dump())
@@ -115,7 +140,7 @@ def transient(task: object, task_run: object, state: Any) -> bool:
 
 def lifetime_epsilon(silo: str) -> float | None:
     """The silo policy's lifetime ε per dataset, if this process serves the silo under a policy."""
-    policy = SILO_POLICIES.get(silo)
+    policy = silo_policy(silo)
     return policy.dp.max_lifetime_epsilon if policy is not None else None
 
 

@@ -663,20 +663,20 @@ def silo_epsilon(config: Any, silo: str) -> tuple[float, int]:
 
 
 def s3_actions(silos: Sequence[str]) -> dict[str, list[str]]:
-    """The SeaweedFS actions the stack grants each identity (``flows.stack._identities``)."""
-    from flows.stack import _identities
+    """The SeaweedFS actions the stack grants each identity (``ops.credentials.identities``)."""
+    from ops.credentials import identities
 
-    return _identities(list(silos))
+    return identities(list(silos))
 
 
 def s3_allows(actions: Sequence[str], action: str, bucket: str, key: str) -> bool:
     """Whether ``actions`` grant ``action`` on ``bucket/key``: allowed if the suite's own model of SeaweedFS
     allows it (``Write`` alone is every bucket, ``Write:b`` all of b, ``Write:b/pat`` with ``*`` matching any
-    characters, ``/`` included) or the stack's model (``flows.stack.s3_allows``, checked against the real
+    characters, ``/`` included) or the stack's model (``ops.credentials.s3_allows``, checked against the real
     server) does: the more permissive of the two."""
     import fnmatch
 
-    from flows.stack import s3_allows as stack_allows
+    from ops.credentials import s3_allows as stack_allows
 
     if stack_allows(actions, action, bucket, key):
         return True

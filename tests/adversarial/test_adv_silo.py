@@ -277,7 +277,7 @@ def test_overwritten_final_adapter_is_ignored(
     refusal is recorded). Readers, and the coordinator's check of the prefix a publisher reports
     (``tasks.runtime.published_location``), take only the designated publisher's prefix."""
     from flows.silo import silo_round
-    from flows.stack import DATA_BUCKET
+    from ops.state import DATA_BUCKET
     from silotune.federation import aggregate_round, start_federation
     from silotune.store import FederationLayout
     from tasks.runtime import published_location
@@ -333,7 +333,7 @@ def test_overwritten_final_adapter_is_ignored(
 
 def test_non_publisher_silo_cannot_write_the_final_adapter(kit) -> None:
     """The stack's S3 identities (SeaweedFS: ``*`` crosses ``/``): may lab write the final adapter?"""
-    from flows.stack import DATA_BUCKET
+    from ops.state import DATA_BUCKET
 
     actions = kit.s3_actions(["clinic", "lab"])
     keys = [
@@ -425,7 +425,7 @@ def test_advert_injected_through_the_s3_wildcard_is_refused(
     crosses ``/``): it writes a made-up silo's advert under its own prefix
     (``messages/lab/mallory/<fid>/<r>/secagg/advert``), and tries the legacy key and mallory's own
     ``messages/mallory/…`` slot (written here as if the store let it)."""
-    from flows.stack import DATA_BUCKET
+    from ops.state import DATA_BUCKET
     from silotune.crypto.secagg import SecAggClient, SecAggParams
     from silotune.crypto.signing import SiloKeyPair
 
@@ -500,7 +500,7 @@ def test_advert_injected_through_the_s3_wildcard_is_refused(
 )
 def test_silo_s3_identity_cannot_write_another_partys_objects(kit, bucket_key) -> None:
     """What lab's S3 identity may write: never an object another party (silo or coordinator) is read as."""
-    from flows.stack import DATA_BUCKET, RESULTS_BUCKET
+    from ops.state import DATA_BUCKET, RESULTS_BUCKET
 
     bucket, key = bucket_key
     name = {"results": RESULTS_BUCKET, "data": DATA_BUCKET}[bucket]
@@ -519,7 +519,7 @@ def test_silo_s3_identity_cannot_write_another_partys_objects(kit, bucket_key) -
 )
 def test_silo_s3_identity_cannot_read_another_silos_update(kit, key) -> None:
     """What lab's S3 identity may read of clinic's: not its (plaintext or masked) update, nor its records."""
-    from flows.stack import DATA_BUCKET
+    from ops.state import DATA_BUCKET
 
     actions = kit.s3_actions(["clinic", "lab"])["silo-lab"]
     assert not kit.s3_allows(actions, "Read", DATA_BUCKET, key), f"silo-lab may read {key}: {actions}"

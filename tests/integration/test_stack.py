@@ -27,7 +27,9 @@ from typing import Any
 
 import pytest
 
-from flows import stack as stk
+from ops import stack as stk
+from ops.policies import stack_config
+from ops.state import REPO_ROOT, StackError
 from silotune.config import FederationConfig, StoreSpec, parse_config
 from silotune.errors import StoreError
 from silotune.store import FederationLayout, S3Store, get_json, sha256
@@ -48,7 +50,7 @@ def stack(tmp_path_factory):
 
 def _config(st: Any, demo_data, fid: str, **over: Any) -> FederationConfig:
     # Made for the stack: the silos' and coordinator's folders of the stack, every key pinned (signing).
-    return stk.stack_config(st, parse_config(_raw_config(st, demo_data, fid, **over)))
+    return stack_config(st, parse_config(_raw_config(st, demo_data, fid, **over)))
 
 
 def _raw_config(
@@ -77,7 +79,7 @@ def _raw_config(
 
 
 def _start(st: Any, cfg: FederationConfig) -> Any:
-    from flows.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.deployments import run_deployment
@@ -86,7 +88,7 @@ def _start(st: Any, cfg: FederationConfig) -> Any:
 
 
 def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
-    from flows.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -102,7 +104,7 @@ def _wait_final(st: Any, flow_run_id: Any, timeout: float = 300) -> Any:
 
 
 def _silo_runs(st: Any, fid: str) -> list[Any]:
-    from flows.stack import prefect_api
+    from ops.prefect_server import prefect_api
 
     with prefect_api(st):
         from prefect.client.orchestration import get_client
@@ -115,14 +117,14 @@ def _silo_runs(st: Any, fid: str) -> list[Any]:
 
 
 def _store(st: Any, identity: str = "coordinator") -> S3Store:
-    from flows.stack import s3_client
+    from ops.credentials import s3_client
 
     return S3Store(StoreSpec(**st.store_spec()), client=s3_client(st, identity))
 
 
 def _kill_mid_run(st: Any, fid: str, run_name: str, pool: str, timeout: float = 180) -> None:
     """SIGKILL ``pool``'s worker as soon as the silo run ``run_name`` of ``fid`` is running."""
-    from flows.stack import kill_worker
+    from ops.stack import kill_worker
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,7 +211,7 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
 
     from silotune.policy import check_config, load_policy
 
-    assert Path(__file__).resolve().parents[2] == stk.REPO_ROOT  # the workers run the code under test
+    assert Path(__file__).resolve().parents[2] == REPO_ROOT  # the workers run the code under test
     policies = {s: load_policy(stack.policy_path(s)) for s in SILOS}
     for s, p in policies.items():
         assert p.private_dir == str(stack.private_dir(s)) and p.train_path.startswith(str(stack.data_dir(s)))
@@ -231,11 +233,11 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
         env = dict(
             kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv
         )
-        assert os.readlink(f"/proc/{pid}/cwd") == str(stk.REPO_ROOT)
+        assert os.readlink(f"/proc/{pid}/cwd") == str(REPO_ROOT)
         # its own S3 identity only, and no Prefect result storage
         assert env[b"AWS_ACCESS_KEY_ID"].decode() == stack.credentials()[f"silo-{s}"]["access_key"]
         assert b"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in env
-        assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(stk.REPO_ROOT)
+        assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(REPO_ROOT)
         if "OMP_NUM_THREADS" not in os.environ:
             assert env[b"OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // (len(SILOS) + 1))).encode()
     assert len({p.private_dir for p in policies.values()}) == len(SILOS)
@@ -269,13 +271,13 @@ def test_stack_config_command_makes_a_config_the_default_policies_run(stack, dem
     assert all(check_config(load_policy(stack.policy_path(s)), cfg) == [] for s in SILOS)
     assert stk.status(stack.root)["policies"] == {s: str(stack.policy_path(s)) for s in SILOS}
     # A config naming a silo the stack does not have is refused before anything starts.
-    with pytest.raises(stk.StackError, match="not in --silos"):
+    with pytest.raises(StackError, match="not in --silos"):
         stk.up(tmp_path / "other", silos=["clinic"], config=cfg, auto_ports=True, echo=print)
     assert not (tmp_path / "other" / "stack.json").exists()
 
 
 def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
-    from flows.stack import start_worker
+    from ops.stack import start_worker
 
     cfg = _config(
         stack,
@@ -302,7 +304,7 @@ def test_silo_killed_mid_round_quorum_holds(stack, demo_data) -> None:
 
 
 def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None:
-    from flows.stack import kill_worker, start_worker
+    from ops.stack import kill_worker, start_worker
 
     cfg = _config(
         stack,
@@ -338,6 +340,68 @@ def test_below_quorum_then_coordinator_restart_resumes(stack, demo_data) -> None
     assert all(h["evaluated"] for h in state["history"])
 
 
+def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
+    """The public fallback of ops/prefect_private.py: Prefect's own process worker serves lab's pool
+    (``prefect worker start --pool silo-lab --type process``, a Python process per flow run) for a
+    round next to clinic's in-process worker, and lab's policy reaches each run's process through
+    ``$SILOTUNE_SILO_POLICY``."""
+    import json
+
+    from ops.stack import kill_worker, start_worker
+
+    kill_worker(stack, "silo-lab")
+    try:
+        start_worker(stack, "silo-lab", stock=True)
+        pid = stack.pids["worker-silo-lab"]
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        assert argv[-8:-1] == ["worker", "start", "--pool", "silo-lab", "--type", "process", "--name"]
+        t0 = time.monotonic()
+        cfg = _config(
+            stack,
+            demo_data,
+            "stack-stock",
+            rounds=1,
+            train={"local_steps": 1},
+            # each lab run starts a Python process (imports, model load) on a shared machine
+            orchestration={"silo_timeout_s": 300, "pickup_timeout_s": 120},
+        )
+        fr = _wait_final(stack, _start(stack, cfg).id, timeout=600)
+        assert fr.state.is_completed(), fr.state.message
+        print(f"1 round, lab on the stock process worker: {time.monotonic() - t0:.1f} s")
+        store, lay = _store(stack), FederationLayout("stack-stock")
+        assert get_json(store, lay.manifest(0))["included"] == ["clinic", "lab"]
+        runs = {r.name: r for r in _silo_runs(stack, "stack-stock")}
+        assert set(runs) == {f"{s}-{stage}-0" for s in SILOS for stage in ("round", "evaluate")}
+        assert all(r.state.is_completed() for r in runs.values())
+        # lab's runs ran in processes the stock worker started (it records their pid; silotune's
+        # in-process worker starts none)
+        assert runs["lab-round-0"].infrastructure_pid and runs["lab-evaluate-0"].infrastructure_pid
+        assert not runs["clinic-round-0"].infrastructure_pid
+
+        # lab's policy is enforced there: a config not made for the stack (unsigned, no pinned
+        # coordinator key) is refused before any data is read, and the refusal is logged at lab.
+        raw = parse_config(
+            _raw_config(
+                stack, demo_data, "stack-stock-refused", ("lab",), rounds=1, aggregation={"min_silos": 1}
+            )
+        )
+        fr2 = _wait_final(stack, _start(stack, raw).id, timeout=600)
+        assert fr2.state.is_failed()
+        refusals = (stack.private_dir("lab") / "refusals.log").read_text().splitlines()
+        entries = [json.loads(line) for line in refusals]
+        assert any(e["federation_id"] == "stack-stock-refused" for e in entries)
+        fields = {
+            v["field"]
+            for e in entries
+            if e["federation_id"] == "stack-stock-refused"
+            for v in e["violations"]
+        }
+        assert "security.signing" in fields
+    finally:
+        kill_worker(stack, "silo-lab")
+        start_worker(stack, "silo-lab")
+
+
 def test_prefect_api_requires_the_auth_string(stack) -> None:
     import base64
     import json
@@ -368,11 +432,12 @@ def test_prefect_api_requires_the_auth_string(stack) -> None:
 
 
 def test_down_leaves_no_process_and_no_port(stack) -> None:
-    from flows.stack import _group_alive, down, port_open
+    from ops.stack import down
+    from ops.supervise import group_alive, port_open
 
     pids = dict(stack.pids)
     down(stack.root, echo=print)
-    assert not [n for n, p in pids.items() if _group_alive(p)]
+    assert not [n for n, p in pids.items() if group_alive(p)]
     assert not [n for n, p in stack.ports.items() if port_open(p)]
     root = str(stack.root)
     leftovers = []
@@ -483,7 +548,8 @@ def _needles(spy: Path, fid: str) -> list[bytes]:
 
 def _everything_stored(st: Any) -> list[bytes]:
     """Every object of the stack's buckets (data, Prefect results, MLflow) and its two databases."""
-    from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_client
+    from ops.credentials import s3_client
+    from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET
 
     c = s3_client(st, "admin")
     blobs = []

@@ -29,21 +29,25 @@ PROBES = {
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory):
-    from flows import stack as stk
+    from ops import seaweedfs
+    from ops.credentials import identities, write_identities
+    from ops.stack import down
+    from ops.state import DEFAULT_PORTS, Stack
+    from ops.supervise import free_ports
 
     root = tmp_path_factory.mktemp("weed")
-    st = stk.Stack(root=root, silos=list(SILOS))
-    st.ports = stk.free_ports(stk.DEFAULT_PORTS)
+    st = Stack(root=root, silos=list(SILOS))
+    st.ports = free_ports(DEFAULT_PORTS)
     st.save()
-    actions = {**stk._identities(SILOS), **PROBES}
-    stk._write_identities(st, actions)
-    stk._start_seaweedfs(st)
+    actions = {**identities(SILOS), **PROBES}
+    write_identities(st, actions)
+    seaweedfs.start(st)
     try:
-        stk._wait_seaweedfs(st, 120)
+        seaweedfs.wait_ready(st, 120)
         yield st, actions
     finally:
         with contextlib.suppress(Exception):
-            stk.down(root, echo=print)
+            down(root, echo=print)
 
 
 def _code(exc: Exception) -> str:
@@ -96,7 +100,8 @@ def _server_allows(c: Any, action: str, bucket: str, key: str) -> bool:
 
 
 def test_matcher_agrees_with_seaweedfs(weed) -> None:
-    from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, s3_allows, s3_client
+    from ops.credentials import s3_allows, s3_client
+    from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET
 
     st, actions = weed
     cases = []
@@ -120,7 +125,8 @@ def test_matcher_agrees_with_seaweedfs(weed) -> None:
 
 
 def _seed(st: Any) -> dict[str, bytes]:
-    from flows.stack import DATA_BUCKET, s3_client
+    from ops.credentials import s3_client
+    from ops.state import DATA_BUCKET
 
     admin = s3_client(st, "admin")
     objs = {
@@ -160,7 +166,8 @@ def _raw(st: Any, ident: str, method: str, path: str, query: str = "", body: byt
 def test_a_silo_cannot_reach_another_silos_objects_by_other_requests(weed) -> None:
     import urllib3
 
-    from flows.stack import DATA_BUCKET, s3_client
+    from ops.credentials import s3_client
+    from ops.state import DATA_BUCKET
 
     st, _ = weed
     objs = _seed(st)

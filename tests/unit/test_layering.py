@@ -18,8 +18,11 @@ PACKAGES = ("silotune", "tasks", "flows", "cli", "ops")
 FORBIDDEN = {
     "silotune": {"prefect", "tasks", "flows", "cli", "ops"},
     "tasks": {"flows", "cli", "ops"},
-    "flows": {"cli"},
+    "flows": {"cli", "ops"},
+    "ops": {"cli"},
 }
+# The CLI sits above flows and ops, but lives in flows/ until it moves to a package of its own.
+ABOVE_OPS = {"flows.cli"}
 
 
 def _module_name(path: Path) -> str:
@@ -83,7 +86,7 @@ def _graph() -> dict[str, set[str]]:
 def test_layers_import_one_way(layer: str) -> None:
     bad = []
     for name, deps in _graph().items():
-        if name.split(".")[0] != layer:
+        if name.split(".")[0] != layer or name in ABOVE_OPS:
             continue
         for dep in sorted(deps):
             if dep.split(".")[0] in FORBIDDEN[layer]:

@@ -608,6 +608,27 @@ def test_register_silo_policy(tmp_path: Path) -> None:
         SILO_POLICIES.pop("zz-test")
 
 
+def test_policy_named_by_the_environment_is_enforced(tmp_path: Path, monkeypatch) -> None:
+    """A run in a process a stock `prefect worker start` started: the policy comes from $SILOTUNE_SILO_POLICY."""
+    from tasks.runtime import POLICY_ENV, SILO_POLICIES, admit, lifetime_epsilon
+
+    path = tmp_path / "a.yaml"
+    dump_policy(_policy(tmp_path, dp=DPPolicy(max_lifetime_epsilon=20.0)), path)
+    monkeypatch.delitem(SILO_POLICIES, "a", raising=False)
+    monkeypatch.setenv(POLICY_ENV, str(path))
+    try:
+        with pytest.raises(PolicyRefusal, match="silo a refuses federation fed-1"):
+            admit(_config(tmp_path, security={"signing": False}), "a")  # what the policy requires is missing
+        assert SILO_POLICIES["a"].silo == "a" and lifetime_epsilon("a") == 20.0
+        # the file serves silo a alone: a run for another silo fails instead of running without a policy
+        with pytest.raises(PolicyError, match="is the policy of silo 'a': this process does not serve 'b'"):
+            admit(_config(tmp_path), "b")
+    finally:
+        SILO_POLICIES.pop("a", None)
+    monkeypatch.delenv(POLICY_ENV)
+    assert admit(_config(tmp_path), "b")[0].silo("b").train_path == "coord/b.jsonl"  # no policy: embedded
+
+
 # -- the CLI --------------------------------------------------------------------------------------
 
 

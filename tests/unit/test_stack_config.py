@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from flows import stack as stk
-from flows.stack import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, StackError, s3_allows
+from ops import credentials, state, supervise
+from ops.credentials import s3_allows
+from ops.prefect_server import api_settings, prefect_api
+from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, StackError
 
 SILOS = ("clinic", "bank", "lab")
 AREAS = ("updates", "results", "messages", "published")
@@ -47,7 +49,7 @@ FEDERATION_KEYS = (
 
 def test_identities_for_three_silos_are_exact() -> None:
     d = DATA_BUCKET
-    assert stk._identities(SILOS) == {
+    assert credentials.identities(SILOS) == {
         "admin": ["Admin", "Read", "Write", "List", "Tagging"],
         "coordinator": [
             f"Read:{d}",
@@ -133,7 +135,7 @@ def test_matcher_other_bucket_and_brackets() -> None:
 
 
 def _can(ident: str, action: str, key: str, bucket: str = DATA_BUCKET, silos=SILOS) -> bool:
-    return s3_allows(stk._identities(silos)[ident], action, bucket, key)
+    return s3_allows(credentials.identities(silos)[ident], action, bucket, key)
 
 
 @pytest.mark.parametrize("silo", SILOS)
@@ -223,31 +225,31 @@ def test_mlflow_identity_is_confined_to_its_bucket() -> None:
 @pytest.mark.parametrize("name", ["a*", "a?", "a/b", "Clinic", "", "-a", "a b", "x" * 64])
 def test_silo_names_that_would_be_patterns_are_refused(name: str) -> None:
     with pytest.raises(StackError, match="silo name"):
-        stk._identities(["clinic", name])
+        credentials.identities(["clinic", name])
 
 
 def test_silo_name_rule_matches_the_config_rule() -> None:
     from silotune.config import SiloSpec
 
     for name in ("clinic", "a", "lab-2", "x_y", "0", "x" * 63):
-        assert stk.SILO_NAME.match(name)
+        assert state.SILO_NAME.match(name)
         SiloSpec(name=name, train_path="t.jsonl")
     for name in ("a*", "A", "a/b", "x" * 64):
-        assert not stk.SILO_NAME.match(name)
+        assert not state.SILO_NAME.match(name)
         with pytest.raises(ValueError):
             SiloSpec(name=name, train_path="t.jsonl")
 
 
-def _stack(tmp_path: Path) -> stk.Stack:
-    st = stk.Stack(root=tmp_path, ports={"prefect": 4321, "s3": 8333}, silos=list(SILOS))
+def _stack(tmp_path: Path) -> state.Stack:
+    st = state.Stack(root=tmp_path, ports={"prefect": 4321, "s3": 8333}, silos=list(SILOS))
     st.save()
     return st
 
 
 def test_secrets_are_0600_and_generated_once(tmp_path: Path) -> None:
     st = _stack(tmp_path)
-    stk._write_identities(st)
-    stk._write_prefect_auth(st)
+    credentials.write_identities(st)
+    credentials.write_prefect_auth(st)
     secret = st.prefect_auth_string()
     creds = st.credentials()
     assert secret.startswith("silotune:") and len(secret) > 40
@@ -258,12 +260,12 @@ def test_secrets_are_0600_and_generated_once(tmp_path: Path) -> None:
     ):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     os.chmod(st.prefect_auth_file, 0o644)
-    stk._write_identities(st)
-    stk._write_prefect_auth(st)
+    credentials.write_identities(st)
+    credentials.write_prefect_auth(st)
     assert st.prefect_auth_string() == secret and st.credentials() == creds
     assert stat.S_IMODE(st.prefect_auth_file.stat().st_mode) == 0o600
     ids = json.loads((tmp_path / "s3" / "identities.json").read_text())["identities"]
-    assert {i["name"]: i["actions"] for i in ids} == stk._identities(SILOS)
+    assert {i["name"]: i["actions"] for i in ids} == credentials.identities(SILOS)
     assert len({i["credentials"][0]["accessKey"] for i in ids}) == len(ids)
 
 
@@ -274,14 +276,14 @@ def test_no_auth_string_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_prefect_env_per_identity(tmp_path: Path) -> None:
     st = _stack(tmp_path)
-    stk._write_prefect_auth(st)
+    credentials.write_prefect_auth(st)
     secret = st.prefect_auth_string()
     coord = st.prefect_env()
     assert coord == {
         "PREFECT_API_URL": "http://127.0.0.1:4321/api",
         "PREFECT_API_AUTH_STRING": secret,
         "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{stk.RESULTS_BLOCK}",
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{state.RESULTS_BLOCK}",
     }
     silo = st.prefect_env("silo-clinic")
     # a silo authenticates too, but keeps no result in the coordinator's result bucket, and has its own home
@@ -296,13 +298,13 @@ def test_prefect_api_context_sets_the_auth_string(tmp_path: Path) -> None:
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
     st = _stack(tmp_path)
-    stk._write_identities(st)
-    stk._write_prefect_auth(st)
-    with stk.prefect_api(st):
+    credentials.write_identities(st)
+    credentials.write_prefect_auth(st)
+    with prefect_api(st):
         assert PREFECT_API_URL.value() == st.prefect_api
         assert PREFECT_API_AUTH_STRING.value() == st.prefect_auth_string()
         assert os.environ["AWS_ACCESS_KEY_ID"] == st.credentials()["coordinator"]["access_key"]
-    with stk._api_settings(st):
+    with api_settings(st):
         assert PREFECT_API_AUTH_STRING.value() == st.prefect_auth_string()
 
 
@@ -317,7 +319,7 @@ def test_spawned_processes_do_not_inherit_the_callers_identity(tmp_path: Path, m
         monkeypatch.setenv(var, "from-the-callers-shell")
     monkeypatch.setenv("SILOTUNE_PROBE", "kept")
     code = "import json, os; print('ENV=' + json.dumps(dict(os.environ)))"
-    pid = stk._spawn(st, "probe", [sys.executable, "-c", code], {"AWS_SECRET_ACCESS_KEY": "given"})
+    pid = supervise.spawn(st, "probe", [sys.executable, "-c", code], {"AWS_SECRET_ACCESS_KEY": "given"})
     os.waitpid(pid, 0)
     line = next(x for x in (st.logs / "probe.log").read_text().splitlines() if x.startswith("ENV="))
     env = json.loads(line.removeprefix("ENV="))

@@ -11,7 +11,9 @@ thread of its own long-lived process. The base model therefore stays loaded in
 ``tasks.runtime.MODELS`` from one round to the next.
 
 The pools stay ordinary ``process`` pools: a stock ``prefect worker start --pool
-silo-<name>`` can serve them too (slower, one process per run).
+silo-<name>`` can serve them too (slower, one process per run). That stock worker is also the
+fallback if Prefect changes the private ``BaseWorker`` members this worker relies on: they are all
+reached through :class:`ops.prefect_private.FencedWorker`, never from this module.
 """
 
 from __future__ import annotations
@@ -27,10 +29,22 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from prefect.client.schemas.responses import WorkerFlowRunResponse
+from prefect.context import SyncClientContext
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_engine import load_flow, run_flow
+from prefect.logging.loggers import flow_run_logger
+from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorkerResult
 
-log = logging.getLogger("silotune.agent")
+from flows.api_client import busy_retry_settings
+from ops.prefect_private import FencedWorker
+
+log = logging.getLogger("silotune.worker")
 
 
 # A run scheduled to start at most this far ahead is claimed at its start time from its Scheduled
@@ -44,6 +58,7 @@ class InProcessResult(BaseWorkerResult):
 
 def served_flows() -> dict[str, Any]:
     """The flows a silotune worker can run without loading code from storage, by flow name."""
+    # Imported when the first run arrives: the flows import torch and transformers (seconds).
     from flows.federated_training import federated_training
     from flows.retraining import scheduled_retraining
     from flows.silo import silo_evaluate, silo_round, silo_step
@@ -53,18 +68,18 @@ def served_flows() -> dict[str, Any]:
     }
 
 
-class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessResult]):
+class InProcessWorker(FencedWorker):
     """Serves a ``process`` work pool, running each flow run in this process (see the module docstring)."""
 
     type = "process"  # the pool type it serves; pools stay usable by a stock process worker
     job_configuration = BaseJobConfiguration
     job_configuration_variables = BaseVariables
-    _description = "Runs flow runs of a process pool in one long-lived process, keeping models loaded."
+    # Registered under its own key so it never replaces Prefect's ProcessWorker in the type registry.
+    registry_key = "silotune-inprocess"
 
     @classmethod
-    def __dispatch_key__(cls) -> str:
-        # Registered under its own key so it never replaces Prefect's ProcessWorker in the type registry.
-        return "silotune-inprocess"
+    def get_description(cls) -> str:
+        return "Runs flow runs of a process pool in one long-lived process, keeping models loaded."
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,16 +92,12 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
             self._flows = served_flows()
         name = self._flow_names.get(flow_run.flow_id)
         if name is None:
-            from prefect.client.orchestration import get_client
-
             with get_client(sync_client=True) as client:
                 name = client.read_flow(flow_run.flow_id).name
             self._flow_names[flow_run.flow_id] = name
         if name in self._flows:
             return self._flows[name]
         # Any other deployment: load its entrypoint the way Prefect's engine would (once per flow).
-        from prefect.flow_engine import load_flow
-
         self._flows[name] = load_flow(flow_run)
         return self._flows[name]
 
@@ -112,12 +123,6 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         return self._unnamed[flow.name]
 
     def _execute(self, flow_run: FlowRun) -> int:
-        from prefect.context import SyncClientContext
-        from prefect.flow_engine import run_flow
-        from prefect.logging.loggers import flow_run_logger
-
-        from flows.api_client import busy_retry_settings
-
         try:
             flow = self._named(self._flow_for(flow_run), flow_run)
             # The engine's API client (found through this context) retries a busy server within tens
@@ -140,31 +145,26 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
         return InProcessResult(identifier=str(flow_run.id), status_code=code)
 
-    async def _submit_run(self, flow_run: FlowRun) -> None:
+    async def submit_run(self, flow_run: FlowRun) -> None:
         # The stock path prepares infrastructure first (re-reads the deployment, renders the job template,
         # relabels the run, proposes an extra state, records a pid): ~6 API calls per run for a process
         # this worker does not start. Claim the run (Pending) and hand it to a thread; the engine reports
         # Running/Completed/Failed itself, exactly as it does in a subprocess.
         try:
-            if await self._propose_pending_state(flow_run):
-                assert self._runs_task_group is not None
-                self._runs_task_group.start_soon(self._run_and_release, flow_run)
+            if await self.propose_pending(flow_run):
+                self.start_soon(self._run_and_release, flow_run)
             else:
-                self._release_limit_slot(flow_run.id)
+                self.release_slot(flow_run.id)
         finally:
-            self._submitting_flow_run_ids.discard(flow_run.id)
-            if self._cancelling_observer is not None:
-                self._cancelling_observer.remove_in_flight_flow_run_id(flow_run.id)
+            self.submission_done(flow_run.id)
 
     async def _run_and_release(self, flow_run: FlowRun) -> None:
         try:
             code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
             if code != 0:
-                await self._propose_crashed_state(
-                    flow_run, "the flow run engine failed in the silotune worker"
-                )
+                await self.propose_crashed(flow_run, "the flow run engine failed in the silotune worker")
         finally:
-            self._release_limit_slot(flow_run.id)
+            self.release_slot(flow_run.id)
 
     async def claim(self, flow_run_id: UUID) -> None:
         """Submit the run a Scheduled event names: one read, then the Pending proposal that claims it.
@@ -175,10 +175,8 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         a run creation makes the creation fail and retry). A run that is no longer Scheduled, belongs
         to another pool or queue, or starts later is left to the regular poll.
         """
-        from prefect.client.schemas.responses import WorkerFlowRunResponse
-        from prefect.exceptions import ObjectNotFound
-
-        if not self._has_successfully_synced or self._work_pool is None:
+        pool = self.synced_pool()
+        if pool is None:
             await self.get_and_submit_flow_runs()
             return
         try:
@@ -191,20 +189,17 @@ class InProcessWorker(BaseWorker[BaseJobConfiguration, BaseVariables, InProcessR
         if (
             state is None
             or not state.is_scheduled()
-            or flow_run.work_pool_name != self._work_pool_name
+            or flow_run.work_pool_name != pool.name
             or flow_run.work_queue_id is None
-            or (self._work_queues and flow_run.work_queue_name not in self._work_queues)
+            or (self.queue_names() and flow_run.work_queue_name not in self.queue_names())
             or wait > CLAIM_WAIT_S
         ):
             return
         if wait > 0:
             await anyio.sleep(wait)
-        await self._submit_scheduled_flow_runs(
-            [
-                WorkerFlowRunResponse(
-                    work_pool_id=self._work_pool.id, work_queue_id=flow_run.work_queue_id, flow_run=flow_run
-                )
-            ]
+        queue = flow_run.work_queue_id
+        await self.submit_scheduled(
+            [WorkerFlowRunResponse(work_pool_id=pool.id, work_queue_id=queue, flow_run=flow_run)]
         )
 
     async def kill_infrastructure(
@@ -223,10 +218,6 @@ async def _wake_on_scheduled_runs(worker: InProcessWorker, pool: str) -> None:
     stream does not apply related-resource filters (Prefect 3.9 matches every event against them), so
     the pool is checked here: another pool's runs cost this worker nothing, and the server nothing.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.events.clients import get_events_subscriber
-    from prefect.events.filters import EventFilter, EventNameFilter
-
     while True:
         try:
             async with get_client() as client:
@@ -253,8 +244,6 @@ def serve(
     pool: str, *, name: str | None = None, query_seconds: float = 5.0, limit: int | None = None
 ) -> None:
     """Serve ``pool`` until SIGTERM/SIGINT: runs start on their Scheduled event, polls are the fallback."""
-    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
-
     # SIGTERM (`silotune stack down`) stops the worker like Ctrl-C: the loops unwind, the worker deregisters.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     worker = InProcessWorker(
@@ -276,10 +265,7 @@ def serve(
 
 def ensure_silo_deployments(pool: str) -> list[str]:
     """Register ``silo-round|silo-evaluate|silo-step/<pool>`` if the coordinator has not (a new silo)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    from flows.silo import silo_evaluate, silo_round, silo_step
+    from flows.silo import silo_evaluate, silo_round, silo_step  # imports torch (seconds)
 
     created = []
     with get_client(sync_client=True) as client:
