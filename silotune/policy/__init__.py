@@ -66,10 +66,17 @@ from silotune.policy.acceptance import (
 )
 from silotune.policy.check import PolicyRefusal, Violation, check_config
 from silotune.policy.enforcement import enforce
-from silotune.policy.files import dump_policy, load_policy, policy_yaml
+from silotune.policy.files import dump_policy, load_policy, parse_policy, policy_yaml
 from silotune.policy.local import local_policy, write_local_policies
-from silotune.policy.model import PROTECTION_ORDER, DPPolicy, PolicyError, SiloPolicy, StoreKeysPolicy
-from silotune.policy.stores import store_location
+from silotune.policy.model import (
+    PROTECTION_ORDER,
+    DPPolicy,
+    PolicyError,
+    ReleasePolicy,
+    SiloPolicy,
+    StoreKeysPolicy,
+)
+from silotune.policy.stores import StoreLocation, store_location
 from silotune.policy.weights import model_weights_sha256
 
 __all__ = [
@@ -78,8 +85,10 @@ __all__ = [
     "DPPolicy",
     "PolicyError",
     "PolicyRefusal",
+    "ReleasePolicy",
     "SiloPolicy",
     "StoreKeysPolicy",
+    "StoreLocation",
     "Violation",
     "accept_config",
     "acceptance_fingerprint",
@@ -92,6 +101,7 @@ __all__ = [
     "load_policy",
     "local_policy",
     "model_weights_sha256",
+    "parse_policy",
     "policy_yaml",
     "store_location",
     "write_local_policies",
