@@ -19,8 +19,10 @@ import torch
 
 from silotune.config import LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import UpdateError
+from silotune.methods import get_method, parse_options
 from silotune.methods.base import Built
 from silotune.methods.peft_methods import lora_config
+from silotune.modeling import load_tokenizer, resolve_model_path
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -56,9 +58,6 @@ class AdapterModel:
     def create(
         cls, model_spec: ModelSpec, lora_spec: LoraSpec, *, seed: int, method: MethodSpec | None = None
     ) -> AdapterModel:
-        from silotune.methods import get_method, parse_options
-        from silotune.modeling import load_tokenizer, resolve_model_path
-
         spec = method or MethodSpec()
         impl = get_method(spec.name)
         path = resolve_model_path(model_spec.name_or_path)
@@ -70,8 +69,6 @@ class AdapterModel:
 
     @property
     def method(self) -> Any:
-        from silotune.methods import get_method
-
         return get_method(self.method_spec.name)
 
     def _built(self) -> Built:

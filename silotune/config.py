@@ -17,9 +17,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS, build_aggregator, plaintext_requirement
+from silotune.crypto.ckks import CKKS_PRESETS
 from silotune.errors import ConfigError
 from silotune.methods import get_method
 from silotune.methods.validation import validate_federation
+from silotune.poisoning import check_attack
 from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -125,8 +128,6 @@ class AttackSpec(_Spec):
 
     @model_validator(mode="after")
     def _known(self) -> AttackSpec:
-        from silotune.poisoning import check_attack
-
         check_attack(self.name, self.options)
         return self
 
@@ -481,8 +482,6 @@ class FederationConfig(_Spec):
                 f"{len(self.silos)} configured silo(s)"
             )
         # Unknown names fail here, before any training, with the list of known ones.
-        from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS
-
         if self.aggregation.name not in AGGREGATORS:
             problems.append(
                 f"aggregation.name: unknown aggregator {self.aggregation.name!r}; "
@@ -643,8 +642,6 @@ class FederationConfig(_Spec):
 
 
 def _ckks_presets() -> list[str]:
-    from silotune.crypto.ckks import CKKS_PRESETS
-
     return CKKS_PRESETS.names()
 
 
@@ -658,8 +655,6 @@ def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: s
     The reason comes from the aggregator class (``needs_plaintext``, ``plaintext_reason``);
     one that declares nothing is treated as needing plaintext.
     """
-    from silotune.aggregation import AGGREGATORS, plaintext_requirement
-
     if aggregation.name not in AGGREGATORS:
         return None  # reported as an unknown aggregator
     reason = plaintext_requirement(aggregation.name)
@@ -674,8 +669,6 @@ def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: s
 
 def _robustness_problems(config: FederationConfig) -> list[str]:
     """Aggregator options, the FLTrust root data set and FedProx, checked before any training."""
-    from silotune.aggregation import AGGREGATORS, build_aggregator
-
     problems: list[str] = []
     if config.train.proximal_mu > 0 and config.privacy.sample_dp is not None:
         problems.append(

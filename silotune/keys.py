@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from silotune.config import FederationConfig, SiloSpec
+from silotune.crypto.ckks import create_secret_context, load_context, public_context
+from silotune.crypto.signing import SiloKeyPair, TrustedKeys, public_key_hex
 from silotune.errors import ConfigError
 
 
@@ -72,8 +74,6 @@ class SiloVault:
         return self.root / "ckks.secret"
 
     def signing_key(self) -> Any:
-        from silotune.crypto.signing import SiloKeyPair
-
         if not self.signing_path.is_file():
             raise ConfigError(
                 f"silo {self.silo!r}: no signing key at {self.signing_path}; create one with "
@@ -83,8 +83,6 @@ class SiloVault:
         return SiloKeyPair.load(self.signing_path)
 
     def ckks_secret(self) -> Any:
-        from silotune.crypto.ckks import load_context
-
         if not self.ckks_path.is_file():
             raise ConfigError(
                 f"silo {self.silo!r}: no CKKS secret context at {self.ckks_path}; create it at one silo "
@@ -163,22 +161,16 @@ class CoordinatorKeys:
 
     def signing_key(self) -> Any:
         """The coordinator's signing key, or None when it has none (then silos that pin one refuse)."""
-        from silotune.crypto.signing import SiloKeyPair
-
         return SiloKeyPair.load(self.signing_path) if self.signing_path.is_file() else None
 
     def create_signing_key(self) -> Path:
         """Create the coordinator's signing key if missing; returns its public key file."""
-        from silotune.crypto.signing import SiloKeyPair
-
         pub = self.root / "coordinator.pub.pem"
         if not self.signing_path.is_file():
             SiloKeyPair.generate().save(self.signing_path, pub, overwrite=True)
         return pub
 
     def trusted_keys(self) -> Any:
-        from silotune.crypto.signing import TrustedKeys
-
         return TrustedKeys.from_folder(self.root / "silos")
 
     @property
@@ -186,8 +178,6 @@ class CoordinatorKeys:
         return self.root / "ckks.public"
 
     def ckks_public(self) -> Any:
-        from silotune.crypto.ckks import load_context
-
         if not self.ckks_path.is_file():
             raise ConfigError(
                 f"coordinator: no CKKS public context at {self.ckks_path}; a silo exports it with "
@@ -204,16 +194,12 @@ class CoordinatorKeys:
 
 def create_ckks_secret(path: Path, preset: str) -> bytes:
     """Create the federation's shared CKKS secret context at ``path`` (at one silo)."""
-    from silotune.crypto.ckks import create_secret_context
-
     data = create_secret_context(preset)
     write_private(path, data, overwrite=False)
     return data
 
 
 def export_ckks_public(secret_path: Path, public_path: Path) -> None:
-    from silotune.crypto.ckks import public_context
-
     data = public_context(Path(secret_path).read_bytes())
     public_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = public_path.with_suffix(".tmp")
@@ -223,8 +209,6 @@ def export_ckks_public(secret_path: Path, public_path: Path) -> None:
 
 def create_silo_identity(config: FederationConfig, silo: str, *, overwrite: bool = False) -> Path:
     """Generate the silo's Ed25519 key in its private folder; returns the public key file."""
-    from silotune.crypto.signing import SiloKeyPair
-
     vault = SiloVault.for_silo(config.silo(silo))
     pub = vault.root / "signing.pub.pem"
     if vault.signing_path.exists() and not overwrite:
@@ -277,8 +261,6 @@ def pin_local_keys(config: FederationConfig) -> FederationConfig:
     Creates what is missing (:func:`setup_local_keys`), then writes the public keys into the config,
     where they become part of its fingerprint: the roster and every signature check use them.
     """
-    from silotune.crypto.signing import SiloKeyPair, public_key_hex
-
     setup_local_keys(
         config.model_copy(update={"security": config.security.model_copy(update={"signing": True})})
     )

@@ -484,10 +484,10 @@ def plot_grid(rows: Sequence[GridRow], *, title: str) -> bytes:
     With a clean FedAvg row the bars are the *change* against it (union loss, and
     exact match in points), so small differences stay visible; otherwise raw values.
     """
-    import matplotlib
+    import matplotlib  # ~0.4 s to import: only the tasks and commands that plot pay for it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), so no display backend is needed
 
     attacks = list(dict.fromkeys(r.attack for r in rows))
     rules = list(dict.fromkeys(r.rule for r in rows))
