@@ -21,6 +21,7 @@ import torch
 
 from silotune.adapters import AdapterModel
 from silotune.data import Example, PreferenceExample, collate, per_sequence_loss
+from silotune.methods.objectives import evaluate_pairs
 
 _PREF_FIELDS = ("dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy")
 
@@ -58,8 +59,6 @@ def evaluate(
     if state is not None:
         adapter.load_state(state)
     if examples and isinstance(examples[0], PreferenceExample):
-        from silotune.methods.objectives import evaluate_pairs
-
         pairs: Sequence[Any] = examples
         base = evaluate(adapter, [p.chosen for p in pairs], batch_size=batch_size)
         pref = evaluate_pairs(

@@ -66,6 +66,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _convert_smollm2(dest: Path, *, with_weights: bool) -> None:
+    # torch and transformers take seconds to import; ops and the CLI import this module for its constants
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, gguf = _gguf_location()
@@ -135,6 +136,7 @@ def tiny_llama_path() -> Path:
     with _file_lock(cache_root() / "models" / f".{TINY}.lock"):
         if (dest / "model.safetensors").is_file():
             return dest
+        # torch and transformers take seconds to import; ops and the CLI import this module for its constants
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -167,7 +169,7 @@ def tiny_llama_path() -> Path:
 
 
 def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # ~1 s to import; ops and the CLI import this module
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
@@ -181,6 +183,7 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_base_model(path: Path) -> Any:
     """Load a causal LM in fp32 for CPU training (the dtype every silo trains its adapter in)."""
+    # torch and transformers take seconds to import; ops and the CLI import this module for its constants
     import torch
     from transformers import AutoModelForCausalLM
 

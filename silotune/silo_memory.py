@@ -18,6 +18,7 @@ from typing import Any
 from silotune.config import FederationConfig, LoraSpec
 from silotune.memory_estimate import MODEL_SHAPES, SHAPES, Footprint, MemoryEstimate, ModelShape, estimate
 from silotune.methods import get_method, parse_options
+from silotune.modeling import resolve_model_path
 
 
 def model_shape(config: FederationConfig) -> ModelShape:
@@ -26,9 +27,6 @@ def model_shape(config: FederationConfig) -> ModelShape:
     preset = MODEL_SHAPES.get(name) or MODEL_SHAPES.get(str(config.model.descriptor or ""))
     if preset:
         return SHAPES[preset]
-    # transformers' import time: only needed for a model folder on this machine.
-    from silotune.modeling import resolve_model_path
-
     path = resolve_model_path(name)
     return ModelShape.from_hf_config(json.loads((Path(path) / "config.json").read_text()), name=name)
 

@@ -15,7 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
 from silotune.config import FederationConfig, TrackingSpec
+from silotune.crypto.ckks import ckks_preset
 from silotune.records import Evaluation, RoundSummary
 
 
@@ -121,6 +124,7 @@ def round_metrics(summary: RoundSummary) -> dict[str, float]:
 
 class MlflowTracker:
     def __init__(self, spec: TrackingSpec) -> None:
+        # mlflow takes ~1 s to import; every worker imports this module, most with no tracking server
         from mlflow.tracking import MlflowClient
 
         self.spec = spec
@@ -179,15 +183,12 @@ class MlflowTracker:
             else "off",
         }
         if config.security.protection == "ckks":
-            from silotune.crypto.ckks import ckks_preset
-
             params["security.ckks_preset"] = config.security.ckks_preset
             params["security.ckks_params"] = ckks_preset(config.security.ckks_preset).model_dump_json()
         for k, v in params.items():
             self.client.log_param(rid, k, str(v))
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "federation.yaml"
-            import yaml
 
             p.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             self.client.log_artifact(rid, str(p))
@@ -212,9 +213,9 @@ class MlflowTracker:
             },
         )
         cid = child.info.run_id
-        # One request per run, not one per metric: against a tracking server each call is a round trip.
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # ~1 s to import: only MlflowTracker pays for it
 
+        # One request per run, not one per metric: against a tracking server each call is a round trip.
         now = int(time.time() * 1000)
         batch = [
             Metric(key=k, value=v, timestamp=now, step=round_) for k, v in round_metrics(summary).items()
@@ -264,7 +265,7 @@ class MlflowTracker:
         """
         if run_id is None:
             return None
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # ~1 s to import: only MlflowTracker pays for it
 
         try:
             self.client.create_registered_model(name, tags={"silotune.kind": "lora-adapter"})

@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from opacus.grad_sample.utils import prepare_module
 from tqdm.auto import tqdm
 
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
 from silotune.config import TrainSpec
 from silotune.data import Example, batches, collate, per_sequence_loss
+from silotune.errors import ConfigError
 from silotune.fedprox import attach_proximal_term, detach_proximal_term
-from silotune.privacy.noise import KEY_BYTES, seed_key, subkey, uniform
+from silotune.privacy.noise import KEY_BYTES, KeyedNoiseDPOptimizer, seed_key, subkey, uniform
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,6 @@ def train_local(
     and step, e.g. DPO on preference pairs; None is SFT.
     """
     if dp is not None and objective is not None:
-        from silotune.errors import ConfigError
-
         raise ConfigError(
             f"{desc}: DP-SGD with objective {type(objective).__name__} is not supported: its per-example "
             "clipping treats each row as a privacy unit, but a preference pair is two rows; use client-level "
@@ -268,10 +268,6 @@ def _dp_sgd_loop(
     progress: bool,
 ) -> tuple[list[float], int]:
     """DP-SGD through Opacus; the model is unwrapped again before returning (it is reused)."""
-    from opacus.grad_sample.utils import prepare_module
-
-    from silotune.privacy.noise import KeyedNoiseDPOptimizer
-
     model = adapter.model
     # Opacus needs train mode before wrapping. The wrapper must see the very parameter
     # objects the optimizer steps: wrapping, then moving or re-creating the model, leaves

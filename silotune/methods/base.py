@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from silotune.memory_estimate import Footprint, ModelShape
+from silotune.modeling import load_base_model
 from silotune.registry import Registry
 
 TensorDict = dict[str, torch.Tensor]
@@ -212,11 +213,9 @@ def base_storage(options: MethodOptions) -> Storage:
 
 def load_base(path: Path, options: MethodOptions) -> Any:
     """The base model at ``options.base_dtype`` (float32: exactly ``modeling.load_base_model``)."""
-    from silotune.modeling import load_base_model
-
     if options.base_dtype == "float32":
         return load_base_model(path)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # ~1 s to import; config imports this module
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.base_dtype))
     model.config.use_cache = False

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from silotune.data import PreferenceExample, collate, per_sequence_loss
+from silotune.errors import DataError, RegistryError
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,6 @@ class DPO:
 
     def collate(self, pairs: Sequence[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
         if pairs and not isinstance(pairs[0], PreferenceExample):
-            from silotune.errors import DataError
-
             raise DataError(
                 "objective 'dpo' needs preference pairs ({prompt, chosen, rejected} records); "
                 "this silo's data holds instruction/chat records"
@@ -105,7 +104,6 @@ def build_objective(spec: Any) -> DPO | None:
         return None
     if spec.name == "dpo":
         return DPO(beta=spec.beta)
-    from silotune.errors import RegistryError
 
     raise RegistryError(f"unknown objective {spec.name!r}; known: dpo, sft")
 

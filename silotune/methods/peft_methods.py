@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from silotune.errors import ConfigError, UpdateError
 from silotune.memory_estimate import Footprint, ModelShape, check_targets
 from silotune.methods.base import (
     ALL_DEFENSES_FULL,
@@ -35,12 +36,14 @@ from silotune.methods.base import (
     base_storage,
     load_base,
 )
+from silotune.modeling import load_tokenizer
 
 ADAPTERS = Table1Row(row="LoRA / adapters", gray_box="partial")
 
 
 def lora_config(spec: Any) -> Any:
     """PEFT ``LoraConfig`` from a :class:`~silotune.config.LoraSpec`."""
+    # peft takes ~5 s to import; config (the CLI, the tests) imports this module
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -99,15 +102,15 @@ class _PeftMethod:
         return ()
 
     def state(self, built: Built) -> TensorDict:
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(built.model)
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
     def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import set_peft_model_state_dict
-
-        from silotune.errors import UpdateError
 
         result = set_peft_model_state_dict(built.model, dict(state))
         # PEFT loads a soft prompt into its prompt encoder itself, then reports the key as unexpected.
@@ -128,6 +131,7 @@ class _PeftMethod:
 
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
         """The published artifact on a fresh base, ready for inference."""
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import PeftModel
 
         return PeftModel.from_pretrained(self._load_base(base_path, options), folder)
@@ -157,6 +161,7 @@ class LoRA(_PeftMethod):
     uses_lora_section: ClassVar[bool] = True
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import get_peft_model
 
         base = self._load_base(path, options)
@@ -275,6 +280,7 @@ class QLoRA(LoRA):
         )
 
     def _load_base(self, path: Path, options: MethodOptions) -> Any:
+        # peft (~5 s) and transformers (~1 s) to import; config (the CLI, the tests) imports this module
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -338,13 +344,12 @@ class IA3(_PeftMethod):
     trains: ClassVar[str] = "one scaling vector per adapted module (keys, values, MLP down-projection input)"
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import IA3Config, TaskType, get_peft_model
 
         assert isinstance(options, IA3Options)
         bad = sorted(set(options.feedforward_modules) - set(options.target_modules))
         if bad:
-            from silotune.errors import ConfigError
-
             raise ConfigError(f"method.options.feedforward_modules {bad} are not in target_modules")
         base = self._load_base(path, options)
         if options.gradient_checkpointing:
@@ -427,12 +432,11 @@ class PromptTuning(_PeftMethod):
     }
 
     def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+        # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         assert isinstance(options, PromptTuningOptions)
         if options.init == "text" and not options.init_text:
-            from silotune.errors import ConfigError
-
             raise ConfigError("method.options.init_text is required when init='text'")
         base = self._load_base(path, options)
         if options.gradient_checkpointing:
@@ -452,8 +456,6 @@ class PromptTuning(_PeftMethod):
         emb = built.model.get_input_embeddings().weight.detach()
         n = options.num_virtual_tokens
         if options.init == "text":
-            from silotune.modeling import load_tokenizer
-
             ids = load_tokenizer(built.extras["path"])(options.init_text, add_special_tokens=False)[
                 "input_ids"
             ]

@@ -15,8 +15,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+
 from silotune.config import FederationConfig, ModelSpec
+from silotune.crypto.signing import SignatureError, SiloKeyPair
 from silotune.errors import SilotuneError
+from silotune.keys import write_private
 from silotune.policy.check import PolicyRefusal, Violation, check_config, rule_line
 from silotune.policy.model import PolicyError, SiloPolicy
 
@@ -70,8 +74,6 @@ def acceptance_path(policy: SiloPolicy, federation_id: str) -> Path:
 
 
 def _create_signing_key(policy: SiloPolicy) -> None:
-    from silotune.crypto.signing import SiloKeyPair
-
     vault = policy.vault()
     if not vault.signing_path.exists():
         vault.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -93,8 +95,6 @@ def accept_config(
     signing key is ``<private_dir>/signing.pem``; ``create_key`` creates it when missing (its
     public half goes to ``signing.pub.pem``, to register with the coordinator).
     """
-    from silotune.keys import write_private
-
     violations = check_config(policy, config, model_sha256=model_sha256)
     if violations:
         raise PolicyRefusal(policy.silo, config.federation_id, violations)
@@ -131,10 +131,6 @@ def accepted_fingerprint(policy: SiloPolicy, federation_id: str) -> str | None:
     A file that is unreadable, for another silo or federation, or whose signature does not
     verify with the silo's own key raises :class:`~silotune.crypto.signing.SignatureError`.
     """
-    from cryptography.exceptions import InvalidSignature
-
-    from silotune.crypto.signing import SignatureError
-
     path = acceptance_path(policy, federation_id)
     if not path.is_file():
         return None

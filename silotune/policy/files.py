@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,6 @@ def load_policy(path: str | Path) -> SiloPolicy:
 
 
 def _comment(text: str, indent: str) -> list[str]:
-    import textwrap
-
     return [f"{indent}# {line}" for line in textwrap.wrap(text, width=100 - len(indent) - 2)]
 
 

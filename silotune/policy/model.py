@@ -14,7 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from silotune.config import StoreSpec
+from silotune.crypto.signing import load_public_key
 from silotune.errors import ConfigError
+from silotune.keys import SiloVault
+from silotune.methods import METHODS
 from silotune.policy.stores import parse_store_entry
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -297,7 +300,6 @@ class SiloPolicy(_Policy):
             return v
         if not v:
             raise ValueError("an empty list allows no method; list at least one, or null for any registered")
-        from silotune.methods import METHODS
 
         unknown = [m for m in v if m not in METHODS]
         if unknown:
@@ -327,7 +329,6 @@ class SiloPolicy(_Policy):
         """The pinned coordinator key (an Ed25519PublicKey), or None when not pinned."""
         if self.coordinator_key is None:
             return None
-        from silotune.crypto.signing import load_public_key
 
         try:
             return load_public_key(self.coordinator_key)
@@ -338,6 +339,4 @@ class SiloPolicy(_Policy):
 
     def vault(self) -> Any:
         """The silo's private folder (:class:`silotune.keys.SiloVault`) at the policy's private_dir."""
-        from silotune.keys import SiloVault
-
         return SiloVault(self.silo, Path(self.private_dir))

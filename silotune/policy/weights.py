@@ -8,6 +8,7 @@ from pathlib import Path
 
 from silotune.config import ModelSpec
 from silotune.errors import ConfigError
+from silotune.modeling import SMOLLM2, TINY, _gguf_location, resolve_model_path, tiny_llama_path
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -40,8 +41,6 @@ def model_weight_files(model: ModelSpec) -> list[Path]:
     folder's ``*.safetensors``/``*.bin``/``*.gguf``/``*.pt``/``*.pth`` files; a path to a
     single file: that file.
     """
-    from silotune.modeling import SMOLLM2, TINY, _gguf_location, resolve_model_path, tiny_llama_path
-
     name = model.name_or_path
     if name == SMOLLM2:
         folder, gguf = _gguf_location()

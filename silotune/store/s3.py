@@ -40,6 +40,7 @@ class S3Store:
     @property
     def client(self) -> Any:
         if self._client is None:
+            # boto3 adds ~180 modules to every worker's start; only S3 stores need it
             import boto3
             from botocore.config import Config
 
