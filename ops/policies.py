@@ -67,6 +67,7 @@ def stack_config(stack: Stack, config: Any) -> Any:
     coordinator's, for CKKS the shared context) and pins the public keys in the config (signing on):
     they are part of the fingerprint every silo accepts.
     """
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.config import parse_config
     from silotune.keys import pin_local_keys
 
@@ -98,6 +99,7 @@ def stack_config(stack: Stack, config: Any) -> Any:
 
 
 def _stack_store(stack: Stack) -> Any:
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.config import StoreSpec
 
     return StoreSpec(**stack.store_spec())
@@ -105,6 +107,7 @@ def _stack_store(stack: Stack) -> Any:
 
 def _coordinator_public_key(stack: Stack) -> Path:
     """The coordinator's public key file (its signing key created once, kept)."""
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.keys import CoordinatorKeys
 
     return CoordinatorKeys(stack.keys_dir).create_signing_key()
@@ -138,6 +141,7 @@ def default_policy(stack: Stack, silo: str) -> Any:
     uploads (so the config must pin every silo's public key) and the coordinator key of this stack.
     Open: the federation id, the protection, the method, DP; no acceptance needed.
     """
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.policy import PROTECTION_ORDER, DPPolicy, SiloPolicy, StoreKeysPolicy, store_location
 
     train, holdout = _default_data(stack, silo)
@@ -172,6 +176,7 @@ def merge_policies(policies: list[Any]) -> Any:
     stores and key variables must agree. Acceptance stays required, so each federation still runs only
     with the exact config its silo accepted.
     """
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.policy import PROTECTION_ORDER, DPPolicy, SiloPolicy
 
     first = policies[0]
@@ -228,6 +233,7 @@ def write_policies(stack: Stack, configs: list[Any] | None = None, *, echo: Any 
     Each policy must load and its data files must exist, else :class:`StackError` (before any worker
     starts).
     """
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.policy import accept_config, dump_policy, load_policy, local_policy, model_weights_sha256
 
     configs = list(configs or [])
@@ -290,6 +296,7 @@ def write_policies(stack: Stack, configs: list[Any] | None = None, *, echo: Any 
 
 def as_configs(config: Any) -> list[Any]:
     """``up``'s ``config``: None, a config or a path, or a list of them, as FederationConfigs."""
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.config import FederationConfig, load_config
 
     if config is None:
@@ -311,6 +318,7 @@ def as_configs(config: Any) -> list[Any]:
 def configure(stack: Stack, configs: list[Any], *, echo: Any = print) -> list[Any]:
     """Make each config for this stack (:func:`stack_config`), write it to ``federations/<id>.yaml``,
     then write every silo's policy (:func:`write_policies`). Returns the configs made for the stack."""
+    # the library imports torch (~4 s): ops.stack imports this module for `stack status`/`down`
     from silotune.config import dump_config
 
     made = [stack_config(stack, c) for c in configs]

@@ -52,6 +52,7 @@ def start(stack: Stack) -> None:
 @contextlib.contextmanager
 def api_settings(stack: Stack) -> Iterator[None]:
     """Prefect settings of this process that reach (and authenticate to) this stack's API."""
+    # prefect takes ~1 s to import: ops.stack imports this module for `stack status`/`down`
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     with temporary_settings(
@@ -62,6 +63,7 @@ def api_settings(stack: Stack) -> Iterator[None]:
 
 def configure(stack: Stack) -> None:
     """Work pools (coordinator + one process pool per silo) and the S3 result-storage block."""
+    # prefect takes ~1 s to import: ops.stack imports this module for `stack status`/`down`
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -106,6 +108,7 @@ def deploy(stack: Stack) -> None:
 
 def deployed(stack: Stack) -> bool:
     """Whether the coordinator's deployment is registered (``up`` then keeps the deployments as they are)."""
+    # prefect takes ~1 s to import: ops.stack imports this module for `stack status`/`down`
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -132,6 +135,7 @@ def _declared_silo_deployments() -> set[str]:
 @contextlib.contextmanager
 def prefect_api(stack: Stack) -> Iterator[None]:
     """Talk to this stack's Prefect API (with its auth string) here; sign S3 requests as the coordinator."""
+    # prefect takes ~1 s to import: ops.stack imports this module for `stack status`/`down`
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
@@ -161,6 +165,7 @@ def prefect_api(stack: Stack) -> Iterator[None]:
 
 def online_workers(stack: Stack, pool: str) -> set[str]:
     """The names of the workers the server counts as online on ``pool``."""
+    # prefect takes ~1 s to import: ops.stack imports this module for `stack status`/`down`
     from prefect.client.orchestration import get_client
 
     with api_settings(stack), get_client(sync_client=True) as client:
