@@ -17,7 +17,13 @@ import ssl
 import time
 from typing import Any
 
+import certifi
 import httpx
+from prefect.settings import (
+    PREFECT_API_ENABLE_HTTP2,
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+)
 
 RETRY_CODES = frozenset({429, 503})
 # About 2.5 s in all; a busy spell on SQLite lasts as long as other writes keep landing.
@@ -64,9 +70,6 @@ class BusyRetrySyncTransport(httpx.BaseTransport):
 
 def _verify() -> ssl.SSLContext:
     """TLS verification as Prefect's client sets it up (skip-verify flag, custom CA file, certifi)."""
-    import certifi
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
-
     if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -81,8 +84,6 @@ def busy_retry_settings(*, sync: bool = False) -> dict[str, Any]:
     The inner transport is configured like the one Prefect's client builds for a server URL:
     the same TLS verification, connection limits, HTTP/2 setting and 3 connection retries.
     """
-    from prefect.settings import PREFECT_API_ENABLE_HTTP2
-
     options: dict[str, Any] = {
         "verify": _verify(),
         "limits": httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),

@@ -15,10 +15,14 @@ from typing import Any
 
 from rich.console import Console
 
+from flows.federated_training import federated_training
+from silotune.baselines import compare_adapters
 from silotune.config import FederationConfig, dump_config, parse_config
 from silotune.demo import DEMO_SILOS, make_demo_silos
 from silotune.evaluation import EvalResult, weighted_mean
 from silotune.report import comparison_table, history_table, plot_history
+from silotune.store import FederationLayout, LocalStore, get_tensors
+from tasks.runtime import adapter_for, tracker_for
 
 
 def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> FederationConfig:
@@ -66,11 +70,6 @@ def _local_only(cfg: FederationConfig, silo: str) -> FederationConfig:
 def run_demo(
     *, out: Path, rounds: int, local_steps: int, model: str, baselines: bool, console: Console
 ) -> bool:
-    from flows.federated_training import federated_training
-    from silotune.baselines import compare_adapters
-    from silotune.store import FederationLayout, LocalStore, get_tensors
-    from tasks.runtime import adapter_for, tracker_for
-
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     make_demo_silos(out / "data", seed=0)

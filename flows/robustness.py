@@ -9,6 +9,7 @@ MLflow/Prefect publication come from the library and one task.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,6 @@ def robustness_grid(
         raise ValueError(f"no grid preset for model {model!r}; known: {', '.join(PRESETS)}")
     preset = PRESETS[model]
     if rounds is not None or local_steps is not None:
-        from dataclasses import replace
-
         preset = replace(
             preset, rounds=rounds or preset.rounds, local_steps=local_steps or preset.local_steps
         )

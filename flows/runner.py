@@ -19,10 +19,23 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.context import FlowRunContext
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.exceptions import MissingContextError
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.states import Crashed, Scheduled
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel
 
+from flows.api_client import busy_retry_settings
+from flows.silo import silo_evaluate, silo_round, silo_step
 from silotune.config import FederationConfig
 from silotune.records import (
     EvalRecord,
@@ -190,8 +203,6 @@ class InProcessRunner:
         evaluate: bool,
         reuse: str | None = None,
     ) -> Wave:
-        from flows.silo import silo_round
-
         with _no_heartbeats():
             states = {
                 s.name: silo_round(config, s.name, round_, global_ref, evaluate, reuse, return_state=True)
@@ -203,8 +214,6 @@ class InProcessRunner:
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, reuse: str | None = None
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
-        from flows.silo import silo_evaluate
-
         with _no_heartbeats():
             states = {
                 s.name: silo_evaluate(config, s.name, round_, global_ref, reuse, return_state=True)
@@ -227,8 +236,6 @@ class InProcessRunner:
         run_id: str | None = None,
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
         """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
-        from flows.silo import silo_step
-
         with _no_heartbeats():
             states = {
                 name: silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
@@ -326,10 +333,6 @@ class WorkPoolRunner:
         (``clinic-round-3``), so the worker need not rename them. Creation is idempotent (the
         idempotency key names the coordinator's run, the flow, the stage and the round).
         """
-        from prefect.utilities.asyncutils import run_coro_as_sync
-
-        from flows.silo import silo_evaluate, silo_round, silo_step
-
         template = {f.name: f.flow_run_name for f in (silo_round, silo_evaluate, silo_step)}[flow_name]
         names = silos or [s.name for s in config.silos]
         parent = _current_flow_run_id()
@@ -403,10 +406,6 @@ class _Wave:
         self.created_s = self.final_s = self.read_s = 0.0
 
     async def run(self) -> None:
-        from prefect.client.orchestration import get_client
-
-        from flows.api_client import busy_retry_settings
-
         t0 = time.perf_counter()
         async with get_client(httpx_settings=busy_retry_settings()) as client:
             await self._create(client)
@@ -416,10 +415,6 @@ class _Wave:
             self.outcomes = {silo: Outcome(state, None) for silo, state in finals.items()}
 
     async def _create(self, client: Any) -> None:
-        from datetime import UTC, datetime, timedelta
-
-        from prefect.states import Scheduled
-
         # One after another: on SQLite overlapping creations collide (busy, retried, but each
         # collision costs a round trip). A single run needs no holding back.
         hold = len(self.specs) > 1
@@ -454,11 +449,6 @@ class _Wave:
         Runs given up on (pickup or finish timeout) are marked Crashed, so that a late worker does not
         run them after the round moved on, and land in ``lost`` with the reason.
         """
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-        from prefect.events.clients import get_events_subscriber
-        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-        from prefect.states import Crashed
-
         orch = self.config.orchestration
         pending = {fr.id: silo for silo, fr in self.runs.items()}
         reads: dict[str, Any] = {}
@@ -512,16 +502,11 @@ class _Wave:
 
 @contextlib.contextmanager
 def _no_heartbeats() -> Iterator[None]:
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 
 def _logger() -> Any:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
     try:
         return get_run_logger()
     except MissingContextError:
@@ -529,8 +514,6 @@ def _logger() -> Any:
 
 
 def _current_flow_run_id() -> str:
-    from prefect.context import FlowRunContext
-
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else "no-parent"
 

@@ -19,7 +19,7 @@ from silotune.errors import SilotuneError, StoreError
 from silotune.policy import PolicyError, SiloPolicy, enforce, load_policy
 from silotune.results import Release
 from silotune.reuse import WorkMemo
-from silotune.store import ObjectStore, open_store
+from silotune.store import FederationLayout, ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
 
 
@@ -160,8 +160,6 @@ def tracker_for(config: FederationConfig) -> Tracker:
 
 def published_location(config: FederationConfig, prefix: str) -> str:
     """Where the publishing silo's adapter folder lives, if ``prefix`` is its own published/ prefix."""
-    from silotune.store import FederationLayout
-
     expected = FederationLayout(config.federation_id).published(config.ckks_publisher, "")
     if prefix != expected:
         raise ValueError(f"the publisher reported {prefix!r}, not its published prefix {expected!r}")
