@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from opacus.grad_sample.utils import prepare_module
+from opacus.grad_sample import utils as grad_sample_utils  # module attribute: tests wrap prepare_module
 from tqdm.auto import tqdm
 
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
@@ -272,7 +272,9 @@ def _dp_sgd_loop(
     # Opacus needs train mode before wrapping. The wrapper must see the very parameter
     # objects the optimizer steps: wrapping, then moving or re-creating the model, leaves
     # the optimizer on stale tensors and silently trains nothing (checked below and in tests).
-    gsm = prepare_module(model, dp.grad_sample_mode, batch_first=True, loss_reduction="mean")
+    gsm = grad_sample_utils.prepare_module(
+        model, dp.grad_sample_mode, batch_first=True, loss_reduction="mean"
+    )
     try:
         wrapped = [p for p in gsm.parameters() if p.requires_grad]
         if len(wrapped) != len(params) or any(a is not b for a, b in zip(wrapped, params, strict=True)):
