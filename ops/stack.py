@@ -12,10 +12,10 @@ The parts, one module each: :mod:`ops.credentials` (S3 identities, the Prefect A
 deployments), :mod:`ops.mlflow_server`, :mod:`ops.policies` (the silos' policies, configs made for
 the stack) and the workers, started here.
 
-The workers run this checkout's code: they are ``python -m flows.cli ...`` with the repository root
+The workers run this checkout's code: they are ``python -m cli ...`` with the repository root
 as working directory and first on ``PYTHONPATH`` (not the ``silotune`` console script, which imports
-the installed package). The coordinator's is ``flows.cli worker coordinator``; each silo's is
-``flows.cli silo join <silo> --policy <state>/policies/<silo>.yaml``, which loads the silo's policy
+the installed package). The coordinator's is ``cli worker coordinator``; each silo's is
+``cli silo join <silo> --policy <state>/policies/<silo>.yaml``, which loads the silo's policy
 into its process. Both serve their pool with :class:`ops.worker.InProcessWorker`;
 ``start_worker(..., stock=True)`` serves a pool with Prefect's stock process worker instead (the
 fallback of :mod:`ops.prefect_private`; a silo's policy then travels as ``$SILOTUNE_SILO_POLICY``).
@@ -96,12 +96,12 @@ def _start_worker(stack: Stack, pool: str, *, stock: bool = False) -> str:
 
             env[POLICY_ENV] = str(stack.policy_path(pool.removeprefix("silo-")))
     elif pool == COORDINATOR_POOL:
-        cmd = [sys.executable, "-m", "flows.cli", "worker", pool]
+        cmd = [sys.executable, "-m", "cli", "worker", pool]
     else:
         silo = pool.removeprefix("silo-")
         # The silo's own policy, loaded into the worker's process: every run is checked against it.
         policy = str(stack.policy_path(silo))
-        cmd = [sys.executable, "-m", "flows.cli", "silo", "join", silo, "--policy", policy]
+        cmd = [sys.executable, "-m", "cli", "silo", "join", silo, "--policy", policy]
     pid = spawn(stack, f"worker-{pool}", cmd, env, cwd=REPO_ROOT)
     return name or f"{pool}-{pid}"  # the in-process worker's name (ops.worker.serve)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli import app
 
 pytestmark = [pytest.mark.integration]
 runner = CliRunner()
@@ -64,7 +64,7 @@ def test_run_then_summary(tmp_path: Path, demo_data) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "c.yaml")],
+        [sys.executable, "-m", "cli", "run", str(tmp_path / "c.yaml")],
         env=env,
         capture_output=True,
         text=True,

@@ -424,7 +424,7 @@ def test_coordinator_refuses_a_secret_context(tmp_path, demo_data) -> None:
 def test_flow_runs_secagg_with_dp_and_signing_and_the_ledger_command(tmp_path, demo_data) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli import app
     from flows.federated_training import federated_training
 
     cfg = _config(

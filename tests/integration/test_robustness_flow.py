@@ -45,7 +45,7 @@ def _config(tmp: Path, demo_data, fid: str, *, aggregation: dict, mallory: dict)
 def test_scaling_backdoor_attacker_under_fltrust_then_audit(tmp_path: Path, demo_data) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import app
+    from cli import app
     from flows.federated_training import federated_training
 
     cfg = _config(

@@ -223,7 +223,7 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert [a.decode() for a in argv[1:8]] == [
             "-m",
-            "flows.cli",
+            "cli",
             "silo",
             "join",
             s,
@@ -252,7 +252,7 @@ def test_stack_config_command_makes_a_config_the_default_policies_run(stack, dem
     import yaml
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli import app
     from silotune.config import load_config
     from silotune.policy import check_config, load_policy
 

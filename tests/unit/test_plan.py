@@ -102,7 +102,7 @@ def test_licence_answers_steer_the_openness_class() -> None:
 def test_cli_plan_writes_a_valid_config(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli import app
 
     out = tmp_path / "fed.yaml"
     res = CliRunner().invoke(

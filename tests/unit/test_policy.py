@@ -641,7 +641,7 @@ def cli_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_cli_policy_check_exit_codes(tmp_path: Path, cli_files: tuple[Path, Path]) -> None:
-    from flows.cli import app
+    from cli import app
 
     policy, config = cli_files
     runner = CliRunner()
@@ -659,7 +659,7 @@ def test_cli_policy_check_exit_codes(tmp_path: Path, cli_files: tuple[Path, Path
 
 
 def test_cli_accept_show_init_and_join(tmp_path: Path, cli_files: tuple[Path, Path]) -> None:
-    from flows.cli import app
+    from cli import app
 
     policy, config = cli_files
     runner = CliRunner()
