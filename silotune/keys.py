@@ -19,8 +19,6 @@ secret key; loading one that has a secret key is refused).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -102,17 +100,6 @@ class SiloVault:
         if len(key) != 32:
             raise ConfigError(f"silo {self.silo!r}: {path} is not a 32-byte noise secret")
         return key
-
-    def noise_seed(self, federation_id: str, round_: int, purpose: str) -> int:
-        """A 63-bit seed for this round's DP noise, derived from the silo's noise secret."""
-        path = self.root / "noise.secret"
-        if not path.is_file():
-            write_private(path, secrets.token_bytes(32), overwrite=False)
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise ConfigError(f"silo {self.silo!r}: {path} is not a 32-byte noise secret")
-        msg = json.dumps([federation_id, round_, self.silo, purpose]).encode()
-        return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest()[:8], "big") >> 1
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -37,6 +37,44 @@ def _ledger(config: FederationConfig, silo: str) -> SiloLedger:
     return SiloLedger(SiloVault.for_silo(config.silo(silo)).root, silo)
 
 
+def _checked_entry(
+    config: FederationConfig,
+    silo: str,
+    *,
+    kind: str,
+    round_: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    delta: float,
+    target_epsilon: float | None,
+    inputs: Mapping[str, str],
+    lifetime_epsilon: float | None,
+) -> tuple[LedgerEntry, SiloLedger]:
+    """This round's ledger entry, after the federation and lifetime budgets allow it (else the silo stops)."""
+    entry = LedgerEntry(
+        kind=kind,  # type: ignore[arg-type]
+        federation_id=config.federation_id,
+        round=round_,
+        silo=silo,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        inputs=dict(inputs),
+        data_sha256=inputs.get("data_sha256"),
+    )
+    ledger = _ledger(config, silo)
+    try:
+        ledger.check_budget(
+            entry, delta=delta, max_federation_epsilon=target_epsilon, max_lifetime_epsilon=lifetime_epsilon
+        )
+    except PrivacyBudgetExhausted as exc:
+        raise PrivacyBudgetExhausted(f"silo {silo!r}: {exc}; the silo stops contributing") from None
+    return entry, ledger
+
+
 def noise_key(
     config: FederationConfig, silo: str, round_: int, purpose: str, inputs: Mapping[str, str]
 ) -> bytes:
@@ -73,29 +111,20 @@ def sample_dp_plan(
     q = min(1.0, config.train.batch_size / num_examples)
     steps = config.train.local_steps
     sigma = dp.resolve_noise_multiplier(sample_rate=q, steps=steps * config.rounds)
-    inputs = dict(inputs or {})
-    entry = LedgerEntry(
+    entry, _ = _checked_entry(
+        config,
+        silo,
         kind="sample_dp",
-        federation_id=config.federation_id,
-        round=round_,
-        silo=silo,
+        round_=round_,
         noise_multiplier=sigma,
         sample_rate=q,
         steps=steps,
         accountant=dp.accountant,
-        inputs=inputs,
-        data_sha256=inputs.get("data_sha256"),
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
+        inputs=inputs or {},
+        lifetime_epsilon=lifetime_epsilon,
     )
-    ledger = _ledger(config, silo)
-    try:
-        ledger.check_budget(
-            entry,
-            delta=dp.delta,
-            max_federation_epsilon=dp.target_epsilon,
-            max_lifetime_epsilon=lifetime_epsilon,
-        )
-    except PrivacyBudgetExhausted as exc:
-        raise PrivacyBudgetExhausted(f"silo {silo!r}: {exc}; the silo stops contributing") from None
     return entry
 
 
@@ -156,28 +185,20 @@ def apply_client_dp(
     assert dp is not None
     noise = client_noise(config)
     inputs = dict(inputs or {})
-    entry = LedgerEntry(
+    entry, ledger = _checked_entry(
+        config,
+        silo,
         kind="client_dp",
-        federation_id=config.federation_id,
-        round=round_,
-        silo=silo,
+        round_=round_,
         noise_multiplier=noise.noise_multiplier,
         sample_rate=1.0,
         steps=1,
         accountant=dp.accountant,
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
         inputs=inputs,
-        data_sha256=inputs.get("data_sha256"),
+        lifetime_epsilon=lifetime_epsilon,
     )
-    ledger = _ledger(config, silo)
-    try:
-        ledger.check_budget(
-            entry,
-            delta=dp.delta,
-            max_federation_epsilon=dp.target_epsilon,
-            max_lifetime_epsilon=lifetime_epsilon,
-        )
-    except PrivacyBudgetExhausted as exc:
-        raise PrivacyBudgetExhausted(f"silo {silo!r}: {exc}; the silo stops contributing") from None
     clipped, norm, _ = clip_update(d, noise.clip_norm, silo=silo)
     private = add_gaussian_noise_keyed(
         clipped, noise.per_client_std, noise_key(config, silo, round_, "client-dp", inputs)
