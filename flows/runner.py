@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
@@ -186,6 +186,20 @@ def wave_outcome(
     return wave
 
 
+def _subflows(
+    config: FederationConfig,
+    flow_name: str,
+    stage: str,
+    round_: int,
+    silos: list[str],
+    run: Callable[[str], Any],
+) -> dict[str, Outcome]:
+    """Run a silo flow as a subflow for each silo, one after another; read each one's record."""
+    with _no_heartbeats():
+        states = {name: run(name) for name in silos}
+    return {n: read_outcome(config, flow_name, stage, n, round_, st) for n, st in states.items()}
+
+
 class InProcessRunner:
     """Silos as subflows of the coordinator flow (the embedded default).
 
@@ -203,25 +217,27 @@ class InProcessRunner:
         evaluate: bool,
         reuse: str | None = None,
     ) -> Wave:
-        with _no_heartbeats():
-            states = {
-                s.name: silo_round(config, s.name, round_, global_ref, evaluate, reuse, return_state=True)
-                for s in config.silos
-            }
-        outcomes = {n: read_outcome(config, "silo-round", "train", n, round_, st) for n, st in states.items()}
+        outcomes = _subflows(
+            config,
+            "silo-round",
+            "train",
+            round_,
+            [s.name for s in config.silos],
+            lambda n: silo_round(config, n, round_, global_ref, evaluate, reuse, return_state=True),
+        )
         return wave_outcome(outcomes, round_, evaluate=evaluate)
 
     def evaluate(
         self, config: FederationConfig, round_: int, global_ref: ObjectRef, *, reuse: str | None = None
     ) -> tuple[list[EvalRecord], list[SiloFailure]]:
-        with _no_heartbeats():
-            states = {
-                s.name: silo_evaluate(config, s.name, round_, global_ref, reuse, return_state=True)
-                for s in config.silos
-            }
-        outcomes = {
-            n: read_outcome(config, "silo-evaluate", "evaluate", n, round_, st) for n, st in states.items()
-        }
+        outcomes = _subflows(
+            config,
+            "silo-evaluate",
+            "evaluate",
+            round_,
+            [s.name for s in config.silos],
+            lambda n: silo_evaluate(config, n, round_, global_ref, reuse, return_state=True),
+        )
         results, failures = step_results(outcomes, round_, "evaluate")
         return [r.evaluation for r in results.values() if r.evaluation is not None], failures
 
@@ -236,12 +252,14 @@ class InProcessRunner:
         run_id: str | None = None,
     ) -> tuple[dict[str, Any], list[SiloFailure]]:
         """Run a protocol step (``flows.silo.silo_step``) at each silo, or at ``silos``."""
-        with _no_heartbeats():
-            states = {
-                name: silo_step(config, name, stage, round_, global_ref, run_id, return_state=True)
-                for name in silos or [s.name for s in config.silos]
-            }
-        outcomes = {n: read_outcome(config, "silo-step", stage, n, round_, st) for n, st in states.items()}
+        outcomes = _subflows(
+            config,
+            "silo-step",
+            stage,
+            round_,
+            silos or [s.name for s in config.silos],
+            lambda n: silo_step(config, n, stage, round_, global_ref, run_id, return_state=True),
+        )
         results, failures = step_results(outcomes, round_, stage)
         for f in failures:
             log.warning("round %d: silo %s failed %s: %s", round_ + 1, f.silo, stage, f.error)

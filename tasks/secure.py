@@ -54,12 +54,14 @@ def publish_at_silo(config: FederationConfig, silo: str, global_ref: ObjectRef, 
     Only the config's designated publisher publishes: every silo publishing a different checked
     pointer on request would let the coordinator difference their means into one silo's update.
     """
-    if silo != config.ckks_publisher or not scheme_for(config).publishes_at_silo:
+    if not scheme_for(config).publishes_at_silo:
         raise ProtocolRefusal(
-            f"silo {silo!r} refuses to publish: the designated publisher is {config.ckks_publisher!r} "
-            f"and protection {config.security.protection!r} publishes at the coordinator"
-            if not scheme_for(config).publishes_at_silo
-            else f"silo {silo!r} refuses to publish: the designated publisher is {config.ckks_publisher!r}"
+            f"silo {silo!r} refuses to publish: under protection {config.security.protection!r} "
+            "the coordinator publishes"
+        )
+    if silo != config.ckks_publisher:
+        raise ProtocolRefusal(
+            f"silo {silo!r} refuses to publish: the designated publisher is {config.ckks_publisher!r}"
         )
     store = store_for(config)
     ctx = SiloContext(config, silo, 0, store)

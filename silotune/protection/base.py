@@ -207,6 +207,15 @@ def read_json_object(data: bytes, what: str) -> Any:
         raise StoreError(f"{what}: not valid JSON ({exc})") from None
 
 
+def global_round(key: str) -> int:
+    """The round number in a global's key (``federations/<fid>/rounds/<r>/global.*``)."""
+    parts = key.split("/")
+    try:
+        return int(parts[parts.index("rounds") + 1])
+    except (ValueError, IndexError):
+        raise UpdateError("global", f"{key!r} is not a global adapter's key") from None
+
+
 # -- weights ------------------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ from silotune.protection.base import (
     ObjectRef,
     ProtocolRefusal,
     SiloContext,
+    global_round,
     read_signed,
     require_quorum,
     sign_object,
@@ -108,7 +109,7 @@ class CkksScheme:
         """The global a reference names, as this silo accepts it (see the module docstring)."""
         if not ref.key.endswith(".json"):
             state, down = read_plain_global(ctx, ref)
-            _remember(ctx, _round_of_key(ref.key), ref)
+            _remember(ctx, global_round(ref.key), ref)
             return state, down
         data = ctx.store.get_bounded(ref.key, MAX_POINTER_BYTES)
         if sha256(data) != ref.sha256:
@@ -235,14 +236,6 @@ def _parse_pointer(silo: str, key: str, data: bytes) -> GlobalPointer:
         raise UpdateError(silo, f"{key}: not a CKKS global pointer ({first})") from None
 
 
-def _round_of_key(key: str) -> int:
-    parts = key.split("/")
-    try:
-        return int(parts[parts.index("rounds") + 1])
-    except (ValueError, IndexError):
-        raise UpdateError("global", f"{key!r} is not a global adapter's key") from None
-
-
 def _accepted_path(ctx: SiloContext) -> Any:
     return ctx.vault.root / "globals" / ctx.config.federation_id / "accepted.json"
 
@@ -259,7 +252,7 @@ def _check_base(ctx: SiloContext, pointer: GlobalPointer) -> None:
             f"silo {ctx.silo!r}: the global of round {pointer.round} is based on round {pointer.base_round}, "
             f"not round {pointer.round - 1} (rebased pointer)"
         )
-    if _round_of_key(pointer.base.key) != pointer.base_round:
+    if global_round(pointer.base.key) != pointer.base_round:
         raise ProtocolRefusal(
             f"silo {ctx.silo!r}: {pointer.base.key} is not round {pointer.base_round}'s global"
         )

@@ -27,6 +27,7 @@ from silotune.protection.base import (
     AggregationJob,
     ObjectRef,
     SiloContext,
+    global_round,
     require_quorum,
     sign_object,
     verify_coordinator,
@@ -49,20 +50,11 @@ def read_plain_global(ctx: SiloContext, ref: ObjectRef) -> tuple[TensorDict, int
         raise UpdateError(
             ctx.silo, f"{ref.key}: sha256 mismatch (the global adapter changed or was corrupted)"
         )
-    verify_coordinator(ctx.config, ctx.store, ref.key, data, round_=_round_of(ref.key), purpose="global")
+    verify_coordinator(ctx.config, ctx.store, ref.key, data, round_=global_round(ref.key), purpose="global")
     try:
         return dict(st_load(data)), len(data)
     except Exception as exc:
         raise UpdateError(ctx.silo, f"{ref.key}: not a valid safetensors object ({exc})") from None
-
-
-def _round_of(key: str) -> int:
-    """The round number in a global's key (``federations/<fid>/rounds/<r>/global.*``)."""
-    parts = key.split("/")
-    try:
-        return int(parts[parts.index("rounds") + 1])
-    except (ValueError, IndexError):
-        raise UpdateError("global", f"{key!r} is not a global adapter's key") from None
 
 
 def step_server(
