@@ -42,7 +42,7 @@ COPY tasks/__init__.py tasks/
 COPY ops/__init__.py ops/
 COPY cli/__init__.py cli/
 RUN SILOTUNE_TORCH_SPEC="torch==${TORCH_VERSION} --index-url ${TORCH_INDEX}" bash infra/install.sh \
-    && /opt/venv/bin/python -m pip install -q -c infra/constraints.txt -e ".[server]"
+    && /opt/venv/bin/python -m pip install -q -c infra/constraints.txt -e ".[image]"
 
 COPY . .
 RUN useradd --uid "${UID}" --user-group --create-home --shell /usr/sbin/nologin silotune \
