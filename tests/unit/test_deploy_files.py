@@ -14,6 +14,7 @@ import asyncio
 import copy
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -84,13 +85,20 @@ def _compose_plugin() -> str | None:
 
 
 @pytest.mark.parametrize("name", ["coordinator.yaml", "silo.yaml"])
-def test_compose_file_is_valid(name: str) -> None:
+def test_compose_file_is_valid(name: str, tmp_path: Path) -> None:
     path = COMPOSE / name
     docker = _compose_plugin()
     if docker is not None:
-        env = {"SILOTUNE_SILO": "clinic", "PATH": "/usr/bin:/bin"}
+        # A copy whose env files exist (compose refuses a missing one), filled from the examples.
+        folder = shutil.copytree(COMPOSE, tmp_path / "compose")
+        for example in folder.glob("*.env.example"):
+            shutil.copy(example, folder / example.name.removesuffix(".example"))
+        env = {**os.environ, "SILOTUNE_SILO": "clinic"}
         out = subprocess.run(
-            [docker, "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True, env=env
+            [docker, "compose", "-f", str(folder / name), "config", "-q"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         assert out.returncode == 0, out.stderr
     else:  # no compose plugin here: the compose specification's JSON schema (vendored by check-jsonschema)
