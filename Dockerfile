@@ -45,9 +45,12 @@ RUN SILOTUNE_TORCH_SPEC="torch==${TORCH_VERSION} --index-url ${TORCH_INDEX}" bas
     && /opt/venv/bin/python -m pip install -q -c infra/constraints.txt -e ".[image]"
 
 COPY . .
+# The folders the compose files mount named volumes on: a new volume takes their owner (the user).
 RUN useradd --uid "${UID}" --user-group --create-home --shell /usr/sbin/nologin silotune \
-    && mkdir -p /var/cache/silotune /var/lib/silotune \
-    && chown silotune:silotune /var/cache/silotune /var/lib/silotune
+    && mkdir -p /var/cache/silotune /var/lib/silotune/prefect /var/lib/silotune/seaweedfs \
+        /var/lib/silotune/private /var/lib/silotune/coordinator/keys \
+    && chmod 0700 /var/lib/silotune/private /var/lib/silotune/coordinator/keys \
+    && chown -R silotune:silotune /var/cache/silotune /var/lib/silotune
 
 ENV PATH=/opt/venv/bin:$PATH
 # Numeric, so that Kubernetes runAsNonRoot can verify it without reading /etc/passwd.
