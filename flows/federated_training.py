@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.runner import runner_for
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.protection import scheme_for
@@ -55,10 +56,13 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
     for r in range(state.completed_rounds, config.rounds):
         pending = state.pending_evaluation  # r - 1 (-1: the initial global), or None if already recorded
         failures = []
+        drawn = silos_of_round(config, r)  # client sampling: the round's silos (all without it)
         for phase in scheme.steps_before_upload:  # secure aggregation: adverts, then encrypted shares
-            _, phase_failures = runner.step(config, phase, r)
+            _, phase_failures = runner.step(config, phase, r, silos=drawn)
             failures += phase_failures
-        wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None, reuse=reuse)
+        wave = runner.run_round(
+            config, r, state.global_ref, evaluate=pending is not None, reuse=reuse, silos=drawn
+        )
         failures += wave.failures
         try:
             if len(wave.updates) < config.aggregation.min_silos:

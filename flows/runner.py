@@ -70,6 +70,7 @@ class SiloRunner(Protocol):
         *,
         evaluate: bool,
         reuse: str | None = None,
+        silos: list[str] | None = None,
     ) -> Wave: ...
 
     def evaluate(
@@ -216,13 +217,14 @@ class InProcessRunner:
         *,
         evaluate: bool,
         reuse: str | None = None,
+        silos: list[str] | None = None,
     ) -> Wave:
         outcomes = _subflows(
             config,
             "silo-round",
             "train",
             round_,
-            [s.name for s in config.silos],
+            silos or [s.name for s in config.silos],
             lambda n: silo_round(config, n, round_, global_ref, evaluate, reuse, return_state=True),
         )
         return wave_outcome(outcomes, round_, evaluate=evaluate)
@@ -288,9 +290,10 @@ class WorkPoolRunner:
         *,
         evaluate: bool,
         reuse: str | None = None,
+        silos: list[str] | None = None,
     ) -> Wave:
         params = {"round_": round_, "global_ref": global_ref, "evaluate": evaluate, "reuse": reuse}
-        outcomes, lost = self._wave("silo-round", "train", config, round_, params)
+        outcomes, lost = self._wave("silo-round", "train", config, round_, params, silos=silos)
         return wave_outcome(outcomes, round_, evaluate=evaluate, lost=lost)
 
     def evaluate(

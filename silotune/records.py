@@ -148,6 +148,10 @@ class RoundSummary(Evaluation):
     client_dp_epsilon: float | None = Field(
         default=None, description="client-level DP: ε over every round so far, with the z each one used"
     )
+    sampled: list[str] | None = Field(
+        default=None,
+        description="client sampling: the silos drawn for the round (None: every silo was asked)",
+    )
     evaluated: bool = Field(
         default=True,
         description="whether the round's evaluation has arrived (entries written before evaluation was "
@@ -156,7 +160,10 @@ class RoundSummary(Evaluation):
 
     def manifest_fields(self) -> dict[str, Any]:
         """The round's training side, as its manifest holds it (no evaluation fields)."""
-        return self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
+        out = self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
+        if out.get("sampled") is None:  # no client sampling: manifests stay as they were
+            out.pop("sampled", None)
+        return out
 
 
 class FederationState(BaseModel):

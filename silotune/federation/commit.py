@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from silotune import __version__
 from silotune.adapters import AdapterModel
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import ConfigError, StoreError
 from silotune.evaluation import EvalResult, weighted_mean
@@ -145,6 +146,7 @@ def commit_round(
         bytes={u.silo: SiloBytes(up=u.bytes_up, down=u.bytes_down) for u in updates},
         client_dp_noise_multiplier=z,
         client_dp_epsilon=eps,
+        sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
         evaluated=False,
     )
     manifest = {
