@@ -570,6 +570,8 @@ class FederationConfig(_Spec):
                     f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
                     f"{', '.join(_ckks_presets())}"
                 )
+            else:
+                problems.extend(_ckks_capacity_problems(self))
         if sec.protection == "secagg" and len(self.silos) < 2:
             problems.append("security.protection: secure aggregation needs at least 2 silos")
         if (sec.protected or self.privacy.client_dp is not None) and agg.min_silos < 2:
@@ -684,6 +686,23 @@ class FederationConfig(_Spec):
 
 def _ckks_presets() -> list[str]:
     return CKKS_PRESETS.names()
+
+
+def _ckks_capacity_problems(config: FederationConfig) -> list[str]:
+    """A packed CKKS preset sums at most ``max_silos`` updates; a round may sum its whole draw."""
+    params = CKKS_PRESETS.get(config.security.ckks_preset)
+    per_round = config.aggregation.round_size(len(config.silos))
+    if params.encoding != "packed" or per_round <= params.max_silos:
+        return []
+    fitting = [
+        n
+        for n in _ckks_presets()
+        if CKKS_PRESETS.get(n).encoding != "packed" or CKKS_PRESETS.get(n).max_silos >= per_round
+    ]
+    return [
+        f"security.ckks_preset: {config.security.ckks_preset!r} sums at most {params.max_silos} updates, "
+        f"a round here sums up to {per_round}; use one of: {', '.join(fitting)}"
+    ]
 
 
 def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:

@@ -55,7 +55,10 @@ ADVERT, SHARES, UNMASK = "secagg/advert", "secagg/shares", "secagg/unmask"
 
 
 def params_of(config: FederationConfig) -> SecAggParams:
-    return SecAggParams(max_dropout_fraction=config.security.secagg_max_dropout)
+    """The encoding for this federation: headroom for its number of silos (at least 64, as before)."""
+    return SecAggParams(
+        max_dropout_fraction=config.security.secagg_max_dropout, max_silos=max(64, len(config.silos))
+    )
 
 
 def round_id(config: FederationConfig, round_: int) -> str:
