@@ -186,10 +186,28 @@ def main() -> None:
     )
     times: dict[str, list[float]] = {}
     rows = []
+    header = (
+        f"{'silos':>5} {'rule':<13} {'protection':<10} {'seconds':>9} {'x FedAvg':>9} "
+        f"{'upload/fp32':>11} {'coord. reads MB':>15}  notes"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+
+    def show(row: tuple[Any, ...]) -> None:
+        n, name, prot, s, ratio, total, note = row
+        fedavg = next(r[3] for r in rows if r[0] == n and r[1] == "fedavg" and r[2] == "none")
+        print(
+            f"{n:>5} {name:<13} {prot:<10} {s:>9.3f} {s / fedavg:>9.1f} {ratio:>11.3f} "
+            f"{total / 1e6:>15.1f}  {note}",
+            flush=True,
+        )
+
     for n in args.silos:
         for name, (s, up, total) in bench_plain(n, plain_shapes, args.repeats).items():
             times.setdefault(name, []).append(s)
             rows.append((n, name, "none", s, up / fp32_plain, total, ""))
+            show(rows[-1])
         if args.no_crypto:
             continue
         s, up, msgs, mask_s, err = bench_secagg(n, b_shapes)
@@ -205,24 +223,14 @@ def main() -> None:
                 f"mask {mask_s:.2f} s/silo, err {err:.1e}",
             )
         )
+        show(rows[-1])
         s, up, enc_s, preset, err = bench_ckks(n, b_shapes)
         times.setdefault("fedavg+ckks", []).append(s)
         rows.append(
             (n, "fedavg", "ckks", s, up / fp32_b, n * up, f"{preset}, enc {enc_s:.2f} s/silo, err {err:.1e}")
         )
-    print()
-    header = (
-        f"{'silos':>5} {'rule':<13} {'protection':<10} {'seconds':>9} {'x FedAvg':>9} "
-        f"{'upload/fp32':>11} {'coord. reads MB':>15}  notes"
-    )
-    print(header)
-    print("-" * len(header))
+        show(rows[-1])
     base = {n: s for n, name, prot, s, *_ in rows if name == "fedavg" and prot == "none"}
-    for n, name, prot, s, ratio, total, note in rows:
-        print(
-            f"{n:>5} {name:<13} {prot:<10} {s:>9.3f} {s / base[n]:>9.1f} {ratio:>11.3f} "
-            f"{total / 1e6:>15.1f}  {note}"
-        )
     print()
     print(f"growth t = a * n^b over n = {args.silos}:")
     fits = {}

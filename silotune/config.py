@@ -420,6 +420,15 @@ class OrchestrationSpec(_Spec):
     poll_s: float = Field(
         1.0, gt=0, le=60, description="Fallback poll of silo run states (state events wake it earlier)."
     )
+    silo_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Embedded mode: how many co-located silos run at once (threads; training itself takes turns "
+            "on the shared model). None: CPU cores // train.torch_threads, and one silo at a time on "
+            "2 cores or fewer."
+        ),
+    )
 
 
 class TrackingSpec(_Spec):

@@ -148,6 +148,12 @@ class RoundSummary(Evaluation):
     client_dp_epsilon: float | None = Field(
         default=None, description="client-level DP: ε over every round so far, with the z each one used"
     )
+    round_seconds: float | None = Field(
+        default=None, description="wall time of the round at the coordinator: silo runs to aggregation"
+    )
+    aggregate_seconds: float | None = Field(
+        default=None, description="of which the coordinator's aggregation (screening, combining, writing)"
+    )
     sampled: list[str] | None = Field(
         default=None,
         description="client sampling: the silos drawn for the round (None: every silo was asked)",
@@ -161,8 +167,9 @@ class RoundSummary(Evaluation):
     def manifest_fields(self) -> dict[str, Any]:
         """The round's training side, as its manifest holds it (no evaluation fields)."""
         out = self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
-        if out.get("sampled") is None:  # no client sampling: manifests stay as they were
-            out.pop("sampled", None)
+        for key in ("sampled", "round_seconds", "aggregate_seconds"):  # unset: manifests stay as they were
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 

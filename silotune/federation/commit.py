@@ -105,6 +105,7 @@ def commit_round(
     agg: AggregateRecord,
     evals: Sequence[EvalRecord] | None = None,
     eval_failures: Sequence[SiloFailure] = (),
+    round_seconds: float | None = None,
 ) -> FederationState:
     """Write round ``round_``'s manifest, then advance ``state.json`` (the commit point).
 
@@ -146,6 +147,8 @@ def commit_round(
         bytes={u.silo: SiloBytes(up=u.bytes_up, down=u.bytes_down) for u in updates},
         client_dp_noise_multiplier=z,
         client_dp_epsilon=eps,
+        round_seconds=round_seconds,
+        aggregate_seconds=agg.seconds if round_seconds is not None else None,
         sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
         evaluated=False,
     )
