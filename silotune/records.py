@@ -118,6 +118,9 @@ def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LATER_FIELDS = ("round_seconds", "aggregate_seconds", "sampled")
+
+
 class RoundSummary(Evaluation):
     """One committed round of the history in ``state.json``: who went in, what it cost, how it scored.
 
@@ -164,13 +167,18 @@ class RoundSummary(Evaluation):
         "pipelined have no such key, and were evaluated)",
     )
 
-    def manifest_fields(self) -> dict[str, Any]:
-        """The round's training side, as its manifest holds it (no evaluation fields)."""
-        out = self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
-        for key in ("sampled", "round_seconds", "aggregate_seconds"):  # unset: manifests stay as they were
+    @model_serializer(mode="wrap")
+    def _as_stored(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        # Fields added later stay out of state.json and manifests while unset (files stay byte-identical).
+        out = _stored_form(handler(self))
+        for key in _LATER_FIELDS:
             if out.get(key) is None:
                 out.pop(key, None)
         return out
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The round's training side, as its manifest holds it (no evaluation fields)."""
+        return self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
 
 
 class FederationState(BaseModel):
