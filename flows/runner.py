@@ -195,7 +195,8 @@ def silo_workers(config: FederationConfig, silos: int) -> int:
 
     ``orchestration.silo_workers`` when set; else the cores divided by each silo's torch threads
     (``train.torch_threads``, 1 when unset), and 1 on two cores or fewer, where threads only add
-    contention (measured: README, "Many silos").
+    contention (a 4-silo round of the tiny model on 2 busy cores: 15.4 s one at a time, 19.6 s with
+    two workers).
     """
     if config.orchestration.silo_workers is not None:
         return max(1, min(config.orchestration.silo_workers, silos))
