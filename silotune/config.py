@@ -252,6 +252,34 @@ class AggregationSpec(_Spec):
             "each round the coordinator trains on it from the global adapter to get the root update."
         ),
     )
+    silos_per_round: int | float | None = Field(
+        None,
+        description=(
+            "Client sampling: each round trains this many silos (an integer >= 1) or this fraction of them "
+            "(a number in (0, 1]), drawn from the federation id, seed and round (every silo can redo the "
+            "draw); None: every silo, every round."
+        ),
+    )
+
+    @field_validator("silos_per_round")
+    @classmethod
+    def _sample(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, bool):
+            raise ValueError(f"{v!r} is neither a count nor a fraction")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a count of silos must be >= 1, got {v}")
+        if isinstance(v, float) and not (0.0 < v <= 1.0):
+            raise ValueError(f"a fraction of silos must be in (0, 1], got {v}")
+        return v
+
+    def round_size(self, silos: int) -> int:
+        """How many of ``silos`` configured silos train each round."""
+        v = self.silos_per_round
+        if v is None:
+            return silos
+        if isinstance(v, float):
+            return max(1, min(silos, round(v * silos)))
+        return min(v, silos)
 
 
 class PrivacySpec(_Spec):
@@ -392,6 +420,15 @@ class OrchestrationSpec(_Spec):
     poll_s: float = Field(
         1.0, gt=0, le=60, description="Fallback poll of silo run states (state events wake it earlier)."
     )
+    silo_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Embedded mode: how many co-located silos run at once (threads; training itself takes turns "
+            "on the shared model). None: CPU cores // train.torch_threads, and one silo at a time on "
+            "2 cores or fewer."
+        ),
+    )
 
 
 class TrackingSpec(_Spec):
@@ -481,6 +518,16 @@ class FederationConfig(_Spec):
                 f"aggregation.min_silos: quorum {self.aggregation.min_silos} exceeds the "
                 f"{len(self.silos)} configured silo(s)"
             )
+        spr = self.aggregation.silos_per_round
+        if isinstance(spr, int) and spr > len(self.silos):
+            problems.append(
+                f"aggregation.silos_per_round: {spr} exceeds the {len(self.silos)} configured silo(s)"
+            )
+        elif self.aggregation.round_size(len(self.silos)) < self.aggregation.min_silos:
+            problems.append(
+                f"aggregation.silos_per_round: {spr!r} draws {self.aggregation.round_size(len(self.silos))} "
+                f"silo(s) per round, below the quorum aggregation.min_silos={self.aggregation.min_silos}"
+            )
         # Unknown names fail here, before any training, with the list of known ones.
         if self.aggregation.name not in AGGREGATORS:
             problems.append(
@@ -532,6 +579,8 @@ class FederationConfig(_Spec):
                     f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
                     f"{', '.join(_ckks_presets())}"
                 )
+            else:
+                problems.extend(_ckks_capacity_problems(self))
         if sec.protection == "secagg" and len(self.silos) < 2:
             problems.append("security.protection: secure aggregation needs at least 2 silos")
         if (sec.protected or self.privacy.client_dp is not None) and agg.min_silos < 2:
@@ -631,6 +680,9 @@ class FederationConfig(_Spec):
                 payload.pop(key)
         if self.model.descriptor is None:
             payload["model"].pop("descriptor")
+        for key in ("silos_per_round",):  # added after 0.1.0: out of the hash while unset
+            if payload["aggregation"].get(key) is None:
+                payload["aggregation"].pop(key, None)
         for key in ("coordinator_key", "publisher"):
             if payload["security"].get(key) is None:
                 payload["security"].pop(key, None)
@@ -643,6 +695,23 @@ class FederationConfig(_Spec):
 
 def _ckks_presets() -> list[str]:
     return CKKS_PRESETS.names()
+
+
+def _ckks_capacity_problems(config: FederationConfig) -> list[str]:
+    """A packed CKKS preset sums at most ``max_silos`` updates; a round may sum its whole draw."""
+    params = CKKS_PRESETS.get(config.security.ckks_preset)
+    per_round = config.aggregation.round_size(len(config.silos))
+    if params.encoding != "packed" or per_round <= params.max_silos:
+        return []
+    fitting = [
+        n
+        for n in _ckks_presets()
+        if CKKS_PRESETS.get(n).encoding != "packed" or CKKS_PRESETS.get(n).max_silos >= per_round
+    ]
+    return [
+        f"security.ckks_preset: {config.security.ckks_preset!r} sums at most {params.max_silos} updates, "
+        f"a round here sums up to {per_round}; use one of: {', '.join(fitting)}"
+    ]
 
 
 def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:

@@ -118,6 +118,9 @@ def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LATER_FIELDS = ("round_seconds", "aggregate_seconds", "sampled")
+
+
 class RoundSummary(Evaluation):
     """One committed round of the history in ``state.json``: who went in, what it cost, how it scored.
 
@@ -148,11 +151,30 @@ class RoundSummary(Evaluation):
     client_dp_epsilon: float | None = Field(
         default=None, description="client-level DP: ε over every round so far, with the z each one used"
     )
+    round_seconds: float | None = Field(
+        default=None, description="wall time of the round at the coordinator: silo runs to aggregation"
+    )
+    aggregate_seconds: float | None = Field(
+        default=None, description="of which the coordinator's aggregation (screening, combining, writing)"
+    )
+    sampled: list[str] | None = Field(
+        default=None,
+        description="client sampling: the silos drawn for the round (None: every silo was asked)",
+    )
     evaluated: bool = Field(
         default=True,
         description="whether the round's evaluation has arrived (entries written before evaluation was "
         "pipelined have no such key, and were evaluated)",
     )
+
+    @model_serializer(mode="wrap")
+    def _as_stored(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        # Fields added later stay out of state.json and manifests while unset (files stay byte-identical).
+        out = _stored_form(handler(self))
+        for key in _LATER_FIELDS:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
     def manifest_fields(self) -> dict[str, Any]:
         """The round's training side, as its manifest holds it (no evaluation fields)."""

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from silotune import __version__
 from silotune.adapters import AdapterModel
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import ConfigError, StoreError
 from silotune.evaluation import EvalResult, weighted_mean
@@ -104,6 +105,7 @@ def commit_round(
     agg: AggregateRecord,
     evals: Sequence[EvalRecord] | None = None,
     eval_failures: Sequence[SiloFailure] = (),
+    round_seconds: float | None = None,
 ) -> FederationState:
     """Write round ``round_``'s manifest, then advance ``state.json`` (the commit point).
 
@@ -115,6 +117,8 @@ def commit_round(
     """
     layout = FederationLayout(config.federation_id)
     objects = {"global_in": state.global_ref.model_dump(), "global_out": agg.next_global.model_dump()}
+    if agg.server_state is not None:  # the server optimizer's state: the next round continues from it
+        objects["server_state"] = agg.server_state.model_dump()
     for u in updates:
         if u.silo in agg.included:
             objects[f"update/{u.silo}"] = u.update.model_dump()
@@ -143,6 +147,9 @@ def commit_round(
         bytes={u.silo: SiloBytes(up=u.bytes_up, down=u.bytes_down) for u in updates},
         client_dp_noise_multiplier=z,
         client_dp_epsilon=eps,
+        round_seconds=round_seconds,
+        aggregate_seconds=agg.seconds if round_seconds is not None else None,
+        sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
         evaluated=False,
     )
     manifest = {

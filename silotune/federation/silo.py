@@ -21,7 +21,7 @@ from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
 from silotune.poisoning import attack_silo_update, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
-from silotune.protection import SiloContext, exchanged_keys, scheme_for
+from silotune.protection import ProtocolRefusal, SiloContext, exchanged_keys, scheme_for
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
 from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, save_tensors, sha256
@@ -81,6 +81,11 @@ def train_step(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     ctx = SiloContext(config, silo, round_, store)
+    if silo not in ctx.roster:  # the silo redoes the round's draw from its own config
+        raise ProtocolRefusal(
+            f"silo {silo!r} refuses to train in round {round_ + 1}: it is not among the silos drawn for "
+            f"this round ({len(ctx.roster)} of {len(config.silos)}, aggregation.silos_per_round)"
+        )
     global_state, bytes_down = scheme_for(config).read_global(ctx, global_ref)
     objective = build_objective(config.objective_for(silo))
     if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
