@@ -8,6 +8,7 @@ for it; the CLI reads the same model from YAML.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -253,6 +254,22 @@ class AggregationSpec(_Spec):
         ),
     )
 
+    # Field-level, so an unknown name is reported beside every other bad field of the config in one pass
+    # (a model-level check runs only once all fields are valid).
+    @field_validator("name")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {v!r}; known: {', '.join(AGGREGATORS.names())}")
+        return v
+
+    @field_validator("server_optimizer")
+    @classmethod
+    def _known_server_optimizer(cls, v: str) -> str:
+        if v not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {v!r}; known: {', '.join(SERVER_OPTIMIZERS.names())}")
+        return v
+
 
 class PrivacySpec(_Spec):
     """Differential privacy on what leaves a silo; each part is optional.
@@ -481,18 +498,6 @@ class FederationConfig(_Spec):
                 f"aggregation.min_silos: quorum {self.aggregation.min_silos} exceeds the "
                 f"{len(self.silos)} configured silo(s)"
             )
-        # Unknown names fail here, before any training, with the list of known ones.
-        if self.aggregation.name not in AGGREGATORS:
-            problems.append(
-                f"aggregation.name: unknown aggregator {self.aggregation.name!r}; "
-                f"known: {', '.join(AGGREGATORS.names())}"
-            )
-        if self.aggregation.server_optimizer not in SERVER_OPTIMIZERS:
-            problems.append(
-                "aggregation.server_optimizer: unknown server optimizer "
-                f"{self.aggregation.server_optimizer!r}; "
-                f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
-            )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
         # Methods, objectives and the model's openness (paper Table 1): every problem at once.
@@ -705,12 +710,44 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _without(data: Any, loc: tuple[Any, ...]) -> None:
+    """Drop the value at ``loc`` from nested dicts/lists (in place), so its default applies."""
+    for part in loc[:-1]:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return
+    if loc and isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _cross_field_errors(data: dict[str, Any], exc: ValidationError) -> list[Any]:
+    """The config-wide checks, which pydantic skips while a field is bad: run on the config without
+    its bad fields, so one pass reports both (only the config-wide problems of that second pass count)."""
+    pruned = copy.deepcopy(data)
+    for err in exc.errors():
+        _without(pruned, tuple(err["loc"]))
+    try:
+        FederationConfig.model_validate(pruned)
+    except ValidationError as again:
+        return [e for e in again.errors() if not e["loc"]]
+    except Exception:  # noqa: BLE001 - a best-effort second pass never hides the first pass's errors
+        return []
+    return []
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<dict>") -> FederationConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem by field."""
     try:
         return FederationConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        message = _format_validation_error(exc, source)
+        if all(e["loc"] for e in exc.errors()) and isinstance(data, dict):
+            for err in _cross_field_errors(data, exc):
+                message += "\n  - " + err["msg"].removeprefix("Value error, ")
+        raise ConfigError(message) from None
 
 
 def load_config(path: str | Path) -> FederationConfig:
