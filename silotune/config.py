@@ -713,12 +713,12 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 def _without(data: Any, loc: tuple[Any, ...]) -> None:
     """Drop the value at ``loc`` from nested dicts/lists (in place), so its default applies."""
     for part in loc[:-1]:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
+        inside = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        )
+        if not inside:
             return
+        data = data[part]
     if loc and isinstance(data, dict):
         data.pop(loc[-1], None)
 
@@ -733,7 +733,7 @@ def _cross_field_errors(data: dict[str, Any], exc: ValidationError) -> list[Any]
         FederationConfig.model_validate(pruned)
     except ValidationError as again:
         return [e for e in again.errors() if not e["loc"]]
-    except Exception:  # noqa: BLE001 - a best-effort second pass never hides the first pass's errors
+    except Exception:  # a best-effort second pass never hides the first pass's errors
         return []
     return []
 
