@@ -15,6 +15,7 @@ from ops.prefect_server import prefect_api
 from ops.state import Stack
 from silotune.demo import make_demo_silos
 from silotune.errors import SilotuneError
+from silotune.modeling import BUILTIN_MODELS, resolve_model_path
 from silotune.report import history_table
 
 
@@ -38,7 +39,10 @@ def run(
         if rounds is not None:
             cfg = parse_config({**cfg.model_dump(mode="json"), "rounds": rounds})
         if cfg.orchestration.mode == "embedded":
+            # Everything this machine must hold, checked before a Prefect server or a model starts.
             check_local_paths(cfg)
+            if cfg.model.name_or_path not in BUILTIN_MODELS:
+                resolve_model_path(cfg.model.name_or_path)  # a local folder: only checked, nothing loaded
     except SilotuneError as exc:
         fail(str(exc))
     if cfg.orchestration.mode == "workpools":
@@ -46,8 +50,11 @@ def run(
     else:
         from flows.federated_training import federated_training  # Prefect and torch (about 4 s)
 
-        out = federated_training(cfg)
-    console.print(history_table(out["history"]))
+        try:
+            out = federated_training(cfg)
+        except SilotuneError as exc:  # bad input found during the run: Prefect has logged it; one line here
+            fail(str(exc))
+    console.print(history_table(out["history"], out.get("initial_eval")))
     console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
     console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
 
