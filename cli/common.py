@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 
 from silotune.errors import SilotuneError
 from silotune.modeling import OFFLINE_ENV
@@ -38,3 +39,14 @@ def load_config_file(config: Path) -> Any:
         return load_config(config)
     except SilotuneError as exc:
         fail(str(exc))
+
+
+def print_table(table: Any) -> None:
+    """Print a rich table whole: in a terminal at the terminal's width (rich wraps cells), else (a pipe,
+    a file, a CI log) at the table's own full width, so no cell is cut to "…" at 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    needed = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    # Console.print caps width= at the console's width, so the whole table needs a console of its own
+    Console(file=console.file, width=max(console.width, needed), no_color=console.no_color).print(table)

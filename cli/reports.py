@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, fail, load_config_file
+from cli.common import console, fail, load_config_file, print_table
 from silotune.errors import SilotuneError, StoreError
 from silotune.report import ledger_table
 
@@ -40,7 +40,7 @@ def ledger(
     if state is None:
         fail(f"no federation {federation_id!r} in {where}")
     assert state is not None
-    console.print(ledger_table(federation_id, state.history))
+    print_table(ledger_table(federation_id, state.history))
 
 
 def aggregators() -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import console, fail, load_config_file
+from cli.common import console, fail, load_config_file, print_table
 from ops.prefect_server import prefect_api
 from ops.state import Stack
 from silotune.demo import make_demo_silos
@@ -54,7 +54,7 @@ def run(
             out = federated_training(cfg)
         except SilotuneError as exc:  # bad input found during the run: Prefect has logged it; one line here
             fail(str(exc))
-    console.print(history_table(out["history"], out.get("initial_eval")))
+    print_table(history_table(out["history"], out.get("initial_eval")))
     console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
     console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
 
@@ -118,7 +118,7 @@ def summary(
         f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
         f"MLflow run {state.tracking_run_id}"
     )
-    console.print(history_table(state.history, state.initial_eval))
+    print_table(history_table(state.history, state.initial_eval))
 
 
 def demo(
