@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import console, fail, load_config_file, print_table
+from cli.common import console, fail, load_config_file, print_table, stop_on_signals
 from ops.prefect_server import prefect_api
 from ops.state import Stack
 from silotune.demo import make_demo_silos
@@ -51,7 +51,8 @@ def run(
         from flows.federated_training import federated_training  # Prefect and torch (about 4 s)
 
         try:
-            out = federated_training(cfg)
+            with stop_on_signals(f"federation {cfg.federation_id}"):
+                out = federated_training(cfg)
         except SilotuneError as exc:  # bad input found during the run: Prefect has logged it; one line here
             fail(str(exc))
     print_table(history_table(out["history"], out.get("initial_eval")))
@@ -133,8 +134,9 @@ def demo(
     """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
     from flows.demo import run_demo  # torch and transformers (about 3 s)
 
-    ok = run_demo(
-        out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
-    )
+    with stop_on_signals("the demo"):
+        ok = run_demo(
+            out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
+        )
     if not ok:
         raise typer.Exit(1)
