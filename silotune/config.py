@@ -411,6 +411,27 @@ class OrchestrationSpec(_Spec):
     )
 
 
+class PromotionSpec(_Spec):
+    """When a new registered version becomes the 'champion' (else it is the 'challenger')."""
+
+    metric: Literal[
+        "loss", "exact_match", "dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy"
+    ] = Field(
+        "loss",
+        description=(
+            "Weighted holdout metric of the federation's final global adapter that decides: loss, "
+            "exact_match, or a preference metric (dpo_loss, pref_margin, pref_accuracy, reward_margin, "
+            "reward_accuracy)."
+        ),
+    )
+    direction: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether lower or higher values win."
+    )
+    margin: float = Field(
+        0.0, ge=0.0, description="The new version must beat the champion by more than this (absolute)."
+    )
+
+
 class TrackingSpec(_Spec):
     """Experiment tracking."""
 
@@ -425,8 +446,15 @@ class TrackingSpec(_Spec):
     registered_model: str | None = Field(
         None,
         description=(
-            "MLflow registered model that receives the final adapter as a new version (alias 'champion'); "
-            "default 'silotune-<federation_id>'."
+            "MLflow registered model that receives the final adapter as a new version (alias 'champion' "
+            "if it passes tracking.promotion, else 'challenger'); default 'silotune-<federation_id>'."
+        ),
+    )
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description=(
+            "The promotion gate: a new version is the champion only if it beats the current champion on "
+            "the federation's holdout by the margin; the reason is written to the version's tags."
         ),
     )
 
