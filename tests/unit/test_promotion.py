@@ -38,7 +38,7 @@ def test_gate_refuses_what_it_cannot_compare() -> None:
 
 def test_promotion_config_names_the_field() -> None:
     base = {"federation_id": "f", "silos": [{"name": "a", "train_path": "a.jsonl"}]}
-    with pytest.raises(ConfigError, match="tracking.promotion.metric"):
+    with pytest.raises(ConfigError, match=r"tracking\.promotion\.metric"):
         parse_config({**base, "tracking": {"promotion": {"metric": "accuracy"}}})
-    with pytest.raises(ConfigError, match="tracking.promotion.margin"):
+    with pytest.raises(ConfigError, match=r"tracking\.promotion\.margin"):
         parse_config({**base, "tracking": {"promotion": {"margin": -1}}})
