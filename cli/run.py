@@ -140,3 +140,77 @@ def demo(
         )
     if not ok:
         raise typer.Exit(1)
+
+
+def export(
+    config: Annotated[Path, typer.Argument(help="Config (YAML) of the federation to export.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="peft (adapter folder), merged (HF folder) or gguf.")
+    ] = "peft",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("silotune-export"),
+    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16 or q8_0.")] = "f16",
+    tokenizer_gguf: Annotated[
+        Path | None,
+        typer.Option(help="GGUF file of the base model, for its tokenizer (default: the built-in model's)."),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="merged: also log it to the federation's MLflow run and register a version.")
+    ] = False,
+) -> None:
+    """Export the federation's final global model: PEFT adapter, merged HF model, or GGUF for llama.cpp."""
+    from silotune.export import export_federation, register_merged  # torch, transformers (about 3 s)
+    from silotune.store import open_store
+    from silotune.tracking import open_tracker
+
+    cfg = load_config_file(config)
+    if register and fmt != "merged":
+        fail("--register applies to --format merged")
+    try:
+        with stop_on_signals("the export"):
+            store = open_store(cfg.store)
+            path = export_federation(
+                cfg,
+                store,
+                out,
+                fmt=fmt,
+                tensor_type=gguf_type,
+                tokenizer_gguf=tokenizer_gguf,
+            )
+            version = register_merged(cfg, store, path, open_tracker(cfg.tracking)) if register else None
+    except SilotuneError as exc:
+        fail(str(exc))
+    console.print(f"{fmt} export of {cfg.federation_id}: [bold]{path}[/]")
+    if version is not None:
+        name = cfg.tracking.registered_model or f"silotune-{cfg.federation_id}"
+        console.print(f"registered as version {version} of {name}-merged")
+
+
+def personalize(
+    config: Annotated[Path, typer.Argument(help="Config (YAML) of the finished federation.")],
+    silo: Annotated[str, typer.Option(help="The silo (this machine holds its data and private folder).")],
+    steps: Annotated[int | None, typer.Option(help="Local steps (default: train.local_steps).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: train.learning_rate.")] = None,
+) -> None:
+    """Fine-tune the final global adapter on this silo's own data, kept in its private folder only,
+    and compare global and personalised on the silo's holdout. Nothing is uploaded."""
+    from silotune.adapters import AdapterModel  # torch, transformers, peft (about 4 s)
+    from silotune.personalize import compare_on_holdout, personalize_silo
+    from silotune.store import open_store
+
+    cfg = load_config_file(config)
+    try:
+        with stop_on_signals("personalisation"):
+            store = open_store(cfg.store)
+            adapter = AdapterModel.create(cfg.model, cfg.lora_for(silo), seed=0, method=cfg.method_for(silo))
+            rec = personalize_silo(
+                cfg, silo, store, adapter, steps=steps, learning_rate=learning_rate, progress=True
+            )
+            metrics = compare_on_holdout(cfg, silo, store, adapter) if cfg.silo(silo).eval_path else None
+    except SilotuneError as exc:
+        fail(str(exc))
+    console.print(
+        f"personalised adapter of {silo} ({rec.steps} steps): [bold]{rec.folder}[/] (private, not uploaded)"
+    )
+    if metrics:
+        for name, m in metrics.items():
+            console.print(f"  {name}: holdout loss {m['loss']:.4f}, exact match {m['exact_match']:.3f}")

@@ -38,7 +38,9 @@ from silotune.methods import get_method
 from silotune.methods.base import Payload
 from silotune.modeling import BUILTIN_MODELS, cache_root, resolve_model_path, smollm2_gguf
 from silotune.protection import scheme_for
+from silotune.publish import register_final
 from silotune.store import FederationLayout, ObjectStore, get_tensors
+from silotune.tracking import Tracker
 
 ExportFormat = Literal["peft", "merged", "gguf"]
 GgufType = Literal["f16", "q8_0"]
@@ -285,3 +287,17 @@ def export_federation(
         tensor_type=tensor_type,
         tokenizer_gguf=tokenizer_gguf,
     )
+
+
+def register_merged(
+    config: FederationConfig, store: ObjectStore, folder: Path, tracker: Tracker
+) -> str | None:
+    """Log a merged export to the federation's MLflow run and register it as a version of
+    ``<registered model>-merged`` (through the same promotion gate as the adapter); returns the version."""
+    state = load_state(store, config.federation_id)
+    if state is None or state.tracking_run_id is None:
+        raise ConfigError(
+            f"federation {config.federation_id!r} has no MLflow run to register the export with"
+        )
+    tracker.log_folder(state.tracking_run_id, folder, "merged")
+    return register_final(config, state, tracker, artifact_path="merged", kind="merged")

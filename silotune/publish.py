@@ -49,12 +49,20 @@ def registered_name(config: FederationConfig) -> str:
     return config.tracking.registered_model or f"silotune-{config.federation_id}"
 
 
-def register_final(config: FederationConfig, state: FederationState, tracker: Tracker) -> str | None:
+def register_final(
+    config: FederationConfig,
+    state: FederationState,
+    tracker: Tracker,
+    *,
+    artifact_path: str = "adapter",
+    kind: str = "lora-adapter",
+) -> str | None:
     """Register the published adapter in the model registry with its lineage; returns the version.
 
-    It becomes the champion only through the promotion gate (``tracking.promotion``).
+    It becomes the champion only through the promotion gate (``tracking.promotion``). A merged export
+    (``kind='merged'``, :mod:`silotune.export`) goes to its own registered model, ``<name>-merged``.
     """
-    name = registered_name(config)
+    name = registered_name(config) + ("" if kind == "lora-adapter" else f"-{kind}")
     tags = {
         "silotune.federation_id": config.federation_id,
         "silotune.rounds": str(state.completed_rounds),
@@ -67,5 +75,5 @@ def register_final(config: FederationConfig, state: FederationState, tracker: Tr
     last = state.history[-1] if state.history else None
     tags.update(holdout_tags(last.global_eval if last else None, sorted(last.eval) if last else []))
     return tracker.register_adapter(
-        state.tracking_run_id, "adapter", name, tags, promotion=config.tracking.promotion
+        state.tracking_run_id, artifact_path, name, tags, promotion=config.tracking.promotion, kind=kind
     )

@@ -47,6 +47,7 @@ class Tracker(Protocol):
         name: str,
         tags: Mapping[str, str],
         promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None: ...
 
 
@@ -84,6 +85,7 @@ class NullTracker:
         name: str,
         tags: Mapping[str, str],
         promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None:
         return None
 
@@ -274,20 +276,22 @@ class MlflowTracker:
         name: str,
         tags: Mapping[str, str],
         promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None:
         """Register the run's adapter folder as a new version of model ``name``; returns the version.
 
         The version gets the alias 'champion' if it passes the ``promotion`` gate against the current
         champion (:func:`silotune.promotion.decide`, on the holdout metrics in ``tags``), else
         'challenger'; the decision and its reason go to the version's tags. ``promotion`` None: the
-        default gate (holdout loss, any improvement).
+        default gate (holdout loss, any improvement). ``kind``: what the folder holds (an adapter, or
+        a merged model from :mod:`silotune.export`).
         """
         if run_id is None:
             return None
         from mlflow.exceptions import MlflowException  # ~1 s to import: only MlflowTracker pays for it
 
         try:
-            self.client.create_registered_model(name, tags={"silotune.kind": "lora-adapter"})
+            self.client.create_registered_model(name, tags={"silotune.kind": kind})
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
@@ -297,7 +301,11 @@ class MlflowTracker:
             source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}",
             run_id=run_id,
             tags=dict(tags),
-            description="Final global LoRA adapter (PEFT format) of a silotune federation.",
+            description=(
+                "Final global LoRA adapter (PEFT format) of a silotune federation."
+                if kind == "lora-adapter"
+                else f"Final global model of a silotune federation ({kind})."
+            ),
         )
         try:
             champion = self.client.get_model_version_by_alias(name, CHAMPION)

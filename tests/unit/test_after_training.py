@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from silotune.config import parse_config
+from silotune.config import dump_config, parse_config
 from silotune.errors import ConfigError
 from silotune.export import export_federation
 from silotune.federation import aggregate_round, commit_round, start_federation, train_silo
@@ -170,3 +170,22 @@ def test_personalisation_stays_at_the_silo_and_reports_both(trained, tiny_adapte
     assert set(metrics) == {"global", "personalized"}
     assert metrics["global"]["num_examples"] == metrics["personalized"]["num_examples"] > 0
     assert metrics["personalized"]["loss"] < metrics["global"]["loss"], metrics
+
+
+def test_cli_exports_the_peft_adapter(trained, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cfg, _, final = trained
+    dump_config(cfg, tmp_path / "c.yaml")
+    args = ["export", str(tmp_path / "c.yaml"), "--format", "peft", "--out", str(tmp_path / "peft")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert (tmp_path / "peft" / "adapter_config.json").is_file() and len(saved) == len(final)
+    for key, value in final.items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+    res = CliRunner().invoke(app, [*args[:3], "--format", "onnx"])
+    assert res.exit_code == 2 and "unknown export format 'onnx'" in res.output
