@@ -187,5 +187,5 @@ def test_cli_exports_the_peft_adapter(trained, tmp_path: Path) -> None:
     assert (tmp_path / "peft" / "adapter_config.json").is_file() and len(saved) == len(final)
     for key, value in final.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
-    res = CliRunner().invoke(app, [*args[:3], "--format", "onnx"])
+    res = CliRunner().invoke(app, [*args[:2], "--format", "onnx"])
     assert res.exit_code == 2 and "unknown export format 'onnx'" in res.output
