@@ -189,3 +189,28 @@ def test_cli_exports_the_peft_adapter(trained, tmp_path: Path) -> None:
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
     res = CliRunner().invoke(app, [*args[:2], "--format", "onnx"])
     assert res.exit_code == 2 and "unknown export format 'onnx'" in res.output
+
+
+def test_a_registered_version_carries_the_merged_export(trained, merged_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from silotune.export import register_merged
+    from silotune.federation import load_state, save_state
+    from silotune.tracking import MlflowTracker
+
+    cfg, store, _ = trained
+    shutil.copytree(cfg.store.root, tmp_path / "store")
+    tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": str(tmp_path / "art")}
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"kind": "mlflow", **tracking})})
+    store = LocalStore(tmp_path / "store")
+    tracker = MlflowTracker(cfg.tracking)
+    state = load_state(store, cfg.federation_id)
+    save_state(store, state.model_copy(update={"tracking_run_id": tracker.start(cfg, None)}))
+    version = register_merged(cfg, store, merged_folder, tracker)
+    mv = tracker.client.get_model_version("silotune-after-merged", version)
+    assert (
+        mv.tags["silotune.promotion"] == "champion"
+        and mv.tags["silotune.global_sha256"] == state.global_ref.sha256
+    )
+    files = {Path(f.path).name for f in tracker.client.list_artifacts(mv.run_id, "merged")}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
