@@ -91,7 +91,9 @@ def _llama_cpp_q_layout(w: np.ndarray, heads: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("tensor_type", ["f16", "q8_0"])
+# q8_0 only: reading a GGUF back parses its 49k-token vocabulary (seconds); f16 passed the same test
+# when it was written, and differs only in the writer's dtype (np.float16 instead of gguf.quants).
+@pytest.mark.parametrize("tensor_type", ["q8_0"])
 def test_gguf_export_reads_back_as_the_merged_model(
     trained, merged_folder: Path, tmp_path: Path, tensor_type: str
 ) -> None:
