@@ -36,6 +36,7 @@ from silotune.errors import ConfigError, StoreError
 from silotune.federation.commit import load_state
 from silotune.methods import get_method
 from silotune.methods.base import Payload
+from silotune.methods.peft_methods import merge_adapter
 from silotune.modeling import BUILTIN_MODELS, cache_root, resolve_model_path, smollm2_gguf
 from silotune.protection import scheme_for
 from silotune.publish import register_final
@@ -94,16 +95,9 @@ def merged_model(config: FederationConfig, adapter_dir: Path) -> Any:
     if method.payload is not Payload.ADAPTER:
         raise ConfigError(
             f"method {config.method.name!r} exchanges {method.payload.value}, not an adapter: "
-            "export it with --format peft"
+            "export it with --format peft (the trained model folder)"
         )
-    if config.method.name == "prompt_tuning":
-        raise ConfigError(
-            "prompt tuning adds virtual tokens, not weights: it cannot be merged; use --format peft"
-        )
-    # A full-precision base whatever the silos trained on (QLoRA's adapter is an ordinary LoRA adapter).
-    loader = get_method("lora" if config.method.name == "qlora" else config.method.name)
-    model = loader.load_artifact(adapter_dir, base_path, loader.options_model())
-    return model.merge_and_unload()
+    return merge_adapter(adapter_dir, base_path)
 
 
 def write_merged(config: FederationConfig, adapter_dir: Path, dest: Path) -> Path:

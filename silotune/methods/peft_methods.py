@@ -548,3 +548,25 @@ class PromptTuning(_PeftMethod):
             virtual_tokens=options.num_virtual_tokens,
             **base_storage(options),
         )
+
+
+def merge_adapter(folder: Path, base_path: Path) -> Any:
+    """The PEFT adapter in ``folder`` merged into a float32 base from ``base_path`` (for export).
+
+    A QLoRA adapter is an ordinary LoRA adapter: it merges into the full-precision base. Raises
+    ConfigError for an adapter that adds no weights to merge (soft prompts).
+    """
+    _import_peft()
+    from peft import PeftModel  # ~5 s to import; config (the CLI, the tests) imports this module
+
+    base = load_base(base_path, MethodOptions())
+    with _attach_quietly(base):
+        model = PeftModel.from_pretrained(base, folder)
+    try:
+        merge = model.merge_and_unload
+    except AttributeError:
+        raise ConfigError(
+            f"the adapter in {folder} adds virtual tokens, not weights: it cannot be merged; "
+            "export it as peft"
+        ) from None
+    return merge()
