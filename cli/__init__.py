@@ -27,6 +27,8 @@ for _name, _command in (
     ("config-json", run.config_json),
     ("make-demo-data", run.make_demo_data),
     ("summary", run.summary),
+    ("export", run.export),
+    ("personalize", run.personalize),
     ("ledger", reports.ledger),
     ("aggregators", reports.aggregators),
     ("demo", run.demo),

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, fail, load_config_file
+from cli.common import console, fail, load_config_file, print_table, stop_on_signals
 from silotune.errors import SilotuneError, StoreError
 from silotune.report import ledger_table
 
@@ -40,7 +40,7 @@ def ledger(
     if state is None:
         fail(f"no federation {federation_id!r} in {where}")
     assert state is not None
-    console.print(ledger_table(federation_id, state.history))
+    print_table(ledger_table(federation_id, state.history))
 
 
 def aggregators() -> None:
@@ -76,7 +76,8 @@ def audit(
     from flows.audit import audit_federation_flow  # Prefect, torch and transformers (about 4 s)
 
     try:
-        res = audit_federation_flow(cfg, max_examples or None, str(out) if out else None)
+        with stop_on_signals("the audit"):
+            res = audit_federation_flow(cfg, max_examples or None, str(out) if out else None)
     except SilotuneError as exc:
         fail(str(exc))
     table = Table(title=f"Audit of {cfg.federation_id} after {res['rounds']} round(s)")
@@ -125,9 +126,10 @@ def robustness_grid_cmd(
     MLflow run and Prefect artifact. EVALUATION ONLY: the malicious silo is simulated."""
     from flows.robustness import robustness_grid  # Prefect, torch and transformers (about 4 s)
 
-    res = robustness_grid(
-        str(out), model=model, attacks=attack, rules=rule, rounds=rounds, local_steps=local_steps
-    )
+    with stop_on_signals("the robustness grid"):
+        res = robustness_grid(
+            str(out), model=model, attacks=attack, rules=rule, rounds=rounds, local_steps=local_steps
+        )
     console.print(Path(res["paths"]["markdown"]).read_text())
     for k, p in res["paths"].items():
         console.print(f"{k}: {p}")

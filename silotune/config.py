@@ -8,6 +8,7 @@ for it; the CLI reads the same model from YAML.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -281,6 +282,22 @@ class AggregationSpec(_Spec):
             return max(1, min(silos, round(v * silos)))
         return min(v, silos)
 
+    # Field-level, so an unknown name is reported beside every other bad field of the config in one pass
+    # (a model-level check runs only once all fields are valid).
+    @field_validator("name")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {v!r}; known: {', '.join(AGGREGATORS.names())}")
+        return v
+
+    @field_validator("server_optimizer")
+    @classmethod
+    def _known_server_optimizer(cls, v: str) -> str:
+        if v not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {v!r}; known: {', '.join(SERVER_OPTIMIZERS.names())}")
+        return v
+
 
 class PrivacySpec(_Spec):
     """Differential privacy on what leaves a silo; each part is optional.
@@ -431,6 +448,27 @@ class OrchestrationSpec(_Spec):
     )
 
 
+class PromotionSpec(_Spec):
+    """When a new registered version becomes the 'champion' (else it is the 'challenger')."""
+
+    metric: Literal[
+        "loss", "exact_match", "dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy"
+    ] = Field(
+        "loss",
+        description=(
+            "Weighted holdout metric of the federation's final global adapter that decides: loss, "
+            "exact_match, or a preference metric (dpo_loss, pref_margin, pref_accuracy, reward_margin, "
+            "reward_accuracy)."
+        ),
+    )
+    direction: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether lower or higher values win."
+    )
+    margin: float = Field(
+        0.0, ge=0.0, description="The new version must beat the champion by more than this (absolute)."
+    )
+
+
 class TrackingSpec(_Spec):
     """Experiment tracking."""
 
@@ -445,8 +483,15 @@ class TrackingSpec(_Spec):
     registered_model: str | None = Field(
         None,
         description=(
-            "MLflow registered model that receives the final adapter as a new version (alias 'champion'); "
-            "default 'silotune-<federation_id>'."
+            "MLflow registered model that receives the final adapter as a new version (alias 'champion' "
+            "if it passes tracking.promotion, else 'challenger'); default 'silotune-<federation_id>'."
+        ),
+    )
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description=(
+            "The promotion gate: a new version is the champion only if it beats the current champion on "
+            "the federation's holdout by the margin; the reason is written to the version's tags."
         ),
     )
 
@@ -527,18 +572,6 @@ class FederationConfig(_Spec):
             problems.append(
                 f"aggregation.silos_per_round: {spr!r} draws {self.aggregation.round_size(len(self.silos))} "
                 f"silo(s) per round, below the quorum aggregation.min_silos={self.aggregation.min_silos}"
-            )
-        # Unknown names fail here, before any training, with the list of known ones.
-        if self.aggregation.name not in AGGREGATORS:
-            problems.append(
-                f"aggregation.name: unknown aggregator {self.aggregation.name!r}; "
-                f"known: {', '.join(AGGREGATORS.names())}"
-            )
-        if self.aggregation.server_optimizer not in SERVER_OPTIMIZERS:
-            problems.append(
-                "aggregation.server_optimizer: unknown server optimizer "
-                f"{self.aggregation.server_optimizer!r}; "
-                f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
             )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
@@ -774,12 +807,44 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _without(data: Any, loc: tuple[Any, ...]) -> None:
+    """Drop the value at ``loc`` from nested dicts/lists (in place), so its default applies."""
+    for part in loc[:-1]:
+        inside = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        )
+        if not inside:
+            return
+        data = data[part]
+    if loc and isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _cross_field_errors(data: dict[str, Any], exc: ValidationError) -> list[Any]:
+    """The config-wide checks, which pydantic skips while a field is bad: run on the config without
+    its bad fields, so one pass reports both (only the config-wide problems of that second pass count)."""
+    pruned = copy.deepcopy(data)
+    for err in exc.errors():
+        _without(pruned, tuple(err["loc"]))
+    try:
+        FederationConfig.model_validate(pruned)
+    except ValidationError as again:
+        return [e for e in again.errors() if not e["loc"]]
+    except Exception:  # a best-effort second pass never hides the first pass's errors
+        return []
+    return []
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<dict>") -> FederationConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem by field."""
     try:
         return FederationConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        message = _format_validation_error(exc, source)
+        if all(e["loc"] for e in exc.errors()) and isinstance(data, dict):
+            for err in _cross_field_errors(data, exc):
+                message += "\n  - " + err["msg"].removeprefix("Value error, ")
+        raise ConfigError(message) from None
 
 
 def load_config(path: str | Path) -> FederationConfig:
@@ -789,6 +854,8 @@ def load_config(path: str | Path) -> FederationConfig:
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (bad byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -8,6 +8,7 @@ an explicit, bounded cache owned by the task layer, not by the library.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -136,6 +137,28 @@ def transient(task: object, task_run: object, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+class ExpectedErrorFilter(logging.Filter):
+    """Drops the traceback from Prefect's log record of a task or flow that failed with bad input.
+
+    A :class:`~silotune.errors.SilotuneError` (bad config, data, update, a refusal) names what is wrong
+    in its message; the stack under it says nothing more to the operator. Other exceptions keep it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SilotuneError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_EXPECTED_ERRORS = ExpectedErrorFilter()
+# Prefect's run loggers (task and flow runs log through these two, never through child loggers).
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    if _EXPECTED_ERRORS not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_EXPECTED_ERRORS)
 
 
 def lifetime_epsilon(silo: str) -> float | None:

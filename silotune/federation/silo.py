@@ -14,12 +14,19 @@ from safetensors.torch import load as st_load
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
-from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
+from silotune.data import (
+    encode_dataset,
+    encode_file,
+    encode_preferences,
+    is_preference_file,
+    read_preferences,
+    read_records,
+)
 from silotune.evaluation import evaluate
 from silotune.keys import SiloVault, write_private
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
-from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.poisoning import attack_silo_update, poison_pairs, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
 from silotune.protection import ProtocolRefusal, SiloContext, exchanged_keys, scheme_for
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
@@ -92,6 +99,11 @@ def train_step(
         raw = read_records(spec.train_path)
         records = poison_silo_records(spec, raw, seed=silo_seed(config.seed, 0, index))
         examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    elif spec.poison is not None:  # ... and of a DPO silo's preference pairs
+        pairs = poison_pairs(
+            read_preferences(spec.train_path), spec.poison, seed=silo_seed(config.seed, 0, index)
+        )
+        examples = encode_preferences(pairs, adapter.tokenizer, config.model.max_seq_len)
     else:
         examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
     full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
