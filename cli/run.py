@@ -79,11 +79,15 @@ def config_json(config: Annotated[Path, typer.Argument(help="Federation config (
 def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
     seed: int = 0,
+    scale: Annotated[
+        float, typer.Option(help="Multiply the training sets (10: at least 1,000 records per silo).")
+    ] = 1.0,
 ) -> None:
-    """Write the deterministic, non-IID demo silos (train + holdout each, a union holdout, a DPO silo)."""
-    paths = make_demo_silos(out, seed=seed, preferences=True)
+    """Write the deterministic, non-IID demo silos (train, validation and holdout each, union holdouts,
+    a DPO silo)."""
+    paths = make_demo_silos(out, seed=seed, scale=scale, preferences=True)
     for silo, p in paths.items():
-        console.print(f"{silo}: {p['train']}  {p['eval']}")
+        console.print(f"{silo}: " + "  ".join(str(v) for v in p.values()))
     console.print(f"union holdout: {out / 'union_eval.jsonl'}")
 
 
