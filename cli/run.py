@@ -125,13 +125,25 @@ def demo(
     model: Annotated[
         str, typer.Option(help="Base model (built-in name or local folder).")
     ] = "smollm2-135m-instruct",
-    baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True,
+    baselines: Annotated[
+        bool, typer.Option(help="Also train the centralized and local-only adapters to compare.")
+    ] = True,
+    scale: Annotated[
+        float, typer.Option(help="Demo data scale (10: at least 1,000 training records per silo).")
+    ] = 10.0,
 ) -> None:
-    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
+    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with centralized and
+    local-only training."""
     from flows.demo import run_demo  # torch and transformers (about 3 s)
 
     ok = run_demo(
-        out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
+        out=out,
+        rounds=rounds,
+        local_steps=local_steps,
+        model=model,
+        baselines=baselines,
+        console=console,
+        scale=scale,
     )
     if not ok:
         raise typer.Exit(1)

@@ -81,6 +81,9 @@ class Evaluation(BaseModel):
     eval: dict[str, HoldoutMetrics] = Field(default_factory=dict)
     global_eval: HoldoutMetrics | None = None
     eval_failures: dict[str, str] = Field(default_factory=dict)
+    eval_seconds: dict[str, float] = Field(
+        default_factory=dict, description="silo → wall seconds of its evaluation (for the cost plots)"
+    )
 
     @field_validator("global_eval", mode="before")
     @classmethod
@@ -112,7 +115,9 @@ def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
         out["global_eval"] = {}
     if not out.get("eval_failures", True):
         del out["eval_failures"]
-    for key in ("client_dp_noise_multiplier", "client_dp_epsilon"):
+    if not out.get("eval_seconds", True):
+        del out["eval_seconds"]
+    for key in ("client_dp_noise_multiplier", "client_dp_epsilon", "committed_at"):
         if key in out and out[key] is None:
             del out[key]
     return out
@@ -148,6 +153,9 @@ class RoundSummary(Evaluation):
     client_dp_epsilon: float | None = Field(
         default=None, description="client-level DP: ε over every round so far, with the z each one used"
     )
+    committed_at: float | None = Field(
+        default=None, description="unix time of the round's commit (for the cost plots; not in the manifest)"
+    )
     evaluated: bool = Field(
         default=True,
         description="whether the round's evaluation has arrived (entries written before evaluation was "
@@ -156,7 +164,10 @@ class RoundSummary(Evaluation):
 
     def manifest_fields(self) -> dict[str, Any]:
         """The round's training side, as its manifest holds it (no evaluation fields)."""
-        return self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
+        return self.model_dump(
+            mode="json",
+            exclude={"eval", "global_eval", "eval_failures", "eval_seconds", "evaluated", "committed_at"},
+        )
 
 
 class FederationState(BaseModel):
@@ -175,6 +186,7 @@ class FederationState(BaseModel):
     tracking_run_id: str | None = None
     initial_eval: Evaluation | None = None  # of the initial global adapter, once it has arrived
     history: list[RoundSummary] = Field(default_factory=list)
+    started_at: float | None = None  # unix time the federation was created (for the cost plots)
     silotune_version: str = __version__
 
     @property
@@ -217,6 +229,7 @@ class EvalRecord(BaseModel):
     silo: str
     round: int
     result: dict[str, float | int]
+    seconds: float | None = None  # wall time of the evaluation at the silo
 
 
 class SiloRoundResult(BaseModel):
