@@ -376,6 +376,7 @@ def privacy_utility_cmd(
         list[str] | None, typer.Option(help="none | sample_dp | client_dp (repeatable); default all.")
     ] = None,
     baselines: Annotated[bool, typer.Option(help="Also the centralized and local-only baselines.")] = True,
+    local_only: Annotated[bool, typer.Option(help="With --baselines: also each silo alone.")] = True,
     mia_examples: Annotated[int, typer.Option(help="Members and non-members of the MIA, each.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit of the free-running metrics.")] = 64,
     note: Annotated[list[str] | None, typer.Option(help="A note for the report (repeatable).")] = None,
@@ -408,6 +409,7 @@ def privacy_utility_cmd(
             methods=method,
             privacies=privacy,
             baselines=baselines,
+            local_only=local_only,
             mia_examples=mia_examples,
             max_new_tokens=max_new_tokens,
             notes=note,

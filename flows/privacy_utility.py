@@ -34,6 +34,7 @@ def privacy_utility(
     methods: list[str] | None = None,
     privacies: list[str] | None = None,
     baselines: bool = True,
+    local_only: bool = True,
     mia_examples: int = 100,
     max_new_tokens: int = 64,
     notes: list[str] | None = None,
@@ -69,7 +70,7 @@ def privacy_utility(
             runs.append(("centralized", "centralized", "lora", None, centralized_config(config, pooled)))
             runs += [
                 (f"local-only {s.name}", "local-only", "lora", None, local_only_config(config, s.name))
-                for s in config.silos
+                for s in (config.silos if local_only else [])
             ]
         for i, (name, privacy, method, eps, cfg) in enumerate(runs, start=1):
             t0 = time.perf_counter()

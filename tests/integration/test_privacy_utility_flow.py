@@ -12,7 +12,9 @@ from silotune.config import parse_config
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
 
 
-def test_privacy_utility_grid_produces_every_cell_and_reuses_identical_work(tmp_path: Path, demo_data) -> None:
+def test_privacy_utility_grid_produces_every_cell_and_reuses_identical_work(
+    tmp_path: Path, demo_data
+) -> None:
     from flows.privacy_utility import privacy_utility
 
     cfg = parse_config(
