@@ -32,6 +32,7 @@ for _name, _command in (
     ("demo", run.demo),
     ("audit", reports.audit),
     ("compare", reports.compare),
+    ("eval", reports.eval_cmd),
     ("robustness-grid", reports.robustness_grid_cmd),
     ("methods", reports.methods),
     ("models", reports.models),

@@ -420,3 +420,58 @@ def privacy_utility_cmd(
     for k, p in res["paths"].items():
         console.print(f"{k}: {p}")
     console.print(f"MLflow run {res['mlflow_run_id']}")
+
+
+def eval_cmd(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    harness: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated lm-eval tasks: 'holdouts' (one task per silo holdout, generated locally), "
+            "silotune_<silo>, or any task of the harness by name (needs its data, e.g. from the hub)."
+        ),
+    ] = "holdouts",
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT adapter folder (default: the federation's final adapter).")
+    ] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="The base model without adapter.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder of the generated tasks and harness.json.")] = Path(
+        "silotune-eval"
+    ),
+    limit: Annotated[int | None, typer.Option(help="At most this many examples per task.")] = None,
+    max_gen_toks: Annotated[int, typer.Option(help="Generation limit of the generated tasks.")] = 64,
+) -> None:
+    """Run EleutherAI's lm-evaluation-harness on the base model plus the federation's adapter; results to
+    the federation's MLflow run and a Prefect artifact."""
+    from silotune.config import check_local_paths, load_config  # imports torch (about 2 s)
+    from silotune.federation.commit import load_state  # imports torch (about 2.5 s)
+    from silotune.harness import final_adapter_dir
+    from silotune.store import open_store
+
+    try:
+        cfg = load_config(config)
+        check_local_paths(cfg)
+        state = load_state(open_store(cfg.store), cfg.federation_id)
+    except SilotuneError as exc:
+        fail(str(exc))
+    adapter_dir = None if base_only else (adapter or final_adapter_dir(cfg))
+    if adapter_dir is None and not base_only:
+        fail(f"no final adapter of {cfg.federation_id} in a local store: name one with --adapter")
+    from flows.harness import harness_eval  # Prefect, lm-eval, torch and transformers (seconds)
+
+    try:
+        res = harness_eval(
+            cfg,
+            [t.strip() for t in harness.split(",") if t.strip()],
+            str(adapter_dir) if adapter_dir else None,
+            str(out),
+            state.tracking_run_id if state else None,
+            limit,
+            max_gen_toks,
+        )
+    except SilotuneError as exc:
+        fail(str(exc))
+    from silotune.harness import harness_markdown
+
+    console.print(harness_markdown(res["results"], title=f"lm-evaluation-harness on {cfg.federation_id}"))
+    console.print(f"results: {res['path']}")

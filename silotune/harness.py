@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from silotune.config import FederationConfig
 from silotune.data import read_records
 from silotune.errors import ConfigError
+from silotune.store import FederationLayout
 
 HOLDOUTS = "holdouts"
 _METRICS_MODULE = "silotune_harness_metrics"
@@ -147,7 +149,11 @@ def run_harness(
         vals = {}
         for key, v in metrics.items():
             name = key.split(",")[0]
-            if isinstance(v, (int, float)) and not name.endswith("_stderr") and name != "alias":
+            if (
+                isinstance(v, (int, float))
+                and not name.endswith("_stderr")
+                and name not in ("alias", "sample_len")
+            ):
                 vals[name] = float(v)
         out[task] = vals
     return out
@@ -164,3 +170,11 @@ def harness_markdown(results: Mapping[str, Mapping[str, float]], *, title: str) 
     for t, ms in results.items():
         lines.append(f"| {t} | " + " | ".join(f"{ms[m]:.4f}" if m in ms else "-" for m in metrics) + " |")
     return "\n".join(lines) + "\n"
+
+
+def final_adapter_dir(config: FederationConfig) -> Path | None:
+    """The federation's published final adapter, if it is a local folder (else None: name one)."""
+    if config.store.kind != "local":
+        return None
+    folder = Path(config.store.root) / FederationLayout(config.federation_id).final("")
+    return folder if (folder / "adapter_config.json").is_file() else None
