@@ -178,7 +178,8 @@ def run_demo(
     make_demo_silos(out / "data", seed=0, scale=scale)
     cfg = demo_config(out, rounds=rounds, local_steps=local_steps, model=model)
     dump_config(cfg, out / "federation.yaml")
-    res = compare_federation(cfg, out, console=console, baselines=baselines, extra=extra)
+    # 48 new tokens cover the longest demo answer (a lab sentence, ~35 tokens) through end of turn.
+    res = compare_federation(cfg, out, console=console, baselines=baselines, extra=extra, max_new_tokens=48)
     fed, comp = res["fed"], res["comparison"]
     beats_base, beats_local = (
         res["federated_beats_base_on_every_silo_holdout"],
