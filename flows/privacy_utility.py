@@ -20,7 +20,14 @@ from prefect import flow, get_run_logger
 from flows.federated_training import federated_training
 from silotune.baselines import centralized_config, local_only_config, pool_training_data
 from silotune.config import FederationConfig
-from silotune.privacy_utility import EPSILONS, METHODS, PRIVACY_KINDS, cell_configs, make_row
+from silotune.privacy_utility import (
+    EPSILONS,
+    METHODS,
+    PRIVACY_KINDS,
+    cell_configs,
+    make_row,
+    write_results,
+)
 from tasks import runtime
 from tasks.privacy_utility import choose_dp_recipe, publish_report, score
 
@@ -43,6 +50,7 @@ def privacy_utility(
     """Run every cell and the baselines from ``config``; write the report under ``out``."""
     logger = get_run_logger()
     grid_id = f"pu-{config.federation_id}"
+    title = f"Privacy–utility frontier ({config.model.name_or_path})"
     recipe = choose_dp_recipe(config, validation, validation_examples)
     logger.info("DP recipe: %s", "; ".join(recipe.notes))
     cells = cell_configs(
@@ -90,6 +98,8 @@ def privacy_utility(
                 scores.mia_ref_auc,
                 rows[-1].seconds,
             )
+            # The table so far, after every cell: a grid stopped early still leaves what it measured.
+            write_results(rows, Path(out), title=f"{title} (partial: {i} of {len(runs)})", recipe=recipe)
     finally:
         runtime.drop_work_memo(grid_id)
     memo_stats = memo.stats()
@@ -105,7 +115,7 @@ def privacy_utility(
     pub = publish_report(
         rows,
         out,
-        title=f"Privacy–utility frontier ({config.model.name_or_path})",
+        title=title,
         recipe=recipe,
         notes=all_notes,
         tracking=config.tracking,
