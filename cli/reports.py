@@ -380,6 +380,9 @@ def privacy_utility_cmd(
     mia_examples: Annotated[int, typer.Option(help="Members and non-members of the MIA, each.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit of the free-running metrics.")] = 64,
     note: Annotated[list[str] | None, typer.Option(help="A note for the report (repeatable).")] = None,
+    validation_examples: Annotated[
+        int, typer.Option(help="Validation records behind the per-example clip norm.")
+    ] = 32,
 ) -> None:
     """Grid of real federations: no DP, DP-SGD and client-level DP at each ε, LoRA and FFA-LoRA, plus the
     baselines; utility, membership inference, ε, bytes and seconds; table and plots to OUT, MLflow and
@@ -413,6 +416,7 @@ def privacy_utility_cmd(
             mia_examples=mia_examples,
             max_new_tokens=max_new_tokens,
             notes=note,
+            validation_examples=validation_examples,
         )
     except (SilotuneError, ValueError) as exc:
         fail(str(exc))
