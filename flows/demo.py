@@ -203,10 +203,16 @@ def run_demo(
         )
     if "centralized" in comp.results:
         cu: EvalResult = comp.results["centralized"]["union"]
+        r = res["federated_over_centralized"]
+        share = ", ".join(
+            f"{100 * r[k]:.0f}% of its {label}"
+            for k, label in (("exact_match", "exact match"), ("rouge_l", "ROUGE-L"))
+            if r.get(k) is not None
+        )
         console.print(
             f"centralized (all data pooled, same steps): union {cu.loss:.3f} / {cu.exact_match:.2f}, "
-            f"ROUGE-L {cu.rouge_l or 0:.3f}; federated reaches "
-            f"{100 * (res['federated_over_centralized'].get('exact_match') or 0):.0f}% of its exact match"
+            f"ROUGE-L {cu.rouge_l or 0:.3f}; "
+            + (f"federated reaches {share}" if share else "no ratio (the centralized scores are 0)")
         )
     console.rule("[bold]where to look")
     console.print(f"final adapter (PEFT format): {fed['adapter']}")

@@ -354,7 +354,7 @@ def plot_costs(state: FederationState, title: str = "federation") -> bytes:
     ax.set_ylabel("seconds per round")
     for ax in axes:
         ax.set_xlabel("round")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
