@@ -50,6 +50,9 @@ class HoldoutMetrics(BaseModel):
     pref_accuracy: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    gen_exact_match: float | None = None  # free-running generation (silotune.evaluation.generate_eval)
+    rouge_l: float | None = None
+    chrf: float | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -188,6 +191,13 @@ class FederationState(BaseModel):
     history: list[RoundSummary] = Field(default_factory=list)
     started_at: float | None = None  # unix time the federation was created (for the cost plots)
     silotune_version: str = __version__
+
+    @model_serializer(mode="wrap")
+    def _without_unset_start(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        out = handler(self)
+        if "started_at" in out and out["started_at"] is None:  # files from before it stay byte-identical
+            del out["started_at"]
+        return out
 
     @property
     def pending_evaluation(self) -> int | None:
