@@ -40,8 +40,9 @@ from tasks import runtime
 from tasks.runtime import adapter_for
 from tasks.utility import publish_comparison
 
-# Adapters scored by free-running generation too (it costs a decode loop per holdout example).
-GENERATED = ("base model", "federated", "centralized")
+# Adapters scored by free-running generation too (a decode loop per holdout example; the base model,
+# which does not answer in the tasks' format, would run every one to the limit).
+GENERATED = ("federated", "centralized")
 ExtraAdapter = Callable[[FederationConfig, Mapping[str, Any]], Mapping[str, Any]]
 
 
@@ -115,6 +116,14 @@ def compare_federation(
 
     console.rule("[bold]comparing adapters on every holdout")
     holdouts = {s.name: s.eval_path for s in cfg.silos if s.eval_path}
+    # The flow already scored the base model (round 0) and the federated adapter (its last round) on every
+    # holdout, teacher-forced: those are reused.
+    initial, last = fed["initial_eval"], fed["history"][-1]
+    scored = {
+        name: {h: EvalResult(**m.as_dict()) for h, m in ev.eval.items()}
+        for name, ev in (("base model", initial), ("federated", last))
+        if ev is not None
+    }
     comp = compare_adapters(
         adapter_for(cfg),
         {"base model": base_state, **states},
@@ -123,6 +132,7 @@ def compare_federation(
         batch_size=cfg.evaluation.batch_size,
         generate=GENERATED,
         max_new_tokens=max_new_tokens,
+        scored=scored,
     )
     # The union holdout is the disjoint union of the silo holdouts: its metrics are the size-weighted means.
     for name in comp.results:

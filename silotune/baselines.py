@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig, parse_config
 from silotune.data import encode_dataset, read_records
-from silotune.evaluation import EvalResult, evaluate, evaluate_with_generation
+from silotune.evaluation import EvalResult, evaluate, generate_eval
 
 POOLED_SILO = "pooled"
 
@@ -107,22 +107,31 @@ def compare_adapters(
     batch_size: int = 16,
     generate: Sequence[str] = (),
     max_new_tokens: int = 64,
+    scored: Mapping[str, Mapping[str, EvalResult]] | None = None,
 ) -> Comparison:
     """Score every state on every holdout; the states named in ``generate`` also by free-running
-    generation (exact match, ROUGE-L, chrF; see :func:`silotune.evaluation.generate_eval`)."""
+    generation (exact match, ROUGE-L, chrF; see :func:`silotune.evaluation.generate_eval`).
+
+    ``scored``: teacher-forced results already known (e.g. from the federation's own evaluation); a
+    state with a result for every holdout is not evaluated again (only generated, if asked)."""
     encoded = {
         name: encode_dataset(read_records(p), adapter.tokenizer, max_seq_len) for name, p in holdouts.items()
     }
+    known = {n: r for n, r in (scored or {}).items() if set(r) >= set(holdouts)}
     results: dict[str, dict[str, EvalResult]] = {}
     for aname, state in states.items():
+        if aname in known and aname not in generate:
+            results[aname] = {h: known[aname][h] for h in holdouts}
+            continue
         adapter.load_state(state)
-        if aname in generate:
-            results[aname] = {
-                h: evaluate_with_generation(adapter, ex, batch_size=batch_size, max_new_tokens=max_new_tokens)
-                for h, ex in encoded.items()
-            }
-        else:
-            results[aname] = {h: evaluate(adapter, ex, batch_size=batch_size) for h, ex in encoded.items()}
+        per: dict[str, EvalResult] = {}
+        for h, ex in encoded.items():
+            tf = known[aname][h] if aname in known else evaluate(adapter, ex, batch_size=batch_size)
+            if aname in generate:
+                gen = generate_eval(adapter, ex, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                tf = replace(tf, gen_exact_match=gen.exact_match, rouge_l=gen.rouge_l, chrf=gen.chrf)
+            per[h] = tf
+        results[aname] = per
     return Comparison(results)
 
 

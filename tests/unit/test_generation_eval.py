@@ -64,3 +64,26 @@ def test_text_metrics_give_partial_credit() -> None:
     assert same_r == pytest.approx(1.0) and same_c == pytest.approx(100.0)
     part_r, part_c = text_metrics(["The sodium result of patient 99 was low.", "neurology"], refs)
     assert 0.3 < part_r < 1.0 and 0.0 < part_c < 100.0
+
+
+def test_compare_adapters_reuses_known_teacher_forced_scores_and_adds_generation(
+    tiny_adapter, demo_data, one_thread
+) -> None:
+    from silotune.baselines import compare_adapters
+    from silotune.evaluation import EvalResult
+
+    state = tiny_adapter.initial_state(0)
+    known = EvalResult(num_examples=4, loss=123.0, exact_match=0.5)
+    comp = compare_adapters(
+        tiny_adapter,
+        {"a": state, "b": state},
+        {"clinic": demo_data["clinic"]["eval"]},
+        max_seq_len=96,
+        batch_size=4,
+        generate=["a"],
+        max_new_tokens=3,
+        scored={"a": {"clinic": known}},
+    )
+    a, b = comp.results["a"]["clinic"], comp.results["b"]["clinic"]
+    assert (a.loss, a.exact_match) == (123.0, 0.5) and a.gen_exact_match == 0.0 and a.chrf is not None
+    assert b.loss != 123.0 and b.gen_exact_match is None
