@@ -33,6 +33,8 @@ for _name, _command in (
     ("aggregators", reports.aggregators),
     ("demo", run.demo),
     ("audit", reports.audit),
+    ("compare", reports.compare),
+    ("eval", reports.eval_cmd),
     ("robustness-grid", reports.robustness_grid_cmd),
     ("methods", reports.methods),
     ("models", reports.models),
@@ -44,6 +46,7 @@ for _name, _command in (
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(stack.stack_app, name="stack")
 app.add_typer(silo.silo_app, name="silo")
+app.add_typer(reports.report_app, name="report")
 
 
 def main() -> None:  # pragma: no cover

@@ -87,11 +87,15 @@ def config_json(config: Annotated[Path, typer.Argument(help="Federation config (
 def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
     seed: int = 0,
+    scale: Annotated[
+        float, typer.Option(help="Multiply the training sets (10: at least 1,000 records per silo).")
+    ] = 1.0,
 ) -> None:
-    """Write the deterministic, non-IID demo silos (train + holdout each, a union holdout, a DPO silo)."""
-    paths = make_demo_silos(out, seed=seed, preferences=True)
+    """Write the deterministic, non-IID demo silos (train, validation and holdout each, union holdouts,
+    a DPO silo)."""
+    paths = make_demo_silos(out, seed=seed, scale=scale, preferences=True)
     for silo, p in paths.items():
-        console.print(f"{silo}: {p['train']}  {p['eval']}")
+        console.print(f"{silo}: " + "  ".join(str(v) for v in p.values()))
     console.print(f"union holdout: {out / 'union_eval.jsonl'}")
 
 
@@ -129,14 +133,26 @@ def demo(
     model: Annotated[
         str, typer.Option(help="Base model (built-in name or local folder).")
     ] = "smollm2-135m-instruct",
-    baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True,
+    baselines: Annotated[
+        bool, typer.Option(help="Also train the centralized and local-only adapters to compare.")
+    ] = True,
+    scale: Annotated[
+        float, typer.Option(help="Demo data scale (10: at least 1,000 training records per silo).")
+    ] = 10.0,
 ) -> None:
-    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
+    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with centralized and
+    local-only training."""
     from flows.demo import run_demo  # torch and transformers (about 3 s)
 
     with stop_on_signals("the demo"):
         ok = run_demo(
-            out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
+            out=out,
+            rounds=rounds,
+            local_steps=local_steps,
+            model=model,
+            baselines=baselines,
+            console=console,
+            scale=scale,
         )
     if not ok:
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ adds the silos' holdout evaluation of a round's output, which arrives with the n
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -79,7 +80,10 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     sign_object(config, store, key, store.get(key), round_=0, purpose="global")
     state = FederationState(
-        federation_id=config.federation_id, fingerprint=fp, global_ref=ObjectRef(key=key, sha256=sha)
+        federation_id=config.federation_id,
+        fingerprint=fp,
+        global_ref=ObjectRef(key=key, sha256=sha),
+        started_at=time.time(),
     )
     put_json(store, layout.state(), state.model_dump(mode="json"))
     return state
@@ -151,6 +155,7 @@ def commit_round(
         aggregate_seconds=agg.seconds if round_seconds is not None else None,
         sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
         evaluated=False,
+        committed_at=time.time(),
     )
     manifest = {
         "federation_id": config.federation_id,
@@ -222,6 +227,7 @@ def record_evaluation(
             eval={e.silo: HoldoutMetrics.model_validate(e.result) for e in evals},
             global_eval=summarize_evals(evals),
             eval_failures={f.silo: f.error for f in failures},
+            eval_seconds={e.silo: e.seconds for e in evals if e.seconds is not None},
         )
         record = evaluation.evaluation_file(
             federation_id=config.federation_id, round_=round_, global_ref=state.global_ref

@@ -6,6 +6,7 @@ clip and noise, then the protection scheme's packing (plaintext, masked or encry
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,7 @@ def evaluate_silo(
         )
         return res.as_dict()
 
+    t0 = time.perf_counter()
     if memo is None:
         result = run()
     else:
@@ -320,4 +322,4 @@ def evaluate_silo(
             config.evaluation,
         )
         result = memo.get_or_compute(key, run, dict)
-    return EvalRecord(silo=silo, round=round_, result=result)
+    return EvalRecord(silo=silo, round=round_, result=result, seconds=time.perf_counter() - t0)
