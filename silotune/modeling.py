@@ -181,12 +181,31 @@ def load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def load_base_model(path: Path) -> Any:
-    """Load a causal LM in fp32 for CPU training (the dtype every silo trains its adapter in)."""
+def load_base_model(
+    path: Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization_config: Any | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
+    """Load a causal LM (any Llama/Qwen/Mistral-shaped folder) at ``dtype`` onto ``device``.
+
+    The defaults are what every CPU silo trains on: fp32 weights in host memory. On a GPU the
+    weights are placed by ``device_map`` as they load (no fp32 copy in host memory first), and
+    ``quantization_config`` (bitsandbytes) quantises them on the way.
+    """
     # torch and transformers take seconds to import; ops and the CLI import this module for its constants
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device != "cpu" or quantization_config is not None:
+        kwargs["device_map"] = {"": device}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model
