@@ -7,8 +7,8 @@ each (``batch[rank::world]``); each rank back-propagates its slice's share of th
 loss, so the averaged gradient is exactly the single-process gradient of the same global batch.
 
 ``parallelism: ddp`` replicates the model (``DistributedDataParallel``); ``fsdp`` shards it
-(``FullyShardedDataParallel``, one unit per decoder layer) for full fine-tuning of models that do
-not fit one device, and gathers the full weights on rank 0 at the end. Only rank 0 writes the
+(FSDP2 ``fully_shard``, one unit per decoder layer) for full fine-tuning of models that do not fit
+one device; the full weights are gathered at the end (``DTensor.full_tensor``). Only rank 0 writes the
 delta: the silo uploads exactly one update, as with one process. The calling process keeps its
 loaded model and loads the trained state into it afterwards.
 
@@ -18,13 +18,12 @@ would need its own distributed optimizer and the silo's keyed noise drawn once) 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,45 +72,31 @@ class DataParallel:
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
         if self.kind == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            # FSDP2 (fully_shard): one unit per decoder layer, then the rest; it runs on gloo and CPUs
+            # too (FSDP1 needs an accelerator). Parameters become DTensor shards.
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
+            mesh = init_device_mesh(self.device.split(":")[0], (self.world,))
             model = getattr(module, "model", module)
-            layers = {type(m) for m in model.modules() if type(m).__name__ in _no_split(model)}
-            self._wrapped = FullyShardedDataParallel(
-                module,
-                auto_wrap_policy=ModuleWrapPolicy(layers) if layers else None,
-                device_id=ids[0] if ids else None,
-                use_orig_params=True,
-                sync_module_states=True,
-            )
+            names = _no_split(model)
+            for m in list(model.modules()):
+                if type(m).__name__ in names:
+                    fully_shard(m, mesh=mesh)
+            self._wrapped = fully_shard(module, mesh=mesh)
         else:
             self._wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return self._wrapped
 
     def trainable(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-        """The parameters the optimizer steps once wrapped (FSDP's, which hold this rank's shards)."""
+        """The parameters the optimizer steps once wrapped (FSDP's: this rank's DTensor shards)."""
         if self.kind != "fsdp":
             return params
         return [p for p in self._wrapped.parameters() if p.requires_grad]
 
     def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
-        """Clip by the norm of the whole (all ranks') gradient."""
-        if self.kind == "fsdp":
-            self._wrapped.clip_grad_norm_(max_norm)
-        else:  # DDP's gradients are already averaged and identical on every rank
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    @contextlib.contextmanager
-    def full_params(self) -> Iterator[None]:
-        """The unsharded weights on every rank while inside (FSDP); nothing to do for DDP."""
-        if self.kind != "fsdp" or self._wrapped is None:
-            yield
-            return
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(self._wrapped, writeback=False):
-            yield
+        """Clip by the norm of the whole gradient (DTensor shards: torch reduces across ranks)."""
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _no_split(model: Any) -> set[str]:
@@ -130,6 +115,8 @@ def check_supported(spec: TrainSpec, *, dp: Any, objective: Any, method: str) ->
             f"train.processes={spec.processes} > train.batch_size={spec.batch_size}: every process needs "
             "at least one example of each batch"
         )
+    if spec.parallelism == "fsdp" and spec.proximal_mu > 0:
+        raise ConfigError("train.parallelism fsdp with train.proximal_mu > 0 is not supported; use ddp")
     if spec.parallelism == "fsdp" and method != "full":
         raise ConfigError(
             f"train.parallelism fsdp shards full fine-tuning; method {method!r} trains an adapter, use ddp"

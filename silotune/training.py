@@ -18,7 +18,6 @@ without the secret can predict either. No torch generator is involved.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -364,8 +363,7 @@ def train_local(
         seconds = time.perf_counter() - start
         detach_proximal_term(proximal)
         model.eval()
-    with parallel.full_params() if parallel is not None else contextlib.nullcontext():
-        d = delta(adapter.state(), global_state)
+    d = delta(adapter.state(), global_state)  # FSDP: every rank gathers the full weights here
     if exchanged is not None:
         d = {k: d[k] for k in exchanged}
     if not all(math.isfinite(x) for x in losses):

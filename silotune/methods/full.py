@@ -91,8 +91,7 @@ class FullFineTuning:
     def state(self, built: Built) -> TensorDict:
         # named_parameters() lists a tied weight once, so the LM head is not exchanged twice.
         return {
-            # FSDP (a silo on several processes) inserts its wrapper into the names.
-            n.replace("_fsdp_wrapped_module.", ""): p.detach().to("cpu", copy=True).contiguous()
+            n: _full(p.detach()).to("cpu", copy=True).contiguous()
             for n, p in built.model.named_parameters()
             if p.requires_grad
         }
@@ -161,3 +160,9 @@ class FullFineTuning:
                 when_preferred=True,
             ),
         )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor shard (FSDP, a silo on several processes) is gathered from every rank."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t

@@ -72,7 +72,7 @@ def test_device_and_precision_resolution() -> None:
         resolve_device("cuda", cuda_available=False)
     with pytest.raises(ConfigError, match="1 CUDA device"):
         resolve_device("cuda:3", cuda_available=True, cuda_count=1)
-    with pytest.raises(ConfigError, match="train.device"):
+    with pytest.raises(ConfigError, match=r"train\.device"):
         resolve_device("gpu0")
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda:0", bf16_supported=True) == "bf16"
@@ -97,9 +97,9 @@ def test_host_slot_serialises_processes(tmp_path) -> None:
     import fcntl
 
     lock = tmp_path / "slot.lock"
-    with host_slot(True, path=lock), open(lock, "a") as other:
-        with pytest.raises(BlockingIOError):  # a second holder (another process's open file) must wait
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # A second holder (another open file description, as another process has) must wait.
+    with host_slot(True, path=lock), open(lock, "a") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(lock, "a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the block
     with host_slot(False, path=tmp_path / "never.lock"):
