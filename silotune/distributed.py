@@ -1,7 +1,8 @@
 """One silo, several processes: data-parallel local training through ``torchrun``.
 
 With ``train.processes > 1`` a silo's round runs in that many processes on its host
-(``torchrun --standalone``): gloo on CPUs, NCCL on GPUs (one GPU per process, ``LOCAL_RANK``).
+(``torchrun --standalone``): gloo on CPUs, NCCL on GPUs (one GPU per process, ``LOCAL_RANK``; gloo when
+there are more processes than GPUs).
 Every rank draws the same global batches from the round's seed and trains on its own slice of
 each (``batch[rank::world]``); each rank back-propagates its slice's share of the global batch
 loss, so the averaged gradient is exactly the single-process gradient of the same global batch.
@@ -33,13 +34,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from silotune.adapters import AdapterModel, TensorDict, apply_delta
-from silotune.compute import Placement
-from silotune.config import LoraSpec, MethodSpec, ModelSpec, TrainSpec
+from silotune.config import TrainSpec
 from silotune.data import Example
 from silotune.errors import ConfigError
-from silotune.training import TrainResult, train_local
 
-JOB_FILE = "job.json"
+JOB_FILE = "job.json"  # what silotune.distributed_rank reads in each process
 
 
 @dataclass
@@ -135,7 +134,7 @@ def train_distributed(
     exchanged: Sequence[str] | None = None,
     objective: Any = None,
     timeout: float | None = None,
-) -> tuple[TensorDict, TrainResult]:
+) -> tuple[TensorDict, dict[str, Any]]:
     """Run the round in ``spec.processes`` processes (torchrun); rank 0's delta and report come back.
 
     The job (model folder, method, global, examples) goes through a private temporary folder;
@@ -170,7 +169,7 @@ def train_distributed(
             "--standalone",
             f"--nproc-per-node={spec.processes}",
             "-m",
-            "silotune.distributed",
+            "silotune.distributed_rank",
             str(folder),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(job["placement"]["threads"])}
@@ -181,60 +180,6 @@ def train_distributed(
                 + proc.stderr[-4000:]
             )
         d = load_file(str(folder / "delta.safetensors"))
-        result = TrainResult(**json.loads((folder / "result.json").read_text()))
+        result = json.loads((folder / "result.json").read_text())
     adapter.load_state(apply_delta(global_state, d))
     return d, result
-
-
-def run_rank(folder: Path) -> None:
-    """One rank of a silo's round (``python -m silotune.distributed FOLDER`` under torchrun)."""
-    job = json.loads((folder / JOB_FILE).read_text())
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    p = job["placement"]
-    cuda = p["device"].startswith("cuda")
-    device = f"cuda:{local_rank}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    try:
-        place = Placement(
-            device=device,
-            precision=p["precision"],
-            threads=p["threads"],
-            gradient_checkpointing=p["gradient_checkpointing"],
-        )
-        spec = TrainSpec.model_validate(job["train"])
-        lora = LoraSpec.model_validate(job["lora"]) if job["lora"] else LoraSpec()
-        adapter = AdapterModel.create(
-            ModelSpec(name_or_path=job["model_path"]),
-            lora,
-            seed=0,
-            method=MethodSpec.model_validate(job["method"]),
-            placement=place,
-        )
-        global_state = load_file(str(folder / "global.safetensors"))
-        examples = [Example(ids, labels) for ids, labels in job["examples"]]
-        parallel = DataParallel(
-            rank=dist.get_rank(), world=dist.get_world_size(), kind=spec.parallelism, device=device
-        )
-        d, result = train_local(
-            adapter,
-            global_state,
-            examples,
-            spec,
-            seed=job["seed"],
-            progress=False,
-            frozen=job["frozen"],
-            exchanged=job["exchanged"],
-            parallel=parallel,
-        )
-        if parallel.rank == 0:  # exactly one update leaves the silo
-            save_file(d, str(folder / "delta.safetensors"))
-            (folder / "result.json").write_text(json.dumps(result.as_dict()))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    run_rank(Path(sys.argv[1]))

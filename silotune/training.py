@@ -32,6 +32,7 @@ from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tens
 from silotune.compute import Placement, apply_threads, autocast
 from silotune.config import TrainSpec
 from silotune.data import IGNORE_INDEX, Example, batches, collate, per_sequence_loss
+from silotune.distributed import train_distributed
 from silotune.errors import ConfigError
 from silotune.fedprox import attach_proximal_term, detach_proximal_term
 from silotune.privacy.noise import KEY_BYTES, KeyedNoiseDPOptimizer, seed_key, subkey, uniform
@@ -310,9 +311,7 @@ def train_local(
         )
     if spec.processes > 1 and parallel is None:
         # One silo, several processes: torchrun runs this function in each; rank 0's delta comes back.
-        from silotune.distributed import train_distributed  # imports this module: a cycle at import time
-
-        return train_distributed(
+        d, report = train_distributed(
             adapter,
             global_state,
             examples,
@@ -323,6 +322,7 @@ def train_local(
             exchanged=exchanged,
             objective=objective,
         )
+        return d, TrainResult(**report)
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     else:

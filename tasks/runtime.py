@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from silotune.adapters import AdapterModel
-from silotune.compute import Placement, host_slot, placement, serialise_colocated
+from silotune.compute import (
+    Placement,
+    apply_threads,
+    default_threads,
+    host_slot,
+    placement,
+    serialise_colocated,
+)
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import SilotuneError, StoreError
 from silotune.policy import PolicyError, SiloPolicy, enforce, load_policy
@@ -167,8 +174,14 @@ def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterMod
 
 @contextlib.contextmanager
 def compute_slot(config: FederationConfig) -> Iterator[None]:
-    """One silo computes at a time in this process, and on this host when co-located runs are serialised."""
-    with TRAIN_LOCK, host_slot(serialise_colocated(config.train.serialise_colocated)):
+    """One silo computes at a time in this process, and on this host when co-located runs are serialised.
+
+    Inside, torch runs on the silo's CPU budget: ``train.torch_threads``, else the usable cores
+    divided among the host's silo workers (all of them while holding the host-wide slot).
+    """
+    serialised = serialise_colocated(config.train.serialise_colocated)
+    with TRAIN_LOCK, host_slot(serialised):
+        apply_threads(Placement(threads=config.train.torch_threads or default_threads(serialised=serialised)))
         yield
 
 

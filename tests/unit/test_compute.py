@@ -104,3 +104,16 @@ def test_host_slot_serialises_processes(tmp_path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the block
     with host_slot(False, path=tmp_path / "never.lock"):
         assert not (tmp_path / "never.lock").exists()
+
+
+def test_worker_reports_its_threads_and_device(monkeypatch, capsys) -> None:
+    from ops.worker import log_compute_budget
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SILOTUNE_COLOCATED_WORKERS", "3")
+    monkeypatch.setenv("SILOTUNE_DEVICE", "cpu")
+    log_compute_budget("silo-clinic")
+    line = capsys.readouterr().err
+    cores = usable_cores()
+    assert f"pool silo-clinic: {cores} usable core(s), 3 co-located silo worker(s) taking turns" in line
+    assert f"-> {cores} torch thread(s)" in line and "($SILOTUNE_DEVICE=cpu)" in line
