@@ -71,7 +71,7 @@ from silotune.training import train_local
 TARGET = 0.95  # without levers: silotune's bookkeeping costs at most 5 %
 TARGET_LEVERS_CPU = 1.15  # with the levers on the CPU: skipped work must show
 TARGET_GPU = 1.5  # with the levers on a GPU (the target; peak memory <= 0.6x)
-LEVERS = {"response_only": "response_logits_only", "packing": "packing", "liger": "liger_kernel"}
+LEVERS = {"response_only": "response_logits_only", "packing": "packing"}
 
 
 @dataclass

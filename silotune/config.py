@@ -144,10 +144,6 @@ class TrainSpec(_Spec):
     packing: bool = Field(
         False, description="Speed lever: pack a batch into one row without padding (per-example positions)."
     )
-    liger_kernel: bool = Field(
-        False,
-        description="Speed lever (CUDA only): Liger's fused RMSNorm/RoPE/SwiGLU kernels (liger-kernel).",
-    )
 
 
 _PLACEMENT_FIELDS = (
@@ -159,7 +155,6 @@ _PLACEMENT_FIELDS = (
     "parallelism",
     "response_logits_only",
     "packing",
-    "liger_kernel",
 )
 
 
