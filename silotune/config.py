@@ -103,7 +103,11 @@ class TrainSpec(_Spec):
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping per step (None: off).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads (None: usable cores ÷ co-located silo workers).",
+    )
     proximal_mu: float = Field(
         0.0,
         ge=0.0,

@@ -299,7 +299,6 @@ class QLoRA(LoRA):
                 bnb_4bit_quant_type=options.quant_type,
                 bnb_4bit_use_double_quant=options.double_quant,
                 bnb_4bit_compute_dtype=compute,
-                bnb_4bit_quant_storage=torch.uint8,
             )
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
