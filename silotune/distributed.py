@@ -37,6 +37,7 @@ from silotune.adapters import AdapterModel, TensorDict, apply_delta
 from silotune.config import TrainSpec
 from silotune.data import Example
 from silotune.errors import ConfigError
+from silotune.methods import Payload
 
 JOB_FILE = "job.json"  # what silotune.distributed_rank reads in each process
 
@@ -103,7 +104,7 @@ def _no_split(model: Any) -> set[str]:
     return set(getattr(base, "_no_split_modules", None) or ())
 
 
-def check_supported(spec: TrainSpec, *, dp: Any, objective: Any, method: str) -> None:
+def check_supported(spec: TrainSpec, *, dp: Any, objective: Any, method: Any) -> None:
     """ConfigError for what several processes per silo do not run."""
     if dp is not None:
         raise ConfigError("train.processes > 1 with DP-SGD is not supported; use one process per silo")
@@ -116,9 +117,10 @@ def check_supported(spec: TrainSpec, *, dp: Any, objective: Any, method: str) ->
         )
     if spec.parallelism == "fsdp" and spec.proximal_mu > 0:
         raise ConfigError("train.parallelism fsdp with train.proximal_mu > 0 is not supported; use ddp")
-    if spec.parallelism == "fsdp" and method != "full":
+    if spec.parallelism == "fsdp" and method.payload is not Payload.FULL_WEIGHTS:
         raise ConfigError(
-            f"train.parallelism fsdp shards full fine-tuning; method {method!r} trains an adapter, use ddp"
+            f"train.parallelism fsdp shards full fine-tuning; method {method.name!r} trains an adapter, "
+            "use ddp"
         )
 
 
@@ -140,7 +142,7 @@ def train_distributed(
     The job (model folder, method, global, examples) goes through a private temporary folder;
     the calling process ends with the trained state loaded, as after a one-process round.
     """
-    check_supported(spec, dp=dp, objective=objective, method=adapter.method_spec.name)
+    check_supported(spec, dp=dp, objective=objective, method=adapter.method)
     place = adapter.placement
     with tempfile.TemporaryDirectory(prefix="silotune-ddp-") as tmp:
         folder = Path(tmp)
