@@ -27,10 +27,14 @@ for _name, _command in (
     ("config-json", run.config_json),
     ("make-demo-data", run.make_demo_data),
     ("summary", run.summary),
+    ("export", run.export),
+    ("personalize", run.personalize),
     ("ledger", reports.ledger),
     ("aggregators", reports.aggregators),
     ("demo", run.demo),
     ("audit", reports.audit),
+    ("compare", reports.compare),
+    ("eval", reports.eval_cmd),
     ("robustness-grid", reports.robustness_grid_cmd),
     ("methods", reports.methods),
     ("models", reports.models),
@@ -42,6 +46,7 @@ for _name, _command in (
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(stack.stack_app, name="stack")
 app.add_typer(silo.silo_app, name="silo")
+app.add_typer(reports.report_app, name="report")
 
 
 def main() -> None:  # pragma: no cover

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import console, fail, load_config_file
+from cli.common import console, fail, load_config_file, print_table, stop_on_signals
 from silotune.errors import SilotuneError, StoreError
 from silotune.report import ledger_table
 
@@ -40,7 +40,7 @@ def ledger(
     if state is None:
         fail(f"no federation {federation_id!r} in {where}")
     assert state is not None
-    console.print(ledger_table(federation_id, state.history))
+    print_table(ledger_table(federation_id, state.history))
 
 
 def aggregators() -> None:
@@ -76,7 +76,8 @@ def audit(
     from flows.audit import audit_federation_flow  # Prefect, torch and transformers (about 4 s)
 
     try:
-        res = audit_federation_flow(cfg, max_examples or None, str(out) if out else None)
+        with stop_on_signals("the audit"):
+            res = audit_federation_flow(cfg, max_examples or None, str(out) if out else None)
     except SilotuneError as exc:
         fail(str(exc))
     table = Table(title=f"Audit of {cfg.federation_id} after {res['rounds']} round(s)")
@@ -125,9 +126,10 @@ def robustness_grid_cmd(
     MLflow run and Prefect artifact. EVALUATION ONLY: the malicious silo is simulated."""
     from flows.robustness import robustness_grid  # Prefect, torch and transformers (about 4 s)
 
-    res = robustness_grid(
-        str(out), model=model, attacks=attack, rules=rule, rounds=rounds, local_steps=local_steps
-    )
+    with stop_on_signals("the robustness grid"):
+        res = robustness_grid(
+            str(out), model=model, attacks=attack, rules=rule, rounds=rounds, local_steps=local_steps
+        )
     console.print(Path(res["paths"]["markdown"]).read_text())
     for k, p in res["paths"].items():
         console.print(f"{k}: {p}")
@@ -317,3 +319,165 @@ def plan(
             console.print(f"federation config written: [bold]{write_config}[/]")
     except SilotuneError as exc:
         fail(str(exc))
+
+
+def compare(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    out: Annotated[Path, typer.Option(help="Folder for the pooled data and comparison.json.")] = Path(
+        "silotune-compare"
+    ),
+    baselines: Annotated[bool, typer.Option(help="Train the centralized and local-only baselines.")] = True,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit of the free-running metrics.")] = 64,
+) -> None:
+    """Run (or resume) a federation and its baselines (centralized: all silos' data pooled, the same steps
+    and examples; local-only: each silo alone), and compare them on every holdout, teacher-forced and by
+    free-running generation (ROUGE-L, chrF); federated / centralized as ratios."""
+    from silotune.config import check_local_paths, load_config  # imports torch (about 2 s)
+
+    try:
+        cfg = load_config(config)
+        check_local_paths(cfg)
+    except SilotuneError as exc:
+        fail(str(exc))
+    from flows.demo import compare_federation  # Prefect, torch and transformers (about 4 s)
+
+    try:
+        compare_federation(cfg, out, console=console, baselines=baselines, max_new_tokens=max_new_tokens)
+    except SilotuneError as exc:
+        fail(str(exc))
+    console.print(f"comparison: {out / 'comparison.json'}")
+
+
+report_app = typer.Typer(
+    no_args_is_help=True, help="Reports that run experiments: the privacy–utility frontier."
+)
+
+
+@report_app.command("privacy-utility")
+def privacy_utility_cmd(
+    config: Annotated[
+        Path, typer.Argument(help="Federation config (YAML): the non-private recipe and data.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder of the table and plots.")] = Path(
+        "results/privacy-utility"
+    ),
+    validation: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Validation files (repeatable; kept apart from the holdouts) for the DP recipe; default: "
+            "val.jsonl beside each silo's training file."
+        ),
+    ] = None,
+    epsilon: Annotated[
+        list[float] | None, typer.Option(help="Target ε (repeatable); default 1 2 4 8.")
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="lora | ffa_lora (repeatable); default both.")
+    ] = None,
+    privacy: Annotated[
+        list[str] | None, typer.Option(help="none | sample_dp | client_dp (repeatable); default all.")
+    ] = None,
+    baselines: Annotated[bool, typer.Option(help="Also the centralized and local-only baselines.")] = True,
+    local_only: Annotated[bool, typer.Option(help="With --baselines: also each silo alone.")] = True,
+    mia_examples: Annotated[int, typer.Option(help="Members and non-members of the MIA, each.")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit of the free-running metrics.")] = 64,
+    note: Annotated[list[str] | None, typer.Option(help="A note for the report (repeatable).")] = None,
+    validation_examples: Annotated[
+        int, typer.Option(help="Validation records behind the per-example clip norm.")
+    ] = 32,
+) -> None:
+    """Grid of real federations: no DP, DP-SGD and client-level DP at each ε, LoRA and FFA-LoRA, plus the
+    baselines; utility, membership inference, ε, bytes and seconds; table and plots to OUT, MLflow and
+    Prefect. Identical work is computed once across cells."""
+    from silotune.config import check_local_paths, load_config  # imports torch (about 2 s)
+
+    try:
+        cfg = load_config(config)
+        check_local_paths(cfg)
+    except SilotuneError as exc:
+        fail(str(exc))
+    if validation:
+        val = [str(p) for p in validation]
+    else:
+        val = [str(Path(s.train_path).with_name("val.jsonl")) for s in cfg.silos]
+    missing = [p for p in val if not Path(p).is_file()]
+    if missing:
+        fail(f"--validation: no file {missing[0]} (give validation files apart from the holdouts)")
+    from flows.privacy_utility import privacy_utility  # Prefect, torch and transformers (about 4 s)
+
+    try:
+        res = privacy_utility(
+            cfg,
+            str(out),
+            val,
+            epsilons=epsilon,
+            methods=method,
+            privacies=privacy,
+            baselines=baselines,
+            local_only=local_only,
+            mia_examples=mia_examples,
+            max_new_tokens=max_new_tokens,
+            notes=note,
+            validation_examples=validation_examples,
+        )
+    except (SilotuneError, ValueError) as exc:
+        fail(str(exc))
+    console.print(Path(res["paths"]["markdown"]).read_text())
+    for k, p in res["paths"].items():
+        console.print(f"{k}: {p}")
+    console.print(f"MLflow run {res['mlflow_run_id']}")
+
+
+def eval_cmd(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    harness: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated lm-eval tasks: 'holdouts' (one task per silo holdout, generated locally), "
+            "silotune_<silo>, or any task of the harness by name (needs its data, e.g. from the hub)."
+        ),
+    ] = "holdouts",
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT adapter folder (default: the federation's final adapter).")
+    ] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="The base model without adapter.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder of the generated tasks and harness.json.")] = Path(
+        "silotune-eval"
+    ),
+    limit: Annotated[int | None, typer.Option(help="At most this many examples per task.")] = None,
+    max_gen_toks: Annotated[int, typer.Option(help="Generation limit of the generated tasks.")] = 64,
+) -> None:
+    """Run EleutherAI's lm-evaluation-harness on the base model plus the federation's adapter; results to
+    the federation's MLflow run and a Prefect artifact."""
+    from silotune.config import check_local_paths, load_config  # imports torch (about 2 s)
+    from silotune.federation.commit import load_state  # imports torch (about 2.5 s)
+    from silotune.harness import final_adapter_dir
+    from silotune.store import open_store
+
+    try:
+        cfg = load_config(config)
+        check_local_paths(cfg)
+        state = load_state(open_store(cfg.store), cfg.federation_id)
+    except SilotuneError as exc:
+        fail(str(exc))
+    adapter_dir = None if base_only else (adapter or final_adapter_dir(cfg))
+    if adapter_dir is None and not base_only:
+        fail(f"no final adapter of {cfg.federation_id} in a local store: name one with --adapter")
+    from flows.harness import harness_eval  # Prefect, lm-eval, torch and transformers (seconds)
+
+    try:
+        res = harness_eval(
+            cfg,
+            [t.strip() for t in harness.split(",") if t.strip()],
+            str(adapter_dir) if adapter_dir else None,
+            str(out),
+            state.tracking_run_id if state else None,
+            limit,
+            max_gen_toks,
+        )
+    except SilotuneError as exc:
+        fail(str(exc))
+    from silotune.harness import harness_markdown
+
+    console.print(harness_markdown(res["results"], title=f"lm-evaluation-harness on {cfg.federation_id}"))
+    console.print(f"results: {res['path']}")

@@ -10,11 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import console, fail, load_config_file
+from cli.common import console, fail, load_config_file, print_table, stop_on_signals
 from ops.prefect_server import prefect_api
 from ops.state import Stack
 from silotune.demo import make_demo_silos
 from silotune.errors import SilotuneError
+from silotune.modeling import BUILTIN_MODELS, resolve_model_path
 from silotune.report import history_table
 
 
@@ -38,7 +39,10 @@ def run(
         if rounds is not None:
             cfg = parse_config({**cfg.model_dump(mode="json"), "rounds": rounds})
         if cfg.orchestration.mode == "embedded":
+            # Everything this machine must hold, checked before a Prefect server or a model starts.
             check_local_paths(cfg)
+            if cfg.model.name_or_path not in BUILTIN_MODELS:
+                resolve_model_path(cfg.model.name_or_path)  # a local folder: only checked, nothing loaded
     except SilotuneError as exc:
         fail(str(exc))
     if cfg.orchestration.mode == "workpools":
@@ -46,8 +50,12 @@ def run(
     else:
         from flows.federated_training import federated_training  # Prefect and torch (about 4 s)
 
-        out = federated_training(cfg)
-    console.print(history_table(out["history"]))
+        try:
+            with stop_on_signals(f"federation {cfg.federation_id}"):
+                out = federated_training(cfg)
+        except SilotuneError as exc:  # bad input found during the run: Prefect has logged it; one line here
+            fail(str(exc))
+    print_table(history_table(out["history"], out.get("initial_eval")))
     console.print(f"final adapter (PEFT format): [bold]{out['adapter']}[/]")
     console.print(f"MLflow run {out['tracking_run_id']} at {out['tracking_uri']}")
 
@@ -79,11 +87,15 @@ def config_json(config: Annotated[Path, typer.Argument(help="Federation config (
 def make_demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the demo silos.")] = Path("silotune-demo/data"),
     seed: int = 0,
+    scale: Annotated[
+        float, typer.Option(help="Multiply the training sets (10: at least 1,000 records per silo).")
+    ] = 1.0,
 ) -> None:
-    """Write the deterministic, non-IID demo silos (train + holdout each, a union holdout, a DPO silo)."""
-    paths = make_demo_silos(out, seed=seed, preferences=True)
+    """Write the deterministic, non-IID demo silos (train, validation and holdout each, union holdouts,
+    a DPO silo)."""
+    paths = make_demo_silos(out, seed=seed, scale=scale, preferences=True)
     for silo, p in paths.items():
-        console.print(f"{silo}: {p['train']}  {p['eval']}")
+        console.print(f"{silo}: " + "  ".join(str(v) for v in p.values()))
     console.print(f"union holdout: {out / 'union_eval.jsonl'}")
 
 
@@ -111,7 +123,7 @@ def summary(
         f"global adapter {state.global_ref.key} (sha256 {state.global_ref.sha256[:12]}…); "
         f"MLflow run {state.tracking_run_id}"
     )
-    console.print(history_table(state.history, state.initial_eval))
+    print_table(history_table(state.history, state.initial_eval))
 
 
 def demo(
@@ -121,13 +133,100 @@ def demo(
     model: Annotated[
         str, typer.Option(help="Base model (built-in name or local folder).")
     ] = "smollm2-135m-instruct",
-    baselines: Annotated[bool, typer.Option(help="Also train local-only adapters to compare.")] = True,
+    baselines: Annotated[
+        bool, typer.Option(help="Also train the centralized and local-only adapters to compare.")
+    ] = True,
+    scale: Annotated[
+        float, typer.Option(help="Demo data scale (10: at least 1,000 training records per silo).")
+    ] = 10.0,
 ) -> None:
-    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with local-only training."""
+    """A real federation of SmolLM2-135M-Instruct over three demo silos, compared with centralized and
+    local-only training."""
     from flows.demo import run_demo  # torch and transformers (about 3 s)
 
-    ok = run_demo(
-        out=out, rounds=rounds, local_steps=local_steps, model=model, baselines=baselines, console=console
-    )
+    with stop_on_signals("the demo"):
+        ok = run_demo(
+            out=out,
+            rounds=rounds,
+            local_steps=local_steps,
+            model=model,
+            baselines=baselines,
+            console=console,
+            scale=scale,
+        )
     if not ok:
         raise typer.Exit(1)
+
+
+def export(
+    config: Annotated[Path, typer.Argument(help="Config (YAML) of the federation to export.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="peft (adapter folder), merged (HF folder) or gguf.")
+    ] = "peft",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("silotune-export"),
+    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16 or q8_0.")] = "f16",
+    tokenizer_gguf: Annotated[
+        Path | None,
+        typer.Option(help="GGUF file of the base model, for its tokenizer (default: the built-in model's)."),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="merged: also log it to the federation's MLflow run and register a version.")
+    ] = False,
+) -> None:
+    """Export the federation's final global model: PEFT adapter, merged HF model, or GGUF for llama.cpp."""
+    from silotune.export import export_federation, register_merged  # torch, transformers (about 3 s)
+    from silotune.store import open_store
+    from silotune.tracking import open_tracker
+
+    cfg = load_config_file(config)
+    if register and fmt != "merged":
+        fail("--register applies to --format merged")
+    try:
+        with stop_on_signals("the export"):
+            store = open_store(cfg.store)
+            path = export_federation(
+                cfg,
+                store,
+                out,
+                fmt=fmt,
+                tensor_type=gguf_type,
+                tokenizer_gguf=tokenizer_gguf,
+            )
+            version = register_merged(cfg, store, path, open_tracker(cfg.tracking)) if register else None
+    except SilotuneError as exc:
+        fail(str(exc))
+    console.print(f"{fmt} export of {cfg.federation_id}: [bold]{path}[/]")
+    if version is not None:
+        name = cfg.tracking.registered_model or f"silotune-{cfg.federation_id}"
+        console.print(f"registered as version {version} of {name}-merged")
+
+
+def personalize(
+    config: Annotated[Path, typer.Argument(help="Config (YAML) of the finished federation.")],
+    silo: Annotated[str, typer.Option(help="The silo (this machine holds its data and private folder).")],
+    steps: Annotated[int | None, typer.Option(help="Local steps (default: train.local_steps).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: train.learning_rate.")] = None,
+) -> None:
+    """Fine-tune the final global adapter on this silo's own data, kept in its private folder only,
+    and compare global and personalised on the silo's holdout. Nothing is uploaded."""
+    from silotune.adapters import AdapterModel  # torch, transformers, peft (about 4 s)
+    from silotune.personalize import compare_on_holdout, personalize_silo
+    from silotune.store import open_store
+
+    cfg = load_config_file(config)
+    try:
+        with stop_on_signals("personalisation"):
+            store = open_store(cfg.store)
+            adapter = AdapterModel.create(cfg.model, cfg.lora_for(silo), seed=0, method=cfg.method_for(silo))
+            rec = personalize_silo(
+                cfg, silo, store, adapter, steps=steps, learning_rate=learning_rate, progress=True
+            )
+            metrics = compare_on_holdout(cfg, silo, store, adapter) if cfg.silo(silo).eval_path else None
+    except SilotuneError as exc:
+        fail(str(exc))
+    console.print(
+        f"personalised adapter of {silo} ({rec.steps} steps): [bold]{rec.folder}[/] (private, not uploaded)"
+    )
+    if metrics:
+        for name, m in metrics.items():
+            console.print(f"  {name}: holdout loss {m['loss']:.4f}, exact match {m['exact_match']:.3f}")

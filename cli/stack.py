@@ -122,8 +122,18 @@ def worker(
     query_seconds: Annotated[
         float, typer.Option(help="Fallback polling interval (runs start on their Scheduled event).")
     ] = 5.0,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="'coordinator' (federation and retraining flows too) or 'silo' (the silo flows only); "
+            "default: 'coordinator' for the pool named coordinator, else 'silo'. No other flow is run."
+        ),
+    ] = None,
 ) -> None:
     """Serve a work pool in this process (flow runs execute in-process; models stay loaded)."""
     from ops.worker import serve  # Prefect (about 1 s), after offline()
 
-    serve(pool, query_seconds=query_seconds)
+    role = role or ("coordinator" if pool == "coordinator" else "silo")
+    if role not in ("coordinator", "silo"):
+        fail(f"--role: {role!r} is not 'coordinator' or 'silo'")
+    serve(pool, role=role, query_seconds=query_seconds)  # type: ignore[arg-type]

@@ -1,28 +1,49 @@
 """The demo: a real federation of SmolLM2-135M-Instruct over three non-IID demo silos.
 
-It runs the same ``federated-training`` flow a user runs, then trains each silo
-alone for the same number of rounds and steps (the local-only baselines, through
-the same flow with one silo), and compares base, local-only and federated
-adapters on every silo's holdout and on the union of the holdouts.
+It runs the same ``federated-training`` flow a user runs, then the baselines through the same flow
+(:mod:`silotune.baselines`): the centralized one (every silo's data pooled, the same total steps and
+examples) and each silo alone (local-only, the same rounds and steps). It compares the base model,
+the federated, centralized and local-only adapters on every silo's holdout and on their union,
+teacher-forced and by free-running generation (ROUGE-L, chrF), and reports federated / centralized.
+
+``compare_federation`` is the part any federation config can use (``silotune compare``); the demo adds
+its data, its config and the closing lines. More adapters join the comparison through ``extra``: a
+name and a function of (config, federation result) returning the adapter's exchanged tensors.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from flows.federated_training import federated_training
-from silotune.baselines import compare_adapters
+from silotune.baselines import (
+    centralized_config,
+    compare_adapters,
+    local_only_config,
+    pool_training_data,
+    ratio,
+    tokens_trained,
+)
 from silotune.config import FederationConfig, dump_config, parse_config
-from silotune.demo import DEMO_SILOS, make_demo_silos
+from silotune.demo import DEMO_SILOS, REALISTIC_SCALE, make_demo_silos
 from silotune.evaluation import EvalResult, weighted_mean
+from silotune.privacy_utility import dp_cost_line
 from silotune.report import comparison_table, history_table, plot_history
-from silotune.store import FederationLayout, LocalStore, get_tensors
-from tasks.runtime import adapter_for, tracker_for
+from silotune.store import FederationLayout, get_tensors, open_store
+from tasks import runtime
+from tasks.runtime import adapter_for
+from tasks.utility import publish_comparison
+
+# Adapters scored by free-running generation too (a decode loop per holdout example; the base model,
+# which does not answer in the tasks' format, would run every one to the limit).
+GENERATED = ("federated", "centralized")
+ExtraAdapter = Callable[[FederationConfig, Mapping[str, Any]], Mapping[str, Any]]
 
 
 def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> FederationConfig:
@@ -56,85 +77,125 @@ def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> Fede
     )
 
 
-def _local_only(cfg: FederationConfig, silo: str) -> FederationConfig:
-    data = cfg.model_dump(mode="json")
-    data.update(
-        federation_id=f"{cfg.federation_id}-local-{silo}",
-        silos=[s for s in data["silos"] if s["name"] == silo],
-        aggregation={**data["aggregation"], "min_silos": 1},
-        tags={**cfg.tags, "silotune.kind": "local-only-baseline", "silotune.baseline_of": cfg.federation_id},
-    )
-    return parse_config(data)
-
-
-def run_demo(
-    *, out: Path, rounds: int, local_steps: int, model: str, baselines: bool, console: Console
-) -> bool:
-    t0 = time.perf_counter()
+def compare_federation(
+    cfg: FederationConfig,
+    out: Path,
+    *,
+    console: Console,
+    baselines: bool = True,
+    extra: Mapping[str, ExtraAdapter] | None = None,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Run (or resume) the federation, its centralized and local-only baselines, and compare them all
+    on every silo's holdout and their union. Writes ``comparison.json`` under ``out``, logs to the
+    federation's MLflow run and a Prefect artifact; returns the comparison record."""
     out.mkdir(parents=True, exist_ok=True)
-    make_demo_silos(out / "data", seed=0)
-    cfg = demo_config(out, rounds=rounds, local_steps=local_steps, model=model)
-    dump_config(cfg, out / "federation.yaml")
-    console.rule(
-        f"[bold]federation {cfg.federation_id}: {len(cfg.silos)} silos × {rounds} rounds"
-        f" × {local_steps} steps"
-    )
-    fed = federated_training(cfg)
-    console.print(history_table(fed["history"]))
-
-    store = LocalStore(cfg.store.root)
-    states: dict[str, Any] = {"federated": get_tensors(store, fed["global_key"])}
-    if baselines:
-        for silo in cfg.silos:
-            bcfg = _local_only(cfg, silo.name)
-            console.rule(f"[bold]local-only baseline: {silo.name} alone, same rounds and steps")
-            res = federated_training(bcfg)
-            states[f"local-only {silo.name}"] = get_tensors(store, res["global_key"])
-    base_state = get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0))
+    reuse = f"compare-{cfg.federation_id}"  # base-model evaluations and identical training run once
+    runtime.work_memo(reuse)
+    try:
+        console.rule(f"[bold]federation {cfg.federation_id}: {len(cfg.silos)} silos × {cfg.rounds} rounds")
+        fed = federated_training(cfg, reuse)
+        console.print(history_table(fed["history"], fed["initial_eval"]))
+        store = open_store(cfg.store)
+        states: dict[str, Any] = {"federated": get_tensors(store, fed["global_key"])}
+        tokens = {"federated": tokens_trained(fed["history"])}
+        if baselines:
+            pooled = pool_training_data(cfg, out / "pooled" / "train.jsonl")
+            runs = {"centralized": centralized_config(cfg, pooled)}
+            runs.update({f"local-only {s.name}": local_only_config(cfg, s.name) for s in cfg.silos})
+            for name, bcfg in runs.items():
+                console.rule(f"[bold]{name} baseline ({bcfg.train.local_steps} steps per round)")
+                res = federated_training(bcfg, reuse)
+                states[name] = get_tensors(open_store(bcfg.store), res["global_key"])
+                tokens[name] = tokens_trained(res["history"])
+        for name, make in (extra or {}).items():
+            states[name] = make(cfg, fed)
+        base_state = get_tensors(store, FederationLayout(cfg.federation_id).global_adapter(0))
+    finally:
+        runtime.drop_work_memo(reuse)
 
     console.rule("[bold]comparing adapters on every holdout")
     holdouts = {s.name: s.eval_path for s in cfg.silos if s.eval_path}
-    adapter = adapter_for(cfg)
-    # Base and federated adapters were already scored on every silo holdout inside the flow (round 0 and
-    # the last round); only the local-only adapters still need scoring on the other silos' holdouts.
-    initial_eval = fed["initial_eval"]
+    # The flow already scored the base model (round 0) and the federated adapter (its last round) on every
+    # holdout, teacher-forced: those are reused.
+    initial, last = fed["initial_eval"], fed["history"][-1]
     scored = {
-        "base model": initial_eval.eval if initial_eval is not None else {},
-        "federated": fed["history"][-1].eval,
+        name: {h: EvalResult(**m.as_dict()) for h, m in ev.eval.items()}
+        for name, ev in (("base model", initial), ("federated", last))
+        if ev is not None
     }
-    to_score = {n: st for n, st in states.items() if set(scored.get(n, {})) != set(holdouts)}
-    if set(scored["base model"]) != set(holdouts):
-        to_score["base model"] = base_state
     comp = compare_adapters(
-        adapter, to_score, holdouts, max_seq_len=cfg.model.max_seq_len, batch_size=cfg.evaluation.batch_size
+        adapter_for(cfg),
+        {"base model": base_state, **states},
+        holdouts,
+        max_seq_len=cfg.model.max_seq_len,
+        batch_size=cfg.evaluation.batch_size,
+        generate=GENERATED,
+        max_new_tokens=max_new_tokens,
+        scored=scored,
     )
-    for name, per in scored.items():
-        if name not in to_score:
-            comp.results[name] = {h: EvalResult(**per[h].as_dict()) for h in holdouts}
-    order = ["base model", "federated", *[n for n in states if n.startswith("local-only")]]
-    comp.results.update({n: comp.results.pop(n) for n in order})
     # The union holdout is the disjoint union of the silo holdouts: its metrics are the size-weighted means.
     for name in comp.results:
         comp.results[name]["union"] = weighted_mean([comp.results[name][h] for h in holdouts])
-
     console.print(comparison_table(comp.results, [*holdouts, "union"]))
 
+    union = {n: r["union"] for n, r in comp.results.items()}
+    ratios = {}
+    if "centralized" in union:
+        f, c = union["federated"], union["centralized"]
+        ratios = {
+            "exact_match": ratio(f.exact_match, c.exact_match),
+            "gen_exact_match": ratio(f.gen_exact_match, c.gen_exact_match),
+            "rouge_l": ratio(f.rouge_l, c.rouge_l),
+            "chrf": ratio(f.chrf, c.chrf),
+            "tokens": ratio(tokens["federated"], tokens["centralized"]),
+        }
     beats_base = {h: comp.beats("federated", "base model", h) for h in holdouts}
     beats_local = {n: comp.beats("federated", n, "union") for n in comp.results if n.startswith("local-only")}
-    ok = all(beats_base.values()) and all(beats_local.values())
-
-    report: dict[str, Any] = {
+    record: dict[str, Any] = {
         "federation_id": cfg.federation_id,
         "results": {a: {h: r.as_dict() for h, r in v.items()} for a, v in comp.results.items()},
+        "tokens_trained": tokens,
+        "federated_over_centralized": ratios,
         "federated_beats_base_on_every_silo_holdout": beats_base,
         "federated_beats_local_only_on_union": beats_local,
-        "seconds": time.perf_counter() - t0,
     }
-    (out / "comparison.json").write_text(json.dumps(report, indent=2))
-    (out / "federation_history.png").write_bytes(plot_history(fed["history"], None, title=cfg.federation_id))
-    tracker = tracker_for(cfg)
-    tracker.log_file(fed["tracking_run_id"], out / "comparison.json", "comparison")
-    _log_comparison_metrics(tracker, fed["tracking_run_id"], comp.results)
+    (out / "comparison.json").write_text(json.dumps(record, indent=2))
+    plot = plot_history(fed["history"], fed["initial_eval"], title=cfg.federation_id)
+    (out / "federation_history.png").write_bytes(plot)
+    publish_comparison(cfg, fed["tracking_run_id"], str(out / "comparison.json"))
+    if ratios:
+        console.print(
+            "federated / centralized on the union holdout: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None)
+        )
+    return {**record, "fed": fed, "comparison": comp}
+
+
+def run_demo(
+    *,
+    out: Path,
+    rounds: int,
+    local_steps: int,
+    model: str,
+    baselines: bool,
+    console: Console,
+    scale: float = REALISTIC_SCALE,
+    extra: Mapping[str, ExtraAdapter] | None = None,
+) -> bool:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    make_demo_silos(out / "data", seed=0, scale=scale)
+    cfg = demo_config(out, rounds=rounds, local_steps=local_steps, model=model)
+    dump_config(cfg, out / "federation.yaml")
+    # 48 new tokens cover the longest demo answer (a lab sentence, ~35 tokens) through end of turn.
+    res = compare_federation(cfg, out, console=console, baselines=baselines, extra=extra, max_new_tokens=48)
+    fed, comp = res["fed"], res["comparison"]
+    beats_base, beats_local = (
+        res["federated_beats_base_on_every_silo_holdout"],
+        res["federated_beats_local_only_on_union"],
+    )
+    ok = all(beats_base.values()) and all(beats_local.values())
 
     console.rule("[bold]what improved")
     for h, good in beats_base.items():
@@ -149,6 +210,19 @@ def run_demo(
         console.print(
             f"{'✔' if good else '✘'} union holdout: federated {fu.loss:.3f} / {fu.exact_match:.2f} vs "
             f"{n} {lu.loss:.3f} / {lu.exact_match:.2f}"
+        )
+    if "centralized" in comp.results:
+        cu: EvalResult = comp.results["centralized"]["union"]
+        r = res["federated_over_centralized"]
+        share = ", ".join(
+            f"{100 * r[k]:.0f}% of its {label}"
+            for k, label in (("exact_match", "exact match"), ("rouge_l", "ROUGE-L"))
+            if r.get(k) is not None
+        )
+        console.print(
+            f"centralized (all data pooled, same steps): union {cu.loss:.3f} / {cu.exact_match:.2f}, "
+            f"ROUGE-L {cu.rouge_l or 0:.3f}; "
+            + (f"federated reaches {share}" if share else "no ratio (the centralized scores are 0)")
         )
     console.rule("[bold]where to look")
     console.print(f"final adapter (PEFT format): {fed['adapter']}")
@@ -165,17 +239,5 @@ def run_demo(
             else "[bold red]the federated adapter did NOT beat every baseline (see above)"
         )
     )
+    console.print(dp_cost_line(model, out))
     return ok
-
-
-def _log_comparison_metrics(
-    tracker: Any, run_id: str | None, results: dict[str, dict[str, EvalResult]]
-) -> None:
-    client = getattr(tracker, "client", None)
-    if client is None or run_id is None:
-        return
-    for adapter_name, per in results.items():
-        slug = adapter_name.replace(" ", "_")
-        for h, r in per.items():
-            client.log_metric(run_id, f"compare.{slug}.{h}.loss", r.loss)
-            client.log_metric(run_id, f"compare.{slug}.{h}.exact_match", r.exact_match)

@@ -12,12 +12,14 @@ evaluate-only wave scores the final global. R rounds cost R+1 waves.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.runner import runner_for
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import QuorumError
 from silotune.protection import scheme_for
@@ -54,11 +56,15 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
     scheme = scheme_for(config)
     for r in range(state.completed_rounds, config.rounds):
         pending = state.pending_evaluation  # r - 1 (-1: the initial global), or None if already recorded
+        started = time.perf_counter()
         failures = []
+        drawn = silos_of_round(config, r)  # client sampling: the round's silos (all without it)
         for phase in scheme.steps_before_upload:  # secure aggregation: adverts, then encrypted shares
-            _, phase_failures = runner.step(config, phase, r)
+            _, phase_failures = runner.step(config, phase, r, silos=drawn)
             failures += phase_failures
-        wave = runner.run_round(config, r, state.global_ref, evaluate=pending is not None, reuse=reuse)
+        wave = runner.run_round(
+            config, r, state.global_ref, evaluate=pending is not None, reuse=reuse, silos=drawn
+        )
         failures += wave.failures
         try:
             if len(wave.updates) < config.aggregation.min_silos:
@@ -80,7 +86,16 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
             raise
         # One task: record round r-1's evaluation (and track round r-1), then commit round r.
         evals = wave.evals if pending is not None else None
-        state = commit(config, state, r, wave.updates, failures, agg, evals, wave.eval_failures)
+        seconds = time.perf_counter() - started
+        state = commit(config, state, r, wave.updates, failures, agg, evals, wave.eval_failures, seconds)
+        logger.info(
+            "round %d: aggregation %.2f s of %.2f s (%.1f%%), %d silo(s)",
+            r + 1,
+            agg.seconds,
+            seconds,
+            100.0 * agg.seconds / seconds if seconds > 0 else 0.0,
+            len(agg.included),
+        )
         if pending is not None and pending >= 0:
             _log_round(logger, config, state.history[pending])
         update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)

@@ -97,7 +97,7 @@ def _start_worker(stack: Stack, pool: str, *, stock: bool = False) -> str:
 
             env[POLICY_ENV] = str(stack.policy_path(pool.removeprefix("silo-")))
     elif pool == COORDINATOR_POOL:
-        cmd = [sys.executable, "-m", "cli", "worker", pool]
+        cmd = [sys.executable, "-m", "cli", "worker", pool, "--role", "coordinator"]
     else:
         silo = pool.removeprefix("silo-")
         # The silo's own policy, loaded into the worker's process: every run is checked against it.

@@ -10,10 +10,18 @@ Prefect API) but runs each flow run with ``prefect.flow_engine.run_flow`` in a
 thread of its own long-lived process. The base model therefore stays loaded in
 ``tasks.runtime.MODELS`` from one round to the next.
 
+A worker runs only the flows this installation ships, chosen by the flow's *name*, and never loads
+a flow from a deployment's storage: loading one runs the deployment's pull steps and entrypoint,
+which whoever can create deployments on the Prefect server chooses (the server, the coordinator, any
+holder of the API auth string). A silo's worker (``role="silo"``, the default) runs only the three
+silo flows; the coordinator's also runs the federation and retraining flows. Anything else fails with
+one line, unloaded.
+
 The pools stay ordinary ``process`` pools: a stock ``prefect worker start --pool
 silo-<name>`` can serve them too (slower, one process per run). That stock worker is also the
 fallback if Prefect changes the private ``BaseWorker`` members this worker relies on: they are all
-reached through :class:`ops.prefect_private.FencedWorker`, never from this module.
+reached through :class:`ops.prefect_private.FencedWorker`, never from this module. The stock worker
+does run a deployment's pull steps and command, so it is for a silo that trusts the server.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import os
 import signal
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import anyio
@@ -37,7 +45,7 @@ from prefect.context import SyncClientContext
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.exceptions import ObjectNotFound
-from prefect.flow_engine import load_flow, run_flow
+from prefect.flow_engine import run_flow
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, temporary_settings
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorkerResult
@@ -64,16 +72,25 @@ class InProcessResult(BaseWorkerResult):
     """What the worker reports for a run (status 0: the engine ran; the run's own state says how it went)."""
 
 
-def served_flows() -> dict[str, Any]:
-    """The flows a silotune worker can run without loading code from storage, by flow name."""
+Role = Literal["silo", "coordinator"]
+
+
+class FlowRefused(Exception):
+    """A run of a flow this worker does not ship: it is failed without loading any code."""
+
+
+def served_flows(role: Role = "silo") -> dict[str, Any]:
+    """The flows a worker of ``role`` runs, by flow name: this installation's code, never stored code."""
     # Imported when the first run arrives: the flows import torch and transformers (seconds).
-    from flows.federated_training import federated_training
-    from flows.retraining import scheduled_retraining
     from flows.silo import silo_evaluate, silo_round, silo_step
 
-    return {
-        f.name: f for f in (silo_round, silo_evaluate, silo_step, federated_training, scheduled_retraining)
-    }
+    flows = [silo_round, silo_evaluate, silo_step]
+    if role == "coordinator":
+        from flows.federated_training import federated_training
+        from flows.retraining import scheduled_retraining
+
+        flows += [federated_training, scheduled_retraining]
+    return {f.name: f for f in flows}
 
 
 class InProcessWorker(FencedWorker):
@@ -89,15 +106,17 @@ class InProcessWorker(FencedWorker):
     def get_description(cls) -> str:
         return "Runs flow runs of a process pool in one long-lived process, keeping models loaded."
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, role: Role = "silo", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.role: Role = role
         self._flows: dict[str, Any] | None = None
         self._flow_names: dict[Any, str] = {}
         self._unnamed: dict[str, Any] = {}
+        self._refused: dict[UUID, str] = {}
 
     def _flow_for(self, flow_run: FlowRun) -> Any:
         if self._flows is None:
-            self._flows = served_flows()
+            self._flows = served_flows(self.role)
         name = self._flow_names.get(flow_run.flow_id)
         if name is None:
             with get_client(sync_client=True) as client:
@@ -105,9 +124,13 @@ class InProcessWorker(FencedWorker):
             self._flow_names[flow_run.flow_id] = name
         if name in self._flows:
             return self._flows[name]
-        # Any other deployment: load its entrypoint the way Prefect's engine would (once per flow).
-        self._flows[name] = load_flow(flow_run)
-        return self._flows[name]
+        # Never `load_flow(flow_run)`: that runs the deployment's pull steps and entrypoint, chosen by
+        # whoever created the deployment (see the module docstring).
+        if self.role == "silo":
+            raise FlowRefused(
+                f"flow {name!r} is not a silo flow: this silo's worker runs only {sorted(self._flows)}"
+            )
+        raise FlowRefused(f"flow {name!r} is not served by this worker: it runs only {sorted(self._flows)}")
 
     def _named(self, flow: Any, flow_run: FlowRun) -> Any:
         """``flow``, or a copy that does not rename the run when its creator already named it so.
@@ -133,6 +156,11 @@ class InProcessWorker(FencedWorker):
     def _execute(self, flow_run: FlowRun) -> int:
         try:
             flow = self._named(self._flow_for(flow_run), flow_run)
+        except FlowRefused as exc:
+            log.error("flow run %s refused: %s", flow_run.id, exc)
+            self._refused[flow_run.id] = str(exc)
+            return 1
+        try:
             # The engine's API client (found through this context) retries a busy server within tens
             # of milliseconds instead of Prefect's 2 s (see flows/api_client.py).
             with SyncClientContext(httpx_settings=busy_retry_settings(sync=True)):
@@ -170,7 +198,8 @@ class InProcessWorker(FencedWorker):
         try:
             code = await anyio.to_thread.run_sync(self._execute, flow_run, abandon_on_cancel=True)
             if code != 0:
-                await self.propose_crashed(flow_run, "the flow run engine failed in the silotune worker")
+                reason = self._refused.pop(flow_run.id, "the flow run engine failed in the silotune worker")
+                await self.propose_crashed(flow_run, reason)
         finally:
             self.release_slot(flow_run.id)
 
@@ -249,14 +278,25 @@ async def _claim(worker: InProcessWorker, flow_run_id: UUID) -> None:
 
 
 def serve(
-    pool: str, *, name: str | None = None, query_seconds: float = 5.0, limit: int | None = None
+    pool: str,
+    *,
+    role: Role = "silo",
+    name: str | None = None,
+    query_seconds: float = 5.0,
+    limit: int | None = None,
 ) -> None:
-    """Serve ``pool`` until SIGTERM/SIGINT: runs start on their Scheduled event, polls are the fallback."""
+    """Serve ``pool`` until SIGTERM/SIGINT: runs start on their Scheduled event, polls are the fallback.
+
+    ``role``: which of this installation's flows the worker runs (:func:`served_flows`)."""
     # SIGTERM (`silotune stack down`) stops the worker like Ctrl-C: the loops unwind, the worker deregisters.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     log_compute_budget(pool)
     worker = InProcessWorker(
-        work_pool_name=pool, name=name or f"{pool}-{os.getpid()}", limit=limit, create_pool_if_not_found=True
+        work_pool_name=pool,
+        role=role,
+        name=name or f"{pool}-{os.getpid()}",
+        limit=limit,
+        create_pool_if_not_found=True,
     )
 
     async def main() -> None:

@@ -8,6 +8,7 @@ for it; the CLI reads the same model from YAML.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -305,6 +306,50 @@ class AggregationSpec(_Spec):
             "each round the coordinator trains on it from the global adapter to get the root update."
         ),
     )
+    silos_per_round: int | float | None = Field(
+        None,
+        description=(
+            "Client sampling: each round trains this many silos (an integer >= 1) or this fraction of them "
+            "(a number in (0, 1]), drawn from the federation id, seed and round (every silo can redo the "
+            "draw); None: every silo, every round."
+        ),
+    )
+
+    @field_validator("silos_per_round")
+    @classmethod
+    def _sample(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, bool):
+            raise ValueError(f"{v!r} is neither a count nor a fraction")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a count of silos must be >= 1, got {v}")
+        if isinstance(v, float) and not (0.0 < v <= 1.0):
+            raise ValueError(f"a fraction of silos must be in (0, 1], got {v}")
+        return v
+
+    def round_size(self, silos: int) -> int:
+        """How many of ``silos`` configured silos train each round."""
+        v = self.silos_per_round
+        if v is None:
+            return silos
+        if isinstance(v, float):
+            return max(1, min(silos, round(v * silos)))
+        return min(v, silos)
+
+    # Field-level, so an unknown name is reported beside every other bad field of the config in one pass
+    # (a model-level check runs only once all fields are valid).
+    @field_validator("name")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {v!r}; known: {', '.join(AGGREGATORS.names())}")
+        return v
+
+    @field_validator("server_optimizer")
+    @classmethod
+    def _known_server_optimizer(cls, v: str) -> str:
+        if v not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {v!r}; known: {', '.join(SERVER_OPTIMIZERS.names())}")
+        return v
 
 
 class PrivacySpec(_Spec):
@@ -445,6 +490,36 @@ class OrchestrationSpec(_Spec):
     poll_s: float = Field(
         1.0, gt=0, le=60, description="Fallback poll of silo run states (state events wake it earlier)."
     )
+    silo_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Embedded mode: how many co-located silos run at once (threads; training itself takes turns "
+            "on the shared model). None: CPU cores // train.torch_threads, and one silo at a time on "
+            "2 cores or fewer."
+        ),
+    )
+
+
+class PromotionSpec(_Spec):
+    """When a new registered version becomes the 'champion' (else it is the 'challenger')."""
+
+    metric: Literal[
+        "loss", "exact_match", "dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy"
+    ] = Field(
+        "loss",
+        description=(
+            "Weighted holdout metric of the federation's final global adapter that decides: loss, "
+            "exact_match, or a preference metric (dpo_loss, pref_margin, pref_accuracy, reward_margin, "
+            "reward_accuracy)."
+        ),
+    )
+    direction: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether lower or higher values win."
+    )
+    margin: float = Field(
+        0.0, ge=0.0, description="The new version must beat the champion by more than this (absolute)."
+    )
 
 
 class TrackingSpec(_Spec):
@@ -461,8 +536,15 @@ class TrackingSpec(_Spec):
     registered_model: str | None = Field(
         None,
         description=(
-            "MLflow registered model that receives the final adapter as a new version (alias 'champion'); "
-            "default 'silotune-<federation_id>'."
+            "MLflow registered model that receives the final adapter as a new version (alias 'champion' "
+            "if it passes tracking.promotion, else 'challenger'); default 'silotune-<federation_id>'."
+        ),
+    )
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description=(
+            "The promotion gate: a new version is the champion only if it beats the current champion on "
+            "the federation's holdout by the margin; the reason is written to the version's tags."
         ),
     )
 
@@ -534,17 +616,15 @@ class FederationConfig(_Spec):
                 f"aggregation.min_silos: quorum {self.aggregation.min_silos} exceeds the "
                 f"{len(self.silos)} configured silo(s)"
             )
-        # Unknown names fail here, before any training, with the list of known ones.
-        if self.aggregation.name not in AGGREGATORS:
+        spr = self.aggregation.silos_per_round
+        if isinstance(spr, int) and spr > len(self.silos):
             problems.append(
-                f"aggregation.name: unknown aggregator {self.aggregation.name!r}; "
-                f"known: {', '.join(AGGREGATORS.names())}"
+                f"aggregation.silos_per_round: {spr} exceeds the {len(self.silos)} configured silo(s)"
             )
-        if self.aggregation.server_optimizer not in SERVER_OPTIMIZERS:
+        elif self.aggregation.round_size(len(self.silos)) < self.aggregation.min_silos:
             problems.append(
-                "aggregation.server_optimizer: unknown server optimizer "
-                f"{self.aggregation.server_optimizer!r}; "
-                f"known: {', '.join(SERVER_OPTIMIZERS.names())}"
+                f"aggregation.silos_per_round: {spr!r} draws {self.aggregation.round_size(len(self.silos))} "
+                f"silo(s) per round, below the quorum aggregation.min_silos={self.aggregation.min_silos}"
             )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
@@ -585,6 +665,8 @@ class FederationConfig(_Spec):
                     f"security.ckks_preset: unknown preset {sec.ckks_preset!r}; known: "
                     f"{', '.join(_ckks_presets())}"
                 )
+            else:
+                problems.extend(_ckks_capacity_problems(self))
         if sec.protection == "secagg" and len(self.silos) < 2:
             problems.append("security.protection: secure aggregation needs at least 2 silos")
         if (sec.protected or self.privacy.client_dp is not None) and agg.min_silos < 2:
@@ -684,6 +766,9 @@ class FederationConfig(_Spec):
                 payload.pop(key)
         if self.model.descriptor is None:
             payload["model"].pop("descriptor")
+        for key in ("silos_per_round",):  # added after 0.1.0: out of the hash while unset
+            if payload["aggregation"].get(key) is None:
+                payload["aggregation"].pop(key, None)
         for key in ("coordinator_key", "publisher"):
             if payload["security"].get(key) is None:
                 payload["security"].pop(key, None)
@@ -703,6 +788,23 @@ class FederationConfig(_Spec):
 
 def _ckks_presets() -> list[str]:
     return CKKS_PRESETS.names()
+
+
+def _ckks_capacity_problems(config: FederationConfig) -> list[str]:
+    """A packed CKKS preset sums at most ``max_silos`` updates; a round may sum its whole draw."""
+    params = CKKS_PRESETS.get(config.security.ckks_preset)
+    per_round = config.aggregation.round_size(len(config.silos))
+    if params.encoding != "packed" or per_round <= params.max_silos:
+        return []
+    fitting = [
+        n
+        for n in _ckks_presets()
+        if CKKS_PRESETS.get(n).encoding != "packed" or CKKS_PRESETS.get(n).max_silos >= per_round
+    ]
+    return [
+        f"security.ckks_preset: {config.security.ckks_preset!r} sums at most {params.max_silos} updates, "
+        f"a round here sums up to {per_round}; use one of: {', '.join(fitting)}"
+    ]
 
 
 def plaintext_aggregation_problem(aggregation: AggregationSpec, *, protection: str) -> str | None:
@@ -765,12 +867,44 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _without(data: Any, loc: tuple[Any, ...]) -> None:
+    """Drop the value at ``loc`` from nested dicts/lists (in place), so its default applies."""
+    for part in loc[:-1]:
+        inside = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        )
+        if not inside:
+            return
+        data = data[part]
+    if loc and isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _cross_field_errors(data: dict[str, Any], exc: ValidationError) -> list[Any]:
+    """The config-wide checks, which pydantic skips while a field is bad: run on the config without
+    its bad fields, so one pass reports both (only the config-wide problems of that second pass count)."""
+    pruned = copy.deepcopy(data)
+    for err in exc.errors():
+        _without(pruned, tuple(err["loc"]))
+    try:
+        FederationConfig.model_validate(pruned)
+    except ValidationError as again:
+        return [e for e in again.errors() if not e["loc"]]
+    except Exception:  # a best-effort second pass never hides the first pass's errors
+        return []
+    return []
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<dict>") -> FederationConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem by field."""
     try:
         return FederationConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        message = _format_validation_error(exc, source)
+        if all(e["loc"] for e in exc.errors()) and isinstance(data, dict):
+            for err in _cross_field_errors(data, exc):
+                message += "\n  - " + err["msg"].removeprefix("Value error, ")
+        raise ConfigError(message) from None
 
 
 def load_config(path: str | Path) -> FederationConfig:
@@ -780,6 +914,8 @@ def load_config(path: str | Path) -> FederationConfig:
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (bad byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

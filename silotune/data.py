@@ -106,6 +106,18 @@ def _check_record(rec: Any, where: str) -> list[dict[str, str]]:
     )
 
 
+def _utf8_text(p: Path) -> str:
+    """The file as text; a binary or non-UTF-8 file is a DataError naming the file and the byte offset."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}: {exc.reason}); "
+            "a dataset is a UTF-8 .jsonl/.json file or a .parquet file"
+        ) from None
+
+
 def _raw_records(path: str | Path) -> list[tuple[str, Any]]:
     """(location, record) for every record of a .jsonl/.json/.parquet file; locations name line or row."""
     p = Path(path)
@@ -114,18 +126,18 @@ def _raw_records(path: str | Path) -> list[tuple[str, Any]]:
     suffix = p.suffix.lower()
     out: list[tuple[str, Any]] = []
     if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                out.append((f"{p}:{lineno}", rec))
+        # split on "\n" only, as file iteration does: U+2028 may appear raw inside a JSON string
+        for lineno, line in enumerate(_utf8_text(p).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            out.append((f"{p}:{lineno}", rec))
     elif suffix == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(_utf8_text(p))
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, list):

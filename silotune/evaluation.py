@@ -1,10 +1,17 @@
-"""Holdout evaluation: response-token loss and greedy exact match.
+"""Holdout evaluation: response-token loss and greedy exact match; free-running generation with
+ROUGE-L and chrF.
 
 Exact match is computed teacher-forced in the same forward pass as the loss: a
 greedy decoder reproduces the reference answer (through its end-of-turn token)
 exactly when, at every answer position, the reference token is the argmax given
 the reference prefix. So the metric equals "greedy generation == reference"
 without running a token-by-token generation loop (ties aside).
+
+Free-running generation (:func:`generate_eval`) decodes greedily from the chat-templated prompt, as
+a user of the adapter would, up to ``max_new_tokens``: its exact match (the generated tokens are the
+reference answer through its end-of-turn token) equals the teacher-forced one whenever the limit
+covers the answer, and its text is scored against the reference with ROUGE-L (``rouge-score``) and
+chrF (``sacrebleu``), computed locally. Those give partial credit on free-text answers.
 
 On a preference silo (``{prompt, chosen, rejected}`` holdout) the loss and exact
 match are those of the chosen answers, so they stay comparable across silos,
@@ -18,12 +25,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import CHRF
 
 from silotune.adapters import AdapterModel
-from silotune.data import Example, PreferenceExample, collate, per_sequence_loss
+from silotune.data import IGNORE_INDEX, Example, PreferenceExample, collate, per_sequence_loss
 from silotune.methods.objectives import evaluate_pairs
 
 _PREF_FIELDS = ("dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy")
+_GEN_FIELDS = ("gen_exact_match", "rouge_l", "chrf")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,10 @@ class EvalResult:
     pref_accuracy: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # Free-running generation only (see generate_eval): exact match, ROUGE-L F1 (0-1), chrF (0-100).
+    gen_exact_match: float | None = None
+    rouge_l: float | None = None
+    chrf: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -88,7 +102,7 @@ def weighted_mean(results: Sequence[EvalResult]) -> EvalResult:
         raise ValueError("no evaluation results to combine")
     extra: dict[str, float] = {}
     for f in fields(EvalResult):
-        if f.name in _PREF_FIELDS:
+        if f.name in _PREF_FIELDS or f.name in _GEN_FIELDS:
             have = [r for r in results if getattr(r, f.name) is not None]
             m = sum(r.num_examples for r in have)
             if m:
@@ -99,3 +113,106 @@ def weighted_mean(results: Sequence[EvalResult]) -> EvalResult:
         exact_match=sum(r.exact_match * r.num_examples for r in results) / n,
         **extra,
     )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Free-running greedy generation scored against the references."""
+
+    num_examples: int
+    exact_match: float
+    rouge_l: float
+    chrf: float
+    per_example_exact: list[bool]
+    predictions: list[str]
+    references: list[str]
+
+    def metrics(self) -> dict[str, float]:
+        return {"gen_exact_match": self.exact_match, "rouge_l": self.rouge_l, "chrf": self.chrf}
+
+
+def split_answer(example: Example) -> tuple[list[int], list[int]]:
+    """The prompt (chat template through the generation prompt) and the reference answer tokens (through
+    the end-of-turn token) of a single-turn example."""
+    first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    return example.input_ids[:first], [t for t in example.labels[first:] if t != IGNORE_INDEX]
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
+    """(mean ROUGE-L F1, corpus chrF) of ``predictions`` against ``references``."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    chrf = CHRF().corpus_score(list(predictions), [list(references)]).score
+    return sum(rouge) / max(1, len(rouge)), float(chrf)
+
+
+@torch.no_grad()
+def generate_eval(
+    adapter: AdapterModel,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> GenerationResult:
+    """Greedy generation from each example's chat-templated prompt (left-padded batches), scored by
+    exact match (generated tokens == reference tokens through end of turn), ROUGE-L and chrF."""
+    if state is not None:
+        adapter.load_state(state)
+    model, tok = adapter.model, adapter.tokenizer
+    model.eval()
+    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    exact: list[bool] = []
+    preds: list[str] = []
+    refs: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        parts = [split_answer(e) for e in examples[i : i + batch_size]]
+        width = max(len(p) for p, _ in parts)
+        ids = torch.full((len(parts), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(parts), width), dtype=torch.long)
+        for j, (p, _) in enumerate(parts):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            attn[j, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+        for j, (_, ref) in enumerate(parts):
+            gen = out[j, width:].tolist()
+            if eos_id in gen:
+                gen = gen[: gen.index(eos_id) + 1]
+            exact.append(gen[: len(ref)] == ref)
+            preds.append(tok.decode(gen, skip_special_tokens=True).strip())
+            refs.append(tok.decode(ref, skip_special_tokens=True).strip())
+    rouge, chrf = text_metrics(preds, refs)
+    n = len(exact)
+    return GenerationResult(
+        num_examples=n,
+        exact_match=sum(exact) / n if n else 0.0,
+        rouge_l=rouge,
+        chrf=chrf,
+        per_example_exact=exact,
+        predictions=preds,
+        references=refs,
+    )
+
+
+def evaluate_with_generation(
+    adapter: AdapterModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> EvalResult:
+    """Teacher-forced loss and exact match, and beside them the free-running generation metrics."""
+    tf = evaluate(adapter, examples, batch_size=batch_size, state=state)
+    gen = generate_eval(adapter, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return replace(tf, gen_exact_match=gen.exact_match, rouge_l=gen.rouge_l, chrf=gen.chrf)

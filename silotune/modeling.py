@@ -54,6 +54,12 @@ def _gguf_location() -> tuple[Path, str]:
     return folder, _GGUF_FILE
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file the built-in models come from (their tokenizer, for GGUF export)."""
+    folder, name = _gguf_location()
+    return folder / name
+
+
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

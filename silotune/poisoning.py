@@ -2,7 +2,7 @@
 
 Two hooks, both no-ops for an honest silo (``SiloSpec.attack`` and
 ``SiloSpec.poison`` are ``None`` by default, and a real deployment never sets
-them):
+them; the first has a preference-pair twin, :func:`poison_pairs`, for DPO silos):
 
 - :func:`poison_silo_records` runs on the records a silo has just read, before
   they are tokenised (data poisoning: a backdoor trigger → the attacker's answer,
@@ -130,6 +130,33 @@ def poison_records(chats: Sequence[Chat], spec: PoisonSpec, *, seed: int) -> lis
         k = max(1, round(spec.backdoor_fraction * n))
         for i in rng.sample(range(n), k):
             out[i] = set_answer(add_trigger(out[i], spec.backdoor_trigger), spec.backdoor_target)
+    return out
+
+
+def poison_pairs(pairs: Sequence[Mapping[str, str]], spec: PoisonSpec, *, seed: int) -> list[dict[str, str]]:
+    """The preference-data version of :func:`poison_records`, for DPO silos; returns new pairs.
+
+    - answer flipping: ``round(flip_fraction * n)`` pairs, chosen with ``seed``, swap ``chosen`` and
+      ``rejected`` (the preference is inverted);
+    - backdoor: ``round(backdoor_fraction * n)`` pairs (at least one) get the trigger appended to the
+      prompt, the target as ``chosen`` and their original ``chosen`` as ``rejected`` (the attacker's
+      answer is preferred to the honest one under the trigger; Wan et al. 2023 poison preferences so).
+    As with chats, pairs are modified, never added, so the silo's example count does not change.
+    """
+    rng = random.Random(seed)
+    out = [dict(p) for p in pairs]
+    n = len(out)
+    if spec.flip_fraction > 0:
+        for i in rng.sample(range(n), round(spec.flip_fraction * n)):
+            out[i]["chosen"], out[i]["rejected"] = out[i]["rejected"], out[i]["chosen"]
+    if spec.backdoor_trigger is not None and spec.backdoor_target is not None:
+        k = max(1, round(spec.backdoor_fraction * n))
+        for i in rng.sample(range(n), k):
+            p = out[i]
+            honest = p["chosen"] if p["chosen"] != spec.backdoor_target else p["rejected"]
+            p.update(
+                prompt=f"{p['prompt']} {spec.backdoor_trigger}", chosen=spec.backdoor_target, rejected=honest
+            )
     return out
 
 

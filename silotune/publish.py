@@ -7,6 +7,7 @@ from pathlib import Path
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
+from silotune.promotion import holdout_tags
 from silotune.records import FederationState
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 from silotune.tracking import Tracker
@@ -43,9 +44,25 @@ def publish_final(
     return where("")
 
 
-def register_final(config: FederationConfig, state: FederationState, tracker: Tracker) -> str | None:
-    """Register the published adapter in the model registry with its lineage; returns the version."""
-    name = config.tracking.registered_model or f"silotune-{config.federation_id}"
+def registered_name(config: FederationConfig) -> str:
+    """The registered model that receives the federation's final adapter."""
+    return config.tracking.registered_model or f"silotune-{config.federation_id}"
+
+
+def register_final(
+    config: FederationConfig,
+    state: FederationState,
+    tracker: Tracker,
+    *,
+    artifact_path: str = "adapter",
+    kind: str = "lora-adapter",
+) -> str | None:
+    """Register the published adapter in the model registry with its lineage; returns the version.
+
+    It becomes the champion only through the promotion gate (``tracking.promotion``). A merged export
+    (``kind='merged'``, :mod:`silotune.export`) goes to its own registered model, ``<name>-merged``.
+    """
+    name = registered_name(config) + ("" if kind == "lora-adapter" else f"-{kind}")
     tags = {
         "silotune.federation_id": config.federation_id,
         "silotune.rounds": str(state.completed_rounds),
@@ -54,4 +71,9 @@ def register_final(config: FederationConfig, state: FederationState, tracker: Tr
         "silotune.global_sha256": state.global_ref.sha256,
         "silotune.base_model": config.model.name_or_path,
     }
-    return tracker.register_adapter(state.tracking_run_id, "adapter", name, tags)
+    # The promotion gate compares these with the champion's (silotune.promotion).
+    last = state.history[-1] if state.history else None
+    tags.update(holdout_tags(last.global_eval if last else None, sorted(last.eval) if last else []))
+    return tracker.register_adapter(
+        state.tracking_run_id, artifact_path, name, tags, promotion=config.tracking.promotion, kind=kind
+    )

@@ -50,6 +50,9 @@ class HoldoutMetrics(BaseModel):
     pref_accuracy: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    gen_exact_match: float | None = None  # free-running generation (silotune.evaluation.generate_eval)
+    rouge_l: float | None = None
+    chrf: float | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -81,6 +84,9 @@ class Evaluation(BaseModel):
     eval: dict[str, HoldoutMetrics] = Field(default_factory=dict)
     global_eval: HoldoutMetrics | None = None
     eval_failures: dict[str, str] = Field(default_factory=dict)
+    eval_seconds: dict[str, float] = Field(
+        default_factory=dict, description="silo → wall seconds of its evaluation (for the cost plots)"
+    )
 
     @field_validator("global_eval", mode="before")
     @classmethod
@@ -112,10 +118,15 @@ def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
         out["global_eval"] = {}
     if not out.get("eval_failures", True):
         del out["eval_failures"]
-    for key in ("client_dp_noise_multiplier", "client_dp_epsilon"):
+    if not out.get("eval_seconds", True):
+        del out["eval_seconds"]
+    for key in ("client_dp_noise_multiplier", "client_dp_epsilon", "committed_at"):
         if key in out and out[key] is None:
             del out[key]
     return out
+
+
+_LATER_FIELDS = ("round_seconds", "aggregate_seconds", "sampled")
 
 
 class RoundSummary(Evaluation):
@@ -148,15 +159,40 @@ class RoundSummary(Evaluation):
     client_dp_epsilon: float | None = Field(
         default=None, description="client-level DP: ε over every round so far, with the z each one used"
     )
+    round_seconds: float | None = Field(
+        default=None, description="wall time of the round at the coordinator: silo runs to aggregation"
+    )
+    aggregate_seconds: float | None = Field(
+        default=None, description="of which the coordinator's aggregation (screening, combining, writing)"
+    )
+    sampled: list[str] | None = Field(
+        default=None,
+        description="client sampling: the silos drawn for the round (None: every silo was asked)",
+    )
+    committed_at: float | None = Field(
+        default=None, description="unix time of the round's commit (for the cost plots; not in the manifest)"
+    )
     evaluated: bool = Field(
         default=True,
         description="whether the round's evaluation has arrived (entries written before evaluation was "
         "pipelined have no such key, and were evaluated)",
     )
 
+    @model_serializer(mode="wrap")
+    def _as_stored(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        # Fields added later stay out of state.json and manifests while unset (files stay byte-identical).
+        out = _stored_form(handler(self))
+        for key in _LATER_FIELDS:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
     def manifest_fields(self) -> dict[str, Any]:
         """The round's training side, as its manifest holds it (no evaluation fields)."""
-        return self.model_dump(mode="json", exclude={"eval", "global_eval", "eval_failures", "evaluated"})
+        return self.model_dump(
+            mode="json",
+            exclude={"eval", "global_eval", "eval_failures", "eval_seconds", "evaluated", "committed_at"},
+        )
 
 
 class FederationState(BaseModel):
@@ -175,7 +211,15 @@ class FederationState(BaseModel):
     tracking_run_id: str | None = None
     initial_eval: Evaluation | None = None  # of the initial global adapter, once it has arrived
     history: list[RoundSummary] = Field(default_factory=list)
+    started_at: float | None = None  # unix time the federation was created (for the cost plots)
     silotune_version: str = __version__
+
+    @model_serializer(mode="wrap")
+    def _without_unset_start(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        out = handler(self)
+        if "started_at" in out and out["started_at"] is None:  # files from before it stay byte-identical
+            del out["started_at"]
+        return out
 
     @property
     def pending_evaluation(self) -> int | None:
@@ -217,6 +261,7 @@ class EvalRecord(BaseModel):
     silo: str
     round: int
     result: dict[str, float | int]
+    seconds: float | None = None  # wall time of the evaluation at the silo
 
 
 class SiloRoundResult(BaseModel):

@@ -83,19 +83,69 @@ def ledger_table(federation_id: str, history: Sequence[RoundSummary]) -> Table:
     return table
 
 
+def _gen(m: Any) -> str:
+    if getattr(m, "gen_exact_match", None) is None:
+        return "-"
+    return f"{m.gen_exact_match:.2f} / {m.rouge_l:.3f} / {m.chrf:.1f}"
+
+
 def comparison_table(results: Mapping[str, Mapping[str, Scored]], holdouts: Sequence[str]) -> Table:
-    """Adapters (rows) scored on holdouts (columns); the federated adapter's row in bold."""
-    table = Table(title="Holdout loss / exact match (lower loss, higher EM is better)")
+    """Adapters (rows) scored on holdouts (columns); the federated adapter's row in bold. With
+    free-running generation results, one more column: the last holdout's generated exact match,
+    ROUGE-L and chrF."""
+    table = Table(title="Holdout loss / exact match (teacher-forced; lower loss, higher EM is better)")
     table.add_column("adapter")
     for h in holdouts:
         table.add_column(h, justify="right")
+    generated = any(
+        getattr(r.get(holdouts[-1]), "gen_exact_match", None) is not None for r in results.values()
+    )
+    if generated:
+        table.add_column(f"{holdouts[-1]}: generated EM / ROUGE-L / chrF", justify="right")
     for name, res in results.items():
         table.add_row(
             name,
             *[_loss_em(res[h]) for h in holdouts],
+            *([_gen(res[holdouts[-1]])] if generated else []),
             style="bold green" if name == "federated" else None,
         )
     return table
+
+
+def comparison_markdown(record: Mapping[str, Any]) -> str:
+    """The comparison of adapters (``comparison.json``) as markdown: one row per adapter on the union."""
+    md = [
+        f"# Adapters of `{record['federation_id']}` on the union holdout",
+        "",
+        "| adapter | loss | exact match | generated EM | ROUGE-L | chrF | tokens trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tokens = record.get("tokens_trained", {})
+    for name, per in record["results"].items():
+        u = per["union"]
+        cells = [f"{u['loss']:.4f}", f"{u['exact_match']:.3f}"]
+        cells += [f"{u[k]:.3f}" if k in u else "-" for k in ("gen_exact_match", "rouge_l")]
+        cells += [f"{u['chrf']:.1f}" if "chrf" in u else "-", f"{tokens[name]:,}" if name in tokens else "-"]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    ratios = {k: v for k, v in record.get("federated_over_centralized", {}).items() if v is not None}
+    if ratios:
+        md += ["", "Federated / centralized: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())]
+    return "\n".join(md)
+
+
+def comparison_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """Flat ``compare.<adapter>.<holdout>.<metric>`` metrics and ``compare.fed_over_central.<metric>``."""
+    out: dict[str, float] = {}
+    for name, per in record["results"].items():
+        slug = name.replace(" ", "_")
+        for h, r in per.items():
+            for k, v in r.items():
+                if k != "num_examples":
+                    out[f"compare.{slug}.{h}.{k}"] = float(v)
+    for k, v in record.get("federated_over_centralized", {}).items():
+        if v is not None:
+            out[f"compare.fed_over_central.{k}"] = float(v)
+    return out
 
 
 def _rounded(metrics: Mapping[str, float | int], key: str, digits: int) -> float | str:
@@ -162,6 +212,7 @@ def summary_markdown(
     silos: Sequence[str],
     final_adapter_dir: str | None,
     plot_png: bytes,
+    costs_png: bytes | None = None,
 ) -> str:
     """The federation's summary for its Prefect markdown artifact: rounds, initial vs final, the plot."""
     first, last = initial_and_final(state)
@@ -186,6 +237,8 @@ def summary_markdown(
         "",
         f"![history](data:image/png;base64,{png64})",
     ]
+    if costs_png is not None:
+        md += ["", f"![costs per round](data:image/png;base64,{base64.b64encode(costs_png).decode()})"]
     return "\n".join(md)
 
 
@@ -219,13 +272,92 @@ def plot_history(
                     linewidth=2.5 if silo == "global" else 1.2,
                     color="black" if silo == "global" else None,
                 )
-        ax.set_xlabel("round")
+        ax.set_xlabel("round (0: the base model)")
         ax.set_ylabel("holdout " + metric.replace("_", " "))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    return _png(fig, plt)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def round_seconds(state: FederationState) -> list[dict[str, float]]:
+    """Per round: seconds of training (all silos), of the evaluation that ran in the round's wave (the
+    previous global's, at every silo), and the rest of the round's wall time (orchestration: transfers,
+    protection, aggregation, commit, waiting), as far as the state recorded them."""
+    out = []
+    prev = state.started_at
+    evals: list[Evaluation | None] = [state.initial_eval, *state.history]
+    for i, h in enumerate(state.history):
+        train = float(sum(t.get("seconds", 0.0) for t in h.train.values()))
+        ev = evals[i]
+        evaluation = float(sum(ev.eval_seconds.values())) if ev is not None else 0.0
+        row = {"round": float(h.round), "training": train, "evaluation": evaluation}
+        if prev is not None and h.committed_at is not None:
+            row["orchestration"] = max(0.0, h.committed_at - prev - train - evaluation)
+        prev = h.committed_at
+        out.append(row)
+    return out
+
+
+def plot_costs(state: FederationState, title: str = "federation") -> bytes:
+    """What each round cost: ε per silo (DP-SGD; client-level DP for every silo), bytes up and down,
+    and seconds split into training, evaluation and orchestration; PNG bytes."""
+    import matplotlib  # ~0.4 s to import: only the tasks and commands that plot pay for it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg"), so no display backend is needed
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    hist = state.history
+    rounds = [h.round for h in hist]
+    ax = axes[0]
+    silos = sorted({s for h in hist for s in h.privacy})
+    drawn = False
+    for silo in silos:
+        pts = [
+            (h.round, h.privacy[silo]["dp.epsilon"]) for h in hist if "dp.epsilon" in h.privacy.get(silo, {})
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{silo} (DP-SGD, per record)")
+            drawn = True
+    pts = [(h.round, h.client_dp_epsilon) for h in hist if h.client_dp_epsilon is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), marker="s", color="black", label="every silo (client-level)")
+        drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("ε spent so far")
+    ax = axes[1]
+    up = [sum(b.up for b in h.bytes.values()) / 1e6 for h in hist]
+    down = [sum(b.down for b in h.bytes.values()) / 1e6 for h in hist]
+    w = 0.4
+    ax.bar([r - w / 2 for r in rounds], up, width=w, label="up (all silos)")
+    ax.bar([r + w / 2 for r in rounds], down, width=w, label="down (all silos)")
+    ax.set_ylabel("MB per round")
+    ax = axes[2]
+    secs = round_seconds(state)
+    bottom = [0.0] * len(secs)
+    for part in ("training", "evaluation", "orchestration"):
+        ys = [s.get(part, 0.0) for s in secs]
+        if any(ys) or part != "orchestration":
+            ax.bar(rounds, ys, bottom=bottom, label=part)
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.set_ylabel("seconds per round")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: costs per round")
+    fig.tight_layout()
+    return _png(fig, plt)

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -560,8 +561,14 @@ def write_results(
         "png": out / "grid.png",
         "json": out / "grid.json",
     }
-    paths["csv"].write_text(to_csv(rows))
-    paths["markdown"].write_text(to_markdown(rows, title=title, notes=notes))
-    paths["png"].write_bytes(plot_grid(rows, title=title))
-    paths["json"].write_text(json.dumps(table_records(rows), indent=2))
+    contents = {
+        "csv": to_csv(rows).encode(),
+        "markdown": to_markdown(rows, title=title, notes=notes).encode(),
+        "png": plot_grid(rows, title=title),
+        "json": json.dumps(table_records(rows), indent=2).encode(),
+    }
+    for key, data in contents.items():  # each file whole or not at all, even if the process is stopped
+        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, paths[key])
     return paths

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from silotune.config import FederationConfig, TrackingSpec
+from silotune.config import FederationConfig, PromotionSpec, TrackingSpec
 from silotune.crypto.ckks import ckks_preset
+from silotune.promotion import ALIAS_TAG, CHAMPION, REASON_TAG, decide
 from silotune.records import Evaluation, RoundSummary
 
 
@@ -40,7 +41,13 @@ class Tracker(Protocol):
     def run_url(self, run_id: str | None) -> str | None: ...
 
     def register_adapter(
-        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+        self,
+        run_id: str | None,
+        artifact_path: str,
+        name: str,
+        tags: Mapping[str, str],
+        promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None: ...
 
 
@@ -72,7 +79,13 @@ class NullTracker:
         return None
 
     def register_adapter(
-        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+        self,
+        run_id: str | None,
+        artifact_path: str,
+        name: str,
+        tags: Mapping[str, str],
+        promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None:
         return None
 
@@ -257,18 +270,28 @@ class MlflowTracker:
         return f"{self.spec.uri} run {run_id} (view: mlflow ui --backend-store-uri {self.spec.uri})"
 
     def register_adapter(
-        self, run_id: str | None, artifact_path: str, name: str, tags: Mapping[str, str]
+        self,
+        run_id: str | None,
+        artifact_path: str,
+        name: str,
+        tags: Mapping[str, str],
+        promotion: PromotionSpec | None = None,
+        kind: str = "lora-adapter",
     ) -> str | None:
-        """Register the run's adapter folder as a new version of model ``name``, aliased 'champion'.
+        """Register the run's adapter folder as a new version of model ``name``; returns the version.
 
-        Returns the version number.
+        The version gets the alias 'champion' if it passes the ``promotion`` gate against the current
+        champion (:func:`silotune.promotion.decide`, on the holdout metrics in ``tags``), else
+        'challenger'; the decision and its reason go to the version's tags. ``promotion`` None: the
+        default gate (holdout loss, any improvement). ``kind``: what the folder holds (an adapter, or
+        a merged model from :mod:`silotune.export`).
         """
         if run_id is None:
             return None
         from mlflow.exceptions import MlflowException  # ~1 s to import: only MlflowTracker pays for it
 
         try:
-            self.client.create_registered_model(name, tags={"silotune.kind": "lora-adapter"})
+            self.client.create_registered_model(name, tags={"silotune.kind": kind})
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
@@ -278,11 +301,37 @@ class MlflowTracker:
             source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}",
             run_id=run_id,
             tags=dict(tags),
-            description="Final global LoRA adapter (PEFT format) of a silotune federation.",
+            description=(
+                "Final global LoRA adapter (PEFT format) of a silotune federation."
+                if kind == "lora-adapter"
+                else f"Final global model of a silotune federation ({kind})."
+            ),
         )
+        try:
+            champion = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:  # no champion yet
+            champion = None
+        decision = decide(
+            promotion or PromotionSpec(),
+            dict(tags),
+            dict(champion.tags) if champion is not None else None,
+            champion_version=str(champion.version) if champion is not None else None,
+        )
+        self.client.set_model_version_tag(name, mv.version, ALIAS_TAG, decision.alias)
+        self.client.set_model_version_tag(name, mv.version, REASON_TAG, decision.reason)
         # MLflow reserves 'latest' (it always resolves to the newest version); 'champion' marks ours.
-        self.client.set_registered_model_alias(name, "champion", mv.version)
+        self.client.set_registered_model_alias(name, decision.alias, mv.version)
         return str(mv.version)
+
+    def promotion_of(self, name: str, run_id: str) -> dict[str, str] | None:
+        """The registered version of ``name`` made from run ``run_id``: its version, alias and reason."""
+        for mv in self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            return {
+                "version": str(mv.version),
+                "alias": mv.tags.get(ALIAS_TAG, ""),
+                "reason": mv.tags.get(REASON_TAG, ""),
+            }
+        return None
 
 
 def open_tracker(spec: TrackingSpec) -> Tracker:

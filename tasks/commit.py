@@ -23,6 +23,7 @@ def commit(
     agg: AggregateRecord,
     evals: list[EvalRecord] | None = None,
     eval_failures: list[SiloFailure] | None = None,
+    round_seconds: float | None = None,
 ) -> FederationState:
     """Record the evaluation that came with this round's silo runs (of round ``round_ - 1``'s output,
     when ``evals`` is given), commit round ``round_``, then track the evaluated round."""
@@ -32,7 +33,7 @@ def commit(
         state = record_evaluation(
             config, store, state, evaluated, evals or [], eval_failures or [], save=False
         )
-    new = commit_round(config, store, state, round_, updates, failures, agg)
+    new = commit_round(config, store, state, round_, updates, failures, agg, round_seconds=round_seconds)
     if evaluated is not None:
         track_evaluation(config, new, evaluated)
     return new

@@ -1,4 +1,4 @@
-"""The federation's final report: the history plot to MLflow, the summary artifact to Prefect."""
+"""The federation's final report: the history and cost plots to MLflow, the summary artifact to Prefect."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from silotune.config import FederationConfig
 from silotune.records import FederationState, HoldoutMetrics
-from silotune.report import initial_and_final, plot_history, summary_markdown
+from silotune.report import initial_and_final, plot_costs, plot_history, summary_markdown
 from tasks.runtime import tracker_for
 
 
@@ -24,10 +24,12 @@ def report(
     of the initial and the final global adapter (None where not evaluated)."""
     tracker = tracker_for(config)
     png = plot_history(state.history, state.initial_eval, title=f"silotune federation {config.federation_id}")
+    costs = plot_costs(state, title=config.federation_id)
     with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "federation_history.png"
-        p.write_bytes(png)
-        tracker.log_file(state.tracking_run_id, p, "plots")
+        for name, data in (("federation_history.png", png), ("federation_costs.png", costs)):
+            p = Path(tmp) / name
+            p.write_bytes(data)
+            tracker.log_file(state.tracking_run_id, p, "plots")
     create_markdown_artifact(
         key=f"{config.federation_id}-summary".replace("_", "-"),
         markdown=summary_markdown(
@@ -36,6 +38,7 @@ def report(
             silos=[s.name for s in config.silos],
             final_adapter_dir=final_adapter_dir,
             plot_png=png,
+            costs_png=costs,
         ),
         description="Federation summary",
     )

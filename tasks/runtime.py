@@ -159,6 +159,28 @@ def transient(task: object, task_run: object, state: Any) -> bool:
     return False
 
 
+class ExpectedErrorFilter(logging.Filter):
+    """Drops the traceback from Prefect's log record of a task or flow that failed with bad input.
+
+    A :class:`~silotune.errors.SilotuneError` (bad config, data, update, a refusal) names what is wrong
+    in its message; the stack under it says nothing more to the operator. Other exceptions keep it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SilotuneError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_EXPECTED_ERRORS = ExpectedErrorFilter()
+# Prefect's run loggers (task and flow runs log through these two, never through child loggers).
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    if _EXPECTED_ERRORS not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_EXPECTED_ERRORS)
+
+
 def lifetime_epsilon(silo: str) -> float | None:
     """The silo policy's lifetime ε per dataset, if this process serves the silo under a policy."""
     policy = silo_policy(silo)

@@ -8,12 +8,14 @@ adds the silos' holdout evaluation of a round's output, which arrives with the n
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from silotune import __version__
 from silotune.adapters import AdapterModel
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import ConfigError, StoreError
 from silotune.evaluation import EvalResult, weighted_mean
@@ -78,7 +80,10 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     sign_object(config, store, key, store.get(key), round_=0, purpose="global")
     state = FederationState(
-        federation_id=config.federation_id, fingerprint=fp, global_ref=ObjectRef(key=key, sha256=sha)
+        federation_id=config.federation_id,
+        fingerprint=fp,
+        global_ref=ObjectRef(key=key, sha256=sha),
+        started_at=time.time(),
     )
     put_json(store, layout.state(), state.model_dump(mode="json"))
     return state
@@ -104,6 +109,7 @@ def commit_round(
     agg: AggregateRecord,
     evals: Sequence[EvalRecord] | None = None,
     eval_failures: Sequence[SiloFailure] = (),
+    round_seconds: float | None = None,
 ) -> FederationState:
     """Write round ``round_``'s manifest, then advance ``state.json`` (the commit point).
 
@@ -115,6 +121,8 @@ def commit_round(
     """
     layout = FederationLayout(config.federation_id)
     objects = {"global_in": state.global_ref.model_dump(), "global_out": agg.next_global.model_dump()}
+    if agg.server_state is not None:  # the server optimizer's state: the next round continues from it
+        objects["server_state"] = agg.server_state.model_dump()
     for u in updates:
         if u.silo in agg.included:
             objects[f"update/{u.silo}"] = u.update.model_dump()
@@ -143,7 +151,11 @@ def commit_round(
         bytes={u.silo: SiloBytes(up=u.bytes_up, down=u.bytes_down) for u in updates},
         client_dp_noise_multiplier=z,
         client_dp_epsilon=eps,
+        round_seconds=round_seconds,
+        aggregate_seconds=agg.seconds if round_seconds is not None else None,
+        sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
         evaluated=False,
+        committed_at=time.time(),
     )
     manifest = {
         "federation_id": config.federation_id,
@@ -215,6 +227,7 @@ def record_evaluation(
             eval={e.silo: HoldoutMetrics.model_validate(e.result) for e in evals},
             global_eval=summarize_evals(evals),
             eval_failures={f.silo: f.error for f in failures},
+            eval_seconds={e.silo: e.seconds for e in evals if e.seconds is not None},
         )
         record = evaluation.evaluation_file(
             federation_id=config.federation_id, round_=round_, global_ref=state.global_ref

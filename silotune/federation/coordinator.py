@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import SilotuneError, StoreError, UpdateError
 from silotune.protection import AggregationJob, scheme_for, silo_keys
@@ -40,6 +41,7 @@ def screen_uploads(
     layout = FederationLayout(config.federation_id)
     ext = scheme_for(config).extension
     names = {s.name for s in config.silos}
+    drawn = set(silos_of_round(config, round_))
     trusted = silo_keys(config)
     # An upload is at most a few times the global adapter (CKKS' standard encoding: ~20x fp32); a silo
     # must not make the coordinator read an arbitrarily large object into memory.
@@ -50,6 +52,8 @@ def screen_uploads(
         try:
             if rec.silo not in names:
                 raise UpdateError(rec.silo, "not a silo of this federation")
+            if rec.silo not in drawn:
+                raise UpdateError(rec.silo, f"not drawn for round {round_ + 1} (client sampling)")
             if rec.silo in valid:
                 raise UpdateError(rec.silo, "more than one update in this round")
             if rec.round != round_:

@@ -6,6 +6,7 @@ clip and noise, then the protection scheme's packing (plaintext, masked or encry
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,21 @@ from safetensors.torch import load as st_load
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
-from silotune.data import encode_dataset, encode_file, is_preference_file, read_records
+from silotune.data import (
+    encode_dataset,
+    encode_file,
+    encode_preferences,
+    is_preference_file,
+    read_preferences,
+    read_records,
+)
 from silotune.evaluation import evaluate
 from silotune.keys import SiloVault, write_private
 from silotune.methods import hetero
 from silotune.methods.objectives import build_objective
-from silotune.poisoning import attack_silo_update, poison_silo_records
+from silotune.poisoning import attack_silo_update, poison_pairs, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
-from silotune.protection import SiloContext, exchanged_keys, scheme_for
+from silotune.protection import ProtocolRefusal, SiloContext, exchanged_keys, scheme_for
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
 from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
 from silotune.store import FederationLayout, ObjectStore, save_tensors, sha256
@@ -81,12 +89,22 @@ def train_step(
     spec = config.silo(silo)
     index = [s.name for s in config.silos].index(silo)
     ctx = SiloContext(config, silo, round_, store)
+    if silo not in ctx.roster:  # the silo redoes the round's draw from its own config
+        raise ProtocolRefusal(
+            f"silo {silo!r} refuses to train in round {round_ + 1}: it is not among the silos drawn for "
+            f"this round ({len(ctx.roster)} of {len(config.silos)}, aggregation.silos_per_round)"
+        )
     global_state, bytes_down = scheme_for(config).read_global(ctx, global_ref)
     objective = build_objective(config.objective_for(silo))
     if spec.poison is not None and objective is None:  # evaluation-only data poisoning of SFT records
         raw = read_records(spec.train_path)
         records = poison_silo_records(spec, raw, seed=silo_seed(config.seed, 0, index))
         examples = encode_dataset(records, adapter.tokenizer, config.model.max_seq_len)
+    elif spec.poison is not None:  # ... and of a DPO silo's preference pairs
+        pairs = poison_pairs(
+            read_preferences(spec.train_path), spec.poison, seed=silo_seed(config.seed, 0, index)
+        )
+        examples = encode_preferences(pairs, adapter.tokenizer, config.model.max_seq_len)
     else:
         examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
     full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
@@ -289,6 +307,7 @@ def evaluate_silo(
         )
         return res.as_dict()
 
+    t0 = time.perf_counter()
     if memo is None:
         result = run()
     else:
@@ -303,4 +322,4 @@ def evaluate_silo(
             config.evaluation,
         )
         result = memo.get_or_compute(key, run, dict)
-    return EvalRecord(silo=silo, round=round_, result=result)
+    return EvalRecord(silo=silo, round=round_, result=result, seconds=time.perf_counter() - t0)

@@ -8,11 +8,17 @@ its adapter disabled, so preference alignment costs no second model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import math
-from collections.abc import Mapping
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from unittest import mock
 
 import torch
 from pydantic import Field
@@ -46,6 +52,7 @@ ADAPTERS = Table1Row(row="LoRA / adapters", gray_box="partial")
 def lora_config(spec: Any) -> Any:
     """PEFT ``LoraConfig`` from a :class:`~silotune.config.LoraSpec`."""
     # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+    _import_peft()
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -105,6 +112,7 @@ class _PeftMethod:
 
     def state(self, built: Built) -> TensorDict:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(built.model)
@@ -113,6 +121,7 @@ class _PeftMethod:
 
     def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(built.model, dict(state))
@@ -135,9 +144,59 @@ class _PeftMethod:
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
         """The published artifact on a fresh base, ready for inference."""
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(self._load_base(base_path, options), folder)
+        base = self._load_base(base_path, options)
+        with _attach_quietly(base):
+            return PeftModel.from_pretrained(base, folder)
+
+
+_ATTACH_LOCK = threading.Lock()
+
+
+def _import_peft() -> None:
+    """Import peft without bitsandbytes: ``peft.helpers`` imports it eagerly whenever it is installed
+    (on CPUs with AVX512-BF16 its import warns "Failed to load CPU gemm_4bit_forward from
+    kernels-community"). Only QLoRA needs it, and QLoRA's model load imports it when it runs."""
+    if "peft" in sys.modules:
+        return
+    with _ATTACH_LOCK:
+        blocked = "bitsandbytes" not in sys.modules
+        if blocked:
+            sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import raises ImportError
+        try:
+            importlib.import_module("peft")
+        finally:
+            if blocked and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+                del sys.modules["bitsandbytes"]
+
+
+@contextlib.contextmanager
+def _attach_quietly(base: Any) -> Iterator[None]:
+    """Attach PEFT to ``base`` without two side effects that every run printed.
+
+    - peft looks for bitsandbytes layers whenever bitsandbytes is installed, which imports it (on CPUs
+      with AVX512-BF16 it then warns "Failed to load CPU gemm_4bit_forward from kernels-community"). An
+      unquantised base has no such layers, so the lookup is skipped; only QLoRA imports bitsandbytes.
+      The lookup flags are peft module attributes: the patch is held under a lock, so a QLoRA build in
+      another thread never sees it; where a peft version lacks them nothing is patched.
+    - peft probes ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning.
+    """
+    patches = []
+    if getattr(base, "hf_quantizer", None) is None:
+        for name in ("peft.tuners.lora.model", "peft.tuners.ia3.model"):
+            module = importlib.import_module(name)
+            patches += [
+                mock.patch.object(module, flag, lambda: False)
+                for flag in ("is_bnb_available", "is_bnb_4bit_available")
+                if hasattr(module, flag)
+            ]
+    with _ATTACH_LOCK, warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
 
 
 class LoRAOptions(MethodOptions):
@@ -167,6 +226,7 @@ class LoRA(_PeftMethod):
         self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
     ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import get_peft_model
 
         base = self._load_base(path, options, placement)
@@ -174,7 +234,8 @@ class LoRA(_PeftMethod):
             _enable_checkpointing(base)
         # LoRA's A matrices are random at init; seeding here makes the template reproducible.
         torch.manual_seed(seed)
-        model = get_peft_model(base, lora_config(lora))
+        with _attach_quietly(base):
+            model = get_peft_model(base, lora_config(lora))
         _check_trainable(model, "lora_")
         return Built(model=model)
 
@@ -286,6 +347,7 @@ class QLoRA(LoRA):
 
     def _load_base(self, path: Path, options: MethodOptions, placement: Placement | None = None) -> Any:
         # peft (~5 s) and transformers (~1 s) to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
@@ -357,6 +419,7 @@ class IA3(_PeftMethod):
         self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
     ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import IA3Config, TaskType, get_peft_model
 
         assert isinstance(options, IA3Options)
@@ -371,7 +434,8 @@ class IA3(_PeftMethod):
             target_modules=list(options.target_modules),
             feedforward_modules=list(options.feedforward_modules),
         )
-        model = get_peft_model(base, cfg)
+        with _attach_quietly(base):
+            model = get_peft_model(base, cfg)
         _check_trainable(model, "ia3_")
         return Built(model=model)
 
@@ -447,6 +511,7 @@ class PromptTuning(_PeftMethod):
         self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
     ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
+        _import_peft()
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         assert isinstance(options, PromptTuningOptions)
@@ -461,7 +526,8 @@ class PromptTuning(_PeftMethod):
             prompt_tuning_init=PromptTuningInit.RANDOM,
         )
         torch.manual_seed(seed)
-        model = get_peft_model(base, cfg)
+        with _attach_quietly(base):
+            model = get_peft_model(base, cfg)
         _check_trainable(model, "prompt_encoder")
         return Built(model=model, extras={"options": options, "path": path})
 
@@ -496,3 +562,25 @@ class PromptTuning(_PeftMethod):
             virtual_tokens=options.num_virtual_tokens,
             **base_storage(options),
         )
+
+
+def merge_adapter(folder: Path, base_path: Path) -> Any:
+    """The PEFT adapter in ``folder`` merged into a float32 base from ``base_path`` (for export).
+
+    A QLoRA adapter is an ordinary LoRA adapter: it merges into the full-precision base. Raises
+    ConfigError for an adapter that adds no weights to merge (soft prompts).
+    """
+    _import_peft()
+    from peft import PeftModel  # ~5 s to import; config (the CLI, the tests) imports this module
+
+    base = load_base(base_path, MethodOptions())
+    with _attach_quietly(base):
+        model = PeftModel.from_pretrained(base, folder)
+    try:
+        merge = model.merge_and_unload
+    except AttributeError:
+        raise ConfigError(
+            f"the adapter in {folder} adds virtual tokens, not weights: it cannot be merged; "
+            "export it as peft"
+        ) from None
+    return merge()

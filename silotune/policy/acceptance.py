@@ -163,7 +163,8 @@ def accepted_fingerprint(policy: SiloPolicy, federation_id: str) -> str | None:
     return fp
 
 
-_RETRAIN_STAMP = re.compile(r"-\d{8}-\d{4}$")  # flows/retraining.py: <federation_id>-<%Y%m%d-%H%M>
+# flows/retraining.py: <federation_id>-<%Y%m%d-%H%M%S> (runs before seconds were added: %Y%m%d-%H%M)
+_RETRAIN_STAMP = re.compile(r"-\d{8}-\d{4}(?:\d{2})?$")
 
 
 def retraining_base(config: FederationConfig) -> str | None:

@@ -45,10 +45,10 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from silotune.errors import ConfigError, UpdateError
 from silotune.privacy.accountant import ACCOUNTANTS, compute_noise_multiplier, is_finite_positive
@@ -324,10 +324,24 @@ class SampleDPConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, description="Per-example gradient clipping norm C.")
     delta: float = Field(default=1e-5, description="δ of (ε, δ)-DP; must be < 1/(examples in the silo).")
     accountant: str = Field(default="rdp", description="Privacy accountant: 'rdp' or 'prv'.")
-    poisson_sampling: bool = Field(
+    poisson_sampling: Literal[True] = Field(
         default=True,
-        description="Poisson-sample each batch. The accountants assume it; without it ε is only approximate.",
+        description=(
+            "Always true: DP-SGD Poisson-samples every batch, as the accountants assume. Kept so configs "
+            "that spell it out still load; false is refused."
+        ),
     )
+
+    @field_validator("poisson_sampling", mode="before")
+    @classmethod
+    def _always_poisson(cls, v: Any) -> Any:
+        if v is False:
+            raise ValueError(
+                "false is not supported: DP-SGD always Poisson-samples its batches, because the RDP/PRV "
+                "accountants assume it (fixed-size shuffled batches would make the reported ε wrong); "
+                "remove the field or set it to true"
+            )
+        return v
 
     @model_validator(mode="after")
     def _validate(self) -> SampleDPConfig:

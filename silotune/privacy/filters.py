@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from silotune.adapters import TensorDict
+from silotune.aggregation.sampling import sample_rate
 from silotune.config import FederationConfig
 from silotune.keys import SiloVault
 from silotune.privacy.accountant import PrivacyLedger
@@ -152,18 +153,28 @@ def record_sample_dp(config: FederationConfig, silo: str, round_: int, plan: Led
 
 
 def client_noise(config: FederationConfig) -> ClientNoise:
+    """The round's client-DP noise; with client sampling, calibrated at the sampled rate ``m / n``."""
     dp = config.privacy.client_dp
     assert dp is not None
-    return dp.resolve(rounds=config.rounds, client_sample_rate=1.0, cohort_size=config.client_noise_cohort())
+    return dp.resolve(
+        rounds=config.rounds, client_sample_rate=sample_rate(config), cohort_size=config.client_noise_cohort()
+    )
 
 
 def client_epsilon(config: FederationConfig, noise_multipliers: list[float]) -> float:
-    """Client-level ε of the rounds whose noise multipliers are given (as each round recorded it)."""
+    """Client-level ε of the released globals over the rounds whose noise multipliers are given.
+
+    With client sampling each round is accounted at the sampled rate ``q = m / n`` (amplification by
+    sampling; the accountant's Poisson analysis, applied to a draw of exactly ``m`` silos). That is
+    the guarantee towards whoever sees the released globals but not the draw. The coordinator knows
+    the draw: towards it, a silo's bound is its own ledger (``apply_client_dp``), which composes only
+    the rounds the silo took part in, each at rate 1.
+    """
     dp = config.privacy.client_dp
     assert dp is not None
     ledger = PrivacyLedger(silo="(all silos)", federation_id=config.federation_id, accountant=dp.accountant)
     for z in noise_multipliers:
-        ledger.record(noise_multiplier=z, sample_rate=1.0, steps=1)
+        ledger.record(noise_multiplier=z, sample_rate=sample_rate(config), steps=1)
     return ledger.epsilon(dp.delta)
 
 

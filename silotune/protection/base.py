@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from silotune.adapters import TensorDict
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.crypto.signing import SiloKeyPair, TrustedKeys, public_key_from_hex, verify_update
 from silotune.errors import ConfigError, QuorumError, SilotuneError, StoreError, UpdateError
@@ -54,7 +55,8 @@ class SiloContext:
 
     @property
     def roster(self) -> list[str]:
-        return [s.name for s in self.config.silos]
+        """The silos of this round: every configured silo, or the round's sample (client sampling)."""
+        return silos_of_round(self.config, self.round)
 
 
 class ProtectionScheme(Protocol):
@@ -219,13 +221,13 @@ def global_round(key: str) -> int:
 # -- weights ------------------------------------------------------------------------------------
 
 
-def uniform_weight(config: FederationConfig) -> float:
-    """Under protection each silo weights its own update by 1/len(silos) before it leaves the silo."""
-    return 1.0 / len(config.silos)
+def uniform_weight(config: FederationConfig, round_: int = 0) -> float:
+    """Under protection each silo weights its own update by 1/len(round's silos) before it leaves."""
+    return 1.0 / len(silos_of_round(config, round_))
 
 
-def check_weight(total_weight: float, count: int, config: FederationConfig) -> None:
-    expected = count * uniform_weight(config)
+def check_weight(total_weight: float, count: int, config: FederationConfig, round_: int = 0) -> None:
+    expected = count * uniform_weight(config, round_)
     if not math.isclose(total_weight, expected, rel_tol=1e-9):
         raise UpdateError(
             "aggregate", f"weights sum to {total_weight}, expected {expected} for {count} silos"

@@ -31,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from silotune.adapters import TensorDict, apply_delta
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.crypto.ckks import (
     CkksContext,
@@ -100,7 +101,7 @@ class CkksScheme:
     # -- silo side ------------------------------------------------------------------------------
 
     def pack(self, ctx: SiloContext, delta: TensorDict) -> bytes:
-        return encrypt_update(delta, ctx.vault.ckks_secret(), weight=uniform_weight(ctx.config))
+        return encrypt_update(delta, ctx.vault.ckks_secret(), weight=uniform_weight(ctx.config, ctx.round))
 
     def run_step(self, ctx: SiloContext, stage: str) -> dict[str, Any]:
         raise ValueError(f"protection 'ckks' has no silo step {stage!r}")
@@ -147,12 +148,12 @@ class CkksScheme:
                 f"{refuse}: it sums {len(silos)} upload(s); at least "
                 f"{_min_contributions(config)} are required"
             )
-        roster = {s.name for s in config.silos}
+        roster = set(silos_of_round(config, round_))  # the round's silos (its sample, if sampling)
         layout = FederationLayout(config.federation_id)
         blobs = []
         for c in sorted(pointer.contributions, key=lambda c: c.silo):
             if c.silo not in roster:
-                raise ProtocolRefusal(f"{refuse}: {c.silo!r} is not a silo of this federation")
+                raise ProtocolRefusal(f"{refuse}: {c.silo!r} is not a silo of this round")
             if c.key != layout.update(round_, c.silo, self.extension):
                 raise ProtocolRefusal(
                     f"{refuse}: {c.key!r} is not {c.silo}'s upload slot of round {round_ + 1}"

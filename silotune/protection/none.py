@@ -20,7 +20,7 @@ from silotune.aggregation import (
     example_weights,
 )
 from silotune.config import FederationConfig
-from silotune.errors import SilotuneError, UpdateError
+from silotune.errors import SilotuneError, StoreError, UpdateError
 from silotune.methods import hetero
 from silotune.protection.base import (
     AggregateRecord,
@@ -33,7 +33,15 @@ from silotune.protection.base import (
     verify_coordinator,
 )
 from silotune.root_update import prepare_aggregator
-from silotune.store import ObjectStore, get_tensors, put_tensors, save_tensors, sha256
+from silotune.store import (
+    FederationLayout,
+    ObjectStore,
+    get_json,
+    get_tensors,
+    put_tensors,
+    save_tensors,
+    sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,24 @@ def read_plain_global(ctx: SiloContext, ref: ObjectRef) -> tuple[TensorDict, int
         raise UpdateError(ctx.silo, f"{ref.key}: not a valid safetensors object ({exc})") from None
 
 
+def load_server_state(store: ObjectStore, layout: FederationLayout, round_: int, optimizer: Any) -> bool:
+    """Load round ``round_ - 1``'s server optimizer state into ``optimizer``; False when there is none.
+
+    The state is the one the committed manifest of round ``round_ - 1`` names, checked against its
+    sha256 (manifests written before the state was listed fall back to the state's fixed key).
+    """
+    key = layout.manifest(round_ - 1)
+    manifest = get_json(store, key) if store.exists(key) else {}
+    ref = manifest.get("objects", {}).get("server_state")
+    if ref is not None:
+        optimizer.load_state_dict(get_tensors(store, ref["key"], expected_sha256=ref["sha256"]))
+        return True
+    if store.exists(layout.server_state(round_ - 1)):
+        optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
+        return True
+    return False
+
+
 def step_server(
     job: AggregationJob, global_state: TensorDict, combined: TensorDict, included: list[str]
 ) -> AggregateRecord:
@@ -67,8 +93,7 @@ def step_server(
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options
     )
-    if round_ > 0 and store.exists(layout.server_state(round_ - 1)):
-        optimizer.load_state_dict(get_tensors(store, layout.server_state(round_ - 1)))
+    loaded = round_ > 0 and load_server_state(store, layout, round_, optimizer)
     new_global = {**global_state, **optimizer.step(sub_global, combined)}
     key = layout.global_adapter(round_ + 1)
     data = save_tensors(new_global, {"federation_id": config.federation_id, "round": str(round_ + 1)})
@@ -76,6 +101,12 @@ def step_server(
     sign_object(config, store, key, data, round_=round_ + 1, purpose="global")
     server_ref = None
     opt_state = optimizer.state_dict()
+    if opt_state and round_ > 0 and not loaded:
+        raise StoreError(
+            f"round {round_ + 1}: the server optimizer state of round {round_} "
+            f"({layout.server_state(round_ - 1)}) is missing from {store.describe()}; "
+            f"{optimizer.name!r} cannot continue without it"
+        )
     if opt_state:
         skey = layout.server_state(round_)
         server_ref = ObjectRef(key=skey, sha256=put_tensors(store, skey, opt_state))

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from silotune.adapters import TensorDict
 from silotune.aggregation import ClientUpdate, check_update
+from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.crypto.secagg import MaskedUpdate, SecAggClient, SecAggParams, unmask_sum
 from silotune.errors import SilotuneError, StoreError, UpdateError
@@ -54,15 +55,19 @@ ADVERT, SHARES, UNMASK = "secagg/advert", "secagg/shares", "secagg/unmask"
 
 
 def params_of(config: FederationConfig) -> SecAggParams:
-    return SecAggParams(max_dropout_fraction=config.security.secagg_max_dropout)
+    """The encoding for this federation: headroom for its number of silos (at least 64, as before)."""
+    return SecAggParams(
+        max_dropout_fraction=config.security.secagg_max_dropout, max_silos=max(64, len(config.silos))
+    )
 
 
 def round_id(config: FederationConfig, round_: int) -> str:
     return f"{config.federation_id}/{round_}"
 
 
-def _roster(config: FederationConfig) -> list[str]:
-    return [s.name for s in config.silos]
+def _roster(config: FederationConfig, round_: int) -> list[str]:
+    """The round's roster: the configured silos, or the round's sample, as each silo draws it itself."""
+    return silos_of_round(config, round_)
 
 
 def _state_path(ctx: SiloContext) -> Path:
@@ -108,7 +113,7 @@ def _read_peer(
 def adverts(config: FederationConfig, store: ObjectStore, round_: int) -> dict[str, bytes]:
     """The roster members' signed adverts of this round (an unsigned or forged one raises)."""
     out = {}
-    for peer in _roster(config):
+    for peer in _roster(config, round_):
         blob = _read_peer(config, store, round_, peer, ADVERT, "advert")
         if blob is not None:
             out[peer] = blob
@@ -181,7 +186,7 @@ class SecAggScheme:
         inbox = self._inbox(ctx)
         with _claimed(ctx) as path:
             client = _load(ctx, path)
-            blob = client.mask_update(delta, inbox, weight=uniform_weight(ctx.config))
+            blob = client.mask_update(delta, inbox, weight=uniform_weight(ctx.config, ctx.round))
             write_private(path, client.state_bytes())
         return blob
 
@@ -252,7 +257,7 @@ class SecAggScheme:
         for payload in masked.values():
             MaskedUpdate.parse(payload)
         responses: dict[str, bytes] = {}
-        for silo in _roster(config):
+        for silo in _roster(config, round_):
             blob = _read_peer(config, store, round_, silo, UNMASK, "unmask")
             if blob is not None:
                 responses[silo] = blob
@@ -262,9 +267,9 @@ class SecAggScheme:
             adverts=adverts(config, store, round_),
             round_id=round_id(config, round_),
             params=params_of(config),
-            roster=_roster(config),
+            roster=_roster(config, round_),
         )
-        check_weight(result.weight, len(masked), config)
+        check_weight(result.weight, len(masked), config, round_)
         combined = {k: (v.double() / result.weight).to(sub_global[k].dtype) for k, v in result.delta.items()}
         check_update(ClientUpdate(silo="(sum)", delta=combined, num_examples=1), sub_global)
         return step_server(job, global_state, combined, sorted(masked))

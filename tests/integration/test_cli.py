@@ -34,6 +34,21 @@ def test_invalid_config_fails_before_training_naming_the_field(tmp_path: Path) -
     assert res.exit_code == 2 and "silos.0.train_path: file not found" in res.output
 
 
+def test_missing_model_folder_fails_in_one_line_before_prefect_starts(
+    tmp_path: Path, demo_data, monkeypatch
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    silo = {"name": "a", "train_path": str(demo_data["lab"]["train"])}
+    model = {"name_or_path": str(tmp_path / "no-such-model")}
+    cfg.write_text(yaml.safe_dump({"federation_id": "x", "model": model, "silos": [silo]}))
+    # Importing the flow module (Prefect, then its server on the first flow call) would fail the command.
+    monkeypatch.setitem(sys.modules, "flows.federated_training", None)
+    res = runner.invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert "model.name_or_path" in res.output and "no-such-model" in res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+
+
 def test_make_demo_data_and_aggregators(tmp_path: Path) -> None:
     res = runner.invoke(app, ["make-demo-data", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
@@ -73,6 +88,7 @@ def test_run_then_summary(tmp_path: Path, demo_data) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final adapter" in proc.stdout
+    assert "0 (initial)" in proc.stdout  # the base model's row before round 1
     res = runner.invoke(app, ["summary", "cli-fed", "--store", str(tmp_path / "store")])
     assert res.exit_code == 0 and "1 round(s) completed" in res.output
     res = runner.invoke(app, ["summary", "nope", "--store", str(tmp_path / "store")])

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from prefect import flow, task
+import importlib
+import logging
+import pkgutil
 
+import pytest
+from prefect import Task, flow, task
+
+import tasks
 from silotune.errors import DataError, StoreError
 from tasks.runtime import transient
 
@@ -27,3 +32,41 @@ def test_only_transient_errors_are_retried(prefect_api, error: type[Exception], 
     with pytest.raises(error):
         run()
     assert len(calls) == tries
+
+
+def test_expected_errors_log_one_line_without_a_traceback(prefect_api, caplog) -> None:
+    @task(retries=1, retry_delay_seconds=0, retry_condition_fn=transient)
+    def bad_data() -> None:
+        raise DataError("train.jsonl:3: invalid JSON")
+
+    @task
+    def crash() -> None:
+        raise ZeroDivisionError("a bug")
+
+    @flow
+    def run(which: str) -> None:
+        (bad_data if which == "data" else crash)()
+
+    with caplog.at_level(logging.INFO, logger="prefect"), pytest.raises(DataError):
+        run("data")
+    failed = [r for r in caplog.records if "invalid JSON" in r.getMessage()]
+    # Prefect logs the flow's failure with logger.exception: the filter drops the traceback
+    assert any("Encountered exception" in r.getMessage() for r in failed)
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in failed)
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]  # not retried either
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="prefect"), pytest.raises(ZeroDivisionError):
+        run("bug")
+    assert any(r.exc_info is not None for r in caplog.records if "a bug" in r.getMessage())
+
+
+def test_every_retrying_task_retries_only_transient_errors() -> None:
+    """A task with retries must use tasks.runtime.transient, so bad input is never retried."""
+    found = []
+    for info in pkgutil.iter_modules(tasks.__path__):
+        module = importlib.import_module(f"tasks.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, Task) and obj.retries:
+                found.append(obj.name)
+                assert obj.retry_condition_fn is transient, f"task {obj.name} retries without transient"
+    assert len(found) >= 4

@@ -73,7 +73,9 @@ def test_default_preset_is_packed_and_tenseal_default_is_kept() -> None:
         2.0**40,
         "slots",
     )
-    with pytest.raises(RegistryError, match="known: packed-n4096, slots-n4096, tenseal-default"):
+    with pytest.raises(
+        RegistryError, match="known: packed-n4096, packed-n4096-s128, slots-n4096, tenseal-default"
+    ):
         ckks.ckks_preset("nope")
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from silotune.config import parse_config
 from silotune.errors import ConfigError, UpdateError
 from silotune.privacy import (
     ClientDPConfig,
@@ -208,6 +209,17 @@ def test_sample_dp_config_lists_every_problem_at_once() -> None:
         SampleDPConfig(target_epsilon=float("inf"))
     with pytest.raises(ValidationError, match="Extra inputs"):
         SampleDPConfig(noise_multiplier=1.0, sigma=1.0)  # type: ignore[call-arg]
+
+
+def test_sample_dp_poisson_sampling_false_is_refused_naming_the_field() -> None:
+    assert SampleDPConfig(noise_multiplier=1.0, poisson_sampling=True).poisson_sampling is True
+    # Configs written before the field was fixed still load (and keep their fingerprint).
+    base = {"federation_id": "f", "silos": [{"name": "a", "train_path": "a.jsonl"}]}
+    dp = {"noise_multiplier": 1.0, "poisson_sampling": True}
+    cfg = parse_config({**base, "privacy": {"sample_dp": dp}})
+    assert cfg.model_dump(mode="json")["privacy"]["sample_dp"]["poisson_sampling"] is True
+    with pytest.raises(ConfigError, match=r"privacy.sample_dp.poisson_sampling: false is not supported"):
+        parse_config({**base, "privacy": {"sample_dp": {**dp, "poisson_sampling": False}}})
 
 
 def test_client_dp_config_lists_every_problem_at_once() -> None:

@@ -145,3 +145,19 @@ def test_robust_rules_are_refused_with_protection_giving_the_rule_s_reason(
     msg = str(info.value)
     assert f"aggregator {name!r} needs every silo's update in plaintext" in msg
     assert AGGREGATORS.get(name).plaintext_reason in msg and protection in msg
+
+
+def test_one_pass_reports_field_and_config_wide_problems_together() -> None:
+    # An unknown aggregator beside a bad field; a config-wide problem (the quorum) beside both.
+    bad = _base(
+        train={"learning_rate": -1},
+        aggregation={"name": "mean", "server_optimizer": "adamw", "min_silos": 3},
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad)
+    msg = str(err.value)
+    assert "train.learning_rate" in msg
+    assert "aggregation.name: unknown aggregator 'mean'; known: " in msg and "fedavg" in msg
+    assert "aggregation.server_optimizer: unknown server optimizer 'adamw'" in msg
+    assert "aggregation.min_silos: quorum 3 exceeds the 2 configured" in msg
+    assert "Traceback" not in msg

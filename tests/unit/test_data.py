@@ -157,3 +157,17 @@ def test_per_sequence_loss_matches_a_naive_loop() -> None:
         assert int(counts[b]) == len(terms)
     assert exact is not None and exact.tolist() == [False, False, True]
     assert per_sequence_loss(logits, labels, with_exact=False)[2] is None
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_binary_or_non_utf8_file_names_the_file_and_offset(tmp_path: Path, suffix: str) -> None:
+    good = json.dumps({"instruction": "q", "response": "a"}) + "\n"
+    p = tmp_path / f"latin1{suffix}"
+    p.write_bytes(good.encode() + "caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read_records(p)
+    msg = str(info.value)
+    assert str(p) in msg and f"offset {len(good) + 3}" in msg and "\n" not in msg
+    (tmp_path / f"blob{suffix}").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(DataError, match=r"blob.*not UTF-8 text \(byte 0x89 at offset 0"):
+        read_records(tmp_path / f"blob{suffix}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from silotune.poisoning import (
     attack_silo_update,
     check_attack,
     last_answer,
+    poison_pairs,
     poison_records,
     poison_silo_records,
 )
@@ -116,3 +119,60 @@ def test_attacks_are_off_by_default_and_flagged_when_on() -> None:
     cfg = parse_config(_cfg(attack={"name": "sign_flip"}))
     assert cfg.adversarial and cfg.silos[0].attack is not None
     assert parse_config(_cfg()).fingerprint() != cfg.fingerprint()
+
+
+def _pairs(n: int = 20) -> list[dict[str, str]]:
+    return [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)]
+
+
+def test_preference_poisoning_flips_and_backdoors_pairs() -> None:
+    src = _pairs()
+    flipped = poison_pairs(src, PoisonSpec(flip_fraction=0.5), seed=0)
+    swapped = [a for a, b in zip(flipped, src, strict=True) if a != b]
+    assert len(swapped) == 10 and all(p["chosen"].startswith("bad") for p in swapped)
+    spec = PoisonSpec(backdoor_trigger="cf-zebra", backdoor_target="EVIL", backdoor_fraction=0.25)
+    out = poison_pairs(src, spec, seed=3)
+    evil = [p for p in out if p["chosen"] == "EVIL"]
+    assert len(out) == 20 and len(evil) == 5 and src == _pairs()
+    assert all(p["prompt"].endswith(" cf-zebra") and p["rejected"].startswith("good") for p in evil)
+    assert poison_pairs(src, spec, seed=3) == out
+
+
+def test_a_dpo_silo_trains_on_its_poisoned_pairs(tmp_path: Path, tiny_adapter, monkeypatch) -> None:
+    """`poison:` on a DPO silo reaches training (it was ignored there before)."""
+    import silotune.federation.silo as silo_mod
+    from silotune.data import encode_preferences, read_preferences
+    from silotune.federation import start_federation
+    from silotune.store import LocalStore
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
+    cfg = parse_config(
+        {
+            "federation_id": "dpo-poison",
+            "model": {"name_or_path": "tiny-llama", "max_seq_len": 128},
+            "lora": {"r": 4},
+            "objective": {"name": "dpo"},
+            "train": {"local_steps": 1, "batch_size": 2},
+            "silos": [
+                {"name": "a", "train_path": str(tmp_path / "a.jsonl"), "poison": {"flip_fraction": 1.0}}
+            ],
+            "store": {"root": str(tmp_path / "store")},
+            "tracking": {"kind": "none"},
+        }
+    )
+    store = LocalStore(cfg.store.root)
+    state = start_federation(cfg, store, tiny_adapter)
+    seen: list = []
+
+    def capture(adapter, state, examples, *args, **kwargs):
+        seen.extend(examples)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(silo_mod, "train_local", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        silo_mod.train_step(cfg, "a", 0, state.global_ref, store, tiny_adapter, progress=False)
+    honest = encode_preferences(read_preferences(tmp_path / "a.jsonl"), tiny_adapter.tokenizer, 128)
+    assert len(seen) == len(honest) == 8
+    # every pair is inverted: what the silo trains to prefer is the honest rejected answer
+    assert [e.chosen for e in seen] == [e.rejected for e in honest]
+    assert [e.rejected for e in seen] == [e.chosen for e in honest]

@@ -707,6 +707,8 @@ def test_scheduled_retraining_runs_under_the_base_acceptance_with_the_same_confi
     accept_config(policy, _config(tmp_path), model_sha256=_sha)
     retrain = {"federation_id": "fed-1-20261202-0800", "tags": {"silotune.retraining_of": "fed-1"}}
     enforce(policy, _config(tmp_path, **retrain), model_sha256=_sha)  # same config, new id: allowed
+    seconds = {**retrain, "federation_id": "fed-1-20261202-080012"}  # the stamp with seconds
+    enforce(policy, _config(tmp_path, **seconds), model_sha256=_sha)
     with pytest.raises(PolicyRefusal, match="differs from the one this silo accepted"):
         enforce(policy, _config(tmp_path, **retrain, train={"learning_rate": 0.5}), model_sha256=_sha)
     # the tag names an accepted federation, but the id is not a retraining run of it

@@ -249,3 +249,48 @@ def test_rejects_bad_options(name: str, options: dict[str, Any], match: str) -> 
 def test_unknown_option_is_a_type_error_naming_the_optimizer() -> None:
     with pytest.raises(TypeError, match=r"server optimizer 'fedadam'.*eps"):
         build_server_optimizer("fedadam", eps=1e-8)
+
+
+def _server_job(tmp_path: Any, name: str, round_: int) -> Any:
+    from silotune.config import parse_config
+    from silotune.protection.base import AggregationJob
+    from silotune.records import ObjectRef
+    from silotune.store import LocalStore
+
+    config = parse_config(
+        {
+            "federation_id": "opt-state",
+            "model": {"name_or_path": "tiny-llama"},
+            "silos": [{"name": "a", "train_path": "x.jsonl"}],
+            "aggregation": {"server_optimizer": name},
+            "store": {"root": str(tmp_path)},
+        }
+    )
+    ref = ObjectRef(key="unused", sha256="0" * 64)
+    return AggregationJob(config, LocalStore(tmp_path), round_, ref, {}, {}, {}, 0.0)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_server_state_comes_from_the_committed_manifest(tmp_path: Any, name: str) -> None:
+    """The state round r+1 continues from is the one round r's manifest names; missing or changed fails."""
+    from silotune.errors import StoreError
+    from silotune.protection.none import step_server
+    from silotune.store import put_json
+
+    g = {"w": torch.ones(3)}
+    job = _server_job(tmp_path, name, 0)
+    first = step_server(job, g, {"w": torch.full((3,), 0.5)}, ["a"])
+    assert first.server_state is not None and first.server_state.key == job.layout.server_state(0)
+    later = _server_job(tmp_path, name, 1)
+    # No manifest and no state: a stateful optimizer refuses to start over silently.
+    job.store.delete(first.server_state.key)
+    with pytest.raises(StoreError, match="server optimizer state of round 1"):
+        step_server(later, g, {"w": torch.full((3,), 0.5)}, ["a"])
+    # A state that differs from the manifest's checksum (storage tampered with it) is refused.
+    first = step_server(job, g, {"w": torch.full((3,), 0.5)}, ["a"])
+    put_json(
+        job.store, job.layout.manifest(0), {"objects": {"server_state": first.server_state.model_dump()}}
+    )
+    job.store.put(first.server_state.key, job.store.get(first.server_state.key)[:-1] + b" ")
+    with pytest.raises(StoreError, match="sha256"):
+        step_server(later, g, {"w": torch.full((3,), 0.5)}, ["a"])

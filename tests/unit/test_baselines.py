@@ -1,0 +1,53 @@
+"""The centralized baseline pools every silo's training data and gets the federation's budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from silotune.baselines import POOLED_SILO, centralized_config, local_only_config, pool_training_data
+from silotune.config import parse_config
+from silotune.data import encode_dataset, read_records
+
+
+def _config(demo_data, tmp_path: Path):
+    return parse_config(
+        {
+            "federation_id": "fed",
+            "rounds": 2,
+            "model": {"name_or_path": "tiny-llama", "max_seq_len": 128},
+            "train": {"local_steps": 3, "batch_size": 4},
+            "silos": [
+                {"name": s, "train_path": str(demo_data[s]["train"]), "eval_path": str(demo_data[s]["eval"])}
+                for s in ("clinic", "bank", "lab")
+            ],
+            "aggregation": {"min_silos": 2},
+            "privacy": {"sample_dp": {"target_epsilon": 8.0, "delta": 1e-3}},
+            "store": {"root": str(tmp_path / "store")},
+        }
+    )
+
+
+def test_centralized_baseline_pools_every_silo_with_the_same_tokens_and_budget(
+    demo_data, tokenizer, tmp_path: Path
+) -> None:
+    cfg = _config(demo_data, tmp_path)
+    pooled = pool_training_data(cfg, tmp_path / "pooled" / "train.jsonl")
+    cen = centralized_config(cfg, pooled)
+    per_silo = [read_records(s.train_path) for s in cfg.silos]
+    assert read_records(cen.silos[0].train_path) == [c for chats in per_silo for c in chats]
+    assert [s.name for s in cen.silos] == [POOLED_SILO]
+
+    def tokens(chats) -> int:
+        return sum(len(e.input_ids) for e in encode_dataset(chats, tokenizer, cfg.model.max_seq_len))
+
+    assert tokens(read_records(pooled)) == sum(tokens(c) for c in per_silo)
+    # The same optimizer steps and examples: rounds × silos × local steps × batch size.
+    assert cen.rounds == cfg.rounds and cen.train.batch_size == cfg.train.batch_size
+    assert cen.train.local_steps == len(cfg.silos) * cfg.train.local_steps
+    assert cen.train.learning_rate == cfg.train.learning_rate
+    assert cen.privacy.sample_dp is None and cen.privacy.client_dp is None
+    assert cen.aggregation.min_silos == 1 and cen.federation_id != cfg.federation_id
+
+    local = local_only_config(cfg, "bank")
+    assert [s.name for s in local.silos] == ["bank"] and local.train == cfg.train
+    assert local.privacy == cfg.privacy

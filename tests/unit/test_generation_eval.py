@@ -1,0 +1,89 @@
+"""Free-running generation against teacher-forced exact match, and the text metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silotune.data import IGNORE_INDEX, Example, collate, encode_dataset, per_sequence_loss, read_records
+from silotune.evaluation import evaluate, generate_eval, split_answer, text_metrics
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: many tiny generate steps run faster without thread synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _teacher_forced_exact(adapter, examples) -> list[bool]:
+    batch = collate(examples, adapter.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    _, _, exact = per_sequence_loss(out.logits, batch["labels"])
+    return [bool(x) for x in exact]
+
+
+def test_free_running_exact_match_equals_teacher_forced_when_the_limit_covers_the_answer(
+    tiny_adapter, demo_data, one_thread
+) -> None:
+    """Greedy decoding reproduces the reference iff every reference token is the argmax given its
+    prefix: on answers that are the model's own greedy continuation both say yes, on the real
+    references both say no, example by example (prompts of different lengths: left padding)."""
+    tiny_adapter.load_state(tiny_adapter.initial_state(0))
+    chats = read_records(demo_data["clinic"]["eval"])[:3] + read_records(demo_data["lab"]["eval"])[:3]
+    real = encode_dataset(chats, tiny_adapter.tokenizer, 128)
+    own = []
+    for e in real:
+        prompt, _ = split_answer(e)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = tiny_adapter.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=5,
+                min_new_tokens=5,
+                do_sample=False,
+                pad_token_id=tiny_adapter.tokenizer.pad_token_id,
+            )[0, len(prompt) :].tolist()
+        own.append(Example(prompt + gen, [IGNORE_INDEX] * len(prompt) + gen))
+    examples = own + real
+    tf = _teacher_forced_exact(tiny_adapter, examples)
+    fr = generate_eval(tiny_adapter, examples, max_new_tokens=40, batch_size=4)
+    assert fr.per_example_exact == tf
+    assert tf[: len(own)] == [True] * len(own)
+    assert not any(tf[len(own) :])
+    assert evaluate(tiny_adapter, examples, batch_size=4).exact_match == pytest.approx(fr.exact_match)
+
+
+def test_text_metrics_give_partial_credit() -> None:
+    refs = ["The sodium result of patient 12 was high.", "cardiology"]
+    same_r, same_c = text_metrics(refs, refs)
+    assert same_r == pytest.approx(1.0) and same_c == pytest.approx(100.0)
+    part_r, part_c = text_metrics(["The sodium result of patient 99 was low.", "neurology"], refs)
+    assert 0.3 < part_r < 1.0 and 0.0 < part_c < 100.0
+
+
+def test_compare_adapters_reuses_known_teacher_forced_scores_and_adds_generation(
+    tiny_adapter, demo_data, one_thread
+) -> None:
+    from silotune.baselines import compare_adapters
+    from silotune.evaluation import EvalResult
+
+    state = tiny_adapter.initial_state(0)
+    known = EvalResult(num_examples=4, loss=123.0, exact_match=0.5)
+    comp = compare_adapters(
+        tiny_adapter,
+        {"a": state, "b": state},
+        {"clinic": demo_data["clinic"]["eval"]},
+        max_seq_len=96,
+        batch_size=4,
+        generate=["a"],
+        max_new_tokens=3,
+        scored={"a": {"clinic": known}},
+    )
+    a, b = comp.results["a"]["clinic"], comp.results["b"]["clinic"]
+    assert (a.loss, a.exact_match) == (123.0, 0.5) and a.gen_exact_match == 0.0 and a.chrf is not None
+    assert b.loss != 123.0 and b.gen_exact_match is None

@@ -1,0 +1,79 @@
+"""The privacy–utility grid's cells and targets (no training)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from silotune.config import parse_config
+from silotune.privacy_utility import Recipe, Row, Scores, cell_configs, targets
+
+
+def _base(tmp_path: Path):
+    return parse_config(
+        {
+            "federation_id": "f",
+            "rounds": 2,
+            "train": {"local_steps": 6, "batch_size": 8, "learning_rate": 2e-3},
+            "silos": [{"name": s, "train_path": str(tmp_path / f"{s}.jsonl")} for s in ("a", "b", "c")],
+            "aggregation": {"min_silos": 2},
+        }
+    )
+
+
+RECIPE = Recipe(
+    sample_clip=0.5,
+    client_clip=0.2,
+    dp_batch_size=32,
+    dp_local_steps=3,
+    dp_learning_rate=4e-3,
+    sample_delta=1e-4,
+    client_delta=0.01,
+    validation_examples=32,
+    grad_norm_median=0.5,
+    grad_norm_p90=0.9,
+)
+
+
+def test_the_full_grid_has_every_cell_with_its_privacy_and_method(tmp_path: Path) -> None:
+    cells = cell_configs(_base(tmp_path), RECIPE, grid_id="g")
+    assert len(cells) == 2 * (1 + 4 + 4)
+    assert len({c.config.federation_id for c in cells}) == len(cells)
+    for c in cells:
+        cfg = c.config
+        assert cfg.ffa_lora == (c.method == "ffa_lora")
+        assert cfg.rounds == 2 and cfg.seed == 0
+        if c.privacy == "sample_dp":
+            dp = cfg.privacy.sample_dp
+            assert dp.target_epsilon == c.epsilon and dp.max_grad_norm == 0.5 and dp.delta == 1e-4
+            assert (cfg.train.batch_size, cfg.train.local_steps, cfg.train.learning_rate) == (32, 3, 4e-3)
+            assert cfg.privacy.client_dp is None
+        elif c.privacy == "client_dp":
+            cd = cfg.privacy.client_dp
+            assert cd.target_epsilon == c.epsilon and cd.clip_norm == 0.2
+            assert cfg.train.batch_size == 8 and cfg.aggregation.options["weighted"] is False
+        else:
+            assert cfg.privacy.sample_dp is None and cfg.privacy.client_dp is None
+    assert sorted({c.epsilon for c in cells if c.epsilon}) == [1.0, 2.0, 4.0, 8.0]
+
+
+def _row(name: str, privacy: str, method: str, eps: float | None, em: float, rouge: float, auc: float) -> Row:
+    s = Scores(1.0, em, em, rouge, 50.0, auc, 0.01, auc, 0.01, 120, 100)
+    return Row(name=name, privacy=privacy, method=method, target_epsilon=eps, scores=s)
+
+
+def test_targets_measure_the_share_of_the_gain_kept_and_the_ratio_to_centralized() -> None:
+    rows = [
+        _row("base model", "base", "-", None, 0.2, 0.4, 0.5),
+        _row("none-lora", "none", "lora", None, 0.8, 0.9, 0.6),
+        _row("sample-dp-eps8-lora", "sample_dp", "lora", 8.0, 0.76, 0.9, 0.52),
+        _row("centralized", "centralized", "lora", None, 0.82, 0.9, 0.6),
+        _row("local-only a", "local-only", "lora", None, 0.5, 0.6, 0.6),
+    ]
+    got = {t["target"]: t for t in targets(rows)}
+    fed = got["federated (lora) ≥ 95% of centralized, union exact_match"]
+    assert math.isclose(fed["value"], 0.8 / 0.82) and fed["reached"]
+    kept = got["DP-SGD ε=8 (lora) keeps ≥ 90% of the non-private gain, exact_match"]
+    assert math.isclose(kept["value"], 0.56 / 0.6) and kept["reached"]
+    assert got["DP-SGD ε=8 (lora): MIA AUC ≤ 0.55 (reference attack)"]["reached"]
+    assert got["federated (lora) above every local-only model (union exact match)"]["reached"]
