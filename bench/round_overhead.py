@@ -1,7 +1,13 @@
 """Orchestration overhead of a warm federated round: embedded default vs the real stack, in one run.
 
 Run: ``.venv/bin/python bench/round_overhead.py [--silos 3] [--rounds 4] [--steps 1] [--timeline]
-[--no-embedded] [--json out.json]``
+[--no-embedded] [--model tiny-llama] [--threads 1|auto] [--colocated] [--json out.json]``
+
+``--colocated`` is the co-located row: the real SmolLM2-135M, 3 silos × 4 local steps, each silo's
+torch threads from its CPU budget (``train.torch_threads`` unset: cores ÷ co-located workers, or all
+cores while co-located runs take turns); it also prints the per-step time of the stack against the
+embedded run (target ≤ 1.25×; three workers each starting every core's worth of OpenMP threads made
+it ~10×).
 
 The same federation (tiny model, ``--silos`` demo silos, ``--steps`` local steps, a short holdout) runs
 twice:
@@ -54,6 +60,7 @@ from silotune.config import FederationConfig, parse_config  # noqa: E402
 from silotune.demo import DEMO_SILOS, make_demo_silos  # noqa: E402
 
 TARGET_S = 2.0
+TARGET_STEP_RATIO = 1.25  # co-located stack vs embedded, per local step (--colocated)
 
 
 def make_config(
@@ -64,9 +71,15 @@ def make_config(
             "federation_id": fid,
             "rounds": args.rounds,
             "seed": 0,
-            "model": {"name_or_path": "tiny-llama", "max_seq_len": 128},
+            "model": {"name_or_path": args.model, "max_seq_len": 128},
             "lora": {"r": 4},
-            "train": {"local_steps": args.steps, "batch_size": 4, "learning_rate": 5e-2, "torch_threads": 1},
+            "train": {
+                "local_steps": args.steps,
+                "batch_size": 4,
+                "learning_rate": 5e-2,
+                # auto: the silo's CPU budget (cores ÷ co-located workers, or all while taking turns)
+                "torch_threads": None if args.threads == "auto" else int(args.threads),
+            },
             "silos": [
                 {"name": s, "train_path": str(data[s]["train"]), "eval_path": str(data[s]["eval"])}
                 for s in silos
@@ -233,7 +246,20 @@ def main(argv: list[str] | None = None) -> int:
         help="print the state timeline (runs, tasks) of the median warm round of each run",
     )
     ap.add_argument("--no-embedded", action="store_true", help="run the stack only (no ratio is printed)")
+    ap.add_argument("--model", default="tiny-llama", help="tiny-llama (default) or smollm2-135m-instruct")
+    ap.add_argument(
+        "--threads",
+        default="1",
+        help="train.torch_threads: a number (default 1) or auto (the co-located CPU budget)",
+    )
+    ap.add_argument(
+        "--colocated",
+        action="store_true",
+        help="the co-located row: the real model, 3 silos x 4 steps, threads auto; prints per-step ratio",
+    )
     args = ap.parse_args(argv)
+    if args.colocated:
+        args.model, args.silos, args.steps, args.threads = "smollm2-135m-instruct", 3, 4, "auto"
     load_before = os.getloadavg()
     silos = [s.name for s in DEMO_SILOS][: args.silos]
     with tempfile.TemporaryDirectory(prefix="silotune-bench-") as tmp:
@@ -276,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in rows)
 
     print(
-        f"config: tiny-llama, {len(silos)} silos, {args.rounds} rounds ({args.rounds - 1} warm), "
-        f"{args.steps} local step(s)"
+        f"config: {args.model}, {len(silos)} silos, {args.rounds} rounds ({args.rounds - 1} warm), "
+        f"{args.steps} local step(s), threads {args.threads}"
     )
     runs = [("embedded", emb_rows)] + [(f"stack/{db}", v[0]) for db, v in stacks.items()]
     for label, rows in runs:
@@ -311,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             f"({ratio}), overhead {s_ovh:.2f} s "
             f"(target <= {TARGET_S:.1f} s: {'met' if s_ovh <= TARGET_S else 'NOT met'})"
         )
+    # Per local step: a silo run (its evaluation of the global and its training) divided by its steps;
+    # the co-located stack runs silos side by side, so one step there should cost about one embedded step.
+    e_step = statistics.median(x / args.steps for r in emb_rows for x in r["silo_runs"]) if emb_rows else None
+    for db, (rows, _total, _up) in stacks.items():
+        s_step = statistics.median(x / args.steps for r in rows for x in r["silo_runs"])
+        if e_step:
+            print(
+                f"per step (silo run / steps): embedded {e_step:.2f} s, stack/{db} {s_step:.2f} s, "
+                f"ratio {s_step / e_step:.2f} (target <= {TARGET_STEP_RATIO})"
+            )
     load_after = os.getloadavg()
     print(
         "load average (1/5/15 min) at start "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -339,6 +340,12 @@ def silo_join(
     query_seconds: Annotated[
         float, typer.Option(help="Fallback polling interval (runs start on their Scheduled event).")
     ] = 5.0,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where this silo trains: auto, cpu, cuda, cuda:N (overrides the policy's and config's)."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation from a silo: serve the silo's pool against the coordinator's Prefect API.
 
@@ -358,6 +365,10 @@ def silo_join(
     overrides = {k: v for k, v in (("train_path", train_path), ("eval_path", eval_path)) if v is not None}
     if overrides:
         pol = pol.model_copy(update={k: str(Path(v).resolve()) for k, v in overrides.items()})
+    if device is not None:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", device):
+            fail(f"--device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        pol = pol.model_copy(update={"device": device})
     for key in ("train_path", "eval_path"):
         value = getattr(pol, key)
         if value is not None and not Path(value).is_file():

@@ -19,9 +19,10 @@ the installed package). The coordinator's is ``cli worker coordinator``; each si
 into its process. Both serve their pool with :class:`ops.worker.InProcessWorker`;
 ``start_worker(..., stock=True)`` serves a pool with Prefect's stock process worker instead (the
 fallback of :mod:`ops.prefect_private`; a silo's policy then travels as ``$SILOTUNE_SILO_POLICY``).
-Each worker gets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of ``cpu_count // (silos + 1)`` (at least 1)
-unless the caller's environment sets ``OMP_NUM_THREADS``: the silos, the coordinator and the servers
-share one machine.
+Every worker learns how many silo workers share the host (``$SILOTUNE_COLOCATED_WORKERS``): a silo
+then trains with the cores its process may use (affinity, cgroup quota) divided among them, or with
+all of them while co-located runs take turns (:mod:`silotune.compute`). An ``OMP_NUM_THREADS`` in the
+caller's environment still wins.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from ops.supervise import (
     terminate,
     wait_until,
 )
+from silotune.compute import COLOCATED_ENV
 
 # --- workers -----------------------------------------------------------------------------------
 
@@ -71,9 +73,8 @@ def worker_env(stack: Stack, identity: str) -> dict[str, str]:
     env = {**stack.prefect_env(identity), **stack.identity_env(identity), "SILOTUNE_HOME": str(REPO_ROOT)}
     # This checkout's flows, tasks and silotune first, whatever package the interpreter has installed.
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    if "OMP_NUM_THREADS" not in os.environ:  # the silos, the coordinator and the servers share the cores
-        threads = str(max(1, (os.cpu_count() or 1) // (len(stack.silos) + 1)))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # The silos share this host's cores; each worker sizes its torch threads from this (silotune.compute).
+    env[COLOCATED_ENV] = str(max(1, len(stack.silos)))
     return env
 
 

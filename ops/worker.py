@@ -31,6 +31,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -51,6 +52,13 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 
 from flows.api_client import busy_retry_settings
 from ops.prefect_private import FencedWorker
+from silotune.compute import (
+    DEVICE_ENV,
+    colocated_workers,
+    default_threads,
+    serialise_colocated,
+    usable_cores,
+)
 
 log = logging.getLogger("silotune.worker")
 
@@ -282,6 +290,7 @@ def serve(
     ``role``: which of this installation's flows the worker runs (:func:`served_flows`)."""
     # SIGTERM (`silotune stack down`) stops the worker like Ctrl-C: the loops unwind, the worker deregisters.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    log_compute_budget(pool)
     worker = InProcessWorker(
         work_pool_name=pool,
         role=role,
@@ -301,6 +310,37 @@ def serve(
         contextlib.suppress(KeyboardInterrupt),
     ):
         anyio.run(main)
+
+
+def compute_budget() -> dict[str, Any]:
+    """What this worker's runs compute on: usable cores, co-located silo workers, threads, devices."""
+    import torch  # seconds; the worker imports it with the flows at the first run anyway
+
+    workers = colocated_workers()
+    serialised = serialise_colocated(None, workers)
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "cores": usable_cores(),
+        "colocated_workers": workers,
+        "serialised": serialised,
+        "threads": default_threads(workers=workers, serialised=serialised),
+        "device": f"cuda:0 ({gpus[0]}; {len(gpus)} GPU(s))" if gpus else "cpu",
+        "device_override": os.environ.get(DEVICE_ENV),
+    }
+
+
+def log_compute_budget(pool: str) -> None:
+    """One log line: the threads and device this worker's runs use (train.* may still override them)."""
+    b = compute_budget()
+    turns = " taking turns" if b["serialised"] else ""
+    override = f" (${DEVICE_ENV}={b['device_override']})" if b["device_override"] else ""
+    # stderr, not the logger: the worker's log file gets it whatever logging is configured.
+    print(
+        f"pool {pool}: {b['cores']} usable core(s), {b['colocated_workers']} co-located silo worker(s)"
+        f"{turns} -> {b['threads']} torch thread(s); device {b['device']}{override}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def ensure_silo_deployments(pool: str) -> list[str]:

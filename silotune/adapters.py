@@ -10,13 +10,14 @@ full fine-tuning. Which method is which lives in :mod:`silotune.methods`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from silotune.compute import Placement, autocast
 from silotune.config import LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import UpdateError
 from silotune.methods import get_method, parse_options
@@ -52,20 +53,51 @@ class AdapterModel:
     model_path: Path
     method_spec: MethodSpec = field(default_factory=MethodSpec)
     built: Built | None = None
+    placement: Placement = field(default_factory=Placement)  # where it computes (default: CPU, fp32)
+    lora_spec: LoraSpec | None = None
     _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(
-        cls, model_spec: ModelSpec, lora_spec: LoraSpec, *, seed: int, method: MethodSpec | None = None
+        cls,
+        model_spec: ModelSpec,
+        lora_spec: LoraSpec,
+        *,
+        seed: int,
+        method: MethodSpec | None = None,
+        placement: Placement | None = None,
     ) -> AdapterModel:
         spec = method or MethodSpec()
         impl = get_method(spec.name)
         path = resolve_model_path(model_spec.name_or_path)
         tokenizer = load_tokenizer(path)
-        built = impl.build(path, parse_options(impl, spec.options), lora_spec, seed=seed)
-        out = cls(model=built.model, tokenizer=tokenizer, model_path=path, method_spec=spec, built=built)
+        place = placement or Placement()
+        built = impl.build(path, parse_options(impl, spec.options), lora_spec, seed=seed, placement=place)
+        out = cls(
+            model=built.model,
+            tokenizer=tokenizer,
+            model_path=path,
+            method_spec=spec,
+            built=built,
+            placement=place,
+            lora_spec=lora_spec,
+        )
         out._shapes = {k: tuple(v.shape) for k, v in out.state().items()}
         return out
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's (first) parameters live: batches go there."""
+        return next(self.model.parameters()).device
+
+    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on the model's device (no copy on the CPU)."""
+        device = self.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """Autocast to the placement's precision (nothing for fp32)."""
+        return autocast(self.placement)
 
     @property
     def method(self) -> Any:

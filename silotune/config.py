@@ -104,7 +104,11 @@ class TrainSpec(_Spec):
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping per step (None: off).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads (None: usable cores ÷ co-located silo workers).",
+    )
     proximal_mu: float = Field(
         0.0,
         ge=0.0,
@@ -113,6 +117,50 @@ class TrainSpec(_Spec):
             "added to every local step's loss; 0 is plain FedAvg local training."
         ),
     )
+    # Compute placement (silotune.compute). Stays out of the fingerprint while at its default.
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="Where a silo trains and evaluates: auto (the first GPU, else CPU), cpu, cuda or cuda:N.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast dtype: auto is bf16 on a bf16 GPU (fp16 on older GPUs) and fp32 on CPUs.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (any method): less memory, ~30 % more compute."
+    )
+    serialise_colocated: bool | None = Field(
+        None,
+        description=(
+            "Silo runs on one host take turns (a host-local file lock) and each gets every core. "
+            "None: when more than one silo worker shares the host ($SILOTUNE_COLOCATED_WORKERS)."
+        ),
+    )
+    processes: int = Field(
+        1, ge=1, le=64, description="Processes one silo trains with (torchrun; gloo on CPU, NCCL on CUDA)."
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With processes > 1: ddp (replicas) or fsdp (sharded; full fine-tuning)."
+    )
+    response_logits_only: bool = Field(
+        False, description="Speed lever: compute the LM head only at positions that carry a label."
+    )
+    packing: bool = Field(
+        False, description="Speed lever: pack a batch into one row without padding (per-example positions)."
+    )
+
+
+_PLACEMENT_FIELDS = (
+    "device",
+    "precision",
+    "gradient_checkpointing",
+    "serialise_colocated",
+    "processes",
+    "parallelism",
+    "response_logits_only",
+    "packing",
+)
 
 
 class AttackSpec(_Spec):
@@ -176,6 +224,11 @@ class SiloSpec(_Spec):
     train_path: str = Field(description="Training data: a .jsonl/.json or .parquet file.")
     eval_path: str | None = Field(None, description="The silo's local holdout, same formats.")
     work_pool: str | None = Field(None, description="Prefect work pool of the silo (default 'silo-<name>').")
+    device: str | None = Field(
+        None,
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="This silo's own train.device (None: the federation's); its policy may override it.",
+    )
     attack: AttackSpec | None = Field(
         None,
         description="EVALUATION ONLY: a simulated Byzantine silo's model-poisoning attack (None: honest).",
@@ -723,6 +776,13 @@ class FederationConfig(_Spec):
             for key in ("method", "objective", "public_key"):
                 if silo.get(key) is None:
                     silo.pop(key, None)
+            silo.pop("device", None)  # placement is the silo's own business (its policy may change it)
+        # Placement and speed levers train the same adapter (up to float rounding): out of the hash at
+        # their defaults, so federations started before they existed still resume.
+        for key, default in TrainSpec.model_fields.items():
+            if key in _PLACEMENT_FIELDS and payload["train"].get(key) == default.default:
+                payload["train"].pop(key)
+        payload["train"].pop("device", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -85,9 +85,10 @@ def evaluate(
     total_loss = 0.0
     total_exact = 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        seq_loss, _, exact = per_sequence_loss(out.logits, batch["labels"])
+        batch = adapter.to_device(collate(examples[i : i + batch_size], pad_id))  # batched on the device
+        with adapter.autocast():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            seq_loss, _, exact = per_sequence_loss(out.logits, batch["labels"])
         total_loss += float(seq_loss.sum())
         total_exact += int(exact.sum())
     n = len(examples)

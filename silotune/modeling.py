@@ -174,6 +174,49 @@ def tiny_llama_path() -> Path:
     return dest
 
 
+def random_model_path(config: dict[str, Any], name: str, *, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A randomly initialised Llama of ``config`` (``ModelShape.hf_config()``) with SmolLM2's tokenizer.
+
+    For benches and GPU checks at real model sizes without downloading weights (a 1B-class shape
+    is ~2.5 GB in bf16); seeded and cached under ``$SILOTUNE_CACHE/models/random-<name>``.
+    Token ids stay below SmolLM2's vocabulary, so any larger vocabulary works.
+    """
+    dest = cache_root() / "models" / f"random-{name}"
+    if (dest / "config.json").is_file():
+        return dest
+    tok_dir = smollm2_path(with_weights=False)
+    with _file_lock(cache_root() / "models" / f".random-{name}.lock"):
+        if (dest / "config.json").is_file():
+            return dest
+        # torch and transformers take seconds to import; ops and the CLI import this module for its constants
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        cfg = LlamaConfig(
+            **config,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # initialising 1B weights: seconds on a GPU
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+        tmp = Path(tempfile.mkdtemp(prefix=f"random-{name}.", dir=dest.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            del model
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer  # ~1 s to import; ops and the CLI import this module
 
@@ -187,12 +230,31 @@ def load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def load_base_model(path: Path) -> Any:
-    """Load a causal LM in fp32 for CPU training (the dtype every silo trains its adapter in)."""
+def load_base_model(
+    path: Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization_config: Any | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
+    """Load a causal LM (any Llama/Qwen/Mistral-shaped folder) at ``dtype`` onto ``device``.
+
+    The defaults are what every CPU silo trains on: fp32 weights in host memory. On a GPU the
+    weights are placed by ``device_map`` as they load (no fp32 copy in host memory first), and
+    ``quantization_config`` (bitsandbytes) quantises them on the way.
+    """
     # torch and transformers take seconds to import; ops and the CLI import this module for its constants
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device != "cpu" or quantization_config is not None:
+        kwargs["device_map"] = {"": device}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model

@@ -425,11 +425,6 @@ def make_plan(a: PlanAnswers) -> Plan:
     )
     for lim in chosen.usage_limits:
         warnings.append(f"licence: {lim.text}")
-    if any(s.vram_gb > 0 for s in local):
-        warnings.append(
-            "the memory plan for GPU silos assumes bf16 on the GPU; this silotune build's silo training loop "
-            "runs on the CPU, so GPU placement (device_map/accelerate) is still to be wired"
-        )
     return Plan(
         openness=cls,
         openness_reason=openness_reason,
@@ -578,6 +573,8 @@ def to_config(a: PlanAnswers, plan: Plan, *, data_root: str = "data") -> dict[st
         m = _method_of(p)
         if m != method:
             entry["method"] = m
+        # A GPU silo trains on its GPU in bf16 (train.precision auto), a CPU silo on its cores in fp32.
+        entry["device"] = "cuda" if p.device.startswith("GPU") else "cpu"
         silos.append(entry)
     kinds = {"differential_privacy", "secure_aggregation", "homomorphic_encryption", "robust_aggregation"}
     defenses = [d.item for d in plan.defenses if d.recommended and d.item in kinds]

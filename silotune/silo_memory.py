@@ -10,6 +10,7 @@ that are not on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,22 +53,32 @@ def estimate_method(
     options: Mapping[str, Any] | None = None,
     lora: LoraSpec | Mapping[str, Any] | None = None,
     objective: str = "sft",
+    gradient_checkpointing: bool = False,
+    precision: str = "fp32",
 ) -> MemoryEstimate:
-    """Estimated peak memory of one local step of ``method`` configured by ``options`` and ``lora``."""
+    """Estimated peak memory of one local step of ``method`` configured by ``options`` and ``lora``.
+
+    ``gradient_checkpointing``: ``train.gradient_checkpointing`` (either it or the method's option
+    turns it on, as in training). ``precision``: the resolved ``train.precision``; bf16/fp16
+    autocast keeps 16-bit activations even on an fp32 base.
+    """
     impl = get_method(method)
     opts = parse_options(impl, options or {})
+    fp = impl.footprint(shape, opts, _lora_spec(lora))
+    if precision in ("bf16", "fp16") and fp.compute_bytes > 2:
+        fp = dataclasses.replace(fp, compute_bytes=2)
     return estimate(
         shape,
-        impl.footprint(shape, opts, _lora_spec(lora)),
+        fp,
         batch=batch,
         seq=seq,
-        gradient_checkpointing=opts.gradient_checkpointing,
+        gradient_checkpointing=opts.gradient_checkpointing or gradient_checkpointing,
         objective=objective,
     )
 
 
 def estimate_silo(config: FederationConfig, silo: str, *, shape: ModelShape | None = None) -> MemoryEstimate:
-    """Estimated peak training memory of ``silo`` in ``config`` (one local step)."""
+    """Estimated peak training memory of ``silo`` in ``config`` (one local step, its placement's settings)."""
     spec = config.method_for(silo)
     return estimate_method(
         shape or model_shape(config),
@@ -77,7 +88,20 @@ def estimate_silo(config: FederationConfig, silo: str, *, shape: ModelShape | No
         options=spec.options,
         lora=config.lora_for(silo),
         objective=config.objective_for(silo).name,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        precision=planned_precision(config.train.precision, config.silo(silo).device or config.train.device),
     )
+
+
+def planned_precision(precision: str, device: str) -> str:
+    """The precision a silo will train in, judged from its config alone (no GPU needed to ask).
+
+    auto is bf16 on a named CUDA device (the GPUs silotune plans for support it; an older one
+    falls back to fp16, the same bytes) and fp32 otherwise, the CPU case and the upper bound.
+    """
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cuda") else "fp32"
 
 
 def _lora_spec(lora: LoraSpec | Mapping[str, Any] | None) -> LoraSpec:

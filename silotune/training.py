@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,8 +29,10 @@ from opacus.grad_sample import utils as grad_sample_utils  # module attribute: t
 from tqdm.auto import tqdm
 
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
+from silotune.compute import Placement, apply_threads, autocast
 from silotune.config import TrainSpec
-from silotune.data import Example, batches, collate, per_sequence_loss
+from silotune.data import IGNORE_INDEX, Example, batches, collate, per_sequence_loss
+from silotune.distributed import train_distributed
 from silotune.errors import ConfigError
 from silotune.fedprox import attach_proximal_term, detach_proximal_term
 from silotune.privacy.noise import KEY_BYTES, KeyedNoiseDPOptimizer, seed_key, subkey, uniform
@@ -128,22 +130,152 @@ def silo_seed(seed: int, round_: int, silo_index: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + silo_index) % (2**31 - 1)
 
 
+# Model families whose logits are exactly ``lm_head(final hidden state)``: no logit scaling or
+# soft-capping after the head, so the response-only lever computes the same loss as the plain path.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+
+
+def pack(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row holding every example back to back, no padding (the packing lever).
+
+    Position ids restart at 0 for each example; transformers then builds a block-diagonal
+    causal mask from them (``find_packed_sequence_indices``), so no token attends across
+    examples. Labels are shifted per example before concatenation, so no token predicts the
+    next example's first token; ``segments`` names each token's example.
+    """
+    ids: list[int] = []
+    shift: list[int] = []
+    pos: list[int] = []
+    seg: list[int] = []
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids += e.input_ids
+        shift += [*e.labels[1:], IGNORE_INDEX]
+        pos += range(n)
+        seg += [i] * n
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([pos]),
+        "shift_labels": torch.tensor([shift]),
+        "segments": torch.tensor([seg]),
+        "num_examples": torch.tensor(len(batch)),
+        # real tokens, for throughput (a packed row has no padding)
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
+
+
+def padded(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded batch with shifted labels and per-token example ids, for :class:`SequenceLoss`."""
+    out = collate(batch, pad_id)
+    labels = out.pop("labels")
+    out["shift_labels"] = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    out["segments"] = torch.arange(labels.size(0)).unsqueeze(1).expand_as(labels)
+    out["num_examples"] = torch.tensor(labels.size(0))
+    return out
+
+
+class SequenceLoss(torch.nn.Module):
+    """Per-example mean response-token loss [B] of ``model``, with the CPU speed levers.
+
+    ``response_only``: run the decoder, keep only the hidden states at positions that carry a
+    label, and apply the LM head to those rows; the head is ~1/5 of SmolLM2-135M's FLOPs and
+    most positions of a chat example are prompt tokens. Without it the head runs everywhere
+    (what ``model(...)`` does). A module (not a function), so DDP can wrap it.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, response_only: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.response_only = response_only
+        if response_only:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            kind = getattr(base.config, "model_type", "?")
+            if kind not in PLAIN_HEAD_MODELS:
+                raise ConfigError(
+                    f"train.response_logits_only: model type {kind!r} is not one whose logits are "
+                    f"lm_head(hidden) alone; supported: {', '.join(sorted(PLAIN_HEAD_MODELS))}"
+                )
+            if getattr(model, "peft_config", None) and model.peft_config["default"].is_prompt_learning:
+                raise ConfigError("train.response_logits_only does not apply to prompt tuning")
+            self.decoder = base.get_decoder()
+            self.head = base.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        shift_labels: torch.Tensor,
+        segments: torch.Tensor,
+        num_examples: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = shift_labels != IGNORE_INDEX
+        kwargs = (
+            {"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids}
+        )
+        if self.response_only:
+            hidden = self.decoder(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.head(hidden[mask])
+        else:
+            logits = self.model(input_ids=input_ids, **kwargs).logits[mask]
+        tok = torch.nn.functional.cross_entropy(logits.float(), shift_labels[mask], reduction="none")
+        n = int(num_examples)
+        seg = segments[mask]
+        sums = torch.zeros(n, device=tok.device, dtype=tok.dtype).index_add(0, seg, tok)
+        counts = torch.zeros(n, device=tok.device, dtype=tok.dtype).index_add(0, seg, torch.ones_like(tok))
+        return sums / counts.clamp_min(1)
+
+
+def lever_batch(examples: Sequence[Example], pad_id: int, spec: TrainSpec) -> dict[str, torch.Tensor]:
+    """The batch the levered step takes: packed (``train.packing``) or padded with shifted labels."""
+    return pack(examples, pad_id) if spec.packing else padded(examples, pad_id)
+
+
+def uses_levers(spec: TrainSpec) -> bool:
+    return spec.packing or spec.response_logits_only
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
     max_grad_norm: float | None,
+    *,
+    placement: Placement | None = None,
+    loss_fn: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    loss_scale: float = 1.0,
+    clip: Callable[[list[torch.nn.Parameter], float], Any] | None = None,
 ) -> float:
-    """One optimizer step on the mean per-sequence loss; returns that loss."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
+    """One optimizer step on the mean per-sequence loss; returns that loss.
+
+    ``batch`` is on the model's device. ``loss_fn`` (a :class:`SequenceLoss`, maybe DDP-wrapped)
+    takes a :func:`lever_batch`; without it the plain path runs ``model(...)`` on a padded batch.
+    ``loss_scale`` multiplies the loss that is back-propagated (a data-parallel rank's share of
+    the global batch), not the loss returned. ``scaler``: fp16's loss scaling.
+    """
+    with autocast(placement):
+        if loss_fn is not None:
+            seq_loss = loss_fn(**batch)
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
     loss = seq_loss.mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaled = loss * loss_scale if loss_scale != 1.0 else loss
+    if scaler is not None:
+        scaler.scale(scaled).backward()
+        scaler.unscale_(optimizer)
+    else:
+        scaled.backward()
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+        (clip or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return float(loss.detach())
 
 
@@ -160,13 +292,16 @@ def train_local(
     frozen: Sequence[str] = (),
     exchanged: Sequence[str] | None = None,
     objective: Any | None = None,
+    parallel: Any | None = None,
 ) -> tuple[TensorDict, TrainResult]:
     """Train the adapter from ``global_state`` on ``examples``; return (delta, report).
 
     ``frozen``: adapter tensors kept fixed (FFA-LoRA freezes every LoRA A). ``exchanged``:
     the tensors whose delta is returned (default: all). ``dp``: run DP-SGD instead.
     ``objective`` (:func:`silotune.methods.objectives.build_objective`) replaces the SFT batch
-    and step, e.g. DPO on preference pairs; None is SFT.
+    and step, e.g. DPO on preference pairs; None is SFT. With ``spec.processes > 1`` the round
+    runs in that many processes (:mod:`silotune.distributed`); ``parallel`` is set inside them.
+    The model computes on ``adapter.placement`` (device, precision, threads).
     """
     if dp is not None and objective is not None:
         raise ConfigError(
@@ -174,8 +309,34 @@ def train_local(
             "clipping treats each row as a privacy unit, but a preference pair is two rows; use client-level "
             "DP (privacy.client_dp), which protects the whole update"
         )
+    if spec.processes > 1 and parallel is None:
+        # One silo, several processes: torchrun runs this function in each; rank 0's delta comes back.
+        d, report = train_distributed(
+            adapter,
+            global_state,
+            examples,
+            spec,
+            seed=seed,
+            dp=dp,
+            frozen=frozen,
+            exchanged=exchanged,
+            objective=objective,
+        )
+        return d, TrainResult(**report)
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
+    else:
+        apply_threads(adapter.placement)
+    if dp is not None and adapter.placement.precision == "fp16":
+        raise ConfigError(
+            f"{desc}: DP-SGD with train.precision fp16 is not supported (its loss scaling would scale the "
+            "per-example gradients Opacus clips); use bf16 or fp32"
+        )
+    if dp is not None and uses_levers(spec):
+        raise ConfigError(
+            f"{desc}: train.packing/train.response_logits_only do not apply to DP-SGD: Opacus needs one "
+            "row per example and the model's own forward"
+        )
     adapter.load_state(global_state)
     model = adapter.model
     with adapter.frozen(frozen):
@@ -193,6 +354,7 @@ def train_local(
                 desc=desc,
                 progress=progress,
                 objective=objective,
+                parallel=parallel,
             )
         else:
             losses, tokens = _dp_sgd_loop(
@@ -201,7 +363,7 @@ def train_local(
         seconds = time.perf_counter() - start
         detach_proximal_term(proximal)
         model.eval()
-    d = delta(adapter.state(), global_state)
+    d = delta(adapter.state(), global_state)  # FSDP: every rank gathers the full weights here
     if exchanged is not None:
         d = {k: d[k] for k in exchanged}
     if not all(math.isfinite(x) for x in losses):
@@ -232,27 +394,59 @@ def _sgd_loop(
     desc: str,
     progress: bool,
     objective: Any | None = None,
+    parallel: Any | None = None,
 ) -> tuple[list[float], int]:
     model = adapter.model
+    placement = adapter.placement
+    loss_fn: torch.nn.Module | None = None
+    clip = None
+    if objective is None and (uses_levers(spec) or parallel is not None):
+        loss_fn = SequenceLoss(model, response_only=spec.response_logits_only)
+        if parallel is not None:  # wrapped before the optimizer exists: FSDP re-homes the parameters
+            loss_fn = parallel.wrap(loss_fn)
+            params, clip = parallel.trainable(params), parallel.clip
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout, if configured
     pad_id = adapter.tokenizer.pad_token_id
     losses: list[float] = []
     tokens = 0
     bar = tqdm(total=spec.local_steps, desc=desc, unit="step", disable=not progress, leave=False)
+    # Every rank draws the same global batches (same seed) and trains on its own slice of each.
     for batch_examples in batches(examples, spec.batch_size, steps=spec.local_steps, generator=gen):
         if objective is None:
-            batch = collate(batch_examples, pad_id)
+            mine = parallel.shard(batch_examples) if parallel is not None else batch_examples
+            batch = lever_batch(mine, pad_id, spec) if loss_fn is not None else collate(mine, pad_id)
             tokens += int(batch["attention_mask"].sum())
-            losses.append(train_step(model, batch, optimizer, params, spec.max_grad_norm))
+            scale = parallel.loss_scale(len(mine), len(batch_examples)) if parallel is not None else 1.0
+            loss = train_step(
+                model,
+                adapter.to_device(batch),
+                optimizer,
+                params,
+                spec.max_grad_norm,
+                placement=placement,
+                loss_fn=loss_fn,
+                scaler=scaler,
+                loss_scale=scale,
+                clip=clip,
+            )
+            if parallel is not None:
+                loss = parallel.global_mean(loss, len(mine), len(batch_examples))
+            losses.append(loss)
         else:
             batch = objective.collate(batch_examples, pad_id)
             tokens += int(batch["attention_mask"].sum())
-            losses.append(objective.step(adapter, batch, optimizer, params, spec.max_grad_norm))
+            losses.append(
+                objective.step(adapter, adapter.to_device(batch), optimizer, params, spec.max_grad_norm)
+            )
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
+    if parallel is not None:
+        tokens = parallel.total(tokens)
     return losses, tokens
 
 
@@ -301,18 +495,19 @@ def _dp_sgd_loop(
         ):
             optimizer.zero_grad(set_to_none=True)
             if batch_examples:
-                batch = collate(batch_examples, pad_id)
+                batch = adapter.to_device(collate(batch_examples, pad_id))
                 tokens += int(batch["attention_mask"].sum())
-                # ew mode needs input_ids positional
-                out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
-                seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
+                with autocast(adapter.placement):
+                    # ew mode needs input_ids positional
+                    out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
+                    seq_loss, _, _ = per_sequence_loss(out.logits, batch["labels"], with_exact=False)
                 loss = seq_loss.mean()
                 loss.backward()
                 losses.append(float(loss.detach()))
             else:
                 # An empty Poisson batch is still a step: the noise alone is released.
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
             bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "-", batch=len(batch_examples))
             bar.update(1)

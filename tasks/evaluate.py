@@ -8,7 +8,7 @@ from silotune.config import FederationConfig
 from silotune.federation.silo import evaluate_silo
 from silotune.records import EvalRecord, ObjectRef
 from tasks import runtime
-from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
+from tasks.runtime import adapter_for, store_for
 
 
 @task(
@@ -21,7 +21,7 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 def evaluate_global(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
 ) -> EvalRecord | None:
-    with TRAIN_LOCK:
+    with runtime.compute_slot(config):
         return evaluate_silo(
             config,
             silo,

@@ -8,7 +8,7 @@ from silotune.config import FederationConfig
 from silotune.federation.silo import TrainedDelta, train_step
 from silotune.records import ObjectRef
 from tasks import runtime
-from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
+from tasks.runtime import adapter_for, store_for
 
 
 # Idempotent: the same inputs train the same delta; the DP ledger counts an identical release once and
@@ -23,7 +23,7 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 def local_train(
     config: FederationConfig, silo: str, round_: int, global_ref: ObjectRef, reuse: str | None = None
 ) -> TrainedDelta:
-    with TRAIN_LOCK:
+    with runtime.compute_slot(config):
         return train_step(
             config,
             silo,

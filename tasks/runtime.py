@@ -8,13 +8,23 @@ an explicit, bounded cache owned by the task layer, not by the library.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from silotune.adapters import AdapterModel
+from silotune.compute import (
+    Placement,
+    apply_threads,
+    default_threads,
+    host_slot,
+    placement,
+    serialise_colocated,
+)
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
 from silotune.errors import SilotuneError, StoreError
 from silotune.policy import PolicyError, SiloPolicy, enforce, load_policy
@@ -22,6 +32,8 @@ from silotune.results import Release
 from silotune.reuse import WorkMemo
 from silotune.store import FederationLayout, ObjectStore, open_store
 from silotune.tracking import Tracker, open_tracker
+
+log = logging.getLogger("silotune.runtime")
 
 
 class ModelCache:
@@ -32,16 +44,24 @@ class ModelCache:
         self._items: OrderedDict[str, AdapterModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, model: ModelSpec, lora: LoraSpec, method: MethodSpec | None = None) -> AdapterModel:
+    def get(
+        self,
+        model: ModelSpec,
+        lora: LoraSpec,
+        method: MethodSpec | None = None,
+        placement: Placement | None = None,
+    ) -> AdapterModel:
         method = method or MethodSpec()
-        key = model.model_dump_json() + lora.model_dump_json() + method.model_dump_json()
+        placement = placement or Placement()
+        key = model.model_dump_json() + lora.model_dump_json() + method.model_dump_json() + repr(placement)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
-            adapter = AdapterModel.create(model, lora, seed=0, method=method)
+            adapter = AdapterModel.create(model, lora, seed=0, method=method, placement=placement)
+            log.info("loaded %s (%s) on %s", model.name_or_path, method.name, placement.describe())
             self._items[key] = adapter
             return adapter
 
@@ -168,9 +188,23 @@ def lifetime_epsilon(silo: str) -> float | None:
 
 
 def adapter_for(config: FederationConfig, silo: str | None = None) -> AdapterModel:
-    """The trainable model of ``silo`` (its own method, if it has one), else of the federation."""
+    """The trainable model of ``silo`` (its own method and device, if it has them), else of the federation."""
     method = config.method_for(silo) if silo is not None else config.method
-    return MODELS.get(config.model, config.lora_for(silo), method)
+    device = config.silo(silo).device if silo is not None else None
+    return MODELS.get(config.model, config.lora_for(silo), method, placement(config.train, device=device))
+
+
+@contextlib.contextmanager
+def compute_slot(config: FederationConfig) -> Iterator[None]:
+    """One silo computes at a time in this process, and on this host when co-located runs are serialised.
+
+    Inside, torch runs on the silo's CPU budget: ``train.torch_threads``, else the usable cores
+    divided among the host's silo workers (all of them while holding the host-wide slot).
+    """
+    serialised = serialise_colocated(config.train.serialise_colocated)
+    with TRAIN_LOCK, host_slot(serialised):
+        apply_threads(Placement(threads=config.train.torch_threads or default_threads(serialised=serialised)))
+        yield
 
 
 def store_for(config: FederationConfig) -> ObjectStore:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkabl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from silotune.compute import Placement
 from silotune.memory_estimate import Footprint, ModelShape
 from silotune.modeling import load_base_model
 from silotune.registry import Registry
@@ -161,8 +162,11 @@ class Method(Protocol):
         """The ways ``plan`` may run the method on a silo with (or without) a GPU; () if never."""
         ...
 
-    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
-        """Load the base model from ``path`` and make the method's parameters (and only those) trainable."""
+    def build(
+        self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
+    ) -> Built:
+        """Load the base model from ``path`` (onto ``placement``'s device, default the CPU) and make the
+        method's parameters (and only those) trainable."""
         ...
 
     def state(self, built: Built) -> TensorDict:
@@ -211,15 +215,14 @@ def base_storage(options: MethodOptions) -> Storage:
     return {"weight_bytes": b, "other_bytes": b, "compute_bytes": b}
 
 
-def load_base(path: Path, options: MethodOptions) -> Any:
-    """The base model at ``options.base_dtype`` (float32: exactly ``modeling.load_base_model``)."""
-    if options.base_dtype == "float32":
-        return load_base_model(path)
-    from transformers import AutoModelForCausalLM  # ~1 s to import; config imports this module
+def load_base(path: Path, options: MethodOptions, placement: Placement | None = None) -> Any:
+    """The base model at ``options.base_dtype`` on the placement's device (default: the CPU)."""
+    return load_base_model(path, dtype=options.base_dtype, device=placement.device if placement else "cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.base_dtype))
-    model.config.use_cache = False
-    return model
+
+def wants_checkpointing(options: MethodOptions, placement: Placement | None) -> bool:
+    """Gradient checkpointing: the method's option or ``train.gradient_checkpointing``."""
+    return options.gradient_checkpointing or bool(placement and placement.gradient_checkpointing)
 
 
 def trainable_names(model: torch.nn.Module) -> Iterator[str]:

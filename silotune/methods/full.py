@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from silotune.compute import Placement
 from silotune.memory_estimate import Footprint, ModelShape
 from silotune.methods.base import (
     METHODS,
@@ -30,6 +31,7 @@ from silotune.methods.base import (
     TensorDict,
     base_storage,
     load_base,
+    wants_checkpointing,
 )
 
 
@@ -68,10 +70,12 @@ class FullFineTuning:
     requires_packages: ClassVar[tuple[str, ...]] = ()
     plan_learning_rate: ClassVar[float] = 1e-5  # every weight moves: far below an adapter's rate
 
-    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+    def build(
+        self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
+    ) -> Built:
         assert isinstance(options, FullOptions)
-        model = load_base(path, options)
-        if options.gradient_checkpointing:
+        model = load_base(path, options, placement)
+        if wants_checkpointing(options, placement):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for p in model.parameters():
             p.requires_grad_(True)
@@ -82,12 +86,14 @@ class FullFineTuning:
             if out is not None:
                 for p in out.parameters():
                     p.requires_grad_(False)
-        return Built(model=model, extras={"path": path, "options": options})
+        return Built(model=model, extras={"path": path, "options": options, "placement": placement})
 
     def state(self, built: Built) -> TensorDict:
         # named_parameters() lists a tied weight once, so the LM head is not exchanged twice.
         return {
-            n: p.detach().clone().contiguous() for n, p in built.model.named_parameters() if p.requires_grad
+            n: _full(p.detach()).to("cpu", copy=True).contiguous()
+            for n, p in built.model.named_parameters()
+            if p.requires_grad
         }
 
     def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
@@ -98,13 +104,15 @@ class FullFineTuning:
 
     def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
         # The base model is the starting point; nothing is random, so the seed is unused.
-        base = dict(load_base(built.extras["path"], built.extras["options"]).named_parameters())
+        base = dict(load_base(built.extras["path"], built.extras["options"]).named_parameters())  # on the CPU
         return {k: base[k].detach().clone().contiguous() for k in sorted(template)}
 
     def reference_logits(self, built: Built, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         ref = built.extras.get("reference")
         if ref is None:
-            ref = load_base(built.extras["path"], built.extras["options"]).eval()
+            ref = load_base(
+                built.extras["path"], built.extras["options"], built.extras.get("placement")
+            ).eval()
             ref.requires_grad_(False)
             built.extras["reference"] = ref
         with torch.no_grad():
@@ -152,3 +160,9 @@ class FullFineTuning:
                 when_preferred=True,
             ),
         )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor shard (FSDP, a silo on several processes) is gathered from every rank."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t

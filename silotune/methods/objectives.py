@@ -19,7 +19,8 @@ One pair is one privacy unit: the loss is a mean over pairs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +59,10 @@ class _Reference(Protocol):
 
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
+    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def autocast(self) -> AbstractContextManager[Any]: ...
+
 
 @dataclass(frozen=True)
 class DPO:
@@ -81,13 +86,14 @@ class DPO:
         params: list[torch.nn.Parameter],
         max_grad_norm: float | None,
     ) -> float:
-        """One optimizer step on the mean per-pair DPO loss; returns that loss."""
+        """One optimizer step on the mean per-pair DPO loss (``batch`` on the model's device)."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = ids.size(0) // 2
-        # The reference pass runs first and without gradients: nothing of it is kept for backward.
-        ref = sequence_logps(adapter.reference_logits(ids, mask), labels)
-        out = adapter.model(input_ids=ids, attention_mask=mask)
-        pol = sequence_logps(out.logits, labels)
+        with adapter.autocast():
+            # The reference pass runs first and without gradients: nothing of it is kept for backward.
+            ref = sequence_logps(adapter.reference_logits(ids, mask), labels)
+            out = adapter.model(input_ids=ids, attention_mask=mask)
+            pol = sequence_logps(out.logits, labels)
         loss, _ = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=self.beta)
         loss = loss.mean()
         optimizer.zero_grad(set_to_none=True)
@@ -127,16 +133,17 @@ def evaluate_pairs(
     adapter.model.eval()
     losses, margins, rewards = [], [], []
     for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i : i + batch_size], pad_id)
+        batch = adapter.to_device(collate_pairs(pairs[i : i + batch_size], pad_id))
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = ids.size(0) // 2
-        pol = sequence_logps(adapter.model(input_ids=ids, attention_mask=mask).logits, labels)
-        ref = sequence_logps(adapter.reference_logits(ids, mask), labels)
+        with adapter.autocast():
+            pol = sequence_logps(adapter.model(input_ids=ids, attention_mask=mask).logits, labels)
+            ref = sequence_logps(adapter.reference_logits(ids, mask), labels)
         loss, reward = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=beta)
         losses.append(loss)
         margins.append(pol[:n] - pol[n:])
         rewards.append(reward)
-    loss_t, margin_t, reward_t = torch.cat(losses), torch.cat(margins), torch.cat(rewards)
+    loss_t, margin_t, reward_t = (torch.cat(x).float().cpu() for x in (losses, margins, rewards))
     return PreferenceEval(
         num_pairs=len(pairs),
         dpo_loss=float(loss_t.mean()),

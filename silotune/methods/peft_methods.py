@@ -23,6 +23,7 @@ from unittest import mock
 import torch
 from pydantic import Field
 
+from silotune.compute import Placement
 from silotune.errors import ConfigError, UpdateError
 from silotune.memory_estimate import Footprint, ModelShape, check_targets
 from silotune.methods.base import (
@@ -41,8 +42,9 @@ from silotune.methods.base import (
     TensorDict,
     base_storage,
     load_base,
+    wants_checkpointing,
 )
-from silotune.modeling import load_tokenizer
+from silotune.modeling import load_base_model, load_tokenizer
 
 ADAPTERS = Table1Row(row="LoRA / adapters", gray_box="partial")
 
@@ -114,7 +116,8 @@ class _PeftMethod:
         from peft import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(built.model)
-        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+        # What is exchanged lives in host memory whatever device trains it.
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
     def load_state(self, built: Built, state: Mapping[str, torch.Tensor]) -> None:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
@@ -135,8 +138,8 @@ class _PeftMethod:
     def save(self, built: Built, folder: Path) -> None:
         built.model.save_pretrained(folder)
 
-    def _load_base(self, path: Path, options: MethodOptions) -> Any:
-        return load_base(path, options)
+    def _load_base(self, path: Path, options: MethodOptions, placement: Placement | None = None) -> Any:
+        return load_base(path, options, placement)
 
     def load_artifact(self, folder: Path, base_path: Path, options: MethodOptions) -> Any:
         """The published artifact on a fresh base, ready for inference."""
@@ -219,13 +222,15 @@ class LoRA(_PeftMethod):
     ffa_lora: ClassVar[bool] = True
     uses_lora_section: ClassVar[bool] = True
 
-    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+    def build(
+        self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
+    ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         _import_peft()
         from peft import get_peft_model
 
-        base = self._load_base(path, options)
-        if options.gradient_checkpointing:
+        base = self._load_base(path, options, placement)
+        if wants_checkpointing(options, placement):
             _enable_checkpointing(base)
         # LoRA's A matrices are random at init; seeding here makes the template reproducible.
         torch.manual_seed(seed)
@@ -295,11 +300,11 @@ class QLoRAOptions(LoRAOptions):
     double_quant: bool = Field(
         True, description="Quantise the per-block absmax constants too (~0.37 bit/param saved)."
     )
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
         description=(
-            "Dtype of the dequantised matmuls. float32 on CPUs without bf16 units "
-            "(bf16 is 15-20× slower there)."
+            "Dtype of the dequantised matmuls. None: the silo's train.precision (bf16 on a bf16 GPU, "
+            "float32 on CPUs, where bf16 is 15-20× slower without bf16 units)."
         ),
     )
 
@@ -328,7 +333,7 @@ class QLoRA(LoRA):
         check_targets(shape, lora.target_modules)
         h, i = shape.hidden_size, shape.intermediate_size
         n = 4 * h + 2 * shape.kv_dim + 3 * i + h + (2 * h + i)
-        compute = DTYPE_BYTES[options.compute_dtype]
+        compute = DTYPE_BYTES[options.compute_dtype or "float32"]  # None: fp32 on CPUs (the upper bound)
         storage: Storage = {"weight_bytes": compute, "other_bytes": 4, "compute_bytes": compute}
         fp = self._lora_footprint(shape, options, lora, n, storage)
         return dataclasses.replace(fp, quantised_bits=options.bits, double_quant=options.double_quant)
@@ -340,14 +345,16 @@ class QLoRA(LoRA):
             for bits in (8, 4)
         )
 
-    def _load_base(self, path: Path, options: MethodOptions) -> Any:
+    def _load_base(self, path: Path, options: MethodOptions, placement: Placement | None = None) -> Any:
         # peft (~5 s) and transformers (~1 s) to import; config (the CLI, the tests) imports this module
         _import_peft()
         from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig
 
         assert isinstance(options, QLoRAOptions)
-        compute = getattr(torch, options.compute_dtype)
+        device = placement.device if placement else "cpu"
+        compute_name = options.compute_dtype or (placement.dtype_name if placement else "float32")
+        compute = getattr(torch, compute_name)
         if options.bits == 4:
             q = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -357,14 +364,17 @@ class QLoRA(LoRA):
             )
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
-        # The silo training loop runs on the CPU (as every method's), so the quantised base lives there too.
-        model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=q, dtype=compute, device_map={"": "cpu"}
-        )
-        model.config.use_cache = False
-        _keep_canonical_4bit_layout(model)
+        # bitsandbytes quantises as the weights land on the device: on a GPU the fp32 base never
+        # exists in host or device memory.
+        model = load_base_model(path, dtype=compute_name, device=device, quantization_config=q)
+        if device == "cpu":
+            _keep_canonical_4bit_layout(model)
         # Freezes the base and keeps non-quantised weights (norms, embeddings) in fp32 for stable training.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=wants_checkpointing(options, placement),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
 
 
 def _keep_canonical_4bit_layout(model: Any) -> None:
@@ -405,7 +415,9 @@ class IA3(_PeftMethod):
     options_model: ClassVar[type[MethodOptions]] = IA3Options
     trains: ClassVar[str] = "one scaling vector per adapted module (keys, values, MLP down-projection input)"
 
-    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+    def build(
+        self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
+    ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         _import_peft()
         from peft import IA3Config, TaskType, get_peft_model
@@ -414,8 +426,8 @@ class IA3(_PeftMethod):
         bad = sorted(set(options.feedforward_modules) - set(options.target_modules))
         if bad:
             raise ConfigError(f"method.options.feedforward_modules {bad} are not in target_modules")
-        base = self._load_base(path, options)
-        if options.gradient_checkpointing:
+        base = self._load_base(path, options, placement)
+        if wants_checkpointing(options, placement):
             _enable_checkpointing(base)
         cfg = IA3Config(
             task_type=TaskType.CAUSAL_LM,
@@ -495,7 +507,9 @@ class PromptTuning(_PeftMethod):
         ),
     }
 
-    def build(self, path: Path, options: MethodOptions, lora: Any, *, seed: int) -> Built:
+    def build(
+        self, path: Path, options: MethodOptions, lora: Any, *, seed: int, placement: Placement | None = None
+    ) -> Built:
         # peft takes ~5 s to import; config (the CLI, the tests) imports this module
         _import_peft()
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
@@ -503,8 +517,8 @@ class PromptTuning(_PeftMethod):
         assert isinstance(options, PromptTuningOptions)
         if options.init == "text" and not options.init_text:
             raise ConfigError("method.options.init_text is required when init='text'")
-        base = self._load_base(path, options)
-        if options.gradient_checkpointing:
+        base = self._load_base(path, options, placement)
+        if wants_checkpointing(options, placement):
             _enable_checkpointing(base)
         cfg = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM,
@@ -519,7 +533,7 @@ class PromptTuning(_PeftMethod):
 
     def initial_state(self, built: Built, template: Mapping[str, torch.Tensor], seed: int) -> TensorDict:
         options: PromptTuningOptions = built.extras["options"]
-        emb = built.model.get_input_embeddings().weight.detach()
+        emb = built.model.get_input_embeddings().weight.detach().cpu()
         n = options.num_virtual_tokens
         if options.init == "text":
             ids = load_tokenizer(built.extras["path"])(options.init_text, add_special_tokens=False)[

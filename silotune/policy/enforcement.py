@@ -50,7 +50,7 @@ def enforce(
     one JSON line goes to ``<private_dir>/refusals.log`` (time, silo, federation id,
     fingerprint, violations), nothing else is written, and :class:`PolicyRefusal` is raised.
     Otherwise the config comes back with the silo's own ``private_dir``, ``train_path`` and
-    ``eval_path`` from the policy.
+    ``eval_path`` (and ``device``, if it names one) from the policy.
     """
     violations = check_config(policy, config, model_sha256=model_sha256)
     if policy.require_accepted_config:
@@ -62,5 +62,7 @@ def enforce(
             warnings.warn(f"silo {policy.silo}: cannot log the refusal ({exc})", stacklevel=2)
         raise PolicyRefusal(policy.silo, config.federation_id, violations)
     own = {"private_dir": policy.private_dir, "train_path": policy.train_path, "eval_path": policy.eval_path}
+    if policy.device is not None:  # the silo's hardware is its own to name
+        own["device"] = policy.device
     silos = [s.model_copy(update=own) if s.name == policy.silo else s for s in config.silos]
     return config.model_copy(update={"silos": silos})

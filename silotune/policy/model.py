@@ -224,6 +224,11 @@ class SiloPolicy(_Policy):
     require_signing: bool = Field(
         True, description="Refuse a federation whose uploads are not signed (security.signing)."
     )
+    device: str | None = Field(
+        None,
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="Where this silo trains: auto, cpu, cuda or cuda:N (None: the config's train.device).",
+    )
     dp: DPPolicy = Field(default_factory=DPPolicy, description="Differential-privacy floors.")
     stores: list[str] = Field(
         description=(

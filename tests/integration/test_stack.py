@@ -238,8 +238,8 @@ def test_workers_join_with_their_own_default_policies(stack, demo_data) -> None:
         assert env[b"AWS_ACCESS_KEY_ID"].decode() == stack.credentials()[f"silo-{s}"]["access_key"]
         assert b"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in env
         assert env[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(REPO_ROOT)
-        if "OMP_NUM_THREADS" not in os.environ:
-            assert env[b"OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // (len(SILOS) + 1))).encode()
+        # each worker learns how many silo workers share the host (it sizes its torch threads from it)
+        assert env[b"SILOTUNE_COLOCATED_WORKERS"] == str(len(SILOS)).encode()
     assert len({p.private_dir for p in policies.values()}) == len(SILOS)
     # A config not made for this stack (no pinned keys, no coordinator key, unsigned) is refused.
     raw = parse_config(_raw_config(stack, demo_data, "not-made"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from silotune.config import ModelSpec, StoreSpec, dump_config, parse_config
@@ -714,3 +715,14 @@ def test_scheduled_retraining_runs_under_the_base_acceptance_with_the_same_confi
     forged = {"federation_id": "fed-9-20261202-0800", "tags": {"silotune.retraining_of": "fed-1"}}
     with pytest.raises(PolicyRefusal, match="has not accepted federation fed-9-20261202-0800"):
         enforce(policy, _config(tmp_path, **forged), model_sha256=_sha)
+
+
+def test_policy_names_the_silos_device_outside_the_fingerprint(tmp_path: Path) -> None:
+    policy = _with_key(_policy(tmp_path, device="cpu"))
+    cfg = _config(tmp_path, train={"device": "cuda"})
+    accept_config(policy, cfg, model_sha256=_sha)
+    out = enforce(policy, cfg, model_sha256=_sha)
+    assert out.silo("a").device == "cpu" and out.silo("b").device is None  # the silo's hardware, its call
+    assert acceptance_fingerprint(out) == acceptance_fingerprint(cfg)  # placement is not agreed on
+    with pytest.raises(ValidationError, match="device"):
+        _policy(tmp_path, device="gpu")
