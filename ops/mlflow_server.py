@@ -23,7 +23,7 @@ from ops.tls import SERVER_CERT, SERVER_KEY, client_context
 
 def _db_uri(stack: Stack, name: str) -> str:
     if stack.database == "postgres":
-        return f"postgresql://postgres@127.0.0.1:{stack.ports['postgres']}/{name}"
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{stack.ports['postgres']}/{name}"
     return f"sqlite:///{stack.root / 'mlflow' / (name + '.db')}"
 
 

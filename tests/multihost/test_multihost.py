@@ -103,6 +103,7 @@ def hosts(demo_data):
             shutil.copyfile(demo_data[s]["train"], folders[s] / "data" / "train.jsonl")
             shutil.copyfile(demo_data[s]["eval"], folders[s] / "data" / "eval.jsonl")
         configs = []
+        (root / "coordinator").mkdir()
         for fid, rounds, orch in (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 30.0})):
             path = root / "coordinator" / f"{fid}.yaml"
             path.write_text(yaml.safe_dump(_config(fid, folders, rounds, **orch)))
