@@ -160,6 +160,14 @@ def restart_worker(stack: Stack, *pools: str, timeout: float = 120.0) -> None:
     start_worker(stack, *pools, timeout=timeout)
 
 
+def restart_prefect_server(stack: Stack, timeout: float = 300.0) -> None:
+    """Stop the Prefect server and start it again (its database keeps every run); workers reconnect."""
+    terminate(stack, ["prefect-server"], 15.0, lambda *_: None)
+    prefect_server.start(stack)
+    health = f"{stack.prefect_api}/health"
+    wait_until("Prefect server", lambda: http_ok(health, stack.ca_file), timeout, stack, "prefect-server")
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 

@@ -51,7 +51,11 @@ def federate(state: str, config: str, out: str, timeout: float, update_silo: str
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                fr = client.read_flow_run(fr.id)
+                try:
+                    fr = client.read_flow_run(fr.id)
+                except Exception:  # the server restarting: ask again
+                    time.sleep(2)
+                    continue
                 if fr.state is not None and fr.state.is_final():
                     break
                 time.sleep(0.5)
@@ -180,6 +184,10 @@ if __name__ == "__main__":
         timeout = float(args[args.index("--timeout") + 1]) if "--timeout" in args else 600.0
         silo = args[args.index("--update-silo") + 1] if "--update-silo" in args else None
         federate(args[0], args[1], args[2], timeout, silo)
+    elif cmd == "restart-prefect":
+        from ops.stack import restart_prefect_server
+
+        restart_prefect_server(Stack.load(args[0]))
     elif cmd == "auth":
         auth(args[0], args[1])
     else:

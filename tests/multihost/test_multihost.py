@@ -104,7 +104,8 @@ def hosts(demo_data):
             shutil.copyfile(demo_data[s]["eval"], folders[s] / "data" / "eval.jsonl")
         configs = []
         (root / "coordinator").mkdir()
-        for fid, rounds, orch in (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 30.0})):
+        feds = (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 30.0}), ("mh-restart", 2, {}))
+        for fid, rounds, orch in feds:
             path = root / "coordinator" / f"{fid}.yaml"
             path.write_text(yaml.safe_dump(_config(fid, folders, rounds, **orch)))
             configs += ["--config", str(path)]
@@ -283,7 +284,7 @@ def test_federation_across_hosts_over_tls_with_postgres(hosts) -> None:
     # Prefect: each silo's runs completed on its own pool (served from its own host).
     runs = rep["silo_runs"]
     assert sorted(r["name"] for r in runs) == sorted(
-        [f"{s}-round-0" for s in SILOS] + [f"{s}-evaluate-1" for s in SILOS]
+        [f"{s}-round-0" for s in SILOS] + [f"{s}-evaluate-0" for s in SILOS]
     )
     for r in runs:
         silo = next(t.removeprefix("silo:") for t in r["tags"] if t.startswith("silo:"))
@@ -351,3 +352,41 @@ def test_link_cut_mid_round_quorum_holds_and_the_silo_rejoins(hosts) -> None:
     print(f"clinic's link cut in round 0: {first['excluded']['clinic']}")
     assert second["included"] == list(SILOS) and second["excluded"] == {}
     assert first["intact"] and second["intact"]
+
+
+def test_prefect_server_restart_mid_federation_workers_reconnect(hosts) -> None:
+    """The Prefect server restarts after round 1 of 2: the silos' workers reconnect and serve round 2; the
+    coordinator's run goes on, or (if it did not outlive the outage) a new run resumes after the last
+    committed round without recomputing it."""
+    coordinator_log = hosts.state / "logs" / "worker-coordinator.log"
+    start = coordinator_log.stat().st_size
+    proc, out = _federate(hosts, "mh-restart", background=True)
+    committed = re.compile(r"Flow run 'mh-restart' - round 1/2: 3 silo\(s\) in")
+    deadline = time.monotonic() + 600
+    while not committed.search(coordinator_log.read_text(errors="replace")[start:]):
+        assert time.monotonic() < deadline and proc.poll() is None, "round 1 never committed"
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    res = hosts.bed.run(
+        "coordinator",
+        [sys.executable, PROBE, "restart-prefect", str(hosts.state)],
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=400,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    print(f"Prefect server restarted in {time.monotonic() - t0:.0f} s")
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, text[-4000:]
+    rep = json.loads(out.read_text())
+    resumed = rep["state"] != "COMPLETED"
+    if resumed:  # the first run did not outlive the outage: a new run of the same federation resumes it
+        print(f"coordinator run ended {rep['state']} ({rep['message']}); running the federation again")
+        rep = _federate(hosts, "mh-restart")
+    assert rep["state"] == "COMPLETED", rep["message"]
+    assert [m["included"] for m in rep["manifests"]] == [list(SILOS), list(SILOS)]
+    assert all(m["intact"] for m in rep["manifests"])
+    # Round 2 ran at every silo after the restart: their workers reconnected. No round ran twice.
+    names = [r["name"] for r in rep["silo_runs"] if r["state"] == "COMPLETED"]
+    for s in SILOS:
+        assert names.count(f"{s}-round-1") == 1 and names.count(f"{s}-round-0") == 1, names
