@@ -157,10 +157,15 @@ def auth(state: str, out: str) -> None:
         return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
 
     users = st.mlflow_users()
-    search = f"{st.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    create = f"{st.mlflow_uri}/api/2.0/mlflow/experiments/create"
-    body = json.dumps({"name": "reader-may-not"}).encode()
+    api = f"{st.mlflow_uri}/api/2.0/mlflow"
+    search = f"{api}/experiments/search?max_results=1"
     json_h = {"Content-Type": "application/json"}
+    reader = basic("reader", users["reader"])
+    # The coordinator's experiment (the configs' default name), which the coordinator created.
+    req = urllib.request.Request(f"{api}/experiments/get-by-name?experiment_name=silotune", headers=reader)
+    with urllib.request.urlopen(req, timeout=10, context=client_context(ca)) as r:
+        experiment = json.loads(r.read())["experiment"]["experiment_id"]
+    body = json.dumps({"experiment_id": experiment}).encode()
     report = {
         "prefect_no_auth": _status(f"{st.prefect_api}/flows/filter", ca, data=b"{}"),
         "prefect_auth": _status(
@@ -171,8 +176,8 @@ def auth(state: str, out: str) -> None:
         ),
         "mlflow_no_auth": _status(search, ca),
         "mlflow_wrong_password": _status(search, ca, basic("reader", "wrong")),
-        "mlflow_reader_read": _status(search, ca, basic("reader", users["reader"])),
-        "mlflow_reader_write": _status(create, ca, {**basic("reader", users["reader"]), **json_h}, body),
+        "mlflow_reader_read": _status(f"{api}/experiments/get?experiment_id={experiment}", ca, reader),
+        "mlflow_reader_write": _status(f"{api}/runs/create", ca, {**reader, **json_h}, body),
         "s3_anonymous": _status(f"{st.s3_endpoint}/silotune", ca),
     }
     Path(out).write_text(json.dumps(report, indent=2))
