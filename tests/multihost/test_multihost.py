@@ -106,7 +106,7 @@ def hosts(demo_data):
             shutil.copyfile(demo_data[s]["eval"], folders[s] / "data" / "eval.jsonl")
         configs = []
         (root / "coordinator").mkdir()
-        feds = (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 30.0}), ("mh-restart", 2, {}))
+        feds = (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 60.0}), ("mh-restart", 2, {}))
         for fid, rounds, orch in feds:
             path = root / "coordinator" / f"{fid}.yaml"
             path.write_text(yaml.safe_dump(_config(fid, folders, rounds, **orch)))
@@ -343,9 +343,12 @@ def test_link_cut_mid_round_quorum_holds_and_the_silo_rejoins(hosts) -> None:
             assert time.monotonic() < deadline and proc.poll() is None, "clinic's round 0 never started"
             time.sleep(0.1)
         bed.link("clinic", up=False)  # mid-round: the silo run has started at the silo
-        committed = re.compile(rb"Flow run 'mh-cut' - round 1/2: 2 silo\(s\) in, 1 out")
-        while not committed.search(coordinator_log.read_bytes()):
-            assert time.monotonic() < deadline and proc.poll() is None, "round 0 not committed at quorum"
+        # The coordinator gives up on the silo (its run did not finish in time); the round goes on without it.
+        lost = re.compile(rb"Flow run 'mh-cut' - round 1: silo clinic failed")
+        while not lost.search(coordinator_log.read_bytes()):
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the coordinator never gave up on clinic"
+            )
             time.sleep(0.5)
     finally:
         bed.link("clinic", up=True)
