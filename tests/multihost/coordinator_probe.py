@@ -104,7 +104,7 @@ def federate(state: str, config: str, out: str, timeout: float, update_silo: str
 
     client = MlflowClient(st.mlflow_uri)
     run_id = state_json.get("tracking_run_id")
-    if run_id:
+    if run_id and report["state"] == "COMPLETED":  # the model is registered when the federation completes
         run = client.get_run(run_id)
         report["mlflow"] = {
             "status": run.info.status,
