@@ -45,6 +45,7 @@ for _name, _command in (
     app.command(_name)(_command)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(stack.stack_app, name="stack")
+app.add_typer(stack.ca_app, name="ca")
 app.add_typer(silo.silo_app, name="silo")
 app.add_typer(reports.report_app, name="report")
 

@@ -376,7 +376,14 @@ def silo_join(
     if api_url:
         os.environ["PREFECT_API_URL"] = api_url
     if not os.environ.get("PREFECT_API_URL"):
-        fail("no Prefect API: pass --api-url http://<coordinator>:4200/api or set PREFECT_API_URL")
+        fail("no Prefect API: pass --api-url https://<coordinator>:4200/api or set PREFECT_API_URL")
+    from ops.tls import TLSError, probe  # cryptography (about 0.1 s)
+
+    try:  # plain HTTP only to loopback; an HTTPS server must pass the pinned CA ($PREFECT_API_SSL_CERT_FILE)
+        api = os.environ["PREFECT_API_URL"].rstrip("/")
+        probe(f"{api}/health", os.environ.get("PREFECT_API_SSL_CERT_FILE"), "--api-url / $PREFECT_API_URL")
+    except TLSError as exc:
+        fail(str(exc))
     from ops.worker import ensure_silo_deployments, serve  # Prefect (about 1 s), after --api-url is set
     from tasks.runtime import register_silo_policy  # Prefect and torch (about 2.7 s)
 

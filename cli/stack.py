@@ -45,6 +45,27 @@ def stack_up(
     redeploy: Annotated[
         bool, typer.Option(help="Re-register deployments/prefect.yaml (resets schedules to the file's).")
     ] = False,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the Prefect API, MLflow and S3 listen on (default 127.0.0.1; others need --tls)."
+        ),
+    ] = None,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="HTTPS on every service with the stack's CA (STATE/tls/ca.pem, made once; clients pin it), "
+            "MLflow basic auth (one user per role, STATE/mlflow/users.json).",
+        ),
+    ] = None,
+    remote_silos: Annotated[
+        bool | None,
+        typer.Option(
+            "--remote-silos/--local-silos",
+            help="The silos' workers run on their own hosts (`stack admit`, then `silo join` there).",
+        ),
+    ] = None,
 ) -> None:
     """Start SeaweedFS, the Prefect server, MLflow and one worker per pool; return when all are healthy.
 
@@ -64,6 +85,9 @@ def stack_up(
             database=database,
             redeploy=redeploy,
             echo=console.print,
+            host=host,
+            tls=tls,
+            remote_silos=remote_silos,
         )
     except StackError as exc:
         fail(str(exc))
@@ -72,6 +96,28 @@ def stack_up(
         fid = load_config_file(c).federation_id
         console.print(f"run {fid} with: silotune run {st.config_path(fid)} --state-dir {state_dir}")
     console.print(f"stop with: silotune stack down --state-dir {state_dir}")
+
+
+@stack_app.command("admit")
+def stack_admit(
+    silo: Annotated[str, typer.Argument(help="The silo to admit (one of the stack's silos).")],
+    out: Annotated[Path, typer.Option(help="A new folder: what the silo's host needs to join.")],
+    train_path: Annotated[str | None, typer.Option(help="The silo's training data, on its host.")] = None,
+    eval_path: Annotated[str | None, typer.Option(help="The silo's holdout, on its host.")] = None,
+    state_dir: _STATE = Path(".silotune/stack"),
+) -> None:
+    """Write a silo's folder for its own host: its policy, private folder (moved out of the stack's
+    state), the CA and silo.env (its S3 identity, the Prefect API and auth string); see ops/admission.py.
+    """
+    from ops.admission import admit  # imports the policy module (torch, about 2.5 s)
+
+    st = Stack.load(state_dir)
+    if not st.ports:
+        fail(f"no stack in {state_dir} (`silotune stack up --remote-silos` first)")
+    try:
+        admit(st, silo, out, train_path=train_path, eval_path=eval_path, echo=console.print)
+    except StackError as exc:
+        fail(str(exc))
 
 
 @stack_app.command("down")
@@ -137,3 +183,48 @@ def worker(
     if role not in ("coordinator", "silo"):
         fail(f"--role: {role!r} is not 'coordinator' or 'silo'")
     serve(pool, role=role, query_seconds=query_seconds)  # type: ignore[arg-type]
+
+
+ca_app = typer.Typer(
+    no_args_is_help=True,
+    help="The consortium's small certificate authority: every link between hosts is HTTPS and pins it.",
+)
+
+
+@ca_app.command("init")
+def ca_init(
+    folder: Annotated[Path, typer.Option("--dir", help="Where the CA lives (ca.pem; ca.key, mode 0600).")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Also make server.pem/server.key for this address or DNS name (repeatable)."),
+    ] = None,
+) -> None:
+    """Make the CA (kept if it exists) and, with --host, a server certificate signed by it."""
+    from ops.tls import TLSError, make_ca, make_server_cert
+
+    try:
+        console.print(
+            f"CA: {make_ca(folder)} (its key {folder / 'ca.key'} stays with the consortium's admin)"
+        )
+        if host:
+            cert, key = make_server_cert(folder, host)
+            console.print(f"server certificate for {', '.join(host)}: {cert} (key {key})")
+    except TLSError as exc:
+        fail(str(exc))
+
+
+@ca_app.command("cert")
+def ca_cert(
+    host: Annotated[list[str], typer.Option(help="Address or DNS name the certificate names (repeatable).")],
+    folder: Annotated[Path, typer.Option("--dir", help="The CA's folder.")],
+    name: Annotated[str, typer.Option(help="File name: NAME.pem and NAME.key in --dir.")] = "server",
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 397,
+) -> None:
+    """Issue a server certificate signed by the CA (e.g. to renew the coordinator's, or for a new name)."""
+    from ops.tls import TLSError, make_server_cert
+
+    try:
+        cert, key = make_server_cert(folder, host, name=name, days=days)
+    except TLSError as exc:
+        fail(str(exc))
+    console.print(f"server certificate for {', '.join(host)}: {cert} (key {key})")

@@ -184,4 +184,24 @@ def s3_client(stack: Stack, identity: str = "admin") -> Any:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=REGION,
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        verify=str(stack.ca_file) if stack.ca_file else None,
     )
+
+
+MLFLOW_ROLES = ("admin", "coordinator", "reader")
+
+
+def write_mlflow_users(stack: Stack) -> dict[str, str]:
+    """MLflow's basic-auth users, one per role, passwords generated once (``mlflow/users.json``, 0600).
+
+    ``admin`` administers the server (users, permissions); ``coordinator`` is what the coordinator's
+    flows log and register models as; ``reader`` reads runs and models (dashboards, reviewers). The
+    server's default permission is READ, so a run or model the coordinator creates is readable by every
+    user and writable by the coordinator (its creator) and the admin only.
+    """
+    f = stack.root / "mlflow" / "users.json"
+    users: dict[str, str] = json.loads(f.read_text()) if f.is_file() else {}
+    for role in MLFLOW_ROLES:
+        users.setdefault(role, secrets.token_urlsafe(24))
+    write_secret(f, json.dumps(users, indent=2))
+    return users

@@ -288,7 +288,8 @@ def write_policies(stack: Stack, configs: list[Any] | None = None, *, echo: Any 
             raise StackError(f"{path} is the policy of silo {policy.silo!r}, not {silo!r}")
         for key in ("train_path", "eval_path"):
             value = getattr(policy, key)
-            if value is not None and not Path(value).is_file():
+            # A remote silo's data is on its own host (`silo join` checks it there).
+            if value is not None and not stack.remote_silos and not Path(value).is_file():
                 raise StackError(f"silo {silo}: {key} of its policy {path}: file not found: {value}")
         out[silo] = path
     return out

@@ -1,4 +1,6 @@
-"""PostgreSQL as Prefect's database (``stack up --database postgres``): loopback, data in the state folder."""
+"""PostgreSQL behind the Prefect server and MLflow (``stack up --database postgres``): loopback, data in the
+state folder. Databases ``prefect``, ``mlflow`` (MLflow's backend store) and ``mlflow_auth`` (its users,
+with ``--tls``). It listens on 127.0.0.1 only: just the coordinator host's servers use it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import asyncpg
 
 from ops.state import Stack, StackError
 from ops.supervise import find_bin, spawn, wait_until
+
+DATABASES = ("prefect", "mlflow", "mlflow_auth")
 
 
 def _pg_bin(name: str) -> str:
@@ -52,13 +56,15 @@ def start(stack: Stack) -> None:
 
 
 def wait_ready(stack: Stack, timeout: float) -> None:
-    """Wait until PostgreSQL accepts connections, creating the ``prefect`` database."""
+    """Wait until PostgreSQL accepts connections, creating the ``prefect``, ``mlflow`` and ``mlflow_auth``
+    databases."""
 
     async def ensure_db() -> bool:
         conn = await asyncpg.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres")
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'prefect'"):
-                await conn.execute("CREATE DATABASE prefect")
+            for db in DATABASES:
+                if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", db):
+                    await conn.execute(f"CREATE DATABASE {db}")
         finally:
             await conn.close()
         return True

@@ -1,7 +1,9 @@
 """The Prefect server of the stack, its work pools and deployments, and clients that reach it.
 
 The server runs on loopback with the stack's API auth string (see :mod:`ops.credentials`) on SQLite
-in the state folder, or on PostgreSQL (:mod:`ops.postgres`) with ``up --database postgres``. Its work
+in the state folder, or on PostgreSQL (:mod:`ops.postgres`) with ``up --database postgres``. With
+``up --tls`` it is Prefect's own ASGI app under uvicorn with the stack's certificate (what ``prefect
+server start`` runs, plus uvicorn's ``--ssl-*`` options), listening on the stack's host address. Its work
 pools are ordinary ``process`` pools, one for the coordinator and one per silo (``silo-<name>``), and
 ``deployments/prefect.yaml`` registers the flows on them.
 
@@ -14,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import yaml
 
 from ops.state import REGION, REPO_ROOT, RESULTS_BLOCK, RESULTS_BUCKET, Stack, StackError
 from ops.supervise import find_bin, spawn
+from ops.tls import SERVER_CERT, SERVER_KEY
 from silotune.modeling import OFFLINE_ENV
 
 
@@ -28,7 +32,7 @@ def start(stack: Stack) -> None:
     (stack.root / "prefect").mkdir(parents=True, exist_ok=True)
     env = {
         "PREFECT_HOME": str(stack.root / "prefect"),
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_HOST": stack.host,
         "PREFECT_SERVER_API_PORT": str(stack.ports["prefect"]),
         "PREFECT_API_DATABASE_CONNECTION_URL": (
             f"postgresql+asyncpg://postgres@127.0.0.1:{stack.ports['postgres']}/prefect"
@@ -45,8 +49,35 @@ def start(stack: Stack) -> None:
         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     }
     port = str(stack.ports["prefect"])
-    cmd = [find_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
+    cmd = [find_bin("prefect"), "server", "start", "--host", stack.host, "--port", port]
+    if stack.tls:
+        import prefect  # the app's folder, as `prefect server start` passes it to uvicorn
+
+        env["PREFECT__SERVER_FINAL"] = "1"
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(prefect.__module_path__.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            stack.host,
+            "--port",
+            port,
+            "--ssl-certfile",
+            str(stack.tls_dir / SERVER_CERT),
+            "--ssl-keyfile",
+            str(stack.tls_dir / SERVER_KEY),
+        ]
     spawn(stack, "prefect-server", cmd, env)
+
+
+def _tls_settings(stack: Stack) -> dict:
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+    return {PREFECT_API_SSL_CERT_FILE: str(stack.ca_file)} if stack.ca_file else {}
 
 
 @contextlib.contextmanager
@@ -56,7 +87,11 @@ def api_settings(stack: Stack) -> Iterator[None]:
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     with temporary_settings(
-        {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth_string()}
+        {
+            PREFECT_API_URL: stack.prefect_api,
+            PREFECT_API_AUTH_STRING: stack.prefect_auth_string(),
+            **_tls_settings(stack),
+        }
     ):
         yield
 
@@ -143,7 +178,7 @@ def prefect_api(stack: Stack) -> Iterator[None]:
         temporary_settings,
     )
 
-    env = stack.identity_env("coordinator")
+    env = {**stack.identity_env("coordinator"), **stack.tls_env(), **stack.mlflow_env("coordinator")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -152,6 +187,7 @@ def prefect_api(stack: Stack) -> Iterator[None]:
                 PREFECT_API_URL: stack.prefect_api,
                 PREFECT_API_AUTH_STRING: stack.prefect_auth_string(),
                 PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: f"s3-bucket/{RESULTS_BLOCK}",
+                **_tls_settings(stack),
             }
         ):
             yield

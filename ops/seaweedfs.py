@@ -2,13 +2,22 @@
 
 It serves three buckets (the federations' data, the coordinator's Prefect results, MLflow's
 artifacts) to the identities of :mod:`ops.credentials`, read from ``s3/identities.json``.
+
+With TLS (``stack up --tls``) the S3 port speaks HTTPS with the stack's server certificate. SeaweedFS
+itself always binds loopback: ``weed mini`` has one bind address for all its servers, and its master,
+volume and filer ports have no authentication. On a stack that serves other hosts (``--host``), a
+TCP relay (``socat``, Debian's package) forwards only the S3 port from the host's address to loopback;
+TLS runs end to end between the client and SeaweedFS, the relay sees ciphertext only.
 """
 
 from __future__ import annotations
 
+import shutil
+
 from ops.credentials import s3_client
-from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, Stack
-from ops.supervise import find_bin, spawn, wait_until
+from ops.state import DATA_BUCKET, MLFLOW_BUCKET, RESULTS_BUCKET, Stack, StackError
+from ops.supervise import find_bin, port_open, spawn, wait_until
+from ops.tls import SERVER_CERT, SERVER_KEY, is_loopback
 
 
 def start(stack: Stack) -> None:
@@ -40,11 +49,20 @@ def start(stack: Stack) -> None:
         # Nothing leaves the machine.
         "-master.telemetry=false",
     ]
+    if stack.tls:
+        cmd += [f"-s3.cert.file={stack.tls_dir / SERVER_CERT}", f"-s3.key.file={stack.tls_dir / SERVER_KEY}"]
     spawn(stack, "seaweedfs", cmd, {})
 
 
 def wait_ready(stack: Stack, timeout: float) -> None:
-    """Wait until the stack's buckets exist (the S3 port opens before a bucket can be created)."""
+    """Wait until the stack's buckets exist (the S3 port opens before a bucket can be created).
+
+    On a stack serving other hosts, the relay starts once SeaweedFS listens on loopback (SeaweedFS checks
+    at start-up that its ports are free, on every address).
+    """
+    if not is_loopback(stack.host):
+        wait_until("SeaweedFS (S3)", lambda: port_open(stack.ports["s3"]), timeout, stack, "seaweedfs")
+        _start_relay(stack)
 
     def ready() -> bool:
         c = s3_client(stack)
@@ -58,3 +76,17 @@ def wait_ready(stack: Stack, timeout: float) -> None:
         return True
 
     wait_until("SeaweedFS (S3)", ready, timeout, stack, "seaweedfs")
+
+
+def _start_relay(stack: Stack) -> None:
+    """Forward the S3 port from the stack's host address to SeaweedFS on loopback (TLS passes through)."""
+    p = stack.ports
+    socat = shutil.which("socat")
+    if socat is None:
+        raise StackError("socat not found: a stack serving other hosts needs it (infra/install.sh)")
+    relay = [
+        socat,
+        f"TCP-LISTEN:{p['s3']},bind={stack.host},reuseaddr,fork",
+        f"TCP:127.0.0.1:{p['s3']}",
+    ]
+    spawn(stack, "s3-relay", relay, {})

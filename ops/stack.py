@@ -63,6 +63,7 @@ from ops.supervise import (
     terminate,
     wait_until,
 )
+from ops.tls import is_loopback, make_ca, make_server_cert
 from silotune.compute import COLOCATED_ENV
 
 # --- workers -----------------------------------------------------------------------------------
@@ -71,6 +72,8 @@ from silotune.compute import COLOCATED_ENV
 def worker_env(stack: Stack, identity: str) -> dict[str, str]:
     """A worker's environment: its Prefect client and S3 identity, this checkout's code, its threads."""
     env = {**stack.prefect_env(identity), **stack.identity_env(identity), "SILOTUNE_HOME": str(REPO_ROOT)}
+    if identity == "coordinator":  # it logs runs and registers models (MLflow basic auth, with --tls)
+        env.update(stack.mlflow_env("coordinator"))
     # This checkout's flows, tasks and silotune first, whatever package the interpreter has installed.
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     # The silos share this host's cores; each worker sizes its torch threads from this (silotune.compute).
@@ -158,7 +161,20 @@ def restart_worker(stack: Stack, *pools: str, timeout: float = 120.0) -> None:
     start_worker(stack, *pools, timeout=timeout)
 
 
+def restart_prefect_server(stack: Stack, timeout: float = 300.0) -> None:
+    """Stop the Prefect server and start it again (its database keeps every run); workers reconnect."""
+    terminate(stack, ["prefect-server"], 15.0, lambda *_: None)
+    prefect_server.start(stack)
+    health = f"{stack.prefect_api}/health"
+    wait_until("Prefect server", lambda: http_ok(health, stack.ca_file), timeout, stack, "prefect-server")
+
+
 # --- commands ----------------------------------------------------------------------------------
+
+
+def _open_on_host(stack: Stack, port: int) -> bool:
+    """Whether ``port`` is open on the stack's host address (when that is not loopback)."""
+    return not is_loopback(stack.host) and port_open(port, stack.host)
 
 
 def up(
@@ -171,6 +187,10 @@ def up(
     redeploy: bool = False,
     timeout: float = 240.0,
     echo: Any = print,
+    host: str | None = None,
+    tls: bool | None = None,
+    remote_silos: bool | None = None,
+    cert_names: Iterable[str] = (),
 ) -> Stack:
     """Start the whole stack and return once every part is healthy; on any failure, stop what started.
 
@@ -204,10 +224,20 @@ def up(
         if database not in ("sqlite", "postgres"):
             raise StackError(f"database must be 'sqlite' or 'postgres', not {database!r}")
         stack.database = database
+    if host is not None:
+        stack.host = host
+    if tls is not None:
+        stack.tls = tls
+    if remote_silos is not None:
+        stack.remote_silos = remote_silos
+    if not stack.tls and not is_loopback(stack.host):
+        raise StackError(
+            f"host {stack.host}: plain HTTP is allowed on loopback only; serve other hosts with --tls"
+        )
     if stack.database == "postgres" and "postgres" not in stack.ports:
         stack.ports["postgres"] = free_ports(["postgres"])["postgres"] if auto_ports else 5432
     stack.pids = {}
-    busy = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p))
+    busy = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p) or _open_on_host(stack, p))
     if busy:
         raise StackError(
             f"port(s) already in use on 127.0.0.1: {', '.join(busy)} (another stack? `silotune stack down`)"
@@ -218,6 +248,10 @@ def up(
     stack.save()
     credentials.write_identities(stack)
     credentials.write_prefect_auth(stack)
+    if stack.tls:
+        make_ca(stack.tls_dir)
+        make_server_cert(stack.tls_dir, [stack.host, "127.0.0.1", "localhost", *cert_names])
+        echo(f"TLS              CA {stack.ca_file} (clients pin it); certificate for {stack.host}")
     if configs:
         for c in policies.configure(stack, configs, echo=echo):
             echo(f"federation       {c.federation_id}: {stack.config_path(c.federation_id)}")
@@ -230,7 +264,7 @@ def up(
         if stack.database == "postgres":
             postgres.start(stack)
             postgres.wait_ready(stack, timeout)
-            echo(f"PostgreSQL       127.0.0.1:{stack.ports['postgres']} (Prefect's database)")
+            echo(f"PostgreSQL       127.0.0.1:{stack.ports['postgres']} (Prefect's and MLflow's database)")
         prefect_server.start(stack)
         seaweedfs.wait_ready(stack, timeout)
         echo(
@@ -240,23 +274,29 @@ def up(
         mlflow_server.start(stack)
         wait_until(
             "Prefect server",
-            lambda: http_ok(f"{stack.prefect_api}/health"),
+            lambda: http_ok(f"{stack.prefect_api}/health", stack.ca_file),
             timeout,
             stack,
             "prefect-server",
         )
         echo(f"Prefect server   {stack.prefect_ui}  (API auth string: {stack.prefect_auth_file})")
         prefect_server.configure(stack)
-        workers = {pool: _start_worker(stack, pool) for pool in stack.pools()}
+        workers = {pool: _start_worker(stack, pool) for pool in stack.local_pools()}
         if redeploy or not prefect_server.deployed(stack):
             prefect_server.deploy(stack)
             echo("deployments      registered from deployments/prefect.yaml")
         else:  # kept as they are: a schedule turned on from the CLI or the UI stays on
             echo("deployments      already registered (`up --redeploy` re-reads deployments/prefect.yaml)")
-        wait_until("MLflow server", lambda: http_ok(f"{stack.mlflow_uri}/health"), timeout, stack, "mlflow")
-        echo(f"MLflow server    {stack.mlflow_uri}")
+        mlflow_health = f"{stack.mlflow_uri}/health"
+        wait_until("MLflow server", lambda: http_ok(mlflow_health, stack.ca_file), timeout, stack, "mlflow")
+        mlflow_server.configure_users(stack)
+        auth = "  (basic auth: mlflow/users.json)" if stack.tls else ""
+        echo(f"MLflow server    {stack.mlflow_uri}{auth}")
         _wait_workers(stack, workers, timeout)
-        echo(f"workers          {', '.join(stack.pools())} online")
+        echo(f"workers          {', '.join(stack.local_pools())} online")
+        if stack.remote_silos:
+            pools = ", ".join(stack.pools()[1:])
+            echo(f"silo pools       {pools}: waiting for `silotune silo join` at each silo")
     except BaseException:
         down(stack.root, echo=lambda *_: None)
         raise
@@ -275,11 +315,12 @@ def down(root: Path | str = DEFAULT_STATE, *, grace: float = 15.0, echo: Any = p
     terminate(stack, [n for n in stack.pids if n not in workers], grace, echo)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
-        any(group_alive(p) for p in stack.pids.values()) or any(port_open(p) for p in stack.ports.values())
+        any(group_alive(p) for p in stack.pids.values())
+        or any(port_open(p) or _open_on_host(stack, p) for p in stack.ports.values())
     ):
         time.sleep(0.2)
     left = [n for n, p in stack.pids.items() if group_alive(p)]
-    ports = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p))
+    ports = sorted(f"{n}={p}" for n, p in stack.ports.items() if port_open(p) or _open_on_host(stack, p))
     if left or ports:
         raise StackError(f"stack not fully stopped: processes {left}, ports still open {ports}")
     stack.pids = {}
@@ -298,6 +339,8 @@ def status(root: Path | str = DEFAULT_STATE) -> dict[str, Any]:
         "prefect_ui": stack.prefect_ui if stack.ports else None,
         "mlflow_ui": stack.mlflow_uri if stack.ports else None,
         "s3_endpoint": stack.s3_endpoint if stack.ports else None,
+        # With TLS: the CA every client pins.
+        "ca_file": str(stack.ca_file) if stack.ca_file else None,
         # The Prefect API and UI ask for the string in this file (mode 0600).
         "prefect_auth_file": str(stack.prefect_auth_file) if stack.prefect_auth_file.is_file() else None,
         "silos": stack.silos,

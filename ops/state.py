@@ -61,6 +61,12 @@ class Stack:
     silos: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
     database: str = "sqlite"
+    # Across hosts: the address the Prefect API, MLflow and S3 listen on (loopback by default), whether
+    # they speak HTTPS with the certificates in ``tls/`` (:mod:`ops.tls`), and whether the silos' workers
+    # run on their own hosts (``silotune silo join`` there) instead of being started here.
+    host: str = "127.0.0.1"
+    tls: bool = False
+    remote_silos: bool = False
 
     @classmethod
     def load(cls, root: Path | str = DEFAULT_STATE) -> Stack:
@@ -75,12 +81,23 @@ class Stack:
             silos=data["silos"],
             pids=data.get("pids", {}),
             database=data.get("database", "sqlite"),
+            host=data.get("host", "127.0.0.1"),
+            tls=data.get("tls", False),
+            remote_silos=data.get("remote_silos", False),
         )
 
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "stack.json.tmp"
-        data = {"ports": self.ports, "silos": self.silos, "pids": self.pids, "database": self.database}
+        data = {
+            "ports": self.ports,
+            "silos": self.silos,
+            "pids": self.pids,
+            "database": self.database,
+            "host": self.host,
+            "tls": self.tls,
+            "remote_silos": self.remote_silos,
+        }
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.root / "stack.json")
 
@@ -90,20 +107,53 @@ class Stack:
         return self.root / "logs"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def prefect_api(self) -> str:
-        return f"http://127.0.0.1:{self.ports['prefect']}/api"
+        return f"{self.scheme}://{self.host}:{self.ports['prefect']}/api"
 
     @property
     def prefect_ui(self) -> str:
-        return f"http://127.0.0.1:{self.ports['prefect']}"
+        return f"{self.scheme}://{self.host}:{self.ports['prefect']}"
 
     @property
     def mlflow_uri(self) -> str:
-        return f"http://127.0.0.1:{self.ports['mlflow']}"
+        return f"{self.scheme}://{self.host}:{self.ports['mlflow']}"
 
     @property
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"{self.scheme}://{self.host}:{self.ports['s3']}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The CA (``ca.pem``; its key ``ca.key``) and the services' certificate (``server.pem``/``.key``)."""
+        return self.root / "tls"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA every client of this stack pins (None without TLS)."""
+        return self.tls_dir / "ca.pem" if self.tls else None
+
+    def tls_env(self) -> dict[str, str]:
+        """The environment that makes Prefect, boto3 and MLflow clients trust this stack's CA, and only it."""
+        if not self.tls:
+            return {}
+        ca = str(self.ca_file)
+        return {"PREFECT_API_SSL_CERT_FILE": ca, "AWS_CA_BUNDLE": ca, "MLFLOW_TRACKING_SERVER_CERT_PATH": ca}
+
+    def mlflow_users(self) -> dict[str, str]:
+        """MLflow's basic-auth users (``mlflow/users.json``, mode 0600): password by role; {} without TLS."""
+        f = self.root / "mlflow" / "users.json"
+        return json.loads(f.read_text()) if self.tls and f.is_file() else {}
+
+    def mlflow_env(self, role: str) -> dict[str, str]:
+        """MLflow client settings acting as ``role`` (``coordinator``, ``reader``, ``admin``)."""
+        users = self.mlflow_users()
+        if role not in users:
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": role, "MLFLOW_TRACKING_PASSWORD": users[role]}
 
     def credentials(self) -> dict[str, dict[str, str]]:
         return json.loads((self.root / "s3" / "credentials.json").read_text())
@@ -138,6 +188,7 @@ class Stack:
         JSON records in its own prefix of the data bucket, never through Prefect's result store.
         """
         env = {"PREFECT_API_URL": self.prefect_api, "PREFECT_API_AUTH_STRING": self.prefect_auth_string()}
+        env.update(self.tls_env())
         if identity == COORDINATOR_POOL:
             env["PREFECT_HOME"] = str(self.root / "prefect")
             env["PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
@@ -151,6 +202,10 @@ class Stack:
 
     def tracking_spec(self, experiment: str = "silotune") -> dict[str, Any]:
         return {"kind": "mlflow", "uri": self.mlflow_uri, "experiment": experiment}
+
+    def local_pools(self) -> list[str]:
+        """The pools whose workers this stack starts (the silos' run on their own hosts when remote)."""
+        return [COORDINATOR_POOL] if self.remote_silos else self.pools()
 
     def pools(self) -> list[str]:
         return [COORDINATOR_POOL, *(f"silo-{s}" for s in self.silos)]

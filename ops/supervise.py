@@ -99,6 +99,11 @@ _IDENTITY_VARS = frozenset(
         "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
         "PREFECT_HOME",
         "PREFECT_PROFILES_PATH",
+        "PREFECT_API_SSL_CERT_FILE",
+        "AWS_CA_BUNDLE",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
     }
 )
 
@@ -163,9 +168,14 @@ def wait_until(what: str, check: Any, timeout: float, stack: Stack, name: str, i
     )
 
 
-def http_ok(url: str) -> bool:
-    """Whether ``url`` answers 2xx (a health probe)."""
-    with urllib.request.urlopen(url, timeout=2) as r:
+def http_ok(url: str, ca: Path | str | None = None) -> bool:
+    """Whether ``url`` answers 2xx (a health probe); ``ca``: the only CA an https:// URL may chain to."""
+    ctx = None
+    if url.startswith("https://"):
+        import ssl  # only for the stack's TLS
+
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
         return bool(200 <= r.status < 300)
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from silotune.config import FederationConfig, PromotionSpec, TrackingSpec
 from silotune.crypto.ckks import ckks_preset
+from silotune.links import require_secure
 from silotune.promotion import ALIAS_TAG, CHAMPION, REASON_TAG, decide
 from silotune.records import Evaluation, RoundSummary
 
@@ -143,6 +144,8 @@ class MlflowTracker:
         self.spec = spec
         if spec.uri.startswith("sqlite:///"):
             Path(spec.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if spec.uri.startswith(("http://", "https://")):
+            require_secure(spec.uri, "tracking.uri")  # across hosts only HTTPS
         self.client = MlflowClient(tracking_uri=spec.uri)
 
     def _experiment_id(self) -> str:

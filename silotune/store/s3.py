@@ -17,6 +17,7 @@ from typing import Any
 
 from silotune.config import StoreSpec
 from silotune.errors import StoreError
+from silotune.links import LinkError, require_secure
 from silotune.store.local import _check_key
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
@@ -32,6 +33,11 @@ class S3Store:
     def __init__(self, spec: StoreSpec, *, client: Any | None = None) -> None:
         if spec.kind != "s3" or not spec.bucket:
             raise StoreError("S3Store needs a store spec with kind 's3' and a bucket")
+        if spec.endpoint_url:
+            try:  # across hosts only HTTPS; plain HTTP stays on loopback
+                require_secure(spec.endpoint_url, "store.endpoint_url")
+            except LinkError as exc:
+                raise StoreError(str(exc)) from None
         self.spec = spec
         self.bucket = spec.bucket
         self.prefix = spec.prefix.strip("/")

@@ -1,0 +1,403 @@
+"""A consortium across hosts: four network namespaces on one machine, every link HTTPS with authentication.
+
+The coordinator's host runs the stack (``stack up --host <its address> --tls --remote-silos --database
+postgres``): PostgreSQL behind the Prefect server and MLflow, SeaweedFS (S3 over HTTPS), MLflow (HTTPS,
+basic auth, one user per role), the Prefect server (HTTPS, API auth string) and the coordinator's worker.
+Each silo is admitted (``stack admit``: its policy, private folder, S3 identity, the CA) into a folder of
+its own host and runs ``silotune silo join`` there, with its own data; only the bridge connects the hosts.
+
+1. A 3-silo federation of the tiny model: the store, the MLflow registry and the Prefect runs are
+   checked as tests/integration/test_stack.py checks them, the rows are in PostgreSQL, and a capture on
+   the bridge holds no plaintext HTTP, no federation id and no bytes of a silo's update.
+2. Every service refuses a request without credentials.
+3. A silo's link cut mid-round: the round completes at quorum, the silo is recorded as failed with the
+   reason, and it is back in the next round once its link is up.
+4. The Prefect server restarted between two rounds: the workers reconnect and the federation finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from netns_testbed import TestBed, unavailable
+
+from ops.admission import admit, read_env
+from ops.state import REPO_ROOT, Stack
+from silotune.modeling import OFFLINE_ENV
+
+pytestmark = [pytest.mark.multihost, pytest.mark.integration, pytest.mark.timeout(900)]
+
+SILOS = ("clinic", "bank", "lab")
+PROBE = str(Path(__file__).with_name("coordinator_probe.py"))
+# Who a process is comes from its host's files only, never from the test's environment.
+_FOREIGN = ("PREFECT_", "AWS_", "MLFLOW_TRACKING", "SSL_CERT", "REQUESTS_CA")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
+    env.update(OFFLINE_ENV)
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="200")
+    env["PYTHONUNBUFFERED"] = "1"  # the tests watch the hosts' logs to time their faults
+    env.update(extra or {})
+    return env
+
+
+def _config(fid: str, hosts: dict[str, Path], rounds: int, **orch: float) -> dict:
+    return {
+        "federation_id": fid,
+        "rounds": rounds,
+        "seed": 1,
+        "model": {"name_or_path": "tiny-llama", "max_seq_len": 128},
+        "lora": {"r": 4},
+        "train": {"local_steps": 1, "batch_size": 4, "learning_rate": 5e-2, "torch_threads": 1},
+        "silos": [
+            {
+                "name": s,
+                "train_path": str(hosts[s] / "data" / "train.jsonl"),
+                "eval_path": str(hosts[s] / "data" / "eval.jsonl"),
+            }
+            for s in SILOS
+        ],
+        "aggregation": {"min_silos": 2},
+        "evaluation": {"max_examples": 4},
+        "orchestration": {"mode": "workpools", "silo_timeout_s": 120, "pickup_timeout_s": 90, **orch},
+    }
+
+
+def _missing_tools() -> str | None:
+    for tool in ("socat", "tcpdump"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (infra/install.sh installs it as root)"
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) and shutil.which("initdb") is None:
+        return "PostgreSQL is not installed (infra/install.sh installs it as root)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def hosts(demo_data):
+    reason = unavailable() or _missing_tools()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="silotune-multihost-"))
+    root.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data folder
+    bed = TestBed(["coordinator", *SILOS])
+    joins: dict[str, subprocess.Popen] = {}
+    state = root / "coordinator" / "state"
+    try:
+        bed.up()
+        addr = bed.addresses["coordinator"]
+        folders = {s: root / "hosts" / s for s in SILOS}
+        for s in SILOS:  # each silo's data, on its own host only
+            (folders[s] / "data").mkdir(parents=True)
+            shutil.copyfile(demo_data[s]["train"], folders[s] / "data" / "train.jsonl")
+            shutil.copyfile(demo_data[s]["eval"], folders[s] / "data" / "eval.jsonl")
+        configs = []
+        (root / "coordinator").mkdir()
+        feds = (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 60.0}), ("mh-restart", 2, {}))
+        for fid, rounds, orch in feds:
+            path = root / "coordinator" / f"{fid}.yaml"
+            path.write_text(yaml.safe_dump(_config(fid, folders, rounds, **orch)))
+            configs += ["--config", str(path)]
+        t0 = time.monotonic()
+        up = bed.run(
+            "coordinator",
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "stack",
+                "up",
+                "--state-dir",
+                str(state),
+                "--host",
+                addr,
+                "--tls",
+                "--remote-silos",
+                "--database",
+                "postgres",
+                *configs,
+            ],
+            env=_env(),
+            cwd=REPO_ROOT,
+            timeout=600,
+        )
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        print(f"coordinator stack up in {time.monotonic() - t0:.0f} s")
+        st = Stack.load(state)
+        for s in SILOS:
+            bundle = folders[s] / "silo"
+            admit(
+                st,
+                s,
+                bundle,
+                train_path=str(folders[s] / "data" / "train.jsonl"),
+                eval_path=str(folders[s] / "data" / "eval.jsonl"),
+            )
+            assert not st.silo_dir(s).exists()  # the coordinator kept none of the silo's secrets
+        for s in SILOS:
+            bundle = folders[s] / "silo"
+            log = open(folders[s] / "join.log", "wb")  # noqa: SIM115 - the child keeps it
+            joins[s] = subprocess.Popen(
+                bed.exec(
+                    s,
+                    [
+                        sys.executable,
+                        "-m",
+                        "cli",
+                        "silo",
+                        "join",
+                        s,
+                        "--policy",
+                        str(bundle / "policy.yaml"),
+                        "--query-seconds",
+                        "2",
+                    ],
+                ),
+                env=_env(read_env(bundle / "silo.env")),
+                cwd=str(folders[s]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+        deadline = time.monotonic() + 240
+        pending = set(SILOS)
+        while pending and time.monotonic() < deadline:
+            for s in list(pending):
+                text = (folders[s] / "join.log").read_text(errors="replace")
+                assert joins[s].poll() is None, f"silo {s} exited:\n{text[-3000:]}"
+                if f"serving pool silo-{s}" in text:
+                    pending.discard(s)
+            time.sleep(1)
+        assert not pending, f"silos {sorted(pending)} did not join"
+        yield SimpleNamespace(bed=bed, root=root, state=state, stack=st, folders=folders, joins=joins)
+    finally:
+        for p in joins.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in joins.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        if (state / "stack.json").is_file() and bed.created:
+            down = bed.run(
+                "coordinator",
+                [sys.executable, "-m", "cli", "stack", "down", "--state-dir", str(state)],
+                env=_env(),
+                cwd=REPO_ROOT,
+                timeout=180,
+            )
+            print(down.stdout[-1000:], down.stderr[-1000:])
+        bed.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _federate(h, fid: str, *, update_silo: str | None = None, background: bool = False):
+    out = h.root / f"{fid}.json"
+    cmd = [
+        sys.executable,
+        PROBE,
+        "federate",
+        str(h.state),
+        str(h.stack.config_path(fid)),
+        str(out),
+        "--timeout",
+        "500",
+    ]
+    if update_silo:
+        cmd += ["--update-silo", update_silo]
+    proc = subprocess.Popen(
+        h.bed.exec("coordinator", cmd),
+        env=_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if background:
+        return proc, out
+    text, _ = proc.communicate(timeout=700)
+    assert proc.returncode == 0, text[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_federation_across_hosts_over_tls_with_postgres(hosts) -> None:
+    bed = hosts.bed
+    capture = hosts.root / "bridge.pcap"
+    dump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            bed.bridge_ns,
+            "tcpdump",
+            "-i",
+            "br0",
+            "-n",
+            "-s",
+            "0",
+            "-U",
+            "-w",
+            str(capture),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    before = {s: bed.counters(s) for s in SILOS}
+    try:
+        time.sleep(1)
+        rep = _federate(hosts, "mh-tls", update_silo="clinic")
+    finally:
+        time.sleep(1)
+        dump.send_signal(signal.SIGINT)
+        dump.wait(30)
+    wire = {s: {k: bed.counters(s)[k] - before[s][k] for k in ("rx_bytes", "tx_bytes")} for s in SILOS}
+    print(f"3 silos, 1 round across hosts: {rep['wall_s']:.1f} s; bytes on each silo's link: {wire}")
+
+    assert rep["state"] == "COMPLETED", rep["message"]
+    # The store: the round's updates and manifest, every object intact, the final adapter.
+    (m,) = rep["manifests"]
+    assert m["included"] == list(SILOS) and m["excluded"] == {} and m["intact"]
+    assert set(m["objects"]) == {"global_in", "global_out", *(f"update/{s}" for s in SILOS)}
+    assert rep["store_state"]["completed_rounds"] == 1 and rep["final_exists"]
+    # MLflow (read as its reader user): the run, its metrics, the registered adapter with lineage.
+    ml = rep["mlflow"]
+    assert ml["status"] == "FINISHED"
+    assert {"global.loss", "silo.clinic.train.final_loss", "silo.lab.eval.loss"} <= set(ml["metrics"])
+    assert "adapter/adapter_model.safetensors" in ml["artifacts"]
+    assert ml["champion"]["run_id"] == rep["store_state"]["tracking_run_id"]
+    tags = ml["champion"]["tags"]
+    assert tags["silotune.federation_id"] == "mh-tls" and tags["silotune.silos"] == ",".join(SILOS)
+    assert tags["silotune.config_hash"] == rep["config_fingerprint"]
+    # Prefect: each silo's runs completed on its own pool (served from its own host).
+    runs = rep["silo_runs"]
+    assert sorted(r["name"] for r in runs) == sorted(
+        [f"{s}-round-0" for s in SILOS] + [f"{s}-evaluate-0" for s in SILOS]
+    )
+    for r in runs:
+        silo = next(t.removeprefix("silo:") for t in r["tags"] if t.startswith("silo:"))
+        assert r["state"] == "COMPLETED" and r["pool"] == f"silo-{silo}"
+    assert rep["work_pool"] == "coordinator"
+    # PostgreSQL holds the Prefect runs (the silo runs carry the federation's tag) and the MLflow run.
+    assert rep["postgres"]["prefect_flow_runs"] == len(runs)
+    assert rep["postgres"]["mlflow_runs"] == 1
+
+    # The bridge saw the whole round, encrypted: TLS records, no plaintext HTTP, neither the federation
+    # id nor any 64-byte piece of clinic's update.
+    pcap = capture.read_bytes()
+    update = (hosts.root / "mh-tls.update").read_bytes()
+    assert len(pcap) > 2 * len(update) and rep["update_bytes"] == len(update)
+    assert b"\x16\x03\x03" in pcap or b"\x16\x03\x01" in pcap  # TLS handshakes
+    for plain in (b"HTTP/1.1", b"GET /", b"POST /", b"PUT /", b"Authorization:", b"mh-tls"):
+        assert plain not in pcap, plain
+    # Pieces of the update's tensor values: 64 bytes with many distinct values (not zero padding, which
+    # any capture holds).
+    step = max(64, len(update) // 400)
+    pieces = [
+        update[i : i + 64] for i in range(0, len(update) - 64, step) if len(set(update[i : i + 64])) >= 24
+    ]
+    assert len(pieces) >= 3
+    assert not any(p in pcap for p in pieces)
+
+
+def test_every_service_refuses_requests_without_credentials(hosts) -> None:
+    out = hosts.root / "auth.json"
+    res = hosts.bed.run(
+        "coordinator",
+        [sys.executable, PROBE, "auth", str(hosts.state), str(out)],
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["prefect_no_auth"] == 401 and got["prefect_auth"] == 200
+    assert got["mlflow_no_auth"] == 401 and got["mlflow_wrong_password"] == 401
+    # The reader reads the coordinator's experiment but cannot add a run to it.
+    assert got["mlflow_reader_read"] == 200 and got["mlflow_reader_write"] == 403
+    assert got["s3_anonymous"] == 403
+
+
+def test_link_cut_mid_round_quorum_holds_and_the_silo_rejoins(hosts) -> None:
+    bed, clinic_log = hosts.bed, hosts.folders["clinic"] / "join.log"
+    coordinator_log = hosts.state / "logs" / "worker-coordinator.log"
+    start = clinic_log.stat().st_size
+    proc, out = _federate(hosts, "mh-cut", background=True)
+    try:
+        deadline = time.monotonic() + 300
+        while b"clinic-round-0" not in clinic_log.read_bytes()[start:]:
+            assert time.monotonic() < deadline and proc.poll() is None, "clinic's round 0 never started"
+            time.sleep(0.1)
+        bed.link("clinic", up=False)  # mid-round: the silo run has started at the silo
+        # The coordinator gives up on the silo (its run did not finish in time); the round goes on without it.
+        lost = re.compile(rb"Flow run 'mh-cut' - round 1: silo clinic failed")
+        while not lost.search(coordinator_log.read_bytes()):
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the coordinator never gave up on clinic"
+            )
+            time.sleep(0.5)
+    finally:
+        bed.link("clinic", up=True)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    rep = json.loads(out.read_text())
+    assert rep["state"] == "COMPLETED", rep["message"]
+    first, second = rep["manifests"]
+    assert first["included"] == ["bank", "lab"] and list(first["excluded"]) == ["clinic"]
+    assert first["excluded"]["clinic"], "the silo is recorded as failed with its reason"
+    print(f"clinic's link cut in round 0: {first['excluded']['clinic']}")
+    assert second["included"] == list(SILOS) and second["excluded"] == {}
+    assert first["intact"] and second["intact"]
+
+
+def test_prefect_server_restart_mid_federation_workers_reconnect(hosts) -> None:
+    """The Prefect server restarts after round 1's silo runs: the silos' workers reconnect and serve round 2; the
+    coordinator's run goes on, or (if it did not outlive the outage) a new run resumes after the last
+    committed round without recomputing it."""
+    coordinator_log = hosts.state / "logs" / "worker-coordinator.log"
+    start = coordinator_log.stat().st_size
+    proc, out = _federate(hosts, "mh-restart", background=True)
+    # Round 1's silo runs are done (their wave is logged); round 2's are created after the restart.
+    committed = re.compile(rb"Flow run 'mh-restart' - silo-round: 3 run\(s\) created")
+    deadline = time.monotonic() + 600
+    while not committed.search(coordinator_log.read_bytes()[start:]):
+        assert time.monotonic() < deadline and proc.poll() is None, "round 1 never committed"
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    res = hosts.bed.run(
+        "coordinator",
+        [sys.executable, PROBE, "restart-prefect", str(hosts.state)],
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=400,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    print(f"Prefect server restarted in {time.monotonic() - t0:.0f} s")
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, text[-4000:]
+    rep = json.loads(out.read_text())
+    resumed = rep["state"] != "COMPLETED"
+    if resumed:  # the first run did not outlive the outage: a new run of the same federation resumes it
+        print(f"coordinator run ended {rep['state']} ({rep['message']}); running the federation again")
+        rep = _federate(hosts, "mh-restart")
+    assert rep["state"] == "COMPLETED", rep["message"]
+    assert [m["included"] for m in rep["manifests"]] == [list(SILOS), list(SILOS)]
+    assert all(m["intact"] for m in rep["manifests"])
+    # Round 2 ran at every silo after the restart: their workers reconnected. No round ran twice.
+    names = [r["name"] for r in rep["silo_runs"] if r["state"] == "COMPLETED"]
+    for s in SILOS:
+        assert names.count(f"{s}-round-1") == 1 and names.count(f"{s}-round-0") == 1, names
