@@ -37,11 +37,12 @@ def sample_rate(config: FederationConfig) -> float:
 
 
 def silos_of_round(config: FederationConfig, round_: int) -> list[str]:
-    """The silos drawn for round ``round_`` (0-based), sorted by name; every silo without sampling."""
-    names = sorted(s.name for s in config.silos)
+    """The silos drawn for round ``round_`` (0-based), sorted by name; without sampling, every silo in
+    the config's order (the order rounds always used: aggregation sums in it)."""
     m = sample_size(config)
-    if m >= len(names):
-        return names
+    if m >= len(config.silos):
+        return [s.name for s in config.silos]
+    names = sorted(s.name for s in config.silos)
 
     def rank(silo: str) -> bytes:
         material = json.dumps([_DOMAIN, config.federation_id, config.seed, round_, silo]).encode()

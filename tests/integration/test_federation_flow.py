@@ -281,10 +281,10 @@ def test_crash_before_a_rounds_evaluation_arrived_resumes_and_fills_it_in(
     crashy = _config(tmp_path / "b", demo_data, "fed-e-b", rounds=3, tracking=False)
     real_round = InProcessRunner.run_round
 
-    def crash_in_round_2(self, config, round_, global_ref, *, evaluate, reuse=None):
+    def crash_in_round_2(self, config, round_, global_ref, *, evaluate, reuse=None, silos=None):
         if round_ == 1:  # round 1 is committed; its evaluation would come with this wave
             raise RuntimeError("coordinator crashed")
-        return real_round(self, config, round_, global_ref, evaluate=evaluate, reuse=reuse)
+        return real_round(self, config, round_, global_ref, evaluate=evaluate, reuse=reuse, silos=silos)
 
     monkeypatch.setattr(InProcessRunner, "run_round", crash_in_round_2)
     with pytest.raises(RuntimeError, match="coordinator crashed"):
