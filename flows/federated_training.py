@@ -29,7 +29,7 @@ from tasks.commit import commit
 from tasks.publish import publish
 from tasks.record_evaluation import record_eval
 from tasks.report import report
-from tasks.runtime import published_location
+from tasks.runtime import install_expected_error_filter, published_location
 from tasks.secure import close_upload
 from tasks.start import start_or_resume
 from tasks.track import track_start
@@ -42,6 +42,7 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
     ``reuse`` (experiments only, e.g. the robustness grid): the name of a memo in which identical
     local work of the processes that run this federation is done once (see ``tasks.runtime``).
     """
+    install_expected_error_filter()
     logger = get_run_logger()
     runner = runner_for(config)
     state = track_start(config, start_or_resume(config))

@@ -175,10 +175,18 @@ class ExpectedErrorFilter(logging.Filter):
 
 
 _EXPECTED_ERRORS = ExpectedErrorFilter()
-# Prefect's run loggers (task and flow runs log through these two, never through child loggers).
-for _name in ("prefect.task_runs", "prefect.flow_runs"):
-    if _EXPECTED_ERRORS not in logging.getLogger(_name).filters:
-        logging.getLogger(_name).addFilter(_EXPECTED_ERRORS)
+
+
+def install_expected_error_filter() -> None:
+    """Put the filter on Prefect's run loggers (task and flow runs log through these two, never through
+    child loggers). Idempotent; flows call it when they start, because re-running Prefect's logging
+    setup (``dictConfig``) replaces a logger's filters."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        if _EXPECTED_ERRORS not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_EXPECTED_ERRORS)
+
+
+install_expected_error_filter()
 
 
 def lifetime_epsilon(silo: str) -> float | None:

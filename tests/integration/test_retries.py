@@ -11,7 +11,7 @@ from prefect import Task, flow, task
 
 import tasks
 from silotune.errors import DataError, StoreError
-from tasks.runtime import transient
+from tasks.runtime import install_expected_error_filter, transient
 
 pytestmark = [pytest.mark.integration]
 
@@ -47,6 +47,7 @@ def test_expected_errors_log_one_line_without_a_traceback(prefect_api, caplog) -
     def run(which: str) -> None:
         (bad_data if which == "data" else crash)()
 
+    install_expected_error_filter()  # as every silotune flow does when it starts
     with caplog.at_level(logging.INFO, logger="prefect"), pytest.raises(DataError):
         run("data")
     failed = [r for r in caplog.records if "invalid JSON" in r.getMessage()]
