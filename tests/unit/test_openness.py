@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from silotune.config import parse_config
+from silotune.config import _PLACEMENT_FIELDS, parse_config
 from silotune.errors import ConfigError
 from silotune.openness import (
     BUILTIN_DESCRIPTORS,
@@ -117,7 +117,10 @@ def test_default_config_fingerprint_is_unchanged_by_the_new_fields() -> None:
     payload["model"].pop("descriptor")
     payload["security"].pop("coordinator_key"), payload["security"].pop("publisher")
     for s in payload["silos"]:
-        s.pop("method"), s.pop("objective"), s.pop("public_key")
+        s.pop("method"), s.pop("objective"), s.pop("public_key"), s.pop("device")
+    payload["aggregation"].pop("silos_per_round")  # client sampling, added later
+    for key in [*_PLACEMENT_FIELDS, "device"]:  # placement and speed levers, added later
+        payload["train"].pop(key, None)
     old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old
     assert parse_config(_cfg(method={"name": "qlora"})).fingerprint() != old
