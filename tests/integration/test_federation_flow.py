@@ -222,7 +222,7 @@ def _comparable(history: list[RoundSummary]) -> list[dict]:
     compared to 1e-12 on its own)."""
     return [
         {
-            **h.model_dump(exclude={"delta_norm"}),
+            **h.model_dump(exclude={"delta_norm", "round_seconds", "aggregate_seconds", "committed_at"}),
             "train": {s: {k: v for k, v in t.items() if k not in TIMING} for s, t in h.train.items()},
         }
         for h in history
