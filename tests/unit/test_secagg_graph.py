@@ -286,3 +286,67 @@ def test_config_chooses_the_graph_and_the_manifest_records_it() -> None:
     }
     assert RoundSummary(**base, masking=record).manifest_fields()["masking"] == record
     assert "masking" not in RoundSummary(**base).manifest_fields()  # other schemes' manifests unchanged
+
+
+def test_a_sparse_round_through_the_store_reads_and_sends_only_neighbours_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The protection layer (``silotune.protection.secagg``) on 40 silos: the announced graph is the
+    silos' own, each silo reads the adverts and shares of its holders only and writes k share messages,
+    and the survivors' answers unmask the sum of the masked uploads (one silo dropped)."""
+    from silotune.config import parse_config
+    from silotune.federation import open_round
+    from silotune.protection import SCHEMES, SiloContext, run_silo_step
+    from silotune.protection.secagg import adverts, graph_of, params_of, round_id
+    from silotune.store import FederationLayout, LocalStore
+
+    cfg = parse_config(
+        {
+            "federation_id": "sparse",
+            "model": {"name_or_path": "tiny-llama"},
+            "silos": [
+                {"name": m, "train_path": "x.jsonl", "private_dir": str(tmp_path / "silos" / m)}
+                for m in _names(N)
+            ],
+            "security": {"protection": "secagg"},
+            "store": {"root": str(tmp_path / "store")},
+            "tracking": {"kind": "none"},
+        }
+    )
+    layout = FederationLayout(cfg.federation_id)
+    reads: list[str] = []
+
+    class CountingStore(LocalStore):
+        def get_bounded(self, key: str, max_bytes: int) -> bytes:
+            reads.append(key)
+            return super().get_bounded(key, max_bytes)
+
+    store = CountingStore(cfg.store.root)
+    graph = graph_of(cfg, 0)
+    assert graph.kind == "harary" and open_round(cfg, store, 0) == [layout.masking_graph(0)]
+    for m in graph.roster:
+        run_silo_step(cfg, m, 0, "secagg-advertise", store)
+    written = {}
+    for m in graph.roster:
+        reads.clear()
+        written[m] = run_silo_step(cfg, m, 0, "secagg-share", store)["keys"]
+        read_from = {k.split("/")[1] for k in reads if k.startswith("messages/")}
+        assert read_from == set(graph.holders(m)), f"{m} read adverts of {sorted(read_from)}"
+    assert all(len(keys) == graph.degree for keys in written.values())
+    scheme = SCHEMES["secagg"]
+    deltas = _deltas(graph.roster)
+    alive = [m for m in graph.roster if m != "s013"]  # s013 shared its keys, then dropped
+    masked = {m: scheme.pack(SiloContext(cfg, m, 0, store), deltas[m]) for m in alive}
+    assert scheme.close_upload(cfg, store, 0, masked) == alive
+    responses = {}
+    for m in alive:
+        run_silo_step(cfg, m, 0, "secagg-unmask", store)
+        responses[m] = store.get(layout.message(0, m, "secagg/unmask"))
+    out = sa.unmask_sum(
+        masked,
+        responses,
+        adverts=adverts(cfg, store, 0),
+        round_id=round_id(cfg, 0),
+        params=params_of(cfg),
+        roster=list(graph.roster),
+    )
+    assert out.dropped == ("s013",)
+    np.testing.assert_array_equal(out.encoded_sum.values, _encoded_sum(deltas, alive, N, params_of(cfg)))
