@@ -1,6 +1,7 @@
 """How aggregation cost grows with the number of silos: time and bytes per rule and protection.
 
 Run: ``PYTHONPATH=. nice .venv/bin/python bench/aggregation_scale.py [--silos 10 32 100 128] [--repeats 1]``
+(``--rules fedavg --protections secagg`` for the secure-aggregation rows alone)
 
 Each silo's delta is a random SmolLM2-135M-Instruct LoRA delta (r=8 on q_proj and v_proj; the shapes
 come from the model's own GGUF metadata: hidden size, layers, heads, key/value heads), N(0, 1e-3²).
@@ -11,7 +12,8 @@ Timed, per number of silos ``n`` (the coordinator's side of a round; the silos' 
 
 - each plaintext rule: ``silotune.aggregation.aggregate`` (validation included) over ``n`` updates;
 - ``secagg``: ``unmask_sum`` over the ``n`` masked updates and the survivors' answers, no dropout
-  (rebuilding every self-mask seed from its shares, removing every self mask, decoding the sum);
+  (rebuilding every self-mask seed from its shares, removing every self mask, decoding the sum), on
+  the masking graph silotune uses: complete up to 32 silos, else each silo's k = O(log n) neighbours;
 - ``ckks``: ``sum_encrypted`` over the ``n`` ciphertexts (preset ``packed-n4096-s128`` beyond 32 silos).
 
 Bytes: what one silo uploads (the update, and under secure aggregation its advert and its encrypted
@@ -94,13 +96,15 @@ RULES: dict[str, dict[str, Any]] = {
 }
 
 
-def bench_plain(n: int, shapes, repeats: int) -> dict[str, tuple[float, int, int]]:
+def bench_plain(n: int, shapes, repeats: int, rules: list[str]) -> dict[str, tuple[float, int, int]]:
     """rule -> (seconds, bytes one silo uploads, bytes the coordinator reads)."""
     ds = deltas(n, shapes, seed=n)
     updates = [ClientUpdate(silo=f"silo-{i:03d}", delta=d, num_examples=100 + i) for i, d in enumerate(ds)]
     up = numel(shapes) * 4  # safetensors fp32 payload (plus a header of a few kB)
     out = {}
     for name, options in RULES.items():
+        if name != "fedavg" and name not in rules:
+            continue
         rule = build_aggregator(name, **options)
         if hasattr(rule, "set_root_update"):
             rule.set_root_update(deltas(1, shapes, seed=10_000 + n)[0])
@@ -109,16 +113,21 @@ def bench_plain(n: int, shapes, repeats: int) -> dict[str, tuple[float, int, int
     return out
 
 
-def bench_secagg(n: int, shapes) -> tuple[float, int, int, float, float]:
-    """(coordinator seconds, per-silo update bytes, per-silo protocol message bytes, mask s, error)."""
+def bench_secagg(n: int, shapes, complete_up_to: int = sa.COMPLETE_UP_TO) -> tuple[Any, ...]:
+    """(coordinator seconds, per-silo update bytes, per-silo protocol message bytes, mask s, error,
+    note on the graph and where the protocol bytes go)."""
     names = [f"silo-{i:03d}" for i in range(n)]
     params = sa.SecAggParams(max_silos=max(64, n))
     rid = f"bench/{n}"
     ds = deltas(n, shapes, seed=n)
-    clients = {m: sa.SecAggClient(m, round_id=rid, roster=names, params=params) for m in names}
+    clients = {
+        m: sa.SecAggClient(m, round_id=rid, roster=names, params=params, complete_up_to=complete_up_to)
+        for m in names
+    }
+    graph = clients[names[0]].graph
     adverts = {m: c.advertise() for m, c in clients.items()}
-    shares = {m: c.share_keys(adverts) for m, c in clients.items()}
-    inbox = {m: {s: shares[s][m] for s in names if s != m} for m in names}
+    shares = {m: c.share_keys({p: adverts[p] for p in graph.holders(m)}) for m, c in clients.items()}
+    inbox = {m: {s: shares[s][m] for s in names if m in shares[s]} for m in names}
     w = 1.0 / n
     masked = {}
     t = time.perf_counter()
@@ -128,14 +137,27 @@ def bench_secagg(n: int, shapes) -> tuple[float, int, int, float, float]:
         masked[m] = clients[m].mask_update(d, inbox[m], weight=w)
     responses = {m: clients[m].unmask(names) for m in names}
     t = time.perf_counter()
-    result = sa.unmask_sum(masked, responses, adverts=adverts, round_id=rid, roster=names, params=params)
+    result = sa.unmask_sum(
+        masked,
+        responses,
+        adverts=adverts,
+        round_id=rid,
+        roster=names,
+        params=params,
+        complete_up_to=complete_up_to,
+    )
     seconds = time.perf_counter() - t
     ref = {k: sum(d[k].double() for d in ds) / n for k in shapes}
     err = max(float((result.delta[k].double() / (result.weight * n) * n - ref[k]).abs().max()) for k in ref)
-    messages = (
-        len(adverts[names[0]]) + sum(len(b) for b in shares[names[0]].values()) + len(responses[names[0]])
+    share_bytes = sum(len(b) for b in shares[names[0]].values())
+    messages = len(adverts[names[0]]) + share_bytes + len(responses[names[0]])
+    header = len(masked[names[0]]) - 4 * numel(shapes)
+    advert, answer = len(adverts[names[0]]), len(responses[names[0]])
+    note = (
+        f"{graph.kind} k={graph.degree}: header {header / 1e3:.1f} kB, advert {advert} B, "
+        f"{len(shares[names[0]])} shares {share_bytes / 1e3:.1f} kB, unmask {answer / 1e3:.1f} kB"
     )
-    return seconds, len(masked[names[0]]), messages, mask_s, err
+    return seconds, len(masked[names[0]]), messages, mask_s, err, note
 
 
 def bench_ckks(n: int, shapes) -> tuple[float, int, float, str, float]:
@@ -171,6 +193,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-crypto", action="store_true", help="plaintext rules only")
     parser.add_argument(
+        "--rules", nargs="+", choices=list(RULES), default=list(RULES), help="plaintext rules (fedavg always)"
+    )
+    parser.add_argument(
+        "--protections",
+        nargs="+",
+        choices=["secagg", "ckks"],
+        default=["secagg", "ckks"],
+        help="protected rows",
+    )
+    parser.add_argument(
+        "--complete-up-to",
+        type=int,
+        default=sa.COMPLETE_UP_TO,
+        help="secagg: largest roster masked over the complete graph (silotune's default: 32)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 gives stable timings on a shared machine)"
     )
     args = parser.parse_args()
@@ -204,26 +242,29 @@ def main() -> None:
         )
 
     for n in args.silos:
-        for name, (s, up, total) in bench_plain(n, plain_shapes, args.repeats).items():
+        for name, (s, up, total) in bench_plain(n, plain_shapes, args.repeats, args.rules).items():
             times.setdefault(name, []).append(s)
             rows.append((n, name, "none", s, up / fp32_plain, total, ""))
             show(rows[-1])
         if args.no_crypto:
             continue
-        s, up, msgs, mask_s, err = bench_secagg(n, b_shapes)
-        times.setdefault("fedavg+secagg", []).append(s)
-        rows.append(
-            (
-                n,
-                "fedavg",
-                "secagg",
-                s,
-                (up + msgs) / fp32_b,
-                n * up,
-                f"mask {mask_s:.2f} s/silo, err {err:.1e}",
+        if "secagg" in args.protections:
+            s, up, msgs, mask_s, err, note = bench_secagg(n, b_shapes, args.complete_up_to)
+            times.setdefault("fedavg+secagg", []).append(s)
+            rows.append(
+                (
+                    n,
+                    "fedavg",
+                    "secagg",
+                    s,
+                    (up + msgs) / fp32_b,
+                    n * up,
+                    f"mask {mask_s:.2f} s/silo, err {err:.1e}; {note}",
+                )
             )
-        )
-        show(rows[-1])
+            show(rows[-1])
+        if "ckks" not in args.protections:
+            continue
         s, up, enc_s, preset, err = bench_ckks(n, b_shapes)
         times.setdefault("fedavg+ckks", []).append(s)
         rows.append(
@@ -250,7 +291,7 @@ def main() -> None:
         n60 = (TARGETS["round_s"] / a) ** (1 / b) if b > 0 else math.inf
         print(f"Krum: a round exceeds 60 s from about n = {n60:,.0f} silos (extrapolated from the fit)")
     if 128 in args.silos and not args.no_crypto:
-        for prot in ("secagg", "ckks"):
+        for prot in args.protections:
             ratio = next(r for n, _, p, _, r, *_ in rows if n == 128 and p == prot)
             checks.append(
                 (

@@ -30,7 +30,7 @@ from tasks.publish import publish
 from tasks.record_evaluation import record_eval
 from tasks.report import report
 from tasks.runtime import install_expected_error_filter, published_location
-from tasks.secure import close_upload
+from tasks.secure import close_upload, open_round
 from tasks.start import start_or_resume
 from tasks.track import track_start
 
@@ -60,6 +60,8 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
         started = time.perf_counter()
         failures = []
         drawn = silos_of_round(config, r)  # client sampling: the round's silos (all without it)
+        if scheme.steps_before_upload:  # secure aggregation: the masking graph, which each silo checks
+            open_round(config, r)
         for phase in scheme.steps_before_upload:  # secure aggregation: adverts, then encrypted shares
             _, phase_failures = runner.step(config, phase, r, silos=drawn)
             failures += phase_failures

@@ -386,6 +386,15 @@ class SecuritySpec(_Spec):
     secagg_max_dropout: float = Field(
         1 / 3, ge=0.0, lt=0.5, description="Secure aggregation: fraction of silos that may drop after keys."
     )
+    secagg_complete_up_to: int = Field(
+        32,
+        ge=2,
+        description=(
+            "Secure aggregation: rounds of up to this many silos mask every pair (the complete graph); "
+            "larger rounds mask each silo with its k = 2*ceil(1.5*log2 n) neighbours on a Harary graph "
+            "that the round's roster fixes (Bell et al., CCS 2020; see silotune.crypto.secagg)."
+        ),
+    )
     signing: bool = Field(
         False,
         description=(
@@ -772,6 +781,11 @@ class FederationConfig(_Spec):
         for key in ("coordinator_key", "publisher"):
             if payload["security"].get(key) is None:
                 payload["security"].pop(key, None)
+        if (
+            payload["security"].get("secagg_complete_up_to")
+            == SecuritySpec.model_fields["secagg_complete_up_to"].default
+        ):  # added later: out of the hash at its default (rounds of <= 32 silos mask as before)
+            payload["security"].pop("secagg_complete_up_to")
         for silo in payload["silos"]:
             for key in ("method", "objective", "public_key"):
                 if silo.get(key) is None:

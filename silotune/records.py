@@ -31,6 +31,7 @@ class AggregateRecord(BaseModel):
     server_state: ObjectRef | None = None
     delta_norm: float
     seconds: float
+    masking: dict[str, str | int] | None = None  # secure aggregation: the round's masking graph (its record)
 
 
 class HoldoutMetrics(BaseModel):
@@ -126,7 +127,7 @@ def _stored_form(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_LATER_FIELDS = ("round_seconds", "aggregate_seconds", "sampled")
+_LATER_FIELDS = ("round_seconds", "aggregate_seconds", "sampled", "masking")
 
 
 class RoundSummary(Evaluation):
@@ -168,6 +169,11 @@ class RoundSummary(Evaluation):
     sampled: list[str] | None = Field(
         default=None,
         description="client sampling: the silos drawn for the round (None: every silo was asked)",
+    )
+    masking: dict[str, str | int] | None = Field(
+        default=None,
+        description="secure aggregation: the round's masking graph (kind complete or harary, degree k, "
+        "seed, complete_up_to, digest), which anyone holding the config can redo",
     )
     committed_at: float | None = Field(
         default=None, description="unix time of the round's commit (for the cost plots; not in the manifest)"

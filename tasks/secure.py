@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from silotune.config import FederationConfig
 from silotune.federation.coordinator import close_upload as close_round_upload
+from silotune.federation.coordinator import open_round as open_protected_round
 from silotune.protection import ProtocolRefusal, SiloContext, run_silo_step, scheme_for
 from silotune.publish import publish_final
 from silotune.records import FederationState, ObjectRef, UpdateRecord
@@ -37,6 +38,12 @@ def report(
 ) -> str:
     """Silo: write its signed result record, holding only what its policy releases."""
     return put_result(config, store_for(config), silo, round_, stage, redact(record, release, config))
+
+
+@task(name="open-round", task_run_name="open-round-r{round_}", persist_result=False, cache_policy=NO_CACHE)
+def open_round(config: FederationConfig, round_: int) -> list[str]:
+    """Coordinator: announce what the silos check before their first protocol step (the masking graph)."""
+    return open_protected_round(config, store_for(config), round_)
 
 
 @task(

@@ -43,6 +43,77 @@ Threshold ``t = n - floor(n * max_dropout_fraction)`` (default a third) of the
 third may fail to advertise or drop out after sharing keys. Since
 ``max_dropout_fraction < 1/2``, ``floor(n * f) < n/2`` and so ``2t > n``.
 
+Masking graph (Bell, Bonawitz, Gascón, Lepoint, Raykova, "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead", CCS 2020). Above ``complete_up_to``
+silos (default 32; at most that many the graph is complete and everything above
+holds with ``k = n - 1``) a silo ``u`` does all of the above with its ``k``
+neighbours ``N(u)`` only: shares of its secrets go to its holders ``N[u] = N(u) + u``
+(Shamir threshold ``t_k = (k+1) - floor((k+1) * f)``, so ``2 t_k > k + 1``), and
+its pairwise masks are with the neighbours that shared keys. Per silo that is
+O(k) key agreements, share messages and PRG streams, and an O(k) unmask answer,
+instead of O(n); the coordinator's unmasking is O(n k) mask streams at worst.
+
+- The graph: ``k = 2 * ceil(1.5 * log2 n)`` (even, at least ``3 log2 n``: 20 at
+  100 silos, 22 at 128, 30 at 1,000; Bell et al. show a degree logarithmic in n
+  suffices against a constant fraction of corrupt and dropped clients). The
+  Harary graph H(k, n) (Harary 1962): the silos on a ring, each joined to the
+  ``k/2`` nearest on either side. It is k-regular and k-connected: removing
+  fewer than ``k`` silos (dropped or colluding) leaves the rest connected.
+- The ring order: silos sorted by ``SHA-256(seed, name)`` with
+  ``seed = SHA-256(domain, round_id, sorted roster)``. Each silo and the
+  coordinator compute it from the roster they already pin (every silo signed the
+  config that fixes the roster, or the sampling that draws it); no party picks it
+  in a round, and a silo refuses a graph it is told that differs
+  (:meth:`MaskingGraph.check_told`). Nothing of the graph is taken from a message.
+- Recovery of dropouts, neighbours only: for a neighbour that sent a masked
+  update a silo reveals its self-mask seed share, for one that shared keys but
+  dropped its mask-key share; the coordinator rebuilds each secret from
+  ``t_k`` of its holders and removes the dropped silo's masks from exactly the
+  survivors that listed it as a partner (a masked update names its partners,
+  which must be its holders, and two survivors must list each other or neither).
+- Unmask rule: a silo answers a survivor set only if at least ``t`` roster silos
+  and at least ``t_k`` of its own holders survive, and every surviving neighbour
+  shared keys with it.
+
+Security argument for the sparse graph (what holds, with ``c_v`` the colluding
+silos among ``N[v]``):
+
+1. Never both secrets of an honest silo ``v``: the argument of the threat model
+   below, with ``R`` replaced by ``N[v]`` and ``t`` by ``t_k``: both need
+   ``2 t_k <= (k + 1) + c_v``, so neither the coordinator nor its allies get
+   both while ``c_v < 2 t_k - (k + 1)`` (about ``k/3`` with the default).
+2. What a sum reveals: pairwise masks cancel only inside the summed set, so the
+   coordinator learns sums over unions of connected components of the graph on
+   the honest silos whose seeds it rebuilt, after cutting every edge to a silo
+   whose mask key it rebuilt. With one survivor set answered by everyone (an
+   honest coordinator's dropouts, or a lying one that tells all silos the same
+   set), rebuilding ``b_u`` takes ``t_k`` answers from ``N[u]``, each from a
+   survivor; the honest ones are ``u``'s neighbours in the same component, so
+   every sum the coordinator can unmask covers at least ``t_k - c_u`` honest
+   silos around each of its members (with no collusion: ``t_k``, 16 at 128
+   silos). A coordinator that declares ``N(v)`` dropped to isolate ``v`` gets no
+   answer from ``v`` (fewer than ``t_k`` of its holders survive) nor from the
+   "dropped", so ``b_v`` stays hidden.
+3. Different survivor sets to different silos: each honest silo answers one set
+   (1. holds), and a silo revealing key shares of at most ``k + 1 - t_k`` of its
+   holders (the unmask rule) limits how many keys the coordinator can rebuild
+   around ``v``: on H(k, n) isolating one silo without collusion needs at least
+   ``k * t_k`` key shares of ``v``'s neighbours (352 at 128 silos) from the
+   silos within ring distance ``k`` of ``v``, which can reveal at most
+   ``sum over them of min(k + 1 - t_k, their neighbours in N(v))`` (273 at 128
+   silos). This is a count for the sparse construction, not a general proof;
+   with colluders among ``v``'s neighbours the margin shrinks.
+
+Limits of the sparse graph: the graph is known in advance (it is a function of
+the roster), so Bell et al.'s probabilistic bound, which assumes corruptions
+chosen before a random graph is drawn, does not apply against a coalition that
+picks its members after seeing the roster; it does apply where corruptions are
+fixed before the federation is configured. A coordinator can grind federation
+ids before silos accept a config: the ring order changes with them. Collusion
+limits are per neighbourhood (``c_v`` above), not per roster: a third of the
+roster is too many if it sits around one silo. Where that matters, set
+``complete_up_to`` at or above the roster size, and add client-level DP noise.
+
 Encoding. Each value of ``weight * delta`` (``|delta| <= value_bound`` is
 enforced, ``weight`` in (0, 1]) becomes ``round(w*x * 2^frac_bits)`` in the ring
 Z_(2^32); the sum is read back as a signed 32-bit integer. ``frac_bits`` is the
@@ -306,15 +377,18 @@ def _raw_public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _shamir_split(secret: bytes, n: int, t: int) -> list[int]:
-    """Shares at x = 1..n of a degree t-1 polynomial with constant term ``secret``."""
+def _shamir_split(secret: bytes, xs: Iterable[int], t: int) -> dict[int, int]:
+    """Shares at the points ``xs`` (each >= 1) of a degree t-1 polynomial with constant term ``secret``.
+
+    Only the holders' points are evaluated: on a sparse masking graph that is k + 1 of them, not n.
+    """
     coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(_PRIME) for _ in range(t - 1)]
-    shares = []
-    for x in range(1, n + 1):
+    shares = {}
+    for x in xs:
         acc = 0
         for c in reversed(coeffs):
             acc = (acc * x + c) % _PRIME
-        shares.append(acc)
+        shares[x] = acc
     return shares
 
 
@@ -401,16 +475,123 @@ def _outside(what: str, names: Iterable[str], roster: tuple[str, ...]) -> None:
         raise SecAggError(f"{what} from {', '.join(map(repr, out))}, {which} not in the roster")
 
 
+# -- the masking graph ---------------------------------------------------------------------
+
+COMPLETE_UP_TO = 32  # rosters up to this size mask over the complete graph (every pair), as before
+
+
+def harary_degree(n: int) -> int:
+    """The sparse graph's degree for ``n`` silos: the even number ``2 * ceil(1.5 * log2 n)`` (so at least
+    ``3 log2 n``), at most ``n - 1``. 22 for 128 silos, 20 for 100, 30 for 1,000."""
+    return min(n - 1, 2 * math.ceil(1.5 * math.log2(n)))
+
+
+@dataclass(frozen=True)
+class MaskingGraph:
+    """Who masks with whom in one round: the complete graph, or a Harary graph H(k, n) on a
+    pseudorandom ordering of the roster (see the module docstring). Every silo and the coordinator
+    derive it with :func:`masking_graph` from the pinned roster and the round id alone."""
+
+    round_id: str
+    roster: tuple[str, ...]  # sorted
+    kind: str  # "complete" | "harary"
+    degree: int  # k: every silo has exactly k neighbours
+    seed: str  # hex; fixes the ordering of the roster on the ring
+    complete_up_to: int
+    neighbours: Mapping[str, tuple[str, ...]]
+
+    def holders(self, silo: str) -> tuple[str, ...]:
+        """The silos holding shares of ``silo``'s secrets: it and its neighbours (sorted)."""
+        return tuple(sorted((silo, *self.neighbours[silo])))
+
+    def threshold(self, params: SecAggParams) -> int:
+        """Shares needed to rebuild one silo's secret: ``params.threshold(k + 1)`` of its holders.
+
+        On the complete graph ``k + 1 = n``: the roster-wide threshold, as before."""
+        return params.threshold(self.degree + 1)
+
+    def record(self) -> dict[str, Any]:
+        """What a round's manifest holds: enough to redo the graph and compare it."""
+        return {
+            "kind": self.kind,
+            "degree": self.degree,
+            "seed": self.seed,
+            "complete_up_to": self.complete_up_to,
+            "digest": self.digest,
+        }
+
+    def to_bytes(self) -> bytes:
+        return _dumps(
+            {
+                "round": self.round_id,
+                "roster": list(self.roster),
+                "kind": self.kind,
+                "degree": self.degree,
+                "seed": self.seed,
+                "complete_up_to": self.complete_up_to,
+                "neighbours": {u: list(v) for u, v in sorted(self.neighbours.items())},
+            }
+        )
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def check_told(self, blob: bytes, silo: str) -> None:
+        """Refuse a graph someone else (the coordinator) describes unless it is exactly this one."""
+        if blob != self.to_bytes():
+            try:
+                told = _loads(blob, "masking graph")
+                said = f"{told.get('kind')!r}, degree {told.get('degree')}, seed {told.get('seed')}"
+            except SecAggError:
+                said = "an unreadable graph"
+            raise SecAggError(
+                f"silo {silo!r}: the masking graph it is told ({said}) is not the one the round's roster "
+                f"fixes ({self.kind!r}, degree {self.degree}, seed {self.seed}); refusing"
+            )
+
+
+def masking_graph(
+    roster: Sequence[str], round_id: str, *, complete_up_to: int = COMPLETE_UP_TO
+) -> MaskingGraph:
+    """The round's masking graph, a pure function of the roster and the round id.
+
+    ``n <= complete_up_to`` (or ``k >= n - 1``): the complete graph. Otherwise H(k, n) with
+    ``k = harary_degree(n)``: the roster is placed on a ring in the order of
+    ``SHA-256(seed, name)``, where ``seed = SHA-256(domain, round_id, sorted roster)``, and each silo
+    is joined to the ``k/2`` nearest on either side.
+    """
+    if isinstance(complete_up_to, bool) or not isinstance(complete_up_to, int) or complete_up_to < 2:
+        raise SecAggError(f"complete_up_to={complete_up_to!r} must be an integer >= 2")
+    names = tuple(sorted(roster))
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise SecAggError(f"a masking graph needs at least 2 distinct silos, got {list(names)}")
+    n = len(names)
+    seed = hashlib.sha256(_DOMAIN + b"graph" + json.dumps([round_id, list(names)]).encode()).hexdigest()
+    k = harary_degree(n)
+    if n <= complete_up_to or k >= n - 1:
+        nb = {u: tuple(v for v in names if v != u) for u in names}
+        return MaskingGraph(round_id, names, "complete", n - 1, seed, complete_up_to, nb)
+    key = bytes.fromhex(seed)
+    ring = sorted(names, key=lambda s: hashlib.sha256(key + s.encode()).digest())
+    pos = {s: i for i, s in enumerate(ring)}
+    half = k // 2  # k is even and < n - 1, so the 2 * half ring offsets reach distinct silos
+    nb = {u: tuple(sorted(ring[(pos[u] + d) % n] for d in range(-half, half + 1) if d != 0)) for u in names}
+    return MaskingGraph(round_id, names, "harary", k, seed, complete_up_to, nb)
+
+
 def _parse_adverts(
     adverts: Mapping[str, bytes] | Sequence[bytes],
     round_id: str,
     params: SecAggParams,
     roster: tuple[str, ...],
     silo: str | None = None,
+    graph: MaskingGraph | None = None,
 ) -> dict[str, Advert]:
     """The round's adverts (U0), each from a silo of the pinned roster, at least t of them.
 
-    ``silo``: the client checking them, named in every refusal (None at the coordinator).
+    ``silo``: the client checking them, named in every refusal (None at the coordinator), which
+    keeps only its holders' adverts (``graph``) and needs the local threshold of them.
     """
     who = "" if silo is None else f"silo {silo!r}: "
     items = list(adverts.items()) if isinstance(adverts, Mapping) else [(None, b) for b in adverts]
@@ -433,8 +614,17 @@ def _parse_adverts(
         if adv.silo in seen:
             raise SecAggError(f"{who}two adverts for silo {adv.silo!r}")
         seen[adv.silo] = adv
+    if silo is not None and graph is not None and graph.kind != "complete":
+        holders = graph.holders(silo)
+        seen = {u: a for u, a in seen.items() if u in holders}  # others' keys are not this silo's business
+        t = graph.threshold(params)
+        if len(seen) < t:
+            raise SecAggError(
+                f"{who}{len(seen)} advert(s) from its {len(holders)} holders (itself and its neighbours), "
+                f"below the threshold {t}"
+            )
     t = params.threshold(len(roster))
-    if len(seen) < t:
+    if (silo is None or graph is None or graph.kind == "complete") and len(seen) < t:
         raise SecAggError(f"{who}{len(seen)} advert(s), below the threshold {t} of a roster of {len(roster)}")
     keys = [a.mask_key for a in seen.values()] + [a.channel_key for a in seen.values()]
     if len(set(keys)) != len(keys):
@@ -460,7 +650,13 @@ class SecAggClient:
     """
 
     def __init__(
-        self, silo: str, *, round_id: str, params: SecAggParams | None = None, roster: Sequence[str]
+        self,
+        silo: str,
+        *,
+        round_id: str,
+        params: SecAggParams | None = None,
+        roster: Sequence[str],
+        complete_up_to: int = COMPLETE_UP_TO,
     ) -> None:
         if not silo or not isinstance(silo, str):
             raise SecAggError("silo must be a non-empty string")
@@ -472,7 +668,11 @@ class SecAggClient:
         self.roster = _pinned_roster(roster, self.params)
         if silo not in self.roster:
             raise SecAggError(f"silo {silo!r} is not in the roster {list(self.roster)}")
-        self.threshold = self.params.threshold(len(self.roster))
+        # Derived here, never received: the graph is fixed by the roster and the round id alone.
+        self.graph = masking_graph(self.roster, round_id, complete_up_to=complete_up_to)
+        self.neighbours = frozenset(self.graph.neighbours[silo])
+        self.threshold = self.graph.threshold(self.params)  # of this silo's k + 1 holders
+        self.min_survivors = self.params.threshold(len(self.roster))  # of the whole roster
         self._channel = X25519PrivateKey.generate()
         self._mask = X25519PrivateKey.generate()
         self._seed = secrets.token_bytes(32)
@@ -514,7 +714,7 @@ class SecAggClient:
         ``adverts``: silo -> advert (or a list of adverts). Refuses an advert from a silo outside
         the roster, one filed under another silo's name, a duplicate, or fewer than the threshold.
         """
-        adverts_ = _parse_adverts(adverts, self.round_id, self.params, self.roster, self.silo)
+        adverts_ = _parse_adverts(adverts, self.round_id, self.params, self.roster, self.silo, self.graph)
         mine = adverts_.get(self.silo)
         if (
             mine is None
@@ -524,11 +724,15 @@ class SecAggClient:
             raise SecAggError(f"silo {self.silo!r}: the adverts do not carry this silo's own advert")
         self._advance(0, "share_keys")
         self._adverts = adverts_
-        # x-coordinates come from the pinned roster, so every silo and the coordinator agree on them
-        key_shares = _shamir_split(_raw_private(self._mask), len(self.roster), self.threshold)
-        seed_shares = _shamir_split(self._seed, len(self.roster), self.threshold)
+        # x-coordinates come from the pinned roster, so every silo and the coordinator agree on them;
+        # only this silo's holders (itself and its neighbours) get a point
+        index = {name: i + 1 for i, name in enumerate(self.roster)}
+        xs = [index[p] for p in self.graph.holders(self.silo)]
+        key_shares = _shamir_split(_raw_private(self._mask), xs, self.threshold)
+        seed_shares = _shamir_split(self._seed, xs, self.threshold)
         out: dict[str, bytes] = {}
-        for i, peer in enumerate(self.roster):
+        for peer in self.graph.holders(self.silo):
+            i = index[peer]
             if peer == self.silo:
                 self._own_shares = (key_shares[i], seed_shares[i])
                 continue
@@ -553,6 +757,11 @@ class SecAggClient:
                 )
             if sender == self.silo:
                 raise SecAggError(f"silo {self.silo!r}: share message from itself")
+            if sender not in self.neighbours:
+                raise SecAggError(
+                    f"silo {self.silo!r}: share message from {sender!r}, who is not its neighbour in the "
+                    f"round's masking graph"
+                )
             if sender not in self._adverts:
                 raise SecAggError(f"silo {self.silo!r}: share message from {sender!r}, who did not advertise")
             d = _loads(blob, f"share message from {sender!r}")
@@ -591,6 +800,7 @@ class SecAggClient:
                 f"silo {self.silo!r}: only {len(partners)} silos shared keys, below the threshold "
                 f"{self.threshold}"
             )
+        # mask work is one PRG stream per partner: at most k + 1 on the sparse graph
         self._advance(1, "mask_update")
         self._received = received
         n = encoded.values.size
@@ -652,12 +862,21 @@ class SecAggClient:
         partners = {*self._received, self.silo}
         if self.silo not in alive:
             raise SecAggError(f"silo {self.silo!r} is not among the survivors it is asked to unmask for")
-        if not alive <= partners:
-            raise SecAggError(f"survivors {sorted(alive - partners)} never shared keys with {self.silo!r}")
-        if len(alive) < self.threshold:
+        far = set(self.roster) - self.neighbours - {self.silo}  # roster silos it never exchanges keys with
+        near = alive - far  # every other name must be a partner (a name outside the roster never is)
+        if not near <= partners:
+            raise SecAggError(f"survivors {sorted(near - partners)} never shared keys with {self.silo!r}")
+        if len(alive) < self.min_survivors:
             raise SecAggError(
-                f"silo {self.silo!r}: only {len(alive)} survivors, below the threshold {self.threshold}; "
+                f"silo {self.silo!r}: only {len(alive)} survivors, below the threshold {self.min_survivors}; "
                 "refusing to unmask"
+            )
+        if len(near) < self.threshold:
+            # The local rule (module docstring): a silo whose neighbourhood is mostly "dropped" would
+            # hand out the keys that cut its neighbours off from everyone else.
+            raise SecAggError(
+                f"silo {self.silo!r}: only {len(near)} of its {len(self.neighbours) + 1} holders survive, "
+                f"below the threshold {self.threshold}; refusing to unmask"
             )
         self._advance(2, "unmask")
         seed_shares = {self.silo: hex(self._own_shares[1])}
@@ -693,6 +912,7 @@ class SecAggClient:
                 "round": self.round_id,
                 "params": self.params.model_dump(mode="json"),
                 "roster": list(self.roster),
+                "complete_up_to": self.graph.complete_up_to,
                 "channel_sk": _raw_private(self._channel).hex(),
                 "mask_sk": _raw_private(self._mask).hex(),
                 "seed": self._seed.hex(),
@@ -721,6 +941,8 @@ class SecAggClient:
                 round_id=str(d["round"]),
                 params=SecAggParams.model_validate(d["params"]),
                 roster=list(d["roster"]),
+                # states written before sparse graphs existed masked over the complete graph
+                complete_up_to=int(d.get("complete_up_to", 2**20)),
             )
             self._channel = X25519PrivateKey.from_private_bytes(bytes.fromhex(d["channel_sk"]))
             self._mask = X25519PrivateKey.from_private_bytes(bytes.fromhex(d["mask_sk"]))
@@ -822,21 +1044,25 @@ def unmask_sum(
     round_id: str,
     params: SecAggParams | None = None,
     roster: Sequence[str],
+    complete_up_to: int = COMPLETE_UP_TO,
 ) -> SecAggResult:
     """Coordinator: remove the masks from the survivors' masked updates and decode their sum.
 
     ``masked``: silo -> masked update (the survivors U2); ``responses``: silo -> :meth:`SecAggClient.unmask`
     output (at least the threshold of them); ``adverts``: the round's adverts (U0); ``roster``: the
-    federation's configured silos, which fix the threshold and the Shamir x-coordinates. Masked
-    updates, responses or adverts from names outside the roster are refused, naming them.
+    federation's configured silos, which fix the threshold, the Shamir x-coordinates and (with
+    ``complete_up_to``, as the silos used it) the masking graph. Masked updates, responses or adverts
+    from names outside the roster are refused, naming them.
     """
     params = params or SecAggParams()
     pinned = _pinned_roster(roster, params)
     _outside("masked update", masked, pinned)
     _outside("unmask response", responses, pinned)
     known = _parse_adverts(adverts, round_id, params, pinned)
+    graph = masking_graph(pinned, round_id, complete_up_to=complete_up_to)
     index = {name: i + 1 for i, name in enumerate(pinned)}  # Shamir x-coordinates
-    t = params.threshold(len(pinned))
+    t = params.threshold(len(pinned))  # survivors needed, roster-wide
+    t_local = graph.threshold(params)  # shares needed to rebuild one silo's secret
     if not masked:
         raise SecAggError("no masked updates")
     updates: dict[str, MaskedUpdate] = {}
@@ -856,19 +1082,27 @@ def unmask_sum(
         updates[name] = upd
     first = next(iter(updates.values()))
     for name, upd in updates.items():
-        if upd.partners != first.partners:
-            raise SecAggError(
-                f"silo {name!r} masked against {list(upd.partners)}, {first.silo!r} against "
-                f"{list(first.partners)}: inconsistent key-sharing sets"
-            )
         if upd.layout != first.layout:
             raise SecAggError(f"silo {name!r}: tensor layout differs from silo {first.silo!r}")
-    partners = set(first.partners)
+        holders = set(graph.holders(name))
+        if name not in upd.partners or not set(upd.partners) <= holders or len(upd.partners) < t_local:
+            raise SecAggError(
+                f"silo {name!r} masked against {list(upd.partners)}: not itself and at least {t_local} of "
+                f"its holders {sorted(holders)} in the round's masking graph"
+            )
+        if not set(upd.partners) <= set(known):
+            raise SecAggError(
+                f"silo {name!r} masked against {list(upd.partners)}, not all of them advertised"
+            )
     alive = sorted(updates)
-    if not set(alive) <= partners or not partners <= set(known):
-        raise SecAggError(
-            f"survivors {alive} or key-sharing set {sorted(partners)} outside the silos that advertised"
-        )
+    for name, upd in updates.items():  # two survivors' pairwise mask cancels only if both applied it
+        for v in set(upd.partners) & set(alive) - {name}:
+            if name not in updates[v].partners:
+                raise SecAggError(
+                    f"silo {name!r} masked against {v!r}, but {v!r} not against {name!r}: inconsistent "
+                    "key-sharing sets"
+                )
+    partners = {p for upd in updates.values() for p in upd.partners}
     dropped = sorted(partners - set(alive))
     if len(alive) < t:
         raise SecAggError(f"only {len(alive)} masked updates, below the threshold {t}: cannot unmask")
@@ -887,10 +1121,14 @@ def unmask_sum(
             for u, share in dict(d["seed_shares"]).items():
                 if u not in seed_points:
                     raise SecAggError(f"silo {name!r} revealed a seed share of {u!r}, who is not a survivor")
+                if name not in graph.holders(u):
+                    raise SecAggError(f"silo {name!r} revealed a seed share of {u!r}, whose holder it is not")
                 seed_points[u][index[name]] = int(share, 16)
             for u, share in dict(d["key_shares"]).items():
                 if u not in key_points:
                     raise SecAggError(f"silo {name!r} revealed a key share of {u!r}, who did not drop out")
+                if name not in graph.neighbours[u]:
+                    raise SecAggError(f"silo {name!r} revealed a key share of {u!r}, whose holder it is not")
                 key_points[u][index[name]] = int(share, 16)
         except (KeyError, ValueError, TypeError) as exc:
             raise SecAggError(f"unmask response from {name!r} is malformed ({exc!r})") from None
@@ -900,22 +1138,26 @@ def unmask_sum(
     for upd in updates.values():
         total += upd.values
     for u in alive:
-        if len(seed_points[u]) < t:
-            raise SecAggError(f"only {len(seed_points[u])} shares of silo {u!r}'s self-mask seed, need {t}")
-        seed = _shamir_combine(dict(list(seed_points[u].items())[:t]))
+        if len(seed_points[u]) < t_local:
+            raise SecAggError(
+                f"only {len(seed_points[u])} shares of silo {u!r}'s self-mask seed, need {t_local}"
+            )
+        seed = _shamir_combine(dict(list(seed_points[u].items())[:t_local]))
         if _commit(seed, round_id, u) != known[u].commitment:
             raise SecAggError(
                 f"silo {u!r}: rebuilt self-mask seed does not match its commitment (bad shares)"
             )
         total -= _prg(_self_mask_key(seed, round_id, u), n)
     for u in dropped:
-        if len(key_points[u]) < t:
-            raise SecAggError(f"only {len(key_points[u])} shares of dropped silo {u!r}'s mask key, need {t}")
-        raw = _shamir_combine(dict(list(key_points[u].items())[:t]))
+        if len(key_points[u]) < t_local:
+            raise SecAggError(
+                f"only {len(key_points[u])} shares of dropped silo {u!r}'s mask key, need {t_local}"
+            )
+        raw = _shamir_combine(dict(list(key_points[u].items())[:t_local]))
         key = X25519PrivateKey.from_private_bytes(raw)
         if _raw_public(key) != known[u].mask_key:
             raise SecAggError(f"dropped silo {u!r}: rebuilt mask key does not match its advert (bad shares)")
-        for v in alive:  # v added +PRG if v < u, -PRG otherwise
+        for v in (v for v in alive if u in updates[v].partners):  # v added +PRG if v < u, -PRG otherwise
             mask = _prg(_pairwise_key(key, known[v].mask_key, round_id, u, v), n)
             if v < u:
                 total -= mask
@@ -933,14 +1175,18 @@ def unmask_sum(
 
 
 __all__ = [
+    "COMPLETE_UP_TO",
     "Advert",
     "EncodedUpdate",
     "MaskedUpdate",
+    "MaskingGraph",
     "SecAggClient",
     "SecAggError",
     "SecAggParams",
     "SecAggResult",
     "decode_sum",
     "encode_update",
+    "harary_degree",
+    "masking_graph",
     "unmask_sum",
 ]

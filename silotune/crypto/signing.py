@@ -40,6 +40,7 @@ PURPOSES = (
     "share",  # secure aggregation: encrypted Shamir shares for one peer
     "unmask",  # secure aggregation: the shares that remove the survivors' masks
     "survivors",  # secure aggregation: the coordinator's survivor set
+    "graph",  # secure aggregation: the masking graph the coordinator announces
     "config",  # a silo's acceptance of a federation config's fingerprint
     "global",  # the coordinator's global adapter (or CKKS pointer) of a round
     "manifest",  # the coordinator's round manifest

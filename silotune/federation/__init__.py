@@ -34,7 +34,13 @@ from silotune.federation.commit import (
     start_federation,
     summarize_evals,
 )
-from silotune.federation.coordinator import aggregate_round, close_secagg_upload, close_upload, screen_uploads
+from silotune.federation.coordinator import (
+    aggregate_round,
+    close_secagg_upload,
+    close_upload,
+    open_round,
+    screen_uploads,
+)
 from silotune.federation.silo import evaluate_silo, train_silo
 from silotune.methods.peft_methods import initial_lora as initial_adapter
 from silotune.protection import exchanged_keys
@@ -74,6 +80,7 @@ __all__ = [
     "exchanged_keys",
     "initial_adapter",
     "load_state",
+    "open_round",
     "record_evaluation",
     "save_state",
     "screen_uploads",

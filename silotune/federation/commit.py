@@ -154,6 +154,7 @@ def commit_round(
         round_seconds=round_seconds,
         aggregate_seconds=agg.seconds if round_seconds is not None else None,
         sampled=silos_of_round(config, round_) if config.aggregation.silos_per_round is not None else None,
+        masking=agg.masking,
         evaluated=False,
         committed_at=time.time(),
     )

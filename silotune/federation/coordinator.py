@@ -89,6 +89,12 @@ def _plain_base(ref: ObjectRef, store: ObjectStore) -> str:
     return key
 
 
+def open_round(config: FederationConfig, store: ObjectStore, round_: int) -> list[str]:
+    """Announce what the round's silos check before their first step (secure aggregation: the
+    masking graph); the keys written, none for schemes without such a step."""
+    return scheme_for(config).open_round(config, store, round_)
+
+
 def close_upload(
     config: FederationConfig, store: ObjectStore, round_: int, records: Sequence[UpdateRecord]
 ) -> list[str]:

@@ -74,6 +74,10 @@ class ProtectionScheme(Protocol):
 
     def run_step(self, ctx: SiloContext, stage: str) -> dict[str, Any]: ...
 
+    def open_round(self, config: FederationConfig, store: ObjectStore, round_: int) -> list[str]:
+        """Coordinator, before the silos' first step: what it announces (keys written), if anything."""
+        ...
+
     def close_upload(
         self, config: FederationConfig, store: ObjectStore, round_: int, valid: Mapping[str, bytes]
     ) -> list[str]: ...

@@ -175,6 +175,9 @@ class CkksScheme:
 
     # -- coordinator side -------------------------------------------------------------------------
 
+    def open_round(self, config: FederationConfig, store: ObjectStore, round_: int) -> list[str]:
+        return []  # nothing to announce before the round's uploads
+
     def close_upload(
         self, config: FederationConfig, store: ObjectStore, round_: int, valid: dict[str, bytes]
     ) -> list[str]:

@@ -138,6 +138,9 @@ class PlainScheme:
     def run_step(self, ctx: SiloContext, stage: str) -> dict[str, Any]:
         raise ValueError(f"protection 'none' has no silo step {stage!r}")
 
+    def open_round(self, config: FederationConfig, store: ObjectStore, round_: int) -> list[str]:
+        return []  # nothing to announce before the round's uploads
+
     def close_upload(
         self, config: FederationConfig, store: ObjectStore, round_: int, valid: dict[str, bytes]
     ) -> list[str]:

@@ -12,6 +12,13 @@ store and signs them. What makes it hold when the coordinator lies:
   records the set it answered. With ``t > n/2`` the coordinator can never gather ``t`` answers
   treating a silo as dropped and ``t`` treating it as alive.
 - Unmask answers are signed; the coordinator takes only roster members' answers.
+- The masking graph (who masks with whom: every pair up to ``security.secagg_complete_up_to``
+  silos, else a Harary graph of degree O(log n), Bell et al., CCS 2020) is derived by every silo
+  from the round's roster and id (:func:`silotune.crypto.secagg.masking_graph`), never received.
+  The coordinator announces it, signed, at ``rounds/<r>/secagg/graph.json`` and records it in the
+  round's manifest; a silo refuses the round when the announced graph differs from its own
+  derivation (a coordinator that announces none changes nothing: the silo masks over its own).
+  A silo reads adverts and shares only from its neighbours and masks with them only.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +35,14 @@ from silotune.adapters import TensorDict
 from silotune.aggregation import ClientUpdate, check_update
 from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
-from silotune.crypto.secagg import MaskedUpdate, SecAggClient, SecAggParams, unmask_sum
+from silotune.crypto.secagg import (
+    MaskedUpdate,
+    MaskingGraph,
+    SecAggClient,
+    SecAggParams,
+    masking_graph,
+    unmask_sum,
+)
 from silotune.errors import SilotuneError, StoreError, UpdateError
 from silotune.keys import write_private
 from silotune.protection.base import (
@@ -50,6 +64,7 @@ from silotune.protection.none import exchanged_keys, read_plain_global, step_ser
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 
 MAX_MESSAGE_BYTES = 1 << 20  # adverts, shares and unmask answers are a few hundred bytes each
+MAX_GRAPH_BYTES = 1 << 26  # the announced graph lists n * k names: ~35 kB at 128 silos, ~0.4 MB at 1,000
 
 ADVERT, SHARES, UNMASK = "secagg/advert", "secagg/shares", "secagg/unmask"
 
@@ -68,6 +83,28 @@ def round_id(config: FederationConfig, round_: int) -> str:
 def _roster(config: FederationConfig, round_: int) -> list[str]:
     """The round's roster: the configured silos, or the round's sample, as each silo draws it itself."""
     return silos_of_round(config, round_)
+
+
+def graph_of(config: FederationConfig, round_: int) -> MaskingGraph:
+    """The round's masking graph, from the roster and round id alone (silos and coordinator alike)."""
+    return masking_graph(
+        _roster(config, round_),
+        round_id(config, round_),
+        complete_up_to=config.security.secagg_complete_up_to,
+    )
+
+
+def _check_announced_graph(ctx: SiloContext, own: MaskingGraph) -> None:
+    """Refuse the round if the coordinator announced a masking graph other than the silo's own."""
+    key = ctx.layout.masking_graph(ctx.round)
+    if not ctx.store.exists(key):
+        return  # nothing announced: the silo masks over the graph it derived, as it always does
+    try:
+        data = ctx.store.get_bounded(key, MAX_GRAPH_BYTES)
+        verify_coordinator(ctx.config, ctx.store, key, data, round_=ctx.round, purpose="graph")
+        own.check_told(data, ctx.silo)
+    except SilotuneError as exc:
+        raise ProtocolRefusal(f"silo {ctx.silo!r} refuses round {ctx.round + 1}: {exc}") from None
 
 
 def _state_path(ctx: SiloContext) -> Path:
@@ -110,10 +147,17 @@ def _read_peer(
     )
 
 
-def adverts(config: FederationConfig, store: ObjectStore, round_: int) -> dict[str, bytes]:
-    """The roster members' signed adverts of this round (an unsigned or forged one raises)."""
+def adverts(
+    config: FederationConfig, store: ObjectStore, round_: int, among: Sequence[str] | None = None
+) -> dict[str, bytes]:
+    """The roster members' signed adverts of this round (an unsigned or forged one raises).
+
+    ``among``: only these roster members' (a silo reads its holders' only: O(k) reads, not O(n)).
+    """
     out = {}
     for peer in _roster(config, round_):
+        if among is not None and peer not in among:
+            continue
         blob = _read_peer(config, store, round_, peer, ADVERT, "advert")
         if blob is not None:
             out[peer] = blob
@@ -146,7 +190,9 @@ class SecAggScheme:
             round_id=round_id(ctx.config, ctx.round),
             params=params_of(ctx.config),
             roster=ctx.roster,
+            complete_up_to=ctx.config.security.secagg_complete_up_to,
         )
+        _check_announced_graph(ctx, client.graph)
         advert = client.advertise()
         with _claimed(ctx) as path:
             write_private(path, client.state_bytes())
@@ -155,13 +201,14 @@ class SecAggScheme:
         return key
 
     def share(self, ctx: SiloContext) -> list[str]:
-        """Phase 1: encrypted Shamir shares of its secrets for each roster member that advertised."""
-        try:
-            received = adverts(ctx.config, ctx.store, ctx.round)
-        except SilotuneError as exc:
-            raise ProtocolRefusal(f"silo {ctx.silo!r} refuses to share keys: {exc}") from None
+        """Phase 1: encrypted Shamir shares of its secrets for each neighbour that advertised."""
         with _claimed(ctx) as path:
             client = _load(ctx, path)
+            _check_announced_graph(ctx, client.graph)  # checked again: nothing secret has left yet
+            try:
+                received = adverts(ctx.config, ctx.store, ctx.round, among=client.graph.holders(ctx.silo))
+            except SilotuneError as exc:
+                raise ProtocolRefusal(f"silo {ctx.silo!r} refuses to share keys: {exc}") from None
             out = client.share_keys(received)
             write_private(path, client.state_bytes())
         keys = []
@@ -172,9 +219,11 @@ class SecAggScheme:
         return keys
 
     def _inbox(self, ctx: SiloContext) -> dict[str, bytes]:
+        """The share messages addressed to this silo by its neighbours (only they may send one)."""
         inbox = {}
+        neighbours = graph_of(ctx.config, ctx.round).neighbours[ctx.silo]
         for peer in ctx.roster:
-            if peer == ctx.silo:
+            if peer == ctx.silo or peer not in neighbours:
                 continue
             blob = _read_peer(ctx.config, ctx.store, ctx.round, peer, f"{SHARES}/{ctx.silo}", "share")
             if blob is not None:
@@ -227,6 +276,14 @@ class SecAggScheme:
 
     # -- coordinator side -------------------------------------------------------------------------
 
+    def open_round(self, config: FederationConfig, store: ObjectStore, round_: int) -> list[str]:
+        """Announce the round's masking graph (signed), which every silo checks against its own."""
+        key = FederationLayout(config.federation_id).masking_graph(round_)
+        data = graph_of(config, round_).to_bytes()
+        store.put(key, data)
+        sign_object(config, store, key, data, round_=round_, purpose="graph")
+        return [key]
+
     def close_upload(
         self, config: FederationConfig, store: ObjectStore, round_: int, valid: dict[str, bytes]
     ) -> list[str]:
@@ -268,8 +325,10 @@ class SecAggScheme:
             round_id=round_id(config, round_),
             params=params_of(config),
             roster=_roster(config, round_),
+            complete_up_to=config.security.secagg_complete_up_to,
         )
         check_weight(result.weight, len(masked), config, round_)
         combined = {k: (v.double() / result.weight).to(sub_global[k].dtype) for k, v in result.delta.items()}
         check_update(ClientUpdate(silo="(sum)", delta=combined, num_examples=1), sub_global)
-        return step_server(job, global_state, combined, sorted(masked))
+        record = step_server(job, global_state, combined, sorted(masked))
+        return record.model_copy(update={"masking": graph_of(config, round_).record()})

@@ -9,6 +9,7 @@
     federations/<fid>/initial_evaluation.json          holdout metrics of the initial global adapter
     federations/<fid>/final/                           final adapter in PEFT format
     federations/<fid>/rounds/<r>/secagg/survivors.json secure aggregation: the round's survivors (signed)
+    federations/<fid>/rounds/<r>/secagg/graph.json     secure aggregation: the masking graph (signed)
 
 Objects a silo writes live under prefixes of its own, so the store's access rules are exact
 (a silo's identity may write only below ``<kind>/<silo>/``) and readers take exact keys of
@@ -71,6 +72,10 @@ class FederationLayout:
 
     def survivors(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/secagg/survivors.json"
+
+    def masking_graph(self, round_: int) -> str:
+        """Secure aggregation: the masking graph the coordinator announces (each silo redoes it)."""
+        return f"{self.prefix}/rounds/{round_:05d}/secagg/graph.json"
 
     def published(self, silo: str, name: str) -> str:
         """CKKS: the final adapter as the publishing silo decrypted it."""
