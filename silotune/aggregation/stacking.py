@@ -141,3 +141,15 @@ def dense_updates(state: Mapping[str, torch.Tensor], *, scaling: float) -> Tenso
         m: scaling * (state[m + _B].to(torch.float64) @ state[m + _A].to(torch.float64))
         for m in lora_modules(state)
     }
+
+
+def stacked_update(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, scalings: Sequence[float]
+) -> TensorDict:
+    """``sum_k w_k · s_k · B_k @ A_k`` per module prefix (float64), through the stacked factors.
+
+    What a stacked round merges into the global (:mod:`silotune.methods.stacked`): the product of
+    :func:`stack_lora`'s factors, computed in float64 so that the merge is exact up to rounding.
+    """
+    wide = [{k: v.to(torch.float64) for k, v in st.items()} for st in states]
+    return dense_updates(stack_lora(wide, weights, scalings=scalings, target_scaling=1.0), scaling=1.0)
