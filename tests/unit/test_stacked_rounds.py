@@ -55,7 +55,7 @@ def test_two_stacked_rounds_merge_exactly_and_the_second_starts_from_the_merge(
 ) -> None:
     from silotune.federation import aggregate_round, commit_round, evaluate_silo, start_federation, train_silo
     from silotune.store import LocalStore, get_tensors
-    from tasks.runtime import adapter_for
+    from tasks.runtime import MODELS, adapter_for
 
     bases: list[dict[str, torch.Tensor]] = []  # the merged base each silo trained or evaluated on
     original = stacked.merged_base
@@ -65,6 +65,7 @@ def test_two_stacked_rounds_merge_exactly_and_the_second_starts_from_the_merge(
         return original(adapter, merged)
 
     monkeypatch.setattr(stacked, "merged_base", spy)
+    monkeypatch.setattr(MODELS, "capacity", 4)  # one tiny model per rank, loaded once (not per silo turn)
     cfg = parse_config(_raw(tmp_path, demo_data))
     assert {s: cfg.lora_for(s).r for s in RANKS} == RANKS  # 16 > lora.r is allowed: a rank of its own
     store = LocalStore(cfg.store.root)
@@ -137,6 +138,19 @@ def test_two_stacked_rounds_merge_exactly_and_the_second_starts_from_the_merge(
     assert torch.equal(again, bare)  # the hooks are gone and the shared base is untouched
     ev = evaluate_silo(cfg, "lab", 1, state.global_ref, store, adapter_for(cfg, "lab"))
     assert ev is not None and ev.result["loss"] > 0
+
+    # The final adapter: exported as a PEFT folder (the merge, by SVD); personalisation says why not.
+    from silotune.export import write_final_adapter
+    from silotune.personalize import personalize_silo
+
+    folder = write_final_adapter(cfg, store, tmp_path / "export")
+    exported = get_tensors(LocalStore(folder), "adapter_model.safetensors")
+    m = stacked.modules(g_out)[0]
+    product = exported[m + ".lora_B.weight"] @ exported[m + ".lora_A.weight"]
+    assert torch.allclose(product, g_out[stacked.merged_key(m)], atol=1e-5)
+    assert (folder / "adapter_config.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    with pytest.raises(ConfigError, match=r"stacks LoRA ranks .* export it"):
+        personalize_silo(cfg, "clinic", store, adapter_for(cfg, "clinic"))
 
 
 def test_merged_global_exports_as_an_exact_peft_lora(tmp_path: Path) -> None:
