@@ -22,7 +22,7 @@ mergeable and exportable like any other adapter.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,22 @@ def merged_base(adapter: Any, merged: Mapping[str, torch.Tensor]) -> Iterator[No
     finally:
         for h in handles:
             h.remove()
+
+
+def applied(
+    adapter: Any, state: Mapping[str, torch.Tensor]
+) -> tuple[TensorDict, AbstractContextManager[None]]:
+    """What to load and what to compute inside, to run a global ``state`` on ``adapter``.
+
+    An adapter state is loaded as it is; a merged global runs as a LoRA that adds nothing (B = 0)
+    inside :func:`merged_base`. Code that also needs the bare base (a reference policy) computes it
+    outside the returned context.
+    """
+    if not is_merged(state):
+        return dict(state), nullcontext()
+    fresh = fresh_lora(adapter, 0)
+    check_merged(state, fresh)
+    return fresh, merged_base(adapter, state)
 
 
 def lora_factors(delta: torch.Tensor, *, rtol: float = SVD_RTOL) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,6 +152,14 @@ def test_two_stacked_rounds_merge_exactly_and_the_second_starts_from_the_merge(
     with pytest.raises(ConfigError, match=r"stacks LoRA ranks .* export it"):
         personalize_silo(cfg, "clinic", store, adapter_for(cfg, "clinic"))
 
+    # The membership audit runs the merged model as its target and the bare base as its reference
+    # (were both the same model, every reference score, reference loss − target loss, would be 0).
+    from silotune.audit.run import audit_federation
+
+    report = audit_federation(cfg, store, adapter_for(cfg), max_examples=4, batch_size=4)
+    assert set(report.mia) == {"loss", "reference"} and report.rounds == 2
+    assert max(abs(x) for x in report.mia["reference"].member_scores) > 1e-4
+
 
 def test_merged_global_exports_as_an_exact_peft_lora(tmp_path: Path) -> None:
     from silotune.config import LoraSpec
