@@ -90,8 +90,8 @@ def _stacking_problems(config: Any) -> list[str]:
     if sec.protection != "none":
         problems.append(
             f"aggregation.lora_merge: 'stack' needs security.protection 'none', not {sec.protection!r}: the "
-            "coordinator multiplies each silo's own B and A, so it must see them; use 'pad' with FFA-LoRA "
-            "under protection"
+            "coordinator multiplies each silo's own B and A, so it must see them; under protection give "
+            "every silo one rank (FFA-LoRA) and leave lora_merge at 'pad'"
         )
     others = sorted(
         {
