@@ -70,11 +70,12 @@ def base_layer(model: Any, module: str) -> Any:
 
 def initial_merged(adapter: Any) -> TensorDict:
     """Round 0's global: a zero update for every module the federation's LoRA adapts."""
-    out: TensorDict = {}
-    for m in _lora_modules(adapter.state()):
-        weight = base_layer(adapter.model, m).weight
-        out[merged_key(m)] = torch.zeros(tuple(weight.shape), dtype=torch.float32)
-    return out
+    # The shape from the LoRA factors (out × in): a 4-bit base stores its weight packed, in another shape.
+    template = adapter.state()
+    return {
+        merged_key(m): torch.zeros(template[m + _B].shape[0], template[m + _A].shape[1], dtype=torch.float32)
+        for m in _lora_modules(template)
+    }
 
 
 def check_merged(merged: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:

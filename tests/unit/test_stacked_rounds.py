@@ -1,4 +1,4 @@
-"""aggregation.lora_merge 'stack' (FLoRA): exact merges of LoRA silos of ranks 4, 8 and 16, round by round."""
+"""aggregation.lora_merge 'stack' (FLoRA): exact merges of LoRA/QLoRA silos of ranks 4, 8, 16, round by round."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def _raw(tmp: Path, demo_data, **over):
         }
         if rank != 8:
             silo["method"] = {"name": "lora", "options": {"rank": rank}}
+        else:  # a QLoRA silo: the merged update rides on its 4-bit base as a hook, not as new weights
+            silo["method"] = {"name": "qlora"}
         silos.append(silo)
     raw = {
         "federation_id": "stk",
