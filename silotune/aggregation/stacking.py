@@ -21,6 +21,9 @@ base weights and starts the next round from a fresh LoRA of its own rank.
 This is not one of the delta aggregators of the registry (those keep every
 tensor's shape, which stacking changes by design); it works on whole adapter
 states, keyed by PEFT's names (``...<module>.lora_A.weight`` / ``lora_B.weight``).
+Federations use it with ``aggregation.lora_merge: stack``: each round's
+:func:`stacked_update` is merged into a dense global (:mod:`silotune.methods.stacked`,
+``silotune.protection.none.aggregate_stacked``).
 
 When to use it rather than FFA-LoRA (Sun et al., "Improving LoRA in
 Privacy-preserving Federated Learning", ICLR 2024, which freezes every ``A`` at
