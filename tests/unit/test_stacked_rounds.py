@@ -280,3 +280,32 @@ def test_stacking_config_defaults_and_fingerprint(tmp_path: Path, demo_data) -> 
         parse_config({**raw, "aggregation": {}})
     # Sample-level DP (DP-SGD) is local training: it stays allowed.
     parse_config({**raw, "privacy": {"sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}})
+
+
+def test_stacked_update_is_the_weighted_sum_of_products_in_any_order() -> None:
+    from silotune.aggregation.stacking import stacked_update
+
+    gen = torch.Generator().manual_seed(4)
+    states = [
+        {
+            "m.lora_A.weight": torch.randn(r, 7, generator=gen),
+            "m.lora_B.weight": torch.randn(5, r, generator=gen),
+        }
+        for r in (4, 8, 16)
+    ]
+    w, s = [0.2, 0.3, 0.5], [2.0, 2.0, 0.5]
+    got = stacked_update(states, w, scalings=s)["m"]
+    want = sum(
+        wi * si * st["m.lora_B.weight"].double() @ st["m.lora_A.weight"].double()
+        for wi, si, st in zip(w, s, states, strict=True)
+    )
+    assert torch.allclose(got, want, atol=1e-12)
+    order = [2, 0, 1]  # permutation invariance
+    again = stacked_update([states[i] for i in order], [w[i] for i in order], scalings=[s[i] for i in order])
+    assert torch.allclose(again["m"], got, atol=1e-12)
+    one = stacked_update(states[:1], [1.0], scalings=[2.0])["m"]  # one silo: its own product
+    assert torch.allclose(
+        one, 2.0 * states[0]["m.lora_B.weight"].double() @ states[0]["m.lora_A.weight"].double()
+    )
+    zero = [{k: torch.zeros_like(v) if "lora_B" in k else v for k, v in st.items()} for st in states]
+    assert float(stacked_update(zero, w, scalings=s)["m"].abs().max()) == 0  # fresh LoRAs merge nothing
