@@ -315,6 +315,16 @@ class AggregationSpec(_Spec):
         ),
     )
 
+    lora_merge: Literal["pad", "stack"] = Field(
+        "pad",
+        description=(
+            "How LoRA silos of different ranks combine. 'pad': zero-pad each to lora.r and average the "
+            "factors (HetLoRA; inexact: mean(B)·mean(A) is not mean(B·A)). 'stack': FLoRA stacking, exact: "
+            "each round merges sum_k p_k·s_k·B_k·A_k into a dense global and every silo starts the next "
+            "round from a fresh LoRA of its own rank; plaintext only (it reveals each silo's factors)."
+        ),
+    )
+
     @field_validator("silos_per_round")
     @classmethod
     def _sample(cls, v: int | float | None) -> int | float | None:
@@ -778,6 +788,8 @@ class FederationConfig(_Spec):
         for key in ("silos_per_round",):  # added after 0.1.0: out of the hash while unset
             if payload["aggregation"].get(key) is None:
                 payload["aggregation"].pop(key, None)
+        if payload["aggregation"].get("lora_merge") == "pad":  # added later: out of the hash at its default
+            payload["aggregation"].pop("lora_merge")
         for key in ("coordinator_key", "publisher"):
             if payload["security"].get(key) is None:
                 payload["security"].pop(key, None)

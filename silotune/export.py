@@ -34,10 +34,10 @@ from silotune.adapters import AdapterModel
 from silotune.config import FederationConfig
 from silotune.errors import ConfigError, StoreError
 from silotune.federation.commit import load_state
-from silotune.methods import get_method
+from silotune.methods import get_method, stacked
 from silotune.methods.base import Payload
 from silotune.methods.peft_methods import merge_adapter
-from silotune.modeling import BUILTIN_MODELS, cache_root, resolve_model_path, smollm2_gguf
+from silotune.modeling import BUILTIN_MODELS, cache_root, load_tokenizer, resolve_model_path, smollm2_gguf
 from silotune.protection import scheme_for
 from silotune.publish import register_final
 from silotune.store import FederationLayout, ObjectStore, get_tensors
@@ -83,8 +83,13 @@ def write_final_adapter(config: FederationConfig, store: ObjectStore, dest: Path
                 (tmp / key.rsplit("/", 1)[-1]).write_bytes(store.get(key))
         else:
             tensors = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
-            adapter = AdapterModel.create(config.model, config.lora, seed=0, method=config.method)
-            adapter.save_pretrained(tmp, tensors)
+            if stacked.is_merged(tensors):  # a stacked federation: its merged update as an exact LoRA
+                base = resolve_model_path(config.model.name_or_path)
+                stacked.write_lora_folder(tensors, config.lora, str(base), tmp)
+                load_tokenizer(base).save_pretrained(tmp)
+            else:
+                adapter = AdapterModel.create(config.model, config.lora, seed=0, method=config.method)
+                adapter.save_pretrained(tmp, tensors)
     return dest
 
 

@@ -58,6 +58,12 @@ def _final_global(config: FederationConfig, silo: str, store: ObjectStore) -> tu
     state = load_state(store, config.federation_id)
     if state is None or state.completed_rounds == 0:
         raise ConfigError(f"federation {config.federation_id!r} has no trained global adapter to personalise")
+    if config.aggregation.lora_merge == "stack":
+        raise ConfigError(
+            f"federation {config.federation_id!r} stacks LoRA ranks (aggregation.lora_merge 'stack'): its "
+            "global is a merged update, not an adapter to fine-tune; export it (--format merged) and "
+            "fine-tune that model"
+        )
     ctx = SiloContext(config, silo, state.completed_rounds, store)
     tensors, _ = scheme_for(config).read_global(ctx, state.global_ref)
     return hetero.truncate(tensors, config.lora_for(silo).r), state

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from silotune.adapters import AdapterModel, TensorDict
 from silotune.config import FederationConfig
+from silotune.methods import stacked
 from silotune.promotion import holdout_tags
 from silotune.records import FederationState
 from silotune.store import FederationLayout, ObjectStore, get_tensors
@@ -36,7 +37,13 @@ def publish_final(
     if final is None:  # plaintext global; under CKKS a silo decrypts it and passes ``final``
         final = get_tensors(store, state.global_ref.key, expected_sha256=state.global_ref.sha256)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = adapter.save_pretrained(Path(tmp) / "adapter", final)
+        if stacked.is_merged(final):  # a stacked federation: its merged update as an exact LoRA (by SVD)
+            folder = stacked.write_lora_folder(
+                final, adapter.lora_spec, str(adapter.model_path), Path(tmp) / "adapter"
+            )
+            adapter.tokenizer.save_pretrained(folder)
+        else:
+            folder = adapter.save_pretrained(Path(tmp) / "adapter", final)
         for f in sorted(folder.iterdir()):
             if f.is_file():
                 store.put(where(f.name), f.read_bytes())

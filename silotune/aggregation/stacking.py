@@ -21,6 +21,9 @@ base weights and starts the next round from a fresh LoRA of its own rank.
 This is not one of the delta aggregators of the registry (those keep every
 tensor's shape, which stacking changes by design); it works on whole adapter
 states, keyed by PEFT's names (``...<module>.lora_A.weight`` / ``lora_B.weight``).
+Federations use it with ``aggregation.lora_merge: stack``: each round's
+:func:`stacked_update` is merged into a dense global (:mod:`silotune.methods.stacked`,
+``silotune.protection.none.aggregate_stacked``).
 
 When to use it rather than FFA-LoRA (Sun et al., "Improving LoRA in
 Privacy-preserving Federated Learning", ICLR 2024, which freezes every ``A`` at
@@ -141,3 +144,15 @@ def dense_updates(state: Mapping[str, torch.Tensor], *, scaling: float) -> Tenso
         m: scaling * (state[m + _B].to(torch.float64) @ state[m + _A].to(torch.float64))
         for m in lora_modules(state)
     }
+
+
+def stacked_update(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, scalings: Sequence[float]
+) -> TensorDict:
+    """``sum_k w_k · s_k · B_k @ A_k`` per module prefix (float64), through the stacked factors.
+
+    What a stacked round merges into the global (:mod:`silotune.methods.stacked`): the product of
+    :func:`stack_lora`'s factors, computed in float64 so that the merge is exact up to rounding.
+    """
+    wide = [{k: v.to(torch.float64) for k, v in st.items()} for st in states]
+    return dense_updates(stack_lora(wide, weights, scalings=scalings, target_scaling=1.0), scaling=1.0)

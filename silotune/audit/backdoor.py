@@ -16,6 +16,7 @@ import torch
 
 from silotune.adapters import AdapterModel
 from silotune.data import collate, encode_dataset, per_sequence_loss
+from silotune.methods import stacked
 from silotune.poisoning import Chat, add_trigger, last_answer, set_answer
 
 
@@ -66,11 +67,13 @@ def backdoor_success(
     prompts = [c for c in chats if last_answer(c) != target]
     if not prompts:
         raise ValueError("no prompt to test: every record already answers with the backdoor target")
+    state, merged = stacked.applied(adapter, state)  # a stacked federation's merged global, too
     adapter.load_state(state)
     triggered = [set_answer(add_trigger(c, trigger), target) for c in prompts]
     clean = [set_answer(c, target) for c in prompts]
-    asr, loss_t = _exact_and_loss(adapter, triggered, max_seq_len, batch_size)
-    ftr, loss_c = _exact_and_loss(adapter, clean, max_seq_len, batch_size)
+    with merged:
+        asr, loss_t = _exact_and_loss(adapter, triggered, max_seq_len, batch_size)
+        ftr, loss_c = _exact_and_loss(adapter, clean, max_seq_len, batch_size)
     return BackdoorResult(
         num_prompts=len(prompts),
         attack_success_rate=asr,

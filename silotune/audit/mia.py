@@ -28,6 +28,7 @@ import torch
 from silotune.adapters import AdapterModel
 from silotune.audit.metrics import roc_auc, tpr_at_fpr
 from silotune.data import Example, collate, per_sequence_loss
+from silotune.methods import stacked
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,10 @@ def membership_inference(
     batch_size: int = 16,
 ) -> dict[str, MIAResult]:
     """Run the loss-threshold and the reference-model attack on ``state``; keyed by attack name."""
-    tm = example_losses(adapter, members, batch_size=batch_size, state=state)
-    tn = example_losses(adapter, nonmembers, batch_size=batch_size)
+    state, target = stacked.applied(adapter, state)  # a stacked federation's merged global, too
+    with target:
+        tm = example_losses(adapter, members, batch_size=batch_size, state=state)
+        tn = example_losses(adapter, nonmembers, batch_size=batch_size)
     rm = example_losses(adapter, members, batch_size=batch_size, base_model=True)
     rn = example_losses(adapter, nonmembers, batch_size=batch_size, base_model=True)
     return {

@@ -19,6 +19,7 @@ from silotune.aggregation.sampling import silos_of_round
 from silotune.config import FederationConfig
 from silotune.errors import ConfigError, StoreError
 from silotune.evaluation import EvalResult, weighted_mean
+from silotune.methods import stacked
 from silotune.privacy.filters import client_epsilon, client_noise
 from silotune.protection.base import sign_object
 from silotune.records import (
@@ -75,7 +76,10 @@ def start_federation(config: FederationConfig, store: ObjectStore, adapter: Adap
         # The referenced global must still be intact before any silo trains on it.
         get_tensors(store, existing.global_ref.key, expected_sha256=existing.global_ref.sha256)
         return existing
-    init = adapter.initial_state(config.seed)
+    if config.aggregation.lora_merge == "stack":  # FLoRA: the global is the merged update, zero at first
+        init = stacked.initial_merged(adapter)
+    else:
+        init = adapter.initial_state(config.seed)
     key = layout.global_adapter(0)
     sha = put_tensors(store, key, init, metadata={"federation_id": config.federation_id, "round": "0"})
     sign_object(config, store, key, store.get(key), round_=0, purpose="global")

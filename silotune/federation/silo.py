@@ -6,6 +6,7 @@ clip and noise, then the protection scheme's packing (plaintext, masked or encry
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from safetensors.torch import load as st_load
 
-from silotune.adapters import AdapterModel, TensorDict
+from silotune.adapters import AdapterModel, TensorDict, apply_delta
 from silotune.config import FederationConfig
 from silotune.data import (
     encode_dataset,
@@ -25,7 +26,7 @@ from silotune.data import (
 )
 from silotune.evaluation import evaluate
 from silotune.keys import SiloVault, write_private
-from silotune.methods import hetero
+from silotune.methods import hetero, stacked
 from silotune.methods.objectives import build_objective
 from silotune.poisoning import attack_silo_update, poison_pairs, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
@@ -107,7 +108,13 @@ def train_step(
         examples = encode_preferences(pairs, adapter.tokenizer, config.model.max_seq_len)
     else:
         examples = _silo_examples(config, spec.train_path, adapter, pairs=objective is not None)
-    full_global, global_state = global_state, hetero.truncate(global_state, config.lora_for(silo).r)
+    full_global = global_state
+    stacking = config.aggregation.lora_merge == "stack"
+    if stacking:  # FLoRA: a fresh LoRA of the silo's own rank on top of the merged global
+        global_state = stacked.fresh_lora(adapter, silo_seed(config.seed, round_, index))
+        stacked.check_merged(full_global, global_state)
+    else:
+        global_state = hetero.truncate(global_state, config.lora_for(silo).r)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
     privacy: dict[str, float] = {}
@@ -129,19 +136,20 @@ def train_step(
         )
 
     def run() -> tuple[TensorDict, TrainResult]:
-        return train_local(
-            adapter,
-            global_state,
-            examples,
-            config.train,
-            seed=silo_seed(config.seed, round_, index),
-            desc=f"round {round_ + 1} · {silo}",
-            progress=progress,
-            dp=dp,
-            frozen=frozen,
-            exchanged=keys,
-            objective=objective,
-        )
+        with stacked.merged_base(adapter, full_global) if stacking else contextlib.nullcontext():
+            return train_local(
+                adapter,
+                global_state,
+                examples,
+                config.train,
+                seed=silo_seed(config.seed, round_, index),
+                desc=f"round {round_ + 1} · {silo}",
+                progress=progress,
+                dp=dp,
+                frozen=frozen,
+                exchanged=keys,
+                objective=objective,
+            )
 
     if memo is None or dp is not None:
         d, result = run()
@@ -149,6 +157,7 @@ def train_step(
         key = memo_key(
             "train",
             tensor_digest(global_state),
+            tensor_digest(full_global) if stacking else None,  # the merged base it trains on
             silo,
             index,
             round_,
@@ -165,7 +174,9 @@ def train_step(
             keys,
         )
         d, result = memo.get_or_compute(key, run, copy_training)
-    d = hetero.pad(d, {k: full_global[k] for k in d})  # a low-rank silo uploads its slice zero-padded
+    # Stacking: the whole factors (B started at zero, so s·B·A is exactly what the silo changed);
+    # padding: a low-rank silo uploads its slice zero-padded.
+    d = apply_delta(global_state, d) if stacking else hetero.pad(d, {k: full_global[k] for k in d})
     d = attack_silo_update(spec, d, seed=silo_seed(config.seed, round_, index))  # evaluation-only attacker
     if plan is not None:
         privacy.update(record_sample_dp(config, silo, round_, plan))
@@ -292,19 +303,25 @@ def evaluate_silo(
     if spec.eval_path is None:
         return None
     state, _ = scheme_for(config).read_global(SiloContext(config, silo, round_ + 1, store), global_ref)
-    state = hetero.truncate(state, config.lora_for(silo).r)
+    merged = None
+    if config.aggregation.lora_merge == "stack":  # the merged global itself: a LoRA that adds nothing on it
+        merged, state = state, stacked.fresh_lora(adapter, config.seed)
+        stacked.check_merged(merged, state)
+    else:
+        state = hetero.truncate(state, config.lora_for(silo).r)
 
     def run() -> dict[str, Any]:
         examples = _silo_examples(config, spec.eval_path, adapter, pairs=is_preference_file(spec.eval_path))
         if config.evaluation.max_examples:
             examples = examples[: config.evaluation.max_examples]
-        res = evaluate(
-            adapter,
-            examples,
-            batch_size=config.evaluation.batch_size,
-            state=state,
-            beta=config.objective_for(silo).beta,
-        )
+        with stacked.merged_base(adapter, merged) if merged is not None else contextlib.nullcontext():
+            res = evaluate(
+                adapter,
+                examples,
+                batch_size=config.evaluation.batch_size,
+                state=state,
+                beta=config.objective_for(silo).beta,
+            )
         return res.as_dict()
 
     t0 = time.perf_counter()
@@ -314,6 +331,7 @@ def evaluate_silo(
         key = memo_key(
             "evaluate",
             tensor_digest(state),
+            tensor_digest(merged) if merged is not None else None,
             file_sha256(spec.eval_path),
             config.model,
             config.lora_for(silo),

@@ -18,8 +18,8 @@ no client-level DP (whose noise would fill the padding).
 
 Like FedAvg of same-rank LoRA, this averages the factors A and B separately, so
 the new global's B·A is not exactly the mean of the silos' B_k·A_k; FLoRA
-stacking (:mod:`silotune.aggregation.stacking`) is exact at the price of a
-global rank that grows with the number of silos.
+stacking (``aggregation.lora_merge: stack``, :mod:`silotune.methods.stacked`) is
+exact, at the price of a dense global and plaintext factors at the coordinator.
 """
 
 from __future__ import annotations

@@ -205,7 +205,9 @@ class LoRAOptions(MethodOptions):
         ge=1,
         description=(
             "A silo's own smaller rank: it trains the first `rank` components of the federation's "
-            "`lora.r` adapter and uploads them zero-padded (heterogeneous ranks, HetLoRA). None: lora.r."
+            "`lora.r` adapter and uploads them zero-padded (heterogeneous ranks, HetLoRA). With "
+            "aggregation.lora_merge 'stack': the rank of the fresh LoRA the silo trains each round, any "
+            "size (FLoRA). None: lora.r."
         ),
     )
 

@@ -50,6 +50,10 @@ def _rank_problems(config: Any) -> list[str]:
     ranks = {k: v for k, v in ranks.items() if v is not None}
     if not ranks:
         return []
+    if _stacking(config):  # a silo's rank is its own there, not a slice; _stacking_problems checks the rest
+        if config.method.options.get("rank") is not None:
+            return ["method.options.rank: set a rank per silo; the federation's default rank is lora.r"]
+        return []
     problems = [
         f"silos: {name}'s rank {r} exceeds the federation's lora.r={config.lora.r} (a silo trains a slice)"
         for name, r in sorted(ranks.items())
@@ -69,6 +73,59 @@ def _rank_problems(config: Any) -> list[str]:
     privacy = getattr(config, "privacy", None)
     if privacy is not None and privacy.client_dp is not None:
         problems.append("privacy.client_dp: its noise would fill the zero padding of low-rank silos' updates")
+    return problems
+
+
+def _stacking(config: Any) -> bool:
+    aggregation = getattr(config, "aggregation", None)
+    return getattr(aggregation, "lora_merge", "pad") == "stack"
+
+
+def _stacking_problems(config: Any) -> list[str]:
+    """``aggregation.lora_merge: stack`` (FLoRA): plaintext LoRA factors, summed by example weight."""
+    if not _stacking(config):
+        return []
+    problems: list[str] = []
+    sec, privacy, agg = config.security, config.privacy, config.aggregation
+    if sec.protection != "none":
+        problems.append(
+            f"aggregation.lora_merge: 'stack' needs security.protection 'none', not {sec.protection!r}: the "
+            "coordinator multiplies each silo's own B and A, so it must see them; under protection give "
+            "every silo one rank (FFA-LoRA) and leave lora_merge at 'pad'"
+        )
+    others = sorted(
+        {
+            config.method_for(s.name).name
+            for s in config.silos
+            if config.method_for(s.name).name not in METHODS
+            or not get_method(config.method_for(s.name).name).uses_lora_section
+        }
+    )
+    if others:
+        problems.append(
+            f"aggregation.lora_merge: 'stack' merges LoRA factors, but method(s) {others} have none; "
+            "use lora or qlora, or lora_merge 'pad'"
+        )
+    if sec.ffa_lora:
+        problems.append(
+            "security.ffa_lora: true with aggregation.lora_merge 'stack': stacking needs each silo's "
+            "trained A (FFA-LoRA freezes it and uploads B alone); leave ffa_lora unset"
+        )
+    if privacy.client_dp is not None:
+        problems.append(
+            "privacy.client_dp: with aggregation.lora_merge 'stack' a silo uploads its whole LoRA factors, "
+            "not a delta to clip and noise; use privacy.sample_dp (DP-SGD) or lora_merge 'pad'"
+        )
+    if agg.name != "fedavg":
+        problems.append(
+            f"aggregation.name: {agg.name!r} with aggregation.lora_merge 'stack': stacking is a weighted "
+            "sum of the silos' products (FedAvg's weights); use 'fedavg'"
+        )
+    if config.train.processes > 1:
+        problems.append(
+            f"train.processes: {config.train.processes} with aggregation.lora_merge 'stack': the merged "
+            "global is applied to the model in the silo's own process; use 1"
+        )
     return problems
 
 
@@ -124,6 +181,7 @@ def validate_federation(config: Any) -> list[str]:
                 f"security.ffa_lora: FFA-LoRA freezes LoRA's A matrices, but method(s) {others} have none"
             )
     problems += _rank_problems(config)
+    problems += _stacking_problems(config)
     for name, package in sorted({(m.name, p) for m in known for p in m.requires_packages}):
         if importlib.util.find_spec(package) is None:
             problems.append(f"method: {name} needs the {package} package (pip install {package})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+import torch
 from safetensors.torch import load as st_load
 
 from silotune.adapters import TensorDict, global_norm, lora_b_keys
@@ -19,9 +20,10 @@ from silotune.aggregation import (
     check_update,
     example_weights,
 )
+from silotune.aggregation.stacking import stacked_update
 from silotune.config import FederationConfig
 from silotune.errors import SilotuneError, StoreError, UpdateError
-from silotune.methods import hetero
+from silotune.methods import hetero, stacked
 from silotune.protection.base import (
     AggregateRecord,
     AggregationJob,
@@ -121,6 +123,57 @@ def step_server(
     )
 
 
+def check_factors(update: ClientUpdate, merged: TensorDict, rank: int) -> None:
+    """A stacked round's upload: rank-``rank`` LoRA factors of every module of the merged global.
+
+    Raises :class:`UpdateError` naming the silo (and tensor) for anything else: other keys, another
+    rank than the silo's configured one, shapes that do not fit the module, non-float or non-finite values.
+    """
+    silo, factors = update.silo, update.delta
+    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+        raise UpdateError(silo, f"num_examples must be a positive integer, got {update.num_examples!r}")
+    want = {
+        m + suffix: shape
+        for m in stacked.modules(merged)
+        for suffix, shape in (
+            (".lora_A.weight", (rank, merged[stacked.merged_key(m)].shape[1])),
+            (".lora_B.weight", (merged[stacked.merged_key(m)].shape[0], rank)),
+        )
+    }
+    missing, extra = sorted(set(want) - set(factors)), sorted(set(factors) - set(want))
+    if missing or extra:
+        raise UpdateError(
+            silo, f"LoRA factors do not match the global (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for key, shape in want.items():
+        t = factors[key]
+        if not t.is_floating_point():
+            raise UpdateError(silo, f"dtype {t.dtype} is not floating point", tensor=key)
+        if tuple(t.shape) != shape:
+            raise UpdateError(silo, f"shape {tuple(t.shape)} != expected {shape} (rank {rank})", tensor=key)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UpdateError(silo, f"{bad} non-finite value(s) (NaN/Inf)", tensor=key)
+
+
+def aggregate_stacked(
+    job: AggregationJob, merged: TensorDict, updates: list[ClientUpdate]
+) -> AggregateRecord:
+    """FLoRA: merge ``sum_k p_k · s_k · B_k @ A_k`` of the checked factors into the merged global.
+
+    ``p_k``: FedAvg's example shares (uniform with ``aggregation.options.weighted: false``); ``s_k``:
+    silo ``k``'s LoRA scaling ``alpha_k / r_k``. The sum goes through the server optimizer like any
+    combined delta (plain ``sgd``: the next global is ``merged`` plus the sum, exactly).
+    """
+    config = job.config
+    weighted = config.aggregation.options.get("weighted", True)
+    weights = example_weights(updates) if weighted else [1.0 / len(updates)] * len(updates)
+    specs = [config.lora_for(u.silo) for u in updates]
+    product = stacked_update([u.delta for u in updates], weights, scalings=[s.alpha / s.r for s in specs])
+    combined = {stacked.merged_key(m): d.to(merged[stacked.merged_key(m)].dtype) for m, d in product.items()}
+    return step_server(job, merged, combined, [u.silo for u in updates])
+
+
 class PlainScheme:
     name: ClassVar[str] = "none"
     extension: ClassVar[str] = "safetensors"
@@ -160,12 +213,17 @@ class PlainScheme:
                     raise UpdateError(silo, f"not a valid safetensors update ({exc})") from None
                 # 0: the silo's policy withholds its example count; it then weighs like every other.
                 upd = ClientUpdate(silo=silo, delta=delta, num_examples=job.num_examples.get(silo) or 1)
-                check_update(upd, sub_global)
+                if config.aggregation.lora_merge == "stack":  # whole factors of the silo's own rank
+                    check_factors(upd, global_state, config.lora_for(silo).r)
+                else:
+                    check_update(upd, sub_global)
                 updates.append(upd)
             except SilotuneError as exc:
                 job.excluded[silo] = str(exc)
                 log.warning("round %d: excluding silo %s: %s", job.round + 1, silo, exc)
         require_quorum(config, job.round, [u.silo for u in updates], job.excluded)
+        if config.aggregation.lora_merge == "stack":
+            return aggregate_stacked(job, global_state, updates)
         aggregator = build_aggregator(config.aggregation.name, **config.aggregation.options)
         prepare_aggregator(aggregator, config, job.store, job.round)  # FLTrust: this round's root update
         combined = aggregator.aggregate(updates)

@@ -119,6 +119,7 @@ def test_default_config_fingerprint_is_unchanged_by_the_new_fields() -> None:
     for s in payload["silos"]:
         s.pop("method"), s.pop("objective"), s.pop("public_key"), s.pop("device")
     payload["aggregation"].pop("silos_per_round")  # client sampling, added later
+    payload["aggregation"].pop("lora_merge")  # stacking of LoRA ranks, added later
     for key in [*_PLACEMENT_FIELDS, "device"]:  # placement and speed levers, added later
         payload["train"].pop(key, None)
     old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
