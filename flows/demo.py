@@ -56,7 +56,15 @@ def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> Fede
             "seed": 0,
             "model": {"name_or_path": model, "max_seq_len": 256},
             "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"local_steps": local_steps, "batch_size": 8, "learning_rate": 2e-3},
+            # The two CPU speed levers change no number (tests/unit/test_speed_levers.py): the LM head runs
+            # only where a label is, and a batch is one packed row without padding.
+            "train": {
+                "local_steps": local_steps,
+                "batch_size": 8,
+                "learning_rate": 2e-3,
+                "response_logits_only": True,
+                "packing": True,
+            },
             "silos": [
                 {
                     "name": s.name,
