@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -136,10 +137,14 @@ class TestBed:
     def down(self) -> None:
         """Delete every namespace this bed created (killing what still runs in a host first)."""
         for ns in reversed(self.created):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
+            for _ in range(5):  # again while a process forked as the others were killed
+                out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+                if not out.stdout.split():
+                    break
+                for pid in out.stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), 9)
+                time.sleep(0.2)
             _ip("netns", "del", ns, check=False)
         self.created.clear()
 

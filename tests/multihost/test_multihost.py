@@ -192,6 +192,7 @@ def hosts(demo_data):
         assert not pending, f"silos {sorted(pending)} did not join"
         yield SimpleNamespace(bed=bed, root=root, state=state, stack=st, folders=folders, joins=joins)
     finally:
+        t0 = time.monotonic()
         for p in joins.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
@@ -200,6 +201,7 @@ def hosts(demo_data):
                 p.wait(20)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+        print(f"silos stopped in {time.monotonic() - t0:.0f} s")
         if (state / "stack.json").is_file() and bed.created:
             down = bed.run(
                 "coordinator",
@@ -208,7 +210,7 @@ def hosts(demo_data):
                 cwd=REPO_ROOT,
                 timeout=180,
             )
-            print(down.stdout[-1000:], down.stderr[-1000:])
+            print(down.stdout[-1000:], down.stderr[-1000:], f"({time.monotonic() - t0:.0f} s)")
         bed.down()
         shutil.rmtree(root, ignore_errors=True)
 
