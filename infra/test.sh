@@ -15,4 +15,4 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_TELEM
 if [[ $# -eq 0 && "${SILOTUNE_MULTIHOST:-0}" != "1" ]]; then
     set -- -m "not multihost"
 fi
-.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 "$@"

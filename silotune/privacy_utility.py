@@ -52,6 +52,7 @@ from silotune.config import FederationConfig, parse_config
 from silotune.data import Example, collate, encode_dataset, per_sequence_loss, read_records
 from silotune.evaluation import evaluate, generate_eval
 from silotune.records import RoundSummary
+from silotune.report import figure_png
 from silotune.training import train_local
 
 PRIVACY_KINDS = ("none", "sample_dp", "client_dp")
@@ -601,9 +602,7 @@ def plot_frontier(rows: Sequence[Row], *, title: str) -> bytes:
             ax.set_xticks(eps)
             ax.set_xticklabels([f"{e:g}" for e in eps])
             ax.minorticks_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _png(fig, plt)
+    return figure_png(fig, plt, title=title)
 
 
 def plot_round_costs(rows: Sequence[Row], *, title: str) -> bytes:
@@ -631,16 +630,7 @@ def plot_round_costs(rows: Sequence[Row], *, title: str) -> bytes:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=5)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _png(fig, plt)
-
-
-def _png(fig: Any, plt: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, plt, title=title)
 
 
 def write_results(

@@ -277,12 +277,13 @@ def plot_history(
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return figure_png(fig, plt, title=title)
+
+
+def figure_png(fig: Any, plt: Any, *, title: str) -> bytes:
+    """Title, lay out, render to PNG bytes and close a matplotlib figure (every silotune plot ends so)."""
     fig.suptitle(title)
     fig.tight_layout()
-    return _png(fig, plt)
-
-
-def _png(fig: Any, plt: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -358,6 +359,4 @@ def plot_costs(state: FederationState, title: str = "federation") -> bytes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: costs per round")
-    fig.tight_layout()
-    return _png(fig, plt)
+    return figure_png(fig, plt, title=f"{title}: costs per round")
