@@ -35,7 +35,6 @@ from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Crashed, Scheduled
 from prefect.utilities.asyncutils import run_coro_as_sync
-from pydantic import BaseModel
 
 from flows.api_client import busy_retry_settings
 from flows.silo import silo_evaluate, silo_round, silo_step
@@ -43,14 +42,12 @@ from silotune.config import FederationConfig
 from silotune.records import (
     EvalRecord,
     ObjectRef,
-    SiloEvalResult,
     SiloFailure,
     SiloRoundResult,
-    SiloStepResult,
     UpdateRecord,
 )
-from silotune.results import ResultError, read_result
-from tasks.runtime import store_for
+from silotune.results import ResultError
+from tasks.results import read_record, read_results
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +97,42 @@ class Outcome(NamedTuple):
     value: Any
 
 
-# Which record each silo flow writes (the stage names the record in the silo's results prefix).
-RECORDS: dict[str, type[BaseModel]] = {
-    "silo-round": SiloRoundResult,
-    "silo-evaluate": SiloEvalResult,
-    "silo-step": SiloStepResult,
-}
-
-
 def read_outcome(
     config: FederationConfig, flow_name: str, stage: str, silo: str, round_: int, state: Any
 ) -> Outcome:
-    """The run's record from the silo's results prefix, never through Prefect's result store.
+    """One run's record from the silo's results prefix, never through Prefect's result store.
 
     The record must be the one this run wrote (its ``run_id``): a record left by an earlier run of
     the same step is not taken for this run's. A refused or crashed run writes none: its state's
-    message says why.
+    message says why. A store that cannot be reached raises StoreUnavailable (:func:`read_outcomes`
+    retries it).
     """
-    stage = {"silo-round": "round", "silo-evaluate": "evaluate"}.get(flow_name, stage)
-    try:
-        record = read_result(config, store_for(config), silo, round_, stage, RECORDS[flow_name])
-    except ResultError as exc:
+    stage = _record_stage(flow_name, stage)
+    return _outcome(silo, stage, state, read_record(config, flow_name, stage, silo, round_))
+
+
+def read_outcomes(
+    config: FederationConfig, flow_name: str, stage: str, round_: int, states: dict[str, Any]
+) -> dict[str, Outcome]:
+    """:func:`read_outcome` of each run (by silo), the records read in one task
+    (``tasks.results.read_results``), retried while the coordinator cannot reach the store: an outage
+    on the coordinator's side is not a failure of every silo.
+    """
+    stage = _record_stage(flow_name, stage)
+    records = read_results(config, flow_name, stage, round_, list(states)) if states else {}
+    return {silo: _outcome(silo, stage, state, records[silo]) for silo, state in states.items()}
+
+
+def _record_stage(flow_name: str, stage: str) -> str:
+    """The stage that names the flow's record in the silo's results prefix."""
+    return {"silo-round": "round", "silo-evaluate": "evaluate"}.get(flow_name, stage)
+
+
+def _outcome(silo: str, stage: str, state: Any, record: Any) -> Outcome:
+    if isinstance(record, str):  # no record this run could be credited with: why
         if not state.is_completed() and (state.message or ""):
             return Outcome(state, RuntimeError(state.message))
-        return Outcome(state, exc)
+        return Outcome(state, ResultError(record))
     run_id = getattr(getattr(state, "state_details", None), "flow_run_id", None)
     if run_id is not None and getattr(record, "run_id", None) not in (None, str(run_id)):
         if not state.is_completed() and (state.message or ""):
@@ -229,7 +238,7 @@ def _subflows(
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="silo") as pool:
                 futures = {name: pool.submit(contextvars.copy_context().run, run, name) for name in silos}
                 states = {name: futures[name].result() for name in silos}
-    return {n: read_outcome(config, flow_name, stage, n, round_, st) for n, st in states.items()}
+    return read_outcomes(config, flow_name, stage, round_, states)
 
 
 class InProcessRunner:
@@ -401,10 +410,9 @@ class WorkPoolRunner:
         waves = _Wave(specs, self._deployments, config, flow_name)
         run_coro_as_sync(waves.run())
         t0 = time.perf_counter()
-        outcomes = {
-            silo: read_outcome(config, flow_name, stage, silo, round_, out.state)
-            for silo, out in waves.outcomes.items()
-        }
+        outcomes = read_outcomes(
+            config, flow_name, stage, round_, {silo: out.state for silo, out in waves.outcomes.items()}
+        )
         waves.read_s = time.perf_counter() - t0
         failures = [
             SiloFailure(silo=silo, round=round_, stage=stage, error=why) for silo, why in waves.lost.items()

@@ -21,11 +21,13 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # Debian packages of the consortium stack: PostgreSQL (Prefect's and MLflow's database with
 # `stack up --database postgres`), socat (the S3 port's relay on a stack serving other hosts), tcpdump
-# (the multihost tests' capture) and iproute2 (their network namespaces). Installed only where missing
-# and only as root with apt; elsewhere the stack says which one it lacks when it needs it.
+# (the multihost tests' capture), nftables (their cut of the coordinator's link to the store) and
+# iproute2 (their network namespaces). Installed only where missing and only as root with apt;
+# elsewhere the stack says which one it lacks when it needs it.
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 for tool in socat tcpdump; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

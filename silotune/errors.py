@@ -29,6 +29,14 @@ class StoreError(SilotuneError):
     """An object could not be read or written, or failed its integrity check."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached, or answered with a server error: the same call may succeed later.
+
+    Every other :class:`StoreError` (a missing, corrupted, oversized or forbidden object, a certificate
+    that does not verify) fails the same way on every try.
+    """
+
+
 class QuorumError(SilotuneError):
     """Fewer silos contributed to a round than the configured quorum."""
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from silotune.config import FederationConfig
-from silotune.errors import SilotuneError, StoreError
+from silotune.errors import SilotuneError, StoreError, StoreUnavailable
 from silotune.keys import SiloVault
 from silotune.protection.base import pinned_silo_keys, silo_keys
 from silotune.store import FederationLayout, ObjectStore
@@ -66,7 +66,11 @@ def put_result(
 def read_result(
     config: FederationConfig, store: ObjectStore, silo: str, round_: int, stage: str, model: type[M]
 ) -> M:
-    """Coordinator: a silo's result record, verified, parsed with ``model``; ResultError otherwise."""
+    """Coordinator: a silo's result record, verified, parsed with ``model``; ResultError otherwise.
+
+    A store that cannot be reached raises :class:`StoreUnavailable`: the record may well be there, and
+    reading it again later is the caller's choice (a silo is not failed for the coordinator's outage).
+    """
     key = FederationLayout(config.federation_id).result(round_, silo, stage)
     try:
         data = store.get_bounded(key, MAX_RESULT_BYTES)
@@ -76,6 +80,8 @@ def read_result(
             trusted.verify(
                 data, sig, federation_id=config.federation_id, round=round_, silo=silo, purpose="result"
             )
+    except StoreUnavailable:
+        raise
     except (StoreError, SilotuneError) as exc:
         raise ResultError(f"silo {silo!r}: {stage} result of round {round_ + 1}: {exc}") from None
     try:

@@ -13,7 +13,15 @@ from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-@task(name="aggregate", task_run_name="aggregate-r{round_}", persist_result=False, cache_policy=NO_CACHE)
+# Nothing refers to what it writes (the next global) until the round is committed: a retry may write it
+# again.
+@task(
+    name="aggregate",
+    task_run_name="aggregate-r{round_}",
+    **runtime.STORE_RETRIES,
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
 def aggregate(
     config: FederationConfig, round_: int, global_ref: ObjectRef, records: list[UpdateRecord]
 ) -> AggregateRecord:

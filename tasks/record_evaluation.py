@@ -8,14 +8,18 @@ from prefect.cache_policies import NO_CACHE
 from silotune.config import FederationConfig
 from silotune.federation.commit import record_evaluation
 from silotune.records import EvalRecord, FederationState, SiloFailure
+from tasks import runtime
 from tasks.runtime import store_for
 from tasks.track import track_evaluation
 
 
 # Persists no result and is never cached: its return value only feeds the coordinator flow, in-process.
+# A retry records the same evaluation: the evaluation object is write-once, and the first one written
+# is the one recorded.
 @task(
     name="record-evaluation",
     task_run_name="record-evaluation-r{round_}",
+    **runtime.STORE_RETRIES,
     persist_result=False,
     cache_policy=NO_CACHE,
 )

@@ -26,7 +26,7 @@ from silotune.compute import (
     serialise_colocated,
 )
 from silotune.config import FederationConfig, LoraSpec, MethodSpec, ModelSpec
-from silotune.errors import SilotuneError, StoreError
+from silotune.errors import SilotuneError, StoreUnavailable
 from silotune.policy import PolicyError, SiloPolicy, enforce, load_policy
 from silotune.results import Release
 from silotune.reuse import WorkMemo
@@ -143,20 +143,32 @@ def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Releas
 
 
 def transient(task: object, task_run: object, state: Any) -> bool:
-    """Retry condition: only what may pass on a second try (store and network errors, crashes).
+    """Retry condition: only what may pass on a second try (a store that cannot be reached or is busy,
+    network errors, crashes).
 
-    Bad input (a config, data, an update, a policy refusal, a spent budget) fails the same way every
-    time: it is reported once, not retried.
+    Bad input (a config, data, an update, a policy refusal, a spent budget) and a store's definite
+    answers (an object missing, corrupted, too large or forbidden) fail the same way every time: they
+    are reported once, not retried.
     """
     try:
         state.result()
-    except StoreError:
+    except StoreUnavailable:
         return True
     except SilotuneError:
         return False
     except Exception:
         return True
     return False
+
+
+# The coordinator's steps that read or write the store are retried while it cannot be reached for a
+# moment (the coordinator's link cut, the store restarting): 37 s of waits in all, each try already
+# including the S3 client's own quick retries. Each such step is safe to run again (see its task).
+STORE_RETRIES: dict[str, Any] = {
+    "retries": 4,
+    "retry_delay_seconds": [2, 5, 10, 20],
+    "retry_condition_fn": transient,
+}
 
 
 class ExpectedErrorFilter(logging.Filter):

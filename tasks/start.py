@@ -12,10 +12,12 @@ from prefect.cache_policies import NO_CACHE
 from silotune.config import FederationConfig
 from silotune.federation.commit import start_federation
 from silotune.records import FederationState
+from tasks import runtime
 from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
-@task(name="start-or-resume", persist_result=False, cache_policy=NO_CACHE)
+# A retry finds the resume point the first try wrote, or writes the same initial adapter (the seed's).
+@task(name="start-or-resume", **runtime.STORE_RETRIES, persist_result=False, cache_policy=NO_CACHE)
 def start_or_resume(config: FederationConfig) -> FederationState:
     """Return the federation's resume point; on a fresh federation, write the initial global adapter."""
     with TRAIN_LOCK:

@@ -17,11 +17,13 @@ from silotune.federation.commit import save_state
 from silotune.records import FederationState
 from silotune.report import round_table
 from silotune.tracking import initial_metrics
+from tasks import runtime
 from tasks.runtime import store_for, tracker_for
 
 
 # Persists no result and is never cached: its return value only feeds the coordinator flow, in-process.
-@task(name="track-start", persist_result=False, cache_policy=NO_CACHE)
+# Retried when the store (state.json) or the tracking server cannot be reached.
+@task(name="track-start", **runtime.STORE_RETRIES, persist_result=False, cache_policy=NO_CACHE)
 def track_start(config: FederationConfig, state: FederationState) -> FederationState:
     """Start (or reopen) the federation's MLflow run; its initial evaluation comes with round 1."""
     run_id = tracker_for(config).start(config, state.tracking_run_id)

@@ -16,15 +16,45 @@ import os
 from typing import Any
 
 from silotune.config import StoreSpec
-from silotune.errors import StoreError
+from silotune.errors import StoreError, StoreUnavailable
 from silotune.links import LinkError, require_secure
 from silotune.store.local import _check_key
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+# Server-side answers that say "not now" rather than "no".
+_BUSY = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+}
+
+
+def _response(exc: Exception) -> dict[str, Any]:
+    return getattr(exc, "response", None) or {}  # some botocore errors carry ``response = None``
+
+
 def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return str(_response(exc).get("Error", {}).get("Code", ""))
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether the same call may succeed later: the link failed (refused, reset, timed out, cut mid-body)
+    or the server was busy or failing (HTTP 5xx, throttling). A certificate that does not verify is a
+    wrong server, not an outage; missing, forbidden or invalid requests fail the same way every time.
+    """
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return False
+    if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | bx.IncompleteReadError):
+        return True
+    status = _response(exc).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return _code(exc) in _BUSY or (isinstance(status, int) and status >= 500)
 
 
 class S3Store:
@@ -85,7 +115,8 @@ class S3Store:
                 f"{' / profile ' + self.spec.profile if self.spec.profile else ''}, may not {op} this key)"
             )
         at = f" at {self.spec.endpoint_url}" if self.spec.endpoint_url else ""
-        return StoreError(f"S3 {op} {key} in {self.describe()}{at} failed: {code}: {exc}{hint}")
+        kind = StoreUnavailable if _unavailable(exc) else StoreError
+        return kind(f"S3 {op} {key} in {self.describe()}{at} failed: {code}: {exc}{hint}")
 
     def put(self, key: str, data: bytes) -> None:
         k = self._key(key)

@@ -33,6 +33,19 @@ def _silo_runs(fid: str) -> list:
         )
 
 
+def _task_runs(flow_run_id: object) -> list[dict]:
+    """The coordinator run's task runs: name, final state, how many times each ran (retries)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [
+        {"name": t.name, "state": t.state.type.value if t.state else None, "run_count": t.run_count}
+        for t in runs
+    ]
+
+
 def federate(state: str, config: str, out: str, timeout: float, update_silo: str | None) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -72,6 +85,7 @@ def federate(state: str, config: str, out: str, timeout: float, update_silo: str
             }
             for r in _silo_runs(fid)
         ]
+        report["task_runs"] = _task_runs(fr.id)
         # The store, as the coordinator's identity reads it (its process has the coordinator's keys).
         store, lay = open_store(cfg.store), FederationLayout(fid)
         try:
@@ -96,6 +110,9 @@ def federate(state: str, config: str, out: str, timeout: float, update_silo: str
                 Path(out).with_suffix(".update").write_bytes(data)
                 report["update_bytes"] = len(data)
         report["manifests"] = manifests
+        # No manifest past the state's last round: nothing was committed that the state does not count.
+        done = int(state_json.get("completed_rounds", 0))
+        report["next_manifest_exists"] = store.exists(lay.manifest(done))
         report["final_exists"] = store.exists(lay.final("adapter_model.safetensors"))
     # MLflow, as its reader user (the coordinator logged and registered as its own user).
     os.environ.update(st.tls_env())

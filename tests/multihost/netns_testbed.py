@@ -19,7 +19,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 SUBNET = "10.213.0.0/24"
@@ -43,6 +44,13 @@ def unavailable() -> str | None:
     if out.returncode != 0:
         return f"`ip netns add` fails here: {out.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
+    return None
+
+
+def nft_missing() -> str | None:
+    """Why :meth:`TestBed.refused` cannot cut a connection here (a skip reason), or None."""
+    if shutil.which("nft") is None:
+        return "nftables' `nft` is not installed (infra/install.sh installs it as root)"
     return None
 
 
@@ -129,10 +137,14 @@ class TestBed:
     def down(self) -> None:
         """Delete every namespace this bed created (killing what still runs in a host first)."""
         for ns in reversed(self.created):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
+            for _ in range(5):  # again while a process forked as the others were killed
+                out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+                if not out.stdout.split():
+                    break
+                for pid in out.stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), 9)
+                time.sleep(0.2)
             _ip("netns", "del", ns, check=False)
         self.created.clear()
 
@@ -146,6 +158,33 @@ class TestBed:
     def link(self, host: str, up: bool) -> None:
         """Bring ``host``'s only interface up or down (the cable, from inside the host)."""
         _ip("-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
+
+    @contextlib.contextmanager
+    def refused(self, host: str, address: str, port: int) -> Iterator[None]:
+        """Inside: ``host``'s own TCP connections to ``address:port`` are cut, and nothing else.
+
+        An nftables rule in ``host``'s namespace answers each packet ``host`` sends there with a TCP
+        reset: open connections break at their next packet and new ones are refused at once, as when a
+        link or a store's port goes away. (A silent drop of a few seconds is absorbed by TCP
+        retransmission and never reaches the application.) Needs ``nft`` (:func:`nft_missing`).
+        """
+        table = f"{self.tag}_cut"
+        nft = ["ip", "netns", "exec", self.ns(host), "nft"]
+        hook = "{ type filter hook output priority 0 ; policy accept ; }"
+        match = f"ip daddr {address} tcp dport {port} reject with tcp reset"
+        rules = (
+            ["add", "table", "inet", table],
+            ["add", "chain", "inet", table, "out", hook],
+            ["add", "rule", "inet", table, "out", *match.split()],
+        )
+        try:
+            for rule in rules:
+                out = subprocess.run([*nft, *rule], capture_output=True, text=True, timeout=30)
+                if out.returncode != 0:
+                    raise RuntimeError(f"nft {' '.join(rule)}: {out.stderr.strip()}")
+            yield
+        finally:
+            subprocess.run([*nft, "delete", "table", "inet", table], capture_output=True, timeout=30)
 
     def counters(self, host: str) -> dict[str, int]:
         """Bytes and packets through ``host``'s interface so far."""

@@ -12,7 +12,9 @@ its own host and runs ``silotune silo join`` there, with its own data; only the 
 2. Every service refuses a request without credentials.
 3. A silo's link cut mid-round: the round completes at quorum, the silo is recorded as failed with the
    reason, and it is back in the next round once its link is up.
-4. The Prefect server restarted between two rounds: the workers reconnect and the federation finishes.
+4. The coordinator's link to the store cut between two rounds: the coordinator's step that meets the
+   outage is retried, the federation finishes, and no committed round is lost or computed again.
+5. The Prefect server restarted between two rounds: the workers reconnect and the federation finishes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from netns_testbed import TestBed, unavailable
+from netns_testbed import TestBed, nft_missing, unavailable
 
 from ops.admission import admit, read_env
 from ops.state import REPO_ROOT, Stack
@@ -106,7 +108,13 @@ def hosts(demo_data):
             shutil.copyfile(demo_data[s]["eval"], folders[s] / "data" / "eval.jsonl")
         configs = []
         (root / "coordinator").mkdir()
-        feds = (("mh-tls", 1, {}), ("mh-cut", 2, {"silo_timeout_s": 60.0}), ("mh-restart", 2, {}))
+        feds = (
+            ("mh-tls", 1, {}),
+            # The round waits this long for the cut silo: over twice the slowest wave seen here (19 s).
+            ("mh-cut", 2, {"silo_timeout_s": 40.0}),
+            ("mh-store", 2, {}),
+            ("mh-restart", 2, {}),
+        )
         for fid, rounds, orch in feds:
             path = root / "coordinator" / f"{fid}.yaml"
             path.write_text(yaml.safe_dump(_config(fid, folders, rounds, **orch)))
@@ -185,14 +193,10 @@ def hosts(demo_data):
         assert not pending, f"silos {sorted(pending)} did not join"
         yield SimpleNamespace(bed=bed, root=root, state=state, stack=st, folders=folders, joins=joins)
     finally:
-        for p in joins.values():
+        t0 = time.monotonic()
+        for p in joins.values():  # the silos stop while the coordinator's stack stops
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in joins.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(20)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
         if (state / "stack.json").is_file() and bed.created:
             down = bed.run(
                 "coordinator",
@@ -202,6 +206,12 @@ def hosts(demo_data):
                 timeout=180,
             )
             print(down.stdout[-1000:], down.stderr[-1000:])
+        for p in joins.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(1.0, t0 + 20 - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        print(f"hosts stopped in {time.monotonic() - t0:.0f} s")
         bed.down()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -362,6 +372,57 @@ def test_link_cut_mid_round_quorum_holds_and_the_silo_rejoins(hosts) -> None:
     print(f"clinic's link cut in round 0: {first['excluded']['clinic']}")
     assert second["included"] == list(SILOS) and second["excluded"] == {}
     assert first["intact"] and second["intact"]
+
+
+def test_store_cut_from_the_coordinator_the_flow_retries_and_resumes(hosts) -> None:
+    """The coordinator's connections to the store (SeaweedFS's S3 port on its own host) are refused from
+    the moment round 1 is committed until a coordinator step has failed on it and is waiting to retry:
+    round 2's silo runs go on meanwhile (the silos' own links to the store stay up), the coordinator
+    reads their results on a retry and commits round 2; round 1 stays as it was committed."""
+    reason = nft_missing()
+    if reason:
+        pytest.skip(reason)
+    bed, st = hosts.bed, hosts.stack
+    coordinator_log = hosts.state / "logs" / "worker-coordinator.log"
+    start = coordinator_log.stat().st_size
+    proc, out = _federate(hosts, "mh-store", background=True)
+    committed = re.compile(rb"Flow run 'mh-store' - round 1: aggregation")
+    # Prefect's line for a task run that failed and will run again, on the store's outage, in round 2.
+    retry = re.compile(
+        rb"Task run '([\w-]+-r1)' - Task run failed with exception: StoreUnavailable.*Retry 1/"
+    )
+    deadline = time.monotonic() + 400
+    while not committed.search(coordinator_log.read_bytes()[start:]):
+        assert time.monotonic() < deadline and proc.poll() is None, "round 1 never committed"
+        time.sleep(0.1)
+    cut_at = time.time()
+    with bed.refused("coordinator", bed.addresses["coordinator"], st.ports["s3"]):
+        while not (seen := retry.search(coordinator_log.read_bytes()[start:])):
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the coordinator did not retry a step on the store's outage:\n"
+                + coordinator_log.read_bytes()[start:].decode(errors="replace")[-3000:]
+            )
+            time.sleep(0.1)
+    print(f"store cut for {time.time() - cut_at:.1f} s; retried: {seen.group(1).decode()}")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    rep = json.loads(out.read_text())
+    assert rep["state"] == "COMPLETED", rep["message"]
+    # Both rounds committed once, with every silo, their objects intact; round 1 before the cut.
+    assert [m["included"] for m in rep["manifests"]] == [list(SILOS), list(SILOS)]
+    assert all(m["intact"] and m["excluded"] == {} for m in rep["manifests"])
+    assert not rep["next_manifest_exists"] and rep["final_exists"]
+    history = rep["store_state"]["history"]
+    assert [h["round"] for h in history] == [1, 2] and history[0]["committed_at"] < cut_at
+    # No silo ran a round twice: the outage was the coordinator's, the silos' work was kept.
+    names = sorted(r["name"] for r in rep["silo_runs"] if r["state"] == "COMPLETED")
+    assert names == sorted(f"{s}-{step}" for s in SILOS for step in ("round-0", "round-1", "evaluate-1"))
+    assert len(rep["silo_runs"]) == len(names)
+    # The coordinator's steps: each ran once to completion, the one that met the outage more than once.
+    tasks = {t["name"]: t for t in rep["task_runs"]}
+    assert len(tasks) == len(rep["task_runs"]) and all(t["state"] == "COMPLETED" for t in tasks.values())
+    assert tasks[seen.group(1).decode()]["run_count"] >= 2
+    assert {"commit-r0", "commit-r1"} <= set(tasks)
 
 
 def test_prefect_server_restart_mid_federation_workers_reconnect(hosts) -> None:

@@ -9,11 +9,12 @@ import io
 
 import boto3
 import pytest
+from botocore import exceptions as bx
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 from silotune.config import StoreSpec, parse_config
-from silotune.errors import ConfigError, StoreError
+from silotune.errors import ConfigError, StoreError, StoreUnavailable
 from silotune.store import S3Store, open_store
 
 SPEC = StoreSpec(kind="s3", endpoint_url="http://127.0.0.1:1", bucket="b", prefix="team")
@@ -58,6 +59,57 @@ def test_missing_and_denied_are_store_errors() -> None:
         assert store.exists("nope") is False
         with pytest.raises(StoreError, match=r"AccessDenied.*AWS_ACCESS_KEY_ID"):
             store.put("other", b"x")
+
+
+class _Unreachable:
+    """A client whose every call fails as botocore fails when the link to the store is down."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str):
+        def call(**_: object) -> None:
+            raise self.error
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        bx.EndpointConnectionError(endpoint_url="https://10.0.0.1:8333/b"),
+        bx.ConnectionClosedError(endpoint_url="https://10.0.0.1:8333/b"),
+        bx.ReadTimeoutError(endpoint_url="https://10.0.0.1:8333/b"),
+        bx.SSLError(endpoint_url="https://10.0.0.1:8333/b", error="EOF occurred in violation of protocol"),
+    ],
+)
+def test_an_unreachable_store_is_unavailable(error: Exception) -> None:
+    store = S3Store(SPEC, client=_Unreachable(error))
+    with pytest.raises(StoreUnavailable, match=r"S3 read a/x\.bin"):
+        store.get("a/x.bin")
+    with pytest.raises(StoreUnavailable, match=r"S3 write a/x\.bin"):
+        store.put("a/x.bin", b"x")
+    with pytest.raises(StoreUnavailable):
+        store.exists("a/x.bin")
+
+
+def test_busy_is_unavailable_but_definite_answers_are_not() -> None:
+    store, stub = _store()
+    stub.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+    stub.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
+    stub.add_client_error("put_object", service_error_code="AccessDenied", http_status_code=403)
+    with stub:
+        with pytest.raises(StoreUnavailable, match="SlowDown"):
+            store.get("a")
+        for call in (lambda: store.get("a"), lambda: store.put("a", b"x")):
+            with pytest.raises(StoreError) as info:
+                call()
+            assert not isinstance(info.value, StoreUnavailable)
+    # A certificate that does not verify is another server, not an outage.
+    wrong = bx.SSLError(endpoint_url="https://10.0.0.1:8333/b", error="[SSL: CERTIFICATE_VERIFY_FAILED] ...")
+    with pytest.raises(StoreError) as info:
+        S3Store(SPEC, client=_Unreachable(wrong)).get("a")
+    assert not isinstance(info.value, StoreUnavailable)
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b"])
