@@ -138,3 +138,100 @@ def test_config_accepts_scaffold_with_secagg_and_dp_and_keeps_old_fingerprints()
     explicit = parse_config({**_raw(), "aggregation": {"algorithm": "fedavg"}})
     assert plain.fingerprint() == explicit.fingerprint()  # the default stays out of the hash
     assert parse_config(_raw()).fingerprint() != plain.fingerprint()
+
+
+# -- the silo's variates: which one counts, which server variate it accepts -----------------------------
+
+
+def _fed(tmp_path, demo_data, **sections: Any):
+    raw = _raw(**sections)
+    raw["model"] = {"name_or_path": "tiny-llama", "max_seq_len": 128}
+    raw["lora"] = {"r": 2, **sections.get("lora", {})}
+    raw["train"] = {"local_steps": 2, "batch_size": 2, "learning_rate": 1e-2, **sections.get("train", {})}
+    raw["silos"] = [
+        {"name": s, "train_path": str(demo_data[s]["train"]), "private_dir": str(tmp_path / "silos" / s)}
+        for s in ("clinic", "lab")
+    ]
+    raw["store"] = {"root": str(tmp_path / "store")}
+    raw["tracking"] = {"kind": "none"}
+    return parse_config(raw)
+
+
+def test_a_silo_variate_counts_once_its_round_included_the_silo(tmp_path, demo_data) -> None:
+    from silotune.federation.silo import silo_control
+    from silotune.keys import SiloVault, write_private
+    from silotune.store import FederationLayout, LocalStore, put_json, save_tensors
+
+    cfg = _fed(tmp_path, demo_data)
+    store, lay = LocalStore(cfg.store.root), FederationLayout(cfg.federation_id)
+    template = {"w": torch.zeros(2)}
+    folder = SiloVault.for_silo(cfg.silo("clinic")).control_folder(cfg.federation_id)
+    for r, value in ((0, 1.0), (1, 2.0), (2, 3.0)):
+        write_private(folder / f"{r:05d}.safetensors", save_tensors({"w": torch.full((2,), value)}))
+    assert torch.equal(silo_control(cfg, "clinic", 1, store, template)["w"], torch.zeros(2))  # no manifest
+    put_json(store, lay.manifest(0), {"included": ["clinic", "lab"]})
+    put_json(store, lay.manifest(1), {"included": ["lab"]})  # clinic's round-2 update was excluded
+    assert torch.equal(silo_control(cfg, "clinic", 1, store, template)["w"], torch.ones(2))
+    assert torch.equal(silo_control(cfg, "clinic", 2, store, template)["w"], torch.ones(2))
+    # round 3's own candidate (a crashed attempt of the round being trained) never counts for it
+    put_json(store, lay.manifest(2), {"included": ["clinic", "lab"]})
+    assert torch.equal(silo_control(cfg, "clinic", 2, store, template)["w"], torch.ones(2))
+    assert torch.equal(silo_control(cfg, "clinic", 3, store, template)["w"], torch.full((2,), 3.0))
+
+
+def test_a_silo_refuses_a_server_variate_that_belongs_to_another_global(tmp_path, demo_data) -> None:
+    from silotune.federation.silo import server_control
+    from silotune.protection import ProtocolRefusal
+    from silotune.records import ObjectRef
+    from silotune.store import FederationLayout, LocalStore, put_json, put_tensors
+
+    cfg = _fed(tmp_path, demo_data)
+    store, lay = LocalStore(cfg.store.root), FederationLayout(cfg.federation_id)
+    template = {"w": torch.zeros(2)}
+    sha = put_tensors(store, lay.control(0), {"w": torch.ones(2)})
+    sent = ObjectRef(key=lay.global_adapter(1), sha256="a" * 64)
+    objects = {"global_out": sent.model_dump(), "server_control": {"key": lay.control(0), "sha256": sha}}
+    put_json(store, lay.manifest(0), {"included": ["clinic"], "objects": objects})
+    assert torch.equal(server_control(cfg, "clinic", 1, store, sent, template)["w"], torch.ones(2))
+    other = ObjectRef(key=lay.global_adapter(1), sha256="b" * 64)
+    with pytest.raises(ProtocolRefusal, match="does not name the global it was sent"):
+        server_control(cfg, "clinic", 1, store, other, template)
+    put_json(store, lay.manifest(0), {"objects": {**objects, "server_control": {"key": "x", "sha256": sha}}})
+    with pytest.raises(ProtocolRefusal, match="is not round 1's control variate key"):
+        server_control(cfg, "clinic", 1, store, sent, template)
+
+
+def test_under_client_dp_the_uploaded_variate_is_computed_from_the_released_delta(
+    tmp_path, demo_data, tiny_adapter
+) -> None:
+    """K·η·Δc = -(Δy + K·η·c) with Δy the clipped, noised delta: Δc reveals nothing Δy does not."""
+    from silotune.federation import start_federation, train_silo
+    from silotune.store import LocalStore, get_tensors
+
+    cfg = _fed(
+        tmp_path,
+        demo_data,
+        aggregation={"options": {"weighted": False}},
+        privacy={"client_dp": {"clip_norm": 0.01, "noise_multiplier": 0.5, "delta": 1e-3}},
+        lora={"r": 4},
+    )
+    store = LocalStore(cfg.store.root)
+    state = start_federation(cfg, store, tiny_adapter)
+    rec = train_silo(cfg, "clinic", 0, state.global_ref, store, tiny_adapter, progress=False)
+    delta, control = scaffold.split(get_tensors(store, rec.update.key), steps=2, lr=1e-2)
+    assert all("lora_B" in k for k in delta)  # FFA-LoRA, on by default with client DP
+    released_norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+    assert released_norm > 0.01  # the noise is in what was released (clipped to 0.01 before it)
+    for k, dy in delta.items():  # round 1: c = 0
+        assert torch.allclose(2 * 1e-2 * control[k], -dy, atol=1e-7)
+    own = _silo_variate(cfg, "clinic")
+    assert all(torch.allclose(own[k], control[k]) for k in control)  # c_i+ = 0 + Δc, in its folder
+
+
+def _silo_variate(cfg, silo: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
+    from silotune.keys import SiloVault
+
+    folder = SiloVault.for_silo(cfg.silo(silo)).control_folder(cfg.federation_id)
+    return dict(st_load((folder / "00000.safetensors").read_bytes()))
