@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from silotune.aggregation import AGGREGATORS, SERVER_OPTIMIZERS, build_aggregator, plaintext_requirement
 from silotune.crypto.ckks import CKKS_PRESETS
 from silotune.errors import ConfigError
-from silotune.methods import get_method
+from silotune.methods import METHODS, get_method
 from silotune.methods.validation import validate_federation
 from silotune.poisoning import check_attack
 from silotune.privacy.client_dp import ClientDPConfig, SampleDPConfig
@@ -299,6 +299,15 @@ class AggregationSpec(_Spec):
     server_optimizer: str = Field("sgd", description="Server optimizer name ('sgd' with lr=1 is FedAvg).")
     server_options: dict[str, Any] = Field(default_factory=dict, description="Server optimizer options.")
     min_silos: int = Field(1, ge=1, description="Quorum: a round fails if fewer silos contribute.")
+    algorithm: Literal["fedavg", "scaffold"] = Field(
+        "fedavg",
+        description=(
+            "'fedavg': silos train from the global and send their delta; 'scaffold': SCAFFOLD "
+            "(Karimireddy et al., ICML 2020, option II) against client drift on non-IID silos: each "
+            "silo's control variate stays in its private folder, the server's in the store, and local "
+            "steps are corrected by their difference (needs the 'fedavg' rule; not with ckks)."
+        ),
+    )
     root_data_path: str | None = Field(
         None,
         description=(
@@ -647,6 +656,7 @@ class FederationConfig(_Spec):
             )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
+        problems.extend(_scaffold_problems(self))
         # Methods, objectives and the model's openness (paper Table 1): every problem at once.
         problems.extend(validate_federation(self))
         if problems:
@@ -790,6 +800,8 @@ class FederationConfig(_Spec):
                 payload["aggregation"].pop(key, None)
         if payload["aggregation"].get("lora_merge") == "pad":  # added later: out of the hash at its default
             payload["aggregation"].pop("lora_merge")
+        if payload["aggregation"].get("algorithm") == "fedavg":  # added later: out of the hash at its default
+            payload["aggregation"].pop("algorithm")
         for key in ("coordinator_key", "publisher"):
             if payload["security"].get(key) is None:
                 payload["security"].pop(key, None)
@@ -881,6 +893,40 @@ def _robustness_problems(config: FederationConfig) -> list[str]:
         problems.append(
             f"aggregation.root_data_path: only a root-data aggregator (fltrust) uses it, not {agg.name!r}"
         )
+    return problems
+
+
+def _scaffold_problems(config: FederationConfig) -> list[str]:
+    """What SCAFFOLD (``aggregation.algorithm: scaffold``) cannot run with, each with the reason."""
+    agg = config.aggregation
+    if agg.algorithm != "scaffold":
+        return []
+    why = "aggregation.algorithm: scaffold"
+    problems = []
+    if agg.name != "fedavg":
+        problems.append(
+            f"{why} updates the server variate with the mean of the silos' variate deltas; aggregator "
+            f"{agg.name!r} is not a mean (use name 'fedavg')"
+        )
+    if config.security.protection == "ckks":
+        problems.append(
+            f"{why} updates the server variate from the plaintext mean at the coordinator, which under "
+            "'ckks' only silos can decrypt; use protection 'secagg' (Δc travels inside the masked update)"
+        )
+    if config.silo_ranks() is not None:
+        problems.append(f"{why}: silos of different LoRA ranks are not supported (one variate per tensor)")
+    if agg.lora_merge == "stack":
+        problems.append(
+            f"{why} corrects the steps of a LoRA that lives across rounds; aggregation.lora_merge 'stack' "
+            "starts every round from a fresh LoRA (use lora_merge 'pad')"
+        )
+    # LoRA-shaped methods (the ones FFA-LoRA applies to): their parameters are the exchanged tensors.
+    names = {config.method_for(s.name).name for s in config.silos}
+    others = sorted(n for n in names if n in METHODS and not get_method(n).ffa_lora)
+    if others:
+        problems.append(f"{why} corrects LoRA parameters; method(s) {others} are not LoRA")
+    if config.train.processes > 1:
+        problems.append(f"{why}: the corrected local steps run in one process; set train.processes: 1")
     return problems
 
 

@@ -127,6 +127,10 @@ class SiloVault:
     def global_cache(self, federation_id: str, round_: int) -> Path:
         return self.root / "globals" / federation_id / f"{round_:05d}.safetensors"
 
+    def control_folder(self, federation_id: str) -> Path:
+        """SCAFFOLD: ``<round>.safetensors`` is the silo's control variate after training in that round."""
+        return self.root / "scaffold" / federation_id
+
 
 @dataclass(frozen=True)
 class CoordinatorKeys:

@@ -29,6 +29,7 @@ class AggregateRecord(BaseModel):
     excluded: dict[str, str]
     next_global: ObjectRef
     server_state: ObjectRef | None = None
+    control: ObjectRef | None = None  # SCAFFOLD: the server control variate after this round
     delta_norm: float
     seconds: float
     masking: dict[str, str | int] | None = None  # secure aggregation: the round's masking graph (its record)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from opacus.grad_sample import utils as grad_sample_utils  # module attribute: t
 from tqdm.auto import tqdm
 
 from silotune.adapters import AdapterModel, TensorDict, delta, global_norm, tensor_bytes
+from silotune.aggregation.scaffold import attach_correction, parameters_by_key
 from silotune.compute import Placement, apply_threads, autocast
 from silotune.config import TrainSpec
 from silotune.data import IGNORE_INDEX, Example, batches, collate, per_sequence_loss
@@ -293,6 +294,7 @@ def train_local(
     exchanged: Sequence[str] | None = None,
     objective: Any | None = None,
     parallel: Any | None = None,
+    control: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[TensorDict, TrainResult]:
     """Train the adapter from ``global_state`` on ``examples``; return (delta, report).
 
@@ -301,8 +303,12 @@ def train_local(
     ``objective`` (:func:`silotune.methods.objectives.build_objective`) replaces the SFT batch
     and step, e.g. DPO on preference pairs; None is SFT. With ``spec.processes > 1`` the round
     runs in that many processes (:mod:`silotune.distributed`); ``parallel`` is set inside them.
-    The model computes on ``adapter.placement`` (device, precision, threads).
+    The model computes on ``adapter.placement`` (device, precision, threads). ``control``: SCAFFOLD's
+    ``c - c_i`` per exchanged tensor; after every optimizer step the tensor moves by ``-lr * (c - c_i)``
+    (:mod:`silotune.aggregation.scaffold`).
     """
+    if control is not None and (spec.processes > 1 or parallel is not None):
+        raise ConfigError(f"{desc}: SCAFFOLD's corrected steps run in one process; set train.processes: 1")
     if dp is not None and objective is not None:
         raise ConfigError(
             f"{desc}: DP-SGD with objective {type(objective).__name__} is not supported: its per-example "
@@ -342,6 +348,10 @@ def train_local(
     with adapter.frozen(frozen):
         params = [p for p in model.parameters() if p.requires_grad]
         proximal = attach_proximal_term(params, spec.proximal_mu)  # FedProx; None when mu == 0
+        corrected = None
+        if control is not None:  # SCAFFOLD: (parameters, c - c_i) that every optimizer step corrects
+            keys = sorted(control)
+            corrected = (parameters_by_key(model, keys), [control[k] for k in keys])
         model.train()
         start = time.perf_counter()
         if dp is None:
@@ -355,10 +365,19 @@ def train_local(
                 progress=progress,
                 objective=objective,
                 parallel=parallel,
+                corrected=corrected,
             )
         else:
             losses, tokens = _dp_sgd_loop(
-                adapter, examples, spec, params, dp, seed=seed, desc=desc, progress=progress
+                adapter,
+                examples,
+                spec,
+                params,
+                dp,
+                seed=seed,
+                desc=desc,
+                progress=progress,
+                corrected=corrected,
             )
         seconds = time.perf_counter() - start
         detach_proximal_term(proximal)
@@ -395,6 +414,7 @@ def _sgd_loop(
     progress: bool,
     objective: Any | None = None,
     parallel: Any | None = None,
+    corrected: tuple[list[torch.nn.Parameter], list[torch.Tensor]] | None = None,
 ) -> tuple[list[float], int]:
     model = adapter.model
     placement = adapter.placement
@@ -406,6 +426,8 @@ def _sgd_loop(
             loss_fn = parallel.wrap(loss_fn)
             params, clip = parallel.trainable(params), parallel.clip
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    if corrected is not None:  # dropped with the optimizer at the end of the round
+        attach_correction(optimizer, *corrected, spec.learning_rate)
     # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler("cuda") if placement.precision == "fp16" else None
     gen = torch.Generator().manual_seed(seed)
@@ -460,6 +482,7 @@ def _dp_sgd_loop(
     seed: int,
     desc: str,
     progress: bool,
+    corrected: tuple[list[torch.nn.Parameter], list[torch.Tensor]] | None = None,
 ) -> tuple[list[float], int]:
     """DP-SGD through Opacus; the model is unwrapped again before returning (it is reused)."""
     model = adapter.model
@@ -474,6 +497,8 @@ def _dp_sgd_loop(
         if len(wrapped) != len(params) or any(a is not b for a, b in zip(wrapped, params, strict=True)):
             raise RuntimeError("DP-SGD: the wrapped model's trainable parameters are not the optimizer's")
         base = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        if corrected is not None:  # on the inner optimizer: the DP wrapper steps it once per step
+            attach_correction(base, *corrected, spec.learning_rate)
         expected = max(1, round(dp.sample_rate * len(examples)))
         optimizer = KeyedNoiseDPOptimizer(
             base,

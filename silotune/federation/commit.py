@@ -127,6 +127,8 @@ def commit_round(
     objects = {"global_in": state.global_ref.model_dump(), "global_out": agg.next_global.model_dump()}
     if agg.server_state is not None:  # the server optimizer's state: the next round continues from it
         objects["server_state"] = agg.server_state.model_dump()
+    if agg.control is not None:  # SCAFFOLD's server variate: the next round's silos read it from here
+        objects["server_control"] = agg.control.model_dump()
     for u in updates:
         if u.silo in agg.included:
             objects[f"update/{u.silo}"] = u.update.model_dump()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load as st_load
 
 from silotune.adapters import AdapterModel, TensorDict, apply_delta
+from silotune.aggregation import scaffold
 from silotune.config import FederationConfig
 from silotune.data import (
     encode_dataset,
@@ -31,9 +32,10 @@ from silotune.methods.objectives import build_objective
 from silotune.poisoning import attack_silo_update, poison_pairs, poison_silo_records
 from silotune.privacy.filters import apply_client_dp, noise_key, record_sample_dp, sample_dp_plan
 from silotune.protection import ProtocolRefusal, SiloContext, exchanged_keys, scheme_for
+from silotune.protection.base import read_json_object, verify_coordinator
 from silotune.records import EvalRecord, ObjectRef, UpdateRecord
 from silotune.reuse import WorkMemo, copy_training, file_sha256, memo_key, tensor_digest
-from silotune.store import FederationLayout, ObjectStore, save_tensors, sha256
+from silotune.store import FederationLayout, ObjectStore, get_tensors, save_tensors, sha256
 from silotune.training import DPSGD, TrainResult, silo_seed, train_local
 
 
@@ -54,6 +56,7 @@ class TrainedDelta(BaseModel):
     privacy: dict[str, float] = Field(default_factory=dict)
     inputs: dict[str, str]  # global sha256, config fingerprint, data sha256: what DP releases bind to
     bytes_down: int = 0
+    control: str | None = None  # SCAFFOLD: the round's server and silo variates (private folder)
 
 
 def _work(config: FederationConfig, silo: str, round_: int) -> Path:
@@ -68,6 +71,98 @@ def _write(path: Path, data: bytes) -> str:
 
 def _read_tensors(path: str) -> TensorDict:
     return dict(st_load(Path(path).read_bytes()))
+
+
+# -- SCAFFOLD's control variates (silotune.aggregation.scaffold) ---------------------------------------
+
+MAX_MANIFEST_BYTES = 1 << 22  # a round's manifest is a few kB per silo
+
+
+def _manifest(config: FederationConfig, store: ObjectStore, round_: int) -> dict[str, Any] | None:
+    """Round ``round_``'s committed manifest (None: none), signed by the coordinator if its key is pinned."""
+    key = FederationLayout(config.federation_id).manifest(round_)
+    if not store.exists(key):
+        return None
+    data = store.get_bounded(key, MAX_MANIFEST_BYTES)
+    verify_coordinator(config, store, key, data, round_=round_, purpose="manifest")
+    doc = read_json_object(data, key)
+    return doc if isinstance(doc, dict) else None
+
+
+def server_control(
+    config: FederationConfig,
+    silo: str,
+    round_: int,
+    store: ObjectStore,
+    global_ref: ObjectRef,
+    template: TensorDict,
+) -> TensorDict:
+    """The server variate ``c`` entering round ``round_``: zero in round 0, else the one named (with its
+    sha256) by round ``round_ - 1``'s manifest, which must name ``global_ref`` as its output: the silo
+    corrects its steps only with the variate that belongs to the global it trains from."""
+    if round_ == 0:
+        return scaffold.zeros(template)
+    refuse = f"silo {silo!r} refuses the server control variate of round {round_ + 1}"
+    manifest = _manifest(config, store, round_ - 1)
+    objects = (manifest or {}).get("objects")
+    if not isinstance(objects, dict):
+        raise ProtocolRefusal(f"{refuse}: round {round_}'s manifest is missing or has no objects")
+    out = objects.get("global_out")
+    if not isinstance(out, dict) or (out.get("key"), out.get("sha256")) != (
+        global_ref.key,
+        global_ref.sha256,
+    ):
+        raise ProtocolRefusal(f"{refuse}: round {round_}'s manifest does not name the global it was sent")
+    ref = objects.get("server_control")
+    if not (isinstance(ref, dict) and isinstance(ref.get("key"), str) and isinstance(ref.get("sha256"), str)):
+        raise ProtocolRefusal(f"{refuse}: round {round_}'s manifest names none")
+    if ref["key"] != FederationLayout(config.federation_id).control(round_ - 1):
+        raise ProtocolRefusal(f"{refuse}: {ref['key']!r} is not round {round_}'s control variate key")
+    control = get_tensors(store, ref["key"], expected_sha256=ref["sha256"])
+    try:
+        scaffold.check_variate(control, template, ref["key"])
+    except ValueError as exc:
+        raise ProtocolRefusal(f"{refuse}: {exc}") from None
+    return control
+
+
+def silo_control(
+    config: FederationConfig, silo: str, round_: int, store: ObjectStore, template: TensorDict
+) -> TensorDict:
+    """The silo's own variate ``c_i`` entering round ``round_``, from its private folder.
+
+    The variate written after training in round ``r`` counts once round ``r``'s manifest lists the
+    silo among the included: an update that was excluded (or a round redone after a crash) left the
+    server variate without its Δc, so ``c_i`` stays where it was, as the invariant ``c = mean c_i`` needs.
+    """
+    folder = SiloVault.for_silo(config.silo(silo)).control_folder(config.federation_id)
+    written = (
+        [int(p.stem) for p in folder.glob("*.safetensors") if p.stem.isdigit()] if folder.is_dir() else []
+    )
+    for r in sorted((r for r in written if r < round_), reverse=True):
+        manifest = _manifest(config, store, r)
+        if manifest is not None and silo in (manifest.get("included") or []):
+            path = folder / f"{r:05d}.safetensors"
+            control = _read_tensors(str(path))
+            scaffold.check_variate(control, template, str(path))
+            return control
+    return scaffold.zeros(template)
+
+
+def _with_control(config: FederationConfig, trained: TrainedDelta, d: TensorDict) -> TensorDict:
+    """Option II on the delta the silo releases; ``c_i+`` goes to its private folder; the framed update.
+
+    Computed from the released delta (after client DP), so Δc adds nothing to what Δy reveals.
+    """
+    assert trained.control is not None
+    saved = _read_tensors(trained.control)
+    server = {k.removeprefix("server/"): v for k, v in saved.items() if k.startswith("server/")}
+    own = {k.removeprefix("silo/"): v for k, v in saved.items() if k.startswith("silo/")}
+    steps, lr = config.train.local_steps, config.train.learning_rate
+    new, delta_c = scaffold.silo_update(own, server, d, steps=steps, lr=lr)
+    folder = SiloVault.for_silo(config.silo(trained.silo)).control_folder(config.federation_id)
+    write_private(folder / f"{trained.round:05d}.safetensors", save_tensors(new))
+    return scaffold.frame(d, delta_c, steps=steps, lr=lr)
 
 
 def train_step(
@@ -117,6 +212,14 @@ def train_step(
         global_state = hetero.truncate(global_state, config.lora_for(silo).r)
     keys = exchanged_keys(config, global_state)
     frozen = sorted(set(global_state) - set(keys))
+    control = control_path = None
+    if config.aggregation.algorithm == "scaffold":  # c - c_i corrects every local step
+        template = {k: global_state[k] for k in keys}
+        c = server_control(config, silo, round_, store, global_ref, template)
+        c_i = silo_control(config, silo, round_, store, template)
+        control = scaffold.correction(c, c_i)
+        saved = {**{f"server/{k}": v for k, v in c.items()}, **{f"silo/{k}": v for k, v in c_i.items()}}
+        control_path = _write(_work(config, silo, round_) / "scaffold.safetensors", save_tensors(saved))
     privacy: dict[str, float] = {}
     dp = plan = None
     # What a DP release is bound to: a round asked again with other inputs is refused by the ledger.
@@ -149,6 +252,7 @@ def train_step(
                 frozen=frozen,
                 exchanged=keys,
                 objective=objective,
+                control=control,
             )
 
     if memo is None or dp is not None:
@@ -172,6 +276,7 @@ def train_step(
             config.security,
             frozen,
             keys,
+            *([tensor_digest(control)] if control is not None else []),
         )
         d, result = memo.get_or_compute(key, run, copy_training)
     # Stacking: the whole factors (B started at zero, so s·B·A is exactly what the silo changed);
@@ -190,6 +295,7 @@ def train_step(
         privacy=privacy,
         inputs=inputs,
         bytes_down=bytes_down,
+        control=control_path,
     )
 
 
@@ -210,7 +316,10 @@ def clip_and_noise_step(
 def protect_step(config: FederationConfig, trained: TrainedDelta, store: ObjectStore) -> str:
     """The bytes that leave the silo (plaintext, masked or encrypted, by the scheme) into its folder."""
     ctx = SiloContext(config, trained.silo, trained.round, store)
-    payload = scheme_for(config).pack(ctx, _read_tensors(trained.delta))
+    d = _read_tensors(trained.delta)
+    if trained.control is not None:  # SCAFFOLD: Δc travels in the same (masked) update as Δy
+        d = _with_control(config, trained, d)
+    payload = scheme_for(config).pack(ctx, d)
     return _write(_work(config, trained.silo, trained.round) / "payload", payload)
 
 
@@ -242,7 +351,7 @@ def upload_step(
         store.put(key + ".sig", sig)
         signature = ObjectRef(key=key + ".sig", sha256=sha256(sig))
     store.put(key, payload)
-    for name in ("delta.safetensors", "private.safetensors"):  # plaintext deltas: not kept after upload
+    for name in ("delta.safetensors", "private.safetensors", "scaffold.safetensors"):  # not kept after upload
         (_work(config, silo, round_) / name).unlink(missing_ok=True)
     return UpdateRecord(
         silo=silo,

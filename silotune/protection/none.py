@@ -19,6 +19,7 @@ from silotune.aggregation import (
     build_server_optimizer,
     check_update,
     example_weights,
+    scaffold,
 )
 from silotune.aggregation.stacking import stacked_update
 from silotune.config import FederationConfig
@@ -53,6 +54,12 @@ def exchanged_keys(config: FederationConfig, state: dict[str, Any]) -> list[str]
     return lora_b_keys(state) if config.ffa_lora else sorted(state)
 
 
+def update_template(config: FederationConfig, global_state: TensorDict) -> TensorDict:
+    """The tensors (and shapes) of a silo's update: the exchanged ones, plus SCAFFOLD's control keys."""
+    sub = {k: global_state[k] for k in exchanged_keys(config, global_state)}
+    return scaffold.template(sub) if config.aggregation.algorithm == "scaffold" else sub
+
+
 def read_plain_global(ctx: SiloContext, ref: ObjectRef) -> tuple[TensorDict, int]:
     """A plaintext global adapter, checked against its sha256 and the coordinator's signature."""
     data = ctx.store.get(ref.key)
@@ -85,6 +92,45 @@ def load_server_state(store: ObjectStore, layout: FederationLayout, round_: int,
     return False
 
 
+def load_server_control(
+    store: ObjectStore, layout: FederationLayout, round_: int, template: TensorDict
+) -> TensorDict:
+    """SCAFFOLD's server variate entering round ``round_``: zero in round 0, else the one round
+    ``round_ - 1``'s manifest names (checked against its sha256); a missing one is an error."""
+    if round_ == 0:
+        return scaffold.zeros(template)
+    key = layout.manifest(round_ - 1)
+    ref = (get_json(store, key) if store.exists(key) else {}).get("objects", {}).get("server_control")
+    if ref is None:
+        raise StoreError(
+            f"round {round_ + 1}: round {round_}'s manifest ({key}) names no SCAFFOLD server control "
+            f"variate in {store.describe()}; SCAFFOLD cannot continue without it"
+        )
+    control = get_tensors(store, ref["key"], expected_sha256=ref["sha256"])
+    try:
+        scaffold.check_variate(control, template, ref["key"])
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    return control
+
+
+def step_control(
+    job: AggregationJob, sub_global: TensorDict, combined: TensorDict, included: list[str]
+) -> tuple[TensorDict, ObjectRef | None]:
+    """SCAFFOLD: split the combined update into (mean Δy, mean Δc) and store the next server variate
+    ``c + (|S|/N) mean Δc``; without SCAFFOLD the combined update is the delta and nothing is stored."""
+    config = job.config
+    if config.aggregation.algorithm != "scaffold":
+        return combined, None
+    spec = config.train
+    mean_delta, mean_control = scaffold.split(combined, steps=spec.local_steps, lr=spec.learning_rate)
+    server = load_server_control(job.store, job.layout, job.round, sub_global)
+    new = scaffold.server_update(server, mean_control, included=len(included), total=len(config.silos))
+    key = job.layout.control(job.round)
+    meta = {"federation_id": config.federation_id, "round": str(job.round + 1)}
+    return mean_delta, ObjectRef(key=key, sha256=put_tensors(job.store, key, new, metadata=meta))
+
+
 def step_server(
     job: AggregationJob, global_state: TensorDict, combined: TensorDict, included: list[str]
 ) -> AggregateRecord:
@@ -92,6 +138,7 @@ def step_server(
     config, store, round_, layout = job.config, job.store, job.round, job.layout
     keys = exchanged_keys(config, global_state)
     sub_global = {k: global_state[k] for k in keys}
+    combined, control_ref = step_control(job, sub_global, combined, included)
     optimizer = build_server_optimizer(
         config.aggregation.server_optimizer, **config.aggregation.server_options
     )
@@ -118,6 +165,7 @@ def step_server(
         excluded=job.excluded,
         next_global=ObjectRef(key=key, sha256=sha256(data)),
         server_state=server_ref,
+        control=control_ref,
         delta_norm=global_norm(combined),
         seconds=job.seconds(),
     )
@@ -203,7 +251,7 @@ class PlainScheme:
         """Parse and check each plaintext delta, then the configured (robust) aggregator."""
         config = job.config
         global_state = get_tensors(job.store, job.global_ref.key, expected_sha256=job.global_ref.sha256)
-        sub_global = {k: global_state[k] for k in exchanged_keys(config, global_state)}
+        sub_global = update_template(config, global_state)
         updates: list[ClientUpdate] = []
         for silo, payload in job.valid.items():
             try:

@@ -60,7 +60,7 @@ from silotune.protection.base import (
     uniform_weight,
     verify_coordinator,
 )
-from silotune.protection.none import exchanged_keys, read_plain_global, step_server
+from silotune.protection.none import read_plain_global, step_server, update_template
 from silotune.store import FederationLayout, ObjectStore, get_tensors
 
 MAX_MESSAGE_BYTES = 1 << 20  # adverts, shares and unmask answers are a few hundred bytes each
@@ -305,7 +305,7 @@ class SecAggScheme:
         """Unmask the survivors' sum from their signed answers; the mean is the round's delta."""
         config, store, round_ = job.config, job.store, job.round
         global_state = get_tensors(store, job.global_ref.key, expected_sha256=job.global_ref.sha256)
-        sub_global = {k: global_state[k] for k in exchanged_keys(config, global_state)}
+        sub_global = update_template(config, global_state)  # SCAFFOLD's Δc is summed with the delta
         survivors = read_survivors(config, store, round_)
         masked = {s: job.valid[s] for s in survivors if s in job.valid}
         for s in sorted(set(job.valid) - set(masked)):

@@ -105,6 +105,10 @@ class FederationLayout:
     def server_state(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_:05d}/server_optimizer.safetensors"
 
+    def control(self, round_: int) -> str:
+        """SCAFFOLD's server control variate after round ``round_`` (named by that round's manifest)."""
+        return f"{self.prefix}/rounds/{round_:05d}/scaffold_control.safetensors"
+
     def root_update(self, round_: int) -> str:
         """The coordinator's own update on its root data set (FLTrust), round ``round_``."""
         return f"{self.prefix}/rounds/{round_:05d}/root_update.safetensors"
