@@ -14,7 +14,16 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_TELEM
 # link, the coordinator's link to the store and the Prefect server cut mid-federation) run by default
 # as root and skip themselves otherwise: the five share one stack, 8.5 to 11 minutes on this 2-core
 # machine shared with other jobs, an estimated 7 when it is not. SILOTUNE_MULTIHOST=0 leaves them out.
-if [[ $# -eq 0 && "${SILOTUNE_MULTIHOST:-1}" == "0" ]]; then
-    set -- -m "not multihost"
+# The full tier (SILOTUNE_FULL=1) adds the tests marked `slow`: heavier variants of what a faster test
+# covers in every run (the real model through every method, beside the tiny model's contract test).
+if [[ $# -eq 0 ]]; then
+    skip=()
+    [[ "${SILOTUNE_FULL:-0}" == "1" ]] || skip+=("slow")
+    [[ "${SILOTUNE_MULTIHOST:-1}" == "0" ]] && skip+=("multihost")
+    if [[ ${#skip[@]} -gt 0 ]]; then
+        expr="not ${skip[0]}"
+        [[ ${#skip[@]} -gt 1 ]] && expr+=" and not ${skip[1]}"
+        set -- -m "$expr"
+    fi
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 "$@"
