@@ -24,6 +24,9 @@ def offline() -> None:
     """Nothing leaves the machine: no hub downloads, no telemetry (set before Prefect is imported)."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    # The demo's comparison and personalisation run library code outside any flow run: their log lines
+    # belong on the console, not in a warning that Prefect could not send them to a run.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # The embedded API starts in-process; on a busy 2-core machine its first start
     # (database migrations) can take longer than Prefect's default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

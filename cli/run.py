@@ -129,7 +129,7 @@ def summary(
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder of the demo.")] = Path("silotune-demo"),
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    local_steps: Annotated[int, typer.Option(help="Local steps per silo per round.")] = 8,
+    local_steps: Annotated[int, typer.Option(help="Local steps per silo per round.")] = 6,
     model: Annotated[
         str, typer.Option(help="Base model (built-in name or local folder).")
     ] = "smollm2-135m-instruct",

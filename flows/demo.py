@@ -61,7 +61,7 @@ def demo_config(out: Path, *, rounds: int, local_steps: int, model: str) -> Fede
             "train": {
                 "local_steps": local_steps,
                 "batch_size": 8,
-                "learning_rate": 2e-3,
+                "learning_rate": 4e-3,
                 "response_logits_only": True,
                 "packing": True,
             },

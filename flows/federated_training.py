@@ -140,12 +140,21 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
 
 def _log_round(logger: Any, config: FederationConfig, h: RoundSummary) -> None:
     g = h.global_eval
+    if g is None:  # no silo holds a holdout (a baseline), or none evaluated
+        logger.info(
+            "round %d/%d: %d silo(s) in, %d out; no holdout evaluated",
+            h.round,
+            config.rounds,
+            len(h.included),
+            len(h.excluded),
+        )
+        return
     logger.info(
         "round %d/%d: %d silo(s) in, %d out; holdout loss %.4f, exact match %.3f",
         h.round,
         config.rounds,
         len(h.included),
         len(h.excluded),
-        g.loss if g else float("nan"),
-        g.exact_match if g else float("nan"),
+        g.loss,
+        g.exact_match,
     )

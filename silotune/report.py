@@ -276,7 +276,8 @@ def plot_history(
         ax.set_ylabel("holdout " + metric.replace("_", " "))
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a federation without holdouts has no curve to name
+            ax.legend(fontsize=8)
     return figure_png(fig, plt, title=title)
 
 
