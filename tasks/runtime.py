@@ -161,13 +161,34 @@ def transient(task: object, task_run: object, state: Any) -> bool:
     return False
 
 
+def unreachable(task: object, task_run: object, state: Any) -> bool:
+    """Retry condition of the coordinator's store steps: only a service that could not be reached.
+
+    Stricter than :func:`transient`: these steps wait up to 37 s between tries, which only an outage
+    is worth; a bug or a crash in the step itself fails at once, as it would fail again.
+    """
+    try:
+        state.result()
+    except StoreUnavailable:
+        return True
+    except SilotuneError:
+        return False
+    except (ConnectionError, TimeoutError):
+        return True
+    except OSError as e:  # the HTTP clients' network errors (requests, urllib3, botocore, httpx)
+        return type(e).__module__.split(".")[0] in {"requests", "urllib3", "botocore", "httpx", "httpcore"}
+    except Exception:
+        return False
+    return False
+
+
 # The coordinator's steps that read or write the store are retried while it cannot be reached for a
 # moment (the coordinator's link cut, the store restarting): 37 s of waits in all, each try already
 # including the S3 client's own quick retries. Each such step is safe to run again (see its task).
 STORE_RETRIES: dict[str, Any] = {
     "retries": 4,
     "retry_delay_seconds": [2, 5, 10, 20],
-    "retry_condition_fn": transient,
+    "retry_condition_fn": unreachable,
 }
 
 

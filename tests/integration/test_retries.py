@@ -11,7 +11,7 @@ from prefect import Task, flow, task
 
 import tasks
 from silotune.errors import DataError, StoreError, StoreUnavailable
-from tasks.runtime import install_expected_error_filter, transient
+from tasks.runtime import install_expected_error_filter, transient, unreachable
 
 pytestmark = [pytest.mark.integration]
 
@@ -75,5 +75,29 @@ def test_every_retrying_task_retries_only_transient_errors() -> None:
         for obj in vars(module).values():
             if isinstance(obj, Task) and obj.retries:
                 found.append(obj.name)
-                assert obj.retry_condition_fn is transient, f"task {obj.name} retries without transient"
+                assert obj.retry_condition_fn in (transient, unreachable), (
+                    f"task {obj.name} retries without transient or unreachable"
+                )
     assert len(found) >= 4
+
+
+@pytest.mark.parametrize(
+    ("error", "tries"),
+    [(StoreUnavailable, 3), (ConnectionError, 3), (RuntimeError, 1), (FileExistsError, 1), (StoreError, 1)],
+)
+def test_the_coordinators_store_steps_retry_only_an_outage(prefect_api, error: type[Exception], tries: int) -> None:
+    """A crash in a coordinator step is not worth its 37 s of waits: only an unreachable service is."""
+    calls: list[int] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=unreachable)
+    def step() -> None:
+        calls.append(1)
+        raise error("s3://store: gone")
+
+    @flow
+    def run() -> None:
+        step()
+
+    with pytest.raises(error):
+        run()
+    assert len(calls) == tries
