@@ -142,6 +142,19 @@ def admit(config: FederationConfig, silo: str) -> tuple[FederationConfig, Releas
     return enforce(policy, config), Release(**policy.release.model_dump())
 
 
+def _failure(state: Any) -> Exception | None:
+    """The exception a task run's final state holds (None: it did not fail)."""
+    try:
+        state.result()
+    except Exception as e:
+        return e
+    return None
+
+
+# The HTTP clients' own network errors (not all of them subclass ConnectionError or TimeoutError).
+_NETWORK_MODULES = {"requests", "urllib3", "botocore", "httpx", "httpcore"}
+
+
 def transient(task: object, task_run: object, state: Any) -> bool:
     """Retry condition: only what may pass on a second try (a store that cannot be reached or is busy,
     network errors, crashes).
@@ -150,15 +163,8 @@ def transient(task: object, task_run: object, state: Any) -> bool:
     answers (an object missing, corrupted, too large or forbidden) fail the same way every time: they
     are reported once, not retried.
     """
-    try:
-        state.result()
-    except StoreUnavailable:
-        return True
-    except SilotuneError:
-        return False
-    except Exception:
-        return True
-    return False
+    e = _failure(state)
+    return e is not None and (isinstance(e, StoreUnavailable) or not isinstance(e, SilotuneError))
 
 
 def unreachable(task: object, task_run: object, state: Any) -> bool:
@@ -167,19 +173,10 @@ def unreachable(task: object, task_run: object, state: Any) -> bool:
     Stricter than :func:`transient`: these steps wait up to 37 s between tries, which only an outage
     is worth; a bug or a crash in the step itself fails at once, as it would fail again.
     """
-    try:
-        state.result()
-    except StoreUnavailable:
+    e = _failure(state)
+    if isinstance(e, StoreUnavailable | ConnectionError | TimeoutError):
         return True
-    except SilotuneError:
-        return False
-    except (ConnectionError, TimeoutError):
-        return True
-    except OSError as e:  # the HTTP clients' network errors (requests, urllib3, botocore, httpx)
-        return type(e).__module__.split(".")[0] in {"requests", "urllib3", "botocore", "httpx", "httpcore"}
-    except Exception:
-        return False
-    return False
+    return isinstance(e, OSError) and type(e).__module__.split(".")[0] in _NETWORK_MODULES
 
 
 # The coordinator's steps that read or write the store are retried while it cannot be reached for a
