@@ -50,10 +50,8 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
         logger.info(
             "resuming %s after round %d of %d", config.federation_id, state.completed_rounds, config.rounds
         )
-    progress = create_progress_artifact(
-        progress=100.0 * state.completed_rounds / config.rounds,
-        description=f"rounds of {config.federation_id}",
-    )
+    done = 100.0 * state.completed_rounds / config.rounds
+    progress = _show_progress(logger, None, done, config.federation_id)
     scheme = scheme_for(config)
     for r in range(state.completed_rounds, config.rounds):
         pending = state.pending_evaluation  # r - 1 (-1: the initial global), or None if already recorded
@@ -101,7 +99,7 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
         )
         if pending is not None and pending >= 0:
             _log_round(logger, config, state.history[pending])
-        update_progress_artifact(progress, 100.0 * (r + 1) / config.rounds)
+        _show_progress(logger, progress, 100.0 * (r + 1) / config.rounds)
     final = state.pending_evaluation
     if final is not None:  # the last round's output: one evaluate-only wave
         evals, eval_failures = runner.evaluate(config, final, state.global_ref, reuse=reuse)
@@ -136,6 +134,21 @@ def federated_training(config: FederationConfig, reuse: str | None = None) -> di
         "tracking_uri": config.tracking.uri if config.tracking.kind == "mlflow" else None,
         "global_key": state.global_ref.key,
     }
+
+
+def _show_progress(logger: Any, artifact: Any, percent: float, federation_id: str = "") -> Any:
+    """Create (``artifact`` None) or update the rounds' progress artifact; returns its id.
+
+    A display only: Prefect creates a fresh API client for it, which does not wait out a server
+    that is away (restarting), so a failure here is logged and the federation goes on.
+    """
+    try:
+        if artifact is None:
+            return create_progress_artifact(progress=percent, description=f"rounds of {federation_id}")
+        update_progress_artifact(artifact, percent)
+    except Exception as exc:  # the progress bar must never stop a federation
+        logger.warning("progress not shown (%s: %s); the federation goes on", type(exc).__name__, exc)
+    return artifact
 
 
 def _log_round(logger: Any, config: FederationConfig, h: RoundSummary) -> None:

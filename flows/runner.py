@@ -438,6 +438,17 @@ class WorkPoolRunner:
 HOLD_S = 60.0
 
 
+async def _subscribe(stack: contextlib.AsyncExitStack, flt: Any) -> Any:
+    """An iterator over the filtered state events, or None (then the caller polls) if the server's
+    event stream cannot be opened."""
+    try:
+        events = await stack.enter_async_context(get_events_subscriber(filter=flt))
+    except Exception as exc:
+        log.warning("no state events (%s: %s); polling", type(exc).__name__, exc)
+        return None
+    return events.__aiter__()
+
+
 class _Wave:
     """One wave of silo runs on the stack, in one event loop and one API client.
 
@@ -519,8 +530,8 @@ class _Wave:
             event=EventNameFilter(prefix=["prefect.flow-run."]),
             resource=EventResourceFilter(id=[f"prefect.flow-run.{i}" for i in pending]),
         )
-        async with get_events_subscriber(filter=flt) as events:
-            it = events.__aiter__()
+        async with contextlib.AsyncExitStack() as stack:
+            it = await _subscribe(stack, flt)
             while pending:
                 runs = await client.read_flow_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
@@ -552,11 +563,20 @@ class _Wave:
                         await client.set_flow_run_state(fr.id, Crashed(message=reason), force=True)
                         self.lost[silo] = reason
                         del pending[fr.id]
-                if pending:
-                    # Wake on the next state event of any pending run; read anyway every poll_s
-                    # (timeouts, or an event delivered before the state is readable).
-                    with contextlib.suppress(TimeoutError, StopAsyncIteration):
-                        await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
+                if not pending:
+                    break
+                # Wake on the next state event of any pending run; read anyway every poll_s
+                # (timeouts, or an event delivered before the state is readable).
+                if it is None:  # no event stream (the server was away): poll
+                    await asyncio.sleep(orch.poll_s)
+                    continue
+                try:
+                    await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
+                except (TimeoutError, StopAsyncIteration):
+                    pass
+                except Exception as exc:  # the stream broke (server restart): poll from here on
+                    log.warning("state events lost (%s: %s); polling", type(exc).__name__, exc)
+                    it = None
         return reads
 
 

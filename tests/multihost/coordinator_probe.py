@@ -82,6 +82,7 @@ def federate(state: str, config: str, out: str, timeout: float, update_silo: str
                 "state": r.state.type.value if r.state else None,
                 "pool": r.work_pool_name,
                 "tags": sorted(r.tags),
+                "seconds": r.total_run_time.total_seconds(),
             }
             for r in _silo_runs(fid)
         ]
