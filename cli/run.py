@@ -206,6 +206,13 @@ def personalize(
     silo: Annotated[str, typer.Option(help="The silo (this machine holds its data and private folder).")],
     steps: Annotated[int | None, typer.Option(help="Local steps (default: train.local_steps).")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Default: train.learning_rate.")] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            help="Validation file that decides whether the personalised adapter is kept "
+            "(default: val.jsonl beside the silo's training file)."
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the final global adapter on this silo's own data, kept in its private folder only,
     and compare global and personalised on the silo's holdout. Nothing is uploaded."""
@@ -219,14 +226,29 @@ def personalize(
             store = open_store(cfg.store)
             adapter = AdapterModel.create(cfg.model, cfg.lora_for(silo), seed=0, method=cfg.method_for(silo))
             rec = personalize_silo(
-                cfg, silo, store, adapter, steps=steps, learning_rate=learning_rate, progress=True
+                cfg,
+                silo,
+                store,
+                adapter,
+                steps=steps,
+                learning_rate=learning_rate,
+                validation=validation,
+                progress=True,
             )
             metrics = compare_on_holdout(cfg, silo, store, adapter) if cfg.silo(silo).eval_path else None
     except SilotuneError as exc:
         fail(str(exc))
-    console.print(
-        f"personalised adapter of {silo} ({rec.steps} steps): [bold]{rec.folder}[/] (private, not uploaded)"
-    )
+    v = rec.validation_loss
+    if rec.kept == "global":
+        console.print(
+            f"personalisation of {silo} did not lower its validation loss ({v['global']:.4f} → "
+            f"{v['personalized']:.4f} on {rec.validation_path}): [bold]{rec.folder}[/] holds the global"
+        )
+    else:
+        console.print(
+            f"personalised adapter of {silo} ({rec.steps} steps): [bold]{rec.folder}[/] (private, "
+            "not uploaded)" + (f"; validation loss {v['global']:.4f} → {v['personalized']:.4f}" if v else "")
+        )
     if metrics:
         for name, m in metrics.items():
             console.print(f"  {name}: holdout loss {m['loss']:.4f}, exact match {m['exact_match']:.3f}")

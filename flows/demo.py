@@ -181,6 +181,27 @@ def compare_federation(
     return {**record, "fed": fed, "comparison": comp}
 
 
+def _personal_line(name: str, m: dict[str, Any]) -> str:
+    """One line per silo: what its validation file decided, and the holdout numbers."""
+    v = m["validation_loss"]
+    if m["kept"] == "global":
+        line = (
+            f"✘ {name} personalisation did not lower its validation loss ({v['global']:.3f} → "
+            f"{v['personalized']:.3f}): it keeps the global"
+        )
+    else:
+        line = f"✔ {name} personalised (kept in its private folder)"
+        if v:
+            line += f": validation loss {v['global']:.3f} → {v['personalized']:.3f}"
+    if m["holdout"] and m["kept"] != "global":
+        g, p = m["holdout"]["global"], m["holdout"]["personalized"]
+        line += (
+            f"; holdout loss {g['loss']:.3f} → {p['loss']:.3f}, exact match {g['exact_match']:.2f} → "
+            f"{p['exact_match']:.2f} (global → personalised)"
+        )
+    return line
+
+
 def run_demo(
     *,
     out: Path,
@@ -214,9 +235,7 @@ def run_demo(
     if steps:
         console.rule(f"[bold]personalised adapters ({steps} private steps per silo from the final global)")
         for s in cfg.silos:
-            metrics = personalize(cfg, s.name, steps=steps)
-            if metrics:
-                personal[s.name] = metrics
+            personal[s.name] = personalize(cfg, s.name, steps=steps)
         (out / "personalized.json").write_text(json.dumps(personal, indent=2))
 
     console.rule("[bold]what improved")
@@ -247,12 +266,7 @@ def run_demo(
             + (f"federated reaches {share}" if share else "no ratio (the centralized scores are 0)")
         )
     for name, m in personal.items():
-        g, p = m["global"], m["personalized"]
-        console.print(
-            f"{'✔' if p['loss'] < g['loss'] else '✘'} {name} personalised (kept in its private folder): "
-            f"loss {g['loss']:.3f} → {p['loss']:.3f}, exact match {g['exact_match']:.2f} → "
-            f"{p['exact_match']:.2f} (global → personalised)"
-        )
+        console.print(_personal_line(name, m))
     console.rule("[bold]where to look")
     console.print(f"final adapter (PEFT format): {fed['adapter']}")
     console.print(

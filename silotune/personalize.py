@@ -5,8 +5,13 @@ own use (Tan et al., "Towards Personalized Federated Learning", 2022, survey the
 simplest, local fine-tuning of the global model). The result stays in the silo's private folder,
 ``<private_dir>/personalized/<federation_id>/``, as a PEFT folder: nothing is uploaded, so nothing
 about it reaches the coordinator or the store, and no privacy budget is spent on it (it is never
-released). :func:`compare_on_holdout` reports the global and the personalised adapter on the silo's
-own holdout, the number a silo looks at to decide which to use.
+released).
+
+Which adapter the silo keeps is decided on its *validation* file (``val.jsonl`` beside its training
+file, or the path given), never on the holdout: if the personalised adapter's validation loss is not
+lower than the global's (too many steps, too high a learning rate, too little data), the folder holds
+the global and the record says so. :func:`compare_on_holdout` then reports both on the silo's own
+holdout, for the report only.
 """
 
 from __future__ import annotations
@@ -47,6 +52,22 @@ class Personalized(BaseModel):
     rounds: int
     steps: int
     train: dict[str, float | int]
+    # The choice: "personalized", or "global" when the personalised adapter did not lower the validation
+    # loss; "personalized" without a validation file (nothing to decide on).
+    kept: str = "personalized"
+    validation_loss: dict[str, float] | None = None  # {"global": …, "personalized": …}
+    validation_path: str | None = None
+
+
+def validation_file(config: FederationConfig, silo: str, path: str | Path | None = None) -> Path | None:
+    """The silo's validation file: ``path``, else ``val.jsonl`` beside its training file if present."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"validation file {p} of silo {silo!r} does not exist")
+        return p
+    beside = Path(config.silo(silo).train_path).with_name("val.jsonl")
+    return beside if beside.is_file() else None
 
 
 def personalized_folder(config: FederationConfig, silo: str) -> Path:
@@ -77,12 +98,14 @@ def personalize_silo(
     *,
     steps: int | None = None,
     learning_rate: float | None = None,
+    validation: str | Path | None = None,
     progress: bool = False,
 ) -> Personalized:
     """Fine-tune the final global on the silo's own training data; write it to its private folder only.
 
     ``steps`` and ``learning_rate`` default to the federation's ``train.local_steps`` and
-    ``train.learning_rate``. The store is only read.
+    ``train.learning_rate``. ``validation``: the file that decides whether the personalised adapter is
+    kept (default: ``val.jsonl`` beside the training file). The store is only read.
     """
     global_state, state = _final_global(config, silo, store)
     spec = config.silo(silo)
@@ -110,6 +133,19 @@ def personalize_silo(
         objective=objective,
     )
     personal = apply_delta(global_state, delta)
+    kept, val_loss, val_path = "personalized", None, validation_file(config, silo, validation)
+    if val_path is not None:
+        val = encode_file(val_path, adapter.tokenizer, config.model.max_seq_len, pairs=objective is not None)
+        if not val:
+            raise ConfigError(f"validation file {val_path} of silo {silo!r} holds no usable record")
+        beta = config.objective_for(silo).beta
+        size = config.evaluation.batch_size
+        val_loss = {
+            name: float(evaluate(adapter, val, batch_size=size, state=st, beta=beta).loss)
+            for name, st in (("global", global_state), ("personalized", personal))
+        }
+        if not val_loss["personalized"] < val_loss["global"]:
+            kept, personal = "global", global_state
     dest = personalized_folder(config, silo)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -124,6 +160,9 @@ def personalize_silo(
             rounds=state.completed_rounds,
             steps=train.local_steps,
             train=result.as_dict(),
+            kept=kept,
+            validation_loss=val_loss,
+            validation_path=str(val_path) if val_path is not None else None,
         )
         (tmp / "personalized.json").write_text(record.model_dump_json(indent=2))
         if dest.exists():

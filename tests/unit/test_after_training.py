@@ -172,6 +172,40 @@ def test_personalisation_stays_at_the_silo_and_reports_both(trained, tiny_adapte
     assert set(metrics) == {"global", "personalized"}
     assert metrics["global"]["num_examples"] == metrics["personalized"]["num_examples"] > 0
     assert metrics["personalized"]["loss"] < metrics["global"]["loss"], metrics
+    # The silo's validation file (val.jsonl beside its training file) decided, and the adapter lowered it.
+    assert rec.validation_path == str(Path(cfg.silo("lab").train_path).with_name("val.jsonl"))
+    assert rec.kept == "personalized" and rec.validation_loss["personalized"] < rec.validation_loss["global"]
+
+
+def test_personalisation_that_does_not_lower_the_validation_loss_keeps_the_global(
+    trained, tiny_adapter, monkeypatch
+) -> None:
+    """A personalisation that does not lower the loss on the validation file (here: its update zeroed, so
+    the two tie) is not kept: the silo keeps the global, and its folder holds exactly the global's tensors.
+    (The tiny random model's loss falls under almost any update, so no real run here does worse.)"""
+    from safetensors.torch import load as st_load
+
+    import silotune.personalize as personalize_mod
+
+    real = personalize_mod.train_local
+
+    def no_gain(*args, **kw):
+        delta, result = real(*args, **kw)
+        return {k: torch.zeros_like(v) for k, v in delta.items()}, result
+
+    monkeypatch.setattr(personalize_mod, "train_local", no_gain)
+    cfg, store, final = trained
+    rec = personalize_silo(cfg, "lab", store, tiny_adapter, steps=3)
+    assert rec.kept == "global", rec.validation_loss
+    assert rec.validation_loss["personalized"] == rec.validation_loss["global"]
+    kept = st_load((personalize_mod.personalized_folder(cfg, "lab") / "state.safetensors").read_bytes())
+    assert set(kept) == set(final)
+    for k, v in final.items():
+        torch.testing.assert_close(kept[k], v, rtol=0, atol=0)
+    metrics = compare_on_holdout(cfg, "lab", store, tiny_adapter)
+    assert metrics["personalized"] == metrics["global"]
+    with pytest.raises(ConfigError, match=r"validation file /nope\.jsonl of silo 'lab' does not exist"):
+        personalize_silo(cfg, "lab", store, tiny_adapter, steps=1, validation="/nope.jsonl")
 
 
 def test_cli_exports_the_peft_adapter(trained, tmp_path: Path) -> None:

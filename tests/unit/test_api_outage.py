@@ -67,17 +67,18 @@ def test_the_async_transport_waits_too(no_sleep) -> None:
 
 def test_an_outage_longer_than_the_budget_raises_the_connection_error(no_sleep) -> None:
     inner = _Flaky(fails=10_000)
-    with httpx.Client(transport=BusyRetrySyncTransport(inner, outage_s=30.0)) as client:
-        with pytest.raises(httpx.ConnectError):
-            client.get("https://prefect.test/api/health")
+    with (
+        httpx.Client(transport=BusyRetrySyncTransport(inner, outage_s=30.0)) as c,
+        pytest.raises(httpx.ConnectError),
+    ):
+        c.get("https://prefect.test/api/health")
     assert sum(no_sleep) <= 30.0 and inner.calls == len(no_sleep) + 1
 
 
 def test_without_an_outage_budget_a_refused_connection_fails_at_once(no_sleep) -> None:
     inner = _Flaky(fails=1)
-    with httpx.Client(transport=BusyRetrySyncTransport(inner)) as client:
-        with pytest.raises(httpx.ConnectError):
-            client.get("https://prefect.test/api/health")
+    with httpx.Client(transport=BusyRetrySyncTransport(inner)) as c, pytest.raises(httpx.ConnectError):
+        c.get("https://prefect.test/api/health")
     assert inner.calls == 1 and no_sleep == []
 
 
@@ -85,7 +86,9 @@ def test_an_error_after_the_request_may_have_arrived_is_not_resent(no_sleep) -> 
     """A read error or a dropped answer: the server may have acted on the request (a run created), so
     resending it here could do it twice; Prefect's client decides on those."""
     inner = _Flaky(fails=1, error=httpx.ReadError)
-    with httpx.Client(transport=BusyRetrySyncTransport(inner, outage_s=300.0)) as client:
-        with pytest.raises(httpx.ReadError):
-            client.post("https://prefect.test/api/flow_runs/")
+    with (
+        httpx.Client(transport=BusyRetrySyncTransport(inner, outage_s=300.0)) as c,
+        pytest.raises(httpx.ReadError),
+    ):
+        c.post("https://prefect.test/api/flow_runs/")
     assert inner.calls == 1
