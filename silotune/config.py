@@ -654,6 +654,11 @@ class FederationConfig(_Spec):
                 f"aggregation.silos_per_round: {spr!r} draws {self.aggregation.round_size(len(self.silos))} "
                 f"silo(s) per round, below the quorum aggregation.min_silos={self.aggregation.min_silos}"
             )
+        if self.privacy.sample_dp is not None and (self.train.packing or self.train.response_logits_only):
+            problems.append(
+                "train.packing/train.response_logits_only do not apply with privacy.sample_dp (DP-SGD): "
+                "Opacus needs one row per example and the model's own forward; turn them off"
+            )
         problems.extend(self._security_problems())
         problems.extend(_robustness_problems(self))
         problems.extend(_scaffold_problems(self))

@@ -215,10 +215,14 @@ def cell_configs(
                         "max_grad_norm": recipe.sample_clip,
                         "delta": recipe.sample_delta,
                     }
+                    # The speed levers need the model's own forward on packed or trimmed rows, which
+                    # Opacus cannot take; they change no loss, only speed.
                     train.update(
                         batch_size=recipe.dp_batch_size,
                         local_steps=recipe.dp_local_steps,
                         learning_rate=recipe.dp_learning_rate,
+                        packing=False,
+                        response_logits_only=False,
                     )
                 elif privacy == "client_dp":
                     priv["client_dp"] = {

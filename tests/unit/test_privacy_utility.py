@@ -9,12 +9,12 @@ from silotune.config import parse_config
 from silotune.privacy_utility import Recipe, Row, Scores, cell_configs, targets
 
 
-def _base(tmp_path: Path):
+def _base(tmp_path: Path, **train):
     return parse_config(
         {
             "federation_id": "f",
             "rounds": 2,
-            "train": {"local_steps": 6, "batch_size": 8, "learning_rate": 2e-3},
+            "train": {"local_steps": 6, "batch_size": 8, "learning_rate": 2e-3, **train},
             "silos": [{"name": s, "train_path": str(tmp_path / f"{s}.jsonl")} for s in ("a", "b", "c")],
             "aggregation": {"min_silos": 2},
         }
@@ -55,6 +55,23 @@ def test_the_full_grid_has_every_cell_with_its_privacy_and_method(tmp_path: Path
         else:
             assert cfg.privacy.sample_dp is None and cfg.privacy.client_dp is None
     assert sorted({c.epsilon for c in cells if c.epsilon}) == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_dp_sgd_cells_drop_the_speed_levers_the_others_keep_them(tmp_path: Path) -> None:
+    """A non-private recipe with the response-only logits lever (the demo's): DP-SGD cannot use it (Opacus
+    needs the model's own forward), so its cells run without it; the config refuses the mix up front."""
+    import pytest
+
+    from silotune.errors import ConfigError
+
+    cells = cell_configs(_base(tmp_path, response_logits_only=True), RECIPE, grid_id="g", epsilons=[8.0])
+    for c in cells:
+        assert c.config.train.response_logits_only == (c.privacy != "sample_dp"), c.name
+        assert not c.config.train.packing
+    raw = _base(tmp_path, response_logits_only=True).model_dump(mode="json")
+    raw["privacy"]["sample_dp"] = {"target_epsilon": 8.0, "max_grad_norm": 1.0}
+    with pytest.raises(ConfigError, match=r"train.packing/train.response_logits_only do not apply with privacy"):
+        parse_config(raw)
 
 
 def _row(name: str, privacy: str, method: str, eps: float | None, em: float, rouge: float, auc: float) -> Row:
