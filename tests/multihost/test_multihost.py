@@ -505,7 +505,8 @@ def _round_costs(history: list[dict], silo_runs: list[dict]) -> list[dict]:
                 "slowest_silo_run_s": slowest,
                 "overhead_s": h["round_seconds"] - slowest,
                 "aggregate_s": h["aggregate_seconds"],
-                "upload_bytes": {s: b["upload"] for s, b in h["bytes"].items()},
+                "upload_bytes": {s: b["up"] for s, b in h["bytes"].items()},
+                "download_bytes": {s: b["down"] for s, b in h["bytes"].items()},
             }
         )
     return rows
@@ -587,9 +588,11 @@ def test_real_model_across_hosts_beside_the_one_machine_stack(hosts, demo_data) 
         )
     for s in SILOS:
         up = sum(a["upload_bytes"][s] for a in across)
+        down = sum(a["download_bytes"][s] for a in across)
         lines.append(
-            f"{s}: on the wire rx {wire[s]['rx_bytes']:,} B, tx {wire[s]['tx_bytes']:,} B; "
-            f"its uploads in the store {up:,} B (tx/upload {wire[s]['tx_bytes'] / up:.2f})"
+            f"{s}: on the wire rx {wire[s]['rx_bytes']:,} B, tx {wire[s]['tx_bytes']:,} B; the rounds' "
+            f"uploads {up:,} B, downloads {down:,} B (wire/payload: tx {wire[s]['tx_bytes'] / up:.2f}, "
+            f"rx {wire[s]['rx_bytes'] / down:.2f})"
         )
     print("\n".join(lines))
     out = os.environ.get("SILOTUNE_RESULTS_FILE")
