@@ -182,22 +182,22 @@ def compare_federation(
 
 
 def _personal_line(name: str, m: dict[str, Any]) -> str:
-    """One line per silo: what its validation file decided, and the holdout numbers."""
+    """One line per silo: what its validation file decided, then how the kept adapter does on the holdout
+    (the holdout never takes part in the decision)."""
     v = m["validation_loss"]
     if m["kept"] == "global":
-        line = (
-            f"✘ {name} personalisation did not lower its validation loss ({v['global']:.3f} → "
-            f"{v['personalized']:.3f}): it keeps the global"
+        return (
+            f"{name} keeps the global: personalisation raised its validation loss "
+            f"{v['global']:.3f} → {v['personalized']:.3f}"
         )
-    else:
-        line = f"✔ {name} personalised (kept in its private folder)"
-        if v:
-            line += f": validation loss {v['global']:.3f} → {v['personalized']:.3f}"
-    if m["holdout"] and m["kept"] != "global":
+    line = f"{name} keeps its personalised adapter (private folder)"
+    if v:
+        line += f", validation loss {v['global']:.3f} → {v['personalized']:.3f}"
+    if m["holdout"]:
         g, p = m["holdout"]["global"], m["holdout"]["personalized"]
         line += (
-            f"; holdout loss {g['loss']:.3f} → {p['loss']:.3f}, exact match {g['exact_match']:.2f} → "
-            f"{p['exact_match']:.2f} (global → personalised)"
+            f"; on its holdout {'✔' if p['loss'] < g['loss'] else '✘'} loss {g['loss']:.3f} → "
+            f"{p['loss']:.3f}, exact match {g['exact_match']:.2f} → {p['exact_match']:.2f}"
         )
     return line
 
