@@ -75,7 +75,12 @@ def privacy_utility(
         ]
         if baselines:
             pooled = pool_training_data(config, Path(out) / "work" / "pooled" / "train.jsonl")
-            runs.append(("centralized", "centralized", "lora", None, centralized_config(config, pooled)))
+            for m in methods or list(METHODS):  # each method against its own centralized run
+                # lora: FFA-LoRA explicitly off only if the recipe turned it on (else its config as is)
+                ffa = True if m == "ffa_lora" else (False if config.ffa_lora else None)
+                cen = centralized_config(config, pooled, ffa_lora=ffa)
+                name = "centralized" if m == "lora" else f"centralized {m}"
+                runs.append((name, "centralized", m, None, cen))
             runs += [
                 (f"local-only {s.name}", "local-only", "lora", None, local_only_config(config, s.name))
                 for s in (config.silos if local_only else [])

@@ -53,9 +53,15 @@ def _baseline(config: FederationConfig, suffix: str, kind: str, **changes: Any) 
     return parse_config(data)
 
 
-def centralized_config(config: FederationConfig, pooled_path: str | Path) -> FederationConfig:
+def centralized_config(
+    config: FederationConfig, pooled_path: str | Path, *, ffa_lora: bool | None = None
+) -> FederationConfig:
     """All silos' data in one silo, the federation's total budget: ``len(silos) × local_steps`` steps per
-    round at the same batch size and learning rate, no DP (the non-private upper bound)."""
+    round at the same batch size and learning rate, no DP (the non-private upper bound).
+
+    ``ffa_lora``: train the baseline with FFA-LoRA (A frozen) or plain LoRA whatever the federation
+    uses, so a grid compares each method with its own centralized run (its own federation id).
+    """
     base = config.silos[0].model_dump(mode="json")
     silo = {
         **base,
@@ -70,13 +76,19 @@ def centralized_config(config: FederationConfig, pooled_path: str | Path) -> Fed
         **config.train.model_dump(mode="json"),
         "local_steps": config.train.local_steps * len(config.silos),
     }
+    changes: dict[str, Any] = {}
+    suffix = "centralized"
+    if ffa_lora is not None:
+        changes["security"] = {**config.security.model_dump(mode="json"), "ffa_lora": ffa_lora}
+        suffix += "-ffa-lora" if ffa_lora else ""
     return _baseline(
         config,
-        "centralized",
+        suffix,
         "centralized-baseline",
         silos=[silo],
         train=train,
         privacy={"sample_dp": None, "client_dp": None},
+        **changes,
     )
 
 

@@ -47,6 +47,11 @@ def test_centralized_baseline_pools_every_silo_with_the_same_tokens_and_budget(
     assert cen.train.learning_rate == cfg.train.learning_rate
     assert cen.privacy.sample_dp is None and cen.privacy.client_dp is None
     assert cen.aggregation.min_silos == 1 and cen.federation_id != cfg.federation_id
+    # Per method (the privacy-utility grid): FFA-LoRA's own centralized run, under its own id.
+    ffa = centralized_config(cfg, pooled, ffa_lora=True)
+    assert ffa.ffa_lora and not cen.ffa_lora and ffa.federation_id == f"{cen.federation_id}-ffa-lora"
+    assert ffa.train == cen.train and ffa.silos == cen.silos
+    assert centralized_config(cfg, pooled, ffa_lora=False).federation_id == cen.federation_id
 
     local = local_only_config(cfg, "bank")
     assert [s.name for s in local.silos] == ["bank"] and local.train == cfg.train
