@@ -572,8 +572,10 @@ class _Wave:
                     continue
                 try:
                     await asyncio.wait_for(it.__anext__(), timeout=orch.poll_s)
-                except (TimeoutError, StopAsyncIteration):
+                except TimeoutError:
                     pass
+                except StopAsyncIteration:  # the stream ended: poll from here on
+                    it = None
                 except Exception as exc:  # the stream broke (server restart): poll from here on
                     log.warning("state events lost (%s: %s); polling", type(exc).__name__, exc)
                     it = None
