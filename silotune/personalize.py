@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as st_load
@@ -54,7 +54,7 @@ class Personalized(BaseModel):
     train: dict[str, float | int]
     # The choice: "personalized", or "global" when the personalised adapter did not lower the validation
     # loss; "personalized" without a validation file (nothing to decide on).
-    kept: str = "personalized"
+    kept: Literal["personalized", "global"] = "personalized"
     validation_loss: dict[str, float] | None = None  # {"global": …, "personalized": …}
     validation_path: str | None = None
 
