@@ -385,6 +385,19 @@ def privacy_utility_cmd(
     validation_examples: Annotated[
         int, typer.Option(help="Validation records behind the per-example clip norm.")
     ] = 32,
+    dp_batch_multiplier: Annotated[
+        int | None, typer.Option(help="DP-SGD expected batch = this × the config's batch (default 4).")
+    ] = None,
+    dp_step_fraction: Annotated[
+        float | None, typer.Option(help="DP-SGD local steps = this × the config's steps (default 0.5).")
+    ] = None,
+    dp_lr_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            help="DP-SGD learning rate = this × the config's (default 20, chosen on validation data by "
+            "bench/dp_recipe_search.py; run it on your own validation files to choose yours)."
+        ),
+    ] = None,
 ) -> None:
     """Grid of real federations: no DP, DP-SGD and client-level DP at each ε, LoRA and FFA-LoRA, plus the
     baselines; utility, membership inference, ε, bytes and seconds; table and plots to OUT, MLflow and
@@ -419,6 +432,15 @@ def privacy_utility_cmd(
             max_new_tokens=max_new_tokens,
             notes=note,
             validation_examples=validation_examples,
+            recipe_knobs={
+                k: v
+                for k, v in {
+                    "dp_batch_multiplier": dp_batch_multiplier,
+                    "dp_step_fraction": dp_step_fraction,
+                    "dp_lr_multiplier": dp_lr_multiplier,
+                }.items()
+                if v is not None
+            },
         )
     except (SilotuneError, ValueError) as exc:
         fail(str(exc))

@@ -46,12 +46,13 @@ def privacy_utility(
     max_new_tokens: int = 64,
     notes: list[str] | None = None,
     validation_examples: int = 32,
+    recipe_knobs: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run every cell and the baselines from ``config``; write the report under ``out``."""
     logger = get_run_logger()
     grid_id = f"pu-{config.federation_id}"
     title = f"Privacy–utility frontier ({config.model.name_or_path})"
-    recipe = choose_dp_recipe(config, validation, validation_examples)
+    recipe = choose_dp_recipe(config, validation, validation_examples, recipe_knobs)
     logger.info("DP recipe: %s", "; ".join(recipe.notes))
     cells = cell_configs(
         config,

@@ -22,7 +22,11 @@ Language Models", ICLR 2022; Sun et al., "Improving LoRA in Privacy-preserving F
 - the per-example clip norm is the median per-example gradient norm of the *base model* (the initial
   adapter) on validation data: large enough to keep the direction of typical gradients, small enough
   that the noise (σ·C) stays small (Andrew et al., NeurIPS 2021, clip at a quantile);
-- a higher learning rate (``dp_lr_multiplier`` ×): clipped, averaged gradients are smaller;
+- a higher learning rate (``dp_lr_multiplier`` ×). AdamW normalises each coordinate by its own
+  noisy second moment, so with few steps each one moves about ``lr`` whatever the gradient's scale:
+  the learning rate sets how far the few noisy steps get. The default multiplier was chosen on the
+  demo silos' validation files by ``bench/dp_recipe_search.py`` at ε 8, never on a holdout
+  (``results/privacy-utility-smollm2-135m-instruct/recipe-search.md``);
 - FFA-LoRA freezes A, so only B carries noise (half the noisy parameters) and sums of updates are
   exact model sums;
 - client-level DP clips each silo's update at the norm of an update trained on validation data from
@@ -79,10 +83,25 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RecipeKnobs:
+    """How the DP-SGD cells' schedule departs from the non-private one (see the module docstring)."""
+
     dp_batch_multiplier: int = 4
     dp_step_fraction: float = 0.5
-    dp_lr_multiplier: float = 2.0
+    dp_lr_multiplier: float = 20.0
     validation_examples: int = 32
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.dp_batch_multiplier, int) and self.dp_batch_multiplier >= 1):
+            problems.append(f"dp_batch_multiplier={self.dp_batch_multiplier!r} must be an integer >= 1")
+        for name in ("dp_step_fraction", "dp_lr_multiplier"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                problems.append(f"{name}={v!r} must be a finite number > 0")
+        if not (isinstance(self.validation_examples, int) and self.validation_examples >= 1):
+            problems.append(f"validation_examples={self.validation_examples!r} must be an integer >= 1")
+        if problems:
+            raise ValueError("DP recipe: " + "; ".join(problems))
 
 
 def per_example_grad_norms(

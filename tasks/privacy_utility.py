@@ -26,12 +26,17 @@ from tasks.runtime import TRAIN_LOCK, adapter_for, store_for
 
 
 @task(name="choose-dp-recipe", cache_policy=NO_CACHE)
-def choose_dp_recipe(config: FederationConfig, validation: list[str], examples: int = 32) -> Recipe:
-    """The DP recipe from base-model statistics on ``examples`` validation records (never the holdout)."""
+def choose_dp_recipe(
+    config: FederationConfig,
+    validation: list[str],
+    examples: int = 32,
+    knobs: dict[str, float] | None = None,
+) -> Recipe:
+    """The DP recipe from base-model statistics on ``examples`` validation records (never the holdout);
+    ``knobs``: :class:`RecipeKnobs` fields that replace the defaults."""
+    recipe_knobs = RecipeKnobs(validation_examples=examples, **(knobs or {}))
     with TRAIN_LOCK:
-        return choose_recipe(
-            config, adapter_for(config), validation, knobs=RecipeKnobs(validation_examples=examples)
-        )
+        return choose_recipe(config, adapter_for(config), validation, knobs=recipe_knobs)
 
 
 @task(name="score-adapter", task_run_name="score-{name}", cache_policy=NO_CACHE)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from silotune.config import parse_config
-from silotune.privacy_utility import Recipe, Row, Scores, cell_configs, targets
+from silotune.privacy_utility import Recipe, RecipeKnobs, Row, Scores, cell_configs, targets
 
 
 def _base(tmp_path: Path, **train):
@@ -109,3 +111,15 @@ def test_each_method_is_compared_with_its_own_centralized_run() -> None:
     # A report with only the plain-LoRA centralized row (written before there was one per method)
     old = {t["target"]: t for t in targets(rows[:3])}
     assert math.isclose(old["federated (ffa_lora) ≥ 95% of centralized (lora), union exact_match"]["value"], 0.5)
+
+
+def test_recipe_knobs_refuse_values_that_name_no_schedule() -> None:
+    assert RecipeKnobs().dp_lr_multiplier == 20.0
+    for bad, field in (
+        ({"dp_lr_multiplier": 0.0}, "dp_lr_multiplier=0.0"),
+        ({"dp_step_fraction": float("nan")}, "dp_step_fraction=nan"),
+        ({"dp_batch_multiplier": 0}, "dp_batch_multiplier=0"),
+        ({"validation_examples": 0}, "validation_examples=0"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            RecipeKnobs(**bad)
