@@ -20,8 +20,9 @@ and the preference metrics of :mod:`silotune.methods.objectives` come on top.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -126,6 +127,7 @@ class GenerationResult:
     per_example_exact: list[bool]
     predictions: list[str]
     references: list[str]
+    per_example_rouge_l: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         return {"gen_exact_match": self.exact_match, "rouge_l": self.rouge_l, "chrf": self.chrf}
@@ -138,12 +140,27 @@ def split_answer(example: Example) -> tuple[list[int], list[int]]:
     return example.input_ids[:first], [t for t in example.labels[first:] if t != IGNORE_INDEX]
 
 
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+
+
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
     """(mean ROUGE-L F1, corpus chrF) of ``predictions`` against ``references``."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    rouge = rouge_l_scores(predictions, references)
     chrf = CHRF().corpus_score(list(predictions), [list(references)]).score
     return sum(rouge) / max(1, len(rouge)), float(chrf)
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n), as
+    lm-evaluation-harness reports it); 0 for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @torch.no_grad()
@@ -191,16 +208,18 @@ def generate_eval(
             exact.append(gen[: len(ref)] == ref)
             preds.append(tok.decode(gen, skip_special_tokens=True).strip())
             refs.append(tok.decode(ref, skip_special_tokens=True).strip())
-    rouge, chrf = text_metrics(preds, refs)
+    rouge_each = rouge_l_scores(preds, refs)
+    chrf = float(CHRF().corpus_score(preds, [refs]).score)
     n = len(exact)
     return GenerationResult(
         num_examples=n,
         exact_match=sum(exact) / n if n else 0.0,
-        rouge_l=rouge,
+        rouge_l=sum(rouge_each) / max(1, n),
         chrf=chrf,
         per_example_exact=exact,
         predictions=preds,
         references=refs,
+        per_example_rouge_l=rouge_each,
     )
 
 

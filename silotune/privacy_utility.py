@@ -54,7 +54,7 @@ from silotune.adapters import AdapterModel, global_norm
 from silotune.audit.mia import membership_inference
 from silotune.config import FederationConfig, parse_config
 from silotune.data import Example, collate, encode_dataset, per_sequence_loss, read_records
-from silotune.evaluation import evaluate, generate_eval
+from silotune.evaluation import evaluate, generate_eval, standard_error
 from silotune.records import RoundSummary
 from silotune.report import figure_png
 from silotune.training import train_local
@@ -293,6 +293,9 @@ class Scores:
     mia_ref_tpr: float
     num_holdout: int
     num_members: int
+    # Standard errors of the union means (reports written before they existed load with None).
+    exact_match_se: float | None = None
+    rouge_l_se: float | None = None
 
 
 def score_adapter(
@@ -336,7 +339,17 @@ def score_adapter(
         mia_ref_tpr=mia["reference"].tpr_at_1pct_fpr,
         num_holdout=len(held),
         num_members=len(member_chats),
+        exact_match_se=binary_standard_error(tf.exact_match, len(held)),
+        rouge_l_se=standard_error(gen.per_example_rouge_l),
     )
+
+
+def binary_standard_error(rate: float, n: int) -> float:
+    """Standard error of a 0/1 metric's mean ``rate`` over ``n`` examples (its sample standard deviation
+    over sqrt(n), as :func:`silotune.evaluation.standard_error` gives for the 0/1 values themselves)."""
+    if n < 2:
+        return 0.0
+    return math.sqrt(rate * (1 - rate) * n / (n - 1) / n)
 
 
 @dataclass
@@ -384,7 +397,10 @@ def round_costs(history: Sequence[RoundSummary]) -> dict[str, list[float]]:
         out["epsilon"].append(max(eps) if eps else math.nan)
         out["bytes_up"].append(float(sum(b.up for b in h.bytes.values())))
         out["bytes_down"].append(float(sum(b.down for b in h.bytes.values())))
-        out["train_seconds"].append(float(sum(t.get("seconds", 0.0) for t in h.train.values())))
+        # Under DP or protection a silo's release policy withholds its training metrics (seconds
+        # included) by default: NaN, not 0.
+        secs = [t["seconds"] for t in h.train.values() if "seconds" in t]
+        out["train_seconds"].append(float(sum(secs)) if secs else math.nan)
     return out
 
 
@@ -435,6 +451,18 @@ def kept_gain(row: Row, nodp: Row, base: Row, metric: str) -> float | None:
     return (getattr(row.scores, metric) - getattr(base.scores, metric)) / gain
 
 
+def kept_gain_se(row: Row, nodp: Row, base: Row, metric: str) -> float | None:
+    """Standard error of :func:`kept_gain` (first-order, the three rows' errors independent); None when
+    a row has no standard error for ``metric`` or there is no gain."""
+    k = kept_gain(row, nodp, base, metric)
+    ses = [getattr(r.scores, f"{metric}_se", None) for r in (row, nodp, base)]
+    if k is None or any(se is None for se in ses):
+        return None
+    gain = getattr(nodp.scores, metric) - getattr(base.scores, metric)
+    s_row, s_nodp, s_base = ses
+    return math.sqrt(s_row**2 + (k * s_nodp) ** 2 + ((1 - k) * s_base) ** 2) / gain
+
+
 def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and whether it was reached."""
     out: list[dict[str, Any]] = []
@@ -475,6 +503,7 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
                     {
                         "target": f"DP-SGD ε=8 ({method}) keeps ≥ 90% of the non-private gain, {metric}",
                         "value": math.nan if k is None else k,
+                        "se": kept_gain_se(dp8, fed, base, metric),
                         "reached": k is not None and k >= 0.9,
                     }
                 )
@@ -497,8 +526,10 @@ CSV_FIELDS = (
     "epsilon_spent",
     "loss",
     "exact_match",
+    "exact_match_se",
     "gen_exact_match",
     "rouge_l",
+    "rouge_l_se",
     "chrf",
     "mia_loss_auc",
     "mia_loss_tpr",
@@ -522,16 +553,32 @@ def to_csv(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
+def _train_seconds(row: Row) -> str:
+    secs = [v for v in row.per_round.get("train_seconds", ()) if not math.isnan(v)]
+    if row.per_round.get("train_seconds") and not secs:
+        return "withheld"
+    return f"{sum(secs):.0f}"
+
+
+def _pm(value: float, se: float | None) -> str:
+    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
+
+
 def to_markdown(rows: Sequence[Row], *, title: str, recipe: Recipe | None, notes: Sequence[str] = ()) -> str:
     lines = [
         f"# {title}",
         "",
         "Union holdout (unseen entities and phrasings). EM: teacher-forced exact match; gen EM, ROUGE-L, "
         "chrF: free-running greedy generation with the chat template. MIA: membership inference "
-        "(loss attack; reference attack = base model as reference), ROC AUC and TPR at 1% FPR.",
+        "(loss attack; reference attack = base model as reference), ROC AUC and TPR at 1% FPR. "
+        "± is one standard error of the mean over the holdout records: two rows whose difference is "
+        "under about twice the larger ± are within the holdout's sampling noise. train s: the silos' "
+        "training seconds summed over rounds (from the federation's history, so a resumed cell keeps its "
+        "own; 'withheld' where the silos' release policies keep training metrics in under DP); "
+        "wall s: this invocation's seconds for the cell, evaluation and audit included.",
         "",
         "| cell | ε target | ε spent | loss | EM | gen EM | ROUGE-L | chrF | MIA loss AUC / TPR | "
-        "MIA ref AUC / TPR | MB up / down | s |",
+        "MIA ref AUC / TPR | MB up / down | train s / wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -539,9 +586,11 @@ def to_markdown(rows: Sequence[Row], *, title: str, recipe: Recipe | None, notes
         lines.append(
             f"| {r.name} | {'' if r.target_epsilon is None else f'{r.target_epsilon:g}'} "
             f"| {'' if r.epsilon_spent is None else f'{r.epsilon_spent:.2f}'} | {s.loss:.3f} "
-            f"| {s.exact_match:.3f} | {s.gen_exact_match:.3f} | {s.rouge_l:.3f} | {s.chrf:.1f} "
+            f"| {_pm(s.exact_match, s.exact_match_se)} | {s.gen_exact_match:.3f} "
+            f"| {_pm(s.rouge_l, s.rouge_l_se)} | {s.chrf:.1f} "
             f"| {s.mia_loss_auc:.3f} / {s.mia_loss_tpr:.3f} | {s.mia_ref_auc:.3f} / {s.mia_ref_tpr:.3f} "
-            f"| {r.bytes_up / 1e6:.2f} / {r.bytes_down / 1e6:.2f} | {r.seconds:.0f} |"
+            f"| {r.bytes_up / 1e6:.2f} / {r.bytes_down / 1e6:.2f} "
+            f"| {_train_seconds(r)} / {r.seconds:.0f} |"
         )
     lines += [
         "",
@@ -556,7 +605,9 @@ def to_markdown(rows: Sequence[Row], *, title: str, recipe: Recipe | None, notes
         lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
         for t in tg:
             v = t["value"]
-            lines.append(f"| {t['target']} | {v:.3f} | {'yes' if t['reached'] else '**no**'} |")
+            lines.append(
+                f"| {t['target']} | {_pm(v, t.get('se'))} | {'yes' if t['reached'] else '**no**'} |"
+            )
     if recipe is not None:
         lines += ["", "## DP recipe (chosen on validation data only)", ""]
         lines += [f"- {n}" for n in recipe.notes]
@@ -696,7 +747,9 @@ def rows_from_json(path: str | Path) -> tuple[list[Row], Recipe | None, list[str
     data = json.loads(Path(path).read_text())
     rows = []
     for r in data["rows"]:
-        scores = Scores(**{f: r[f] for f in Scores.__dataclass_fields__})
+        scores = Scores(**{f: r[f] for f in Scores.__dataclass_fields__ if f in r})
+        if scores.exact_match_se is None:  # written before there were standard errors: 0/1, so derivable
+            scores.exact_match_se = binary_standard_error(scores.exact_match, scores.num_holdout)
         rows.append(
             Row(
                 name=r["name"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,13 @@ def test_compare_adapters_reuses_known_teacher_forced_scores_and_adds_generation
     a, b = comp.results["a"]["clinic"], comp.results["b"]["clinic"]
     assert (a.loss, a.exact_match) == (123.0, 0.5) and a.gen_exact_match == 0.0 and a.chrf is not None
     assert b.loss != 123.0 and b.gen_exact_match is None
+
+
+def test_standard_error_is_the_sample_deviation_over_root_n() -> None:
+    from silotune.evaluation import standard_error
+    from silotune.privacy_utility import binary_standard_error
+
+    assert standard_error([1.0]) == 0.0
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    flags = [1.0] * 18 + [0.0] * 102
+    assert binary_standard_error(18 / 120, 120) == pytest.approx(standard_error(flags))

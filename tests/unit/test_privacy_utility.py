@@ -123,3 +123,57 @@ def test_recipe_knobs_refuse_values_that_name_no_schedule() -> None:
     ):
         with pytest.raises(ValueError, match=field):
             RecipeKnobs(**bad)
+
+
+def test_the_kept_share_carries_its_standard_error_and_the_table_prints_it() -> None:
+    from dataclasses import replace
+
+    from silotune.privacy_utility import binary_standard_error, to_markdown
+
+    def with_se(row: Row) -> Row:
+        s = row.scores
+        se = binary_standard_error(s.exact_match, s.num_holdout)
+        return replace(row, scores=replace(s, exact_match_se=se, rouge_l_se=0.02))
+
+    rows = [
+        with_se(_row("base model", "base", "-", None, 0.0, 0.1, 0.5)),
+        with_se(_row("none-lora", "none", "lora", None, 0.2, 0.3, 0.6)),
+        with_se(_row("sample-dp-eps8-lora", "sample_dp", "lora", 8.0, 0.15, 0.25, 0.52)),
+    ]
+    kept = {t["target"]: t for t in targets(rows)}[
+        "DP-SGD ε=8 (lora) keeps ≥ 90% of the non-private gain, exact_match"
+    ]
+    # 120 holdout records: EM 0.15 has s.e. sqrt(.15 * .85 / 119) = 0.0327, EM 0.2 has 0.0367, EM 0 has 0
+    want = math.sqrt(0.15 * 0.85 / 119 + (0.75**2) * 0.2 * 0.8 / 119) / 0.2
+    assert math.isclose(kept["value"], 0.75) and math.isclose(kept["se"], want)
+    assert 0.2 < kept["se"] < 0.22  # a 120-record holdout cannot tell 75% from 90% kept
+    md = to_markdown(rows, title="t", recipe=None)
+    assert "| 0.150 ± 0.033 |" in md and f"0.750 ± {want:.3f}" in md
+    # A report without standard errors (written before them) still renders, with no ±
+    old = to_markdown([_row("base model", "base", "-", None, 0.0, 0.1, 0.5)], title="t", recipe=None)
+    assert "| 0.000 | 0.000 | 0.100 |" in old
+
+
+def test_round_costs_mark_withheld_training_seconds_as_unknown_not_zero() -> None:
+    """Under DP a silo's release policy keeps its training metrics in: the report must not show 0 s."""
+    from silotune.privacy_utility import round_costs
+    from silotune.records import RoundSummary
+
+    def summary(train: dict) -> RoundSummary:
+        return RoundSummary.model_validate(
+            {
+                "round": 1,
+                "included": ["a", "b"],
+                "excluded": {},
+                "train": train,
+                "delta_norm": 1.0,
+                "protection": "none",
+                "privacy": {"a": {"dp.epsilon": 2.0}, "b": {"dp.epsilon": 3.0}},
+                "bytes": {s: {"up": 10, "down": 20} for s in ("a", "b")},
+            }
+        )
+
+    shared = round_costs([summary({"a": {"seconds": 4.0}, "b": {"seconds": 6.0}})])
+    withheld = round_costs([summary({"a": {}, "b": {}})])
+    assert shared["train_seconds"] == [10.0] and shared["epsilon"] == [3.0]
+    assert math.isnan(withheld["train_seconds"][0]) and withheld["bytes_up"] == [20.0]
