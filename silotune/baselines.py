@@ -7,7 +7,8 @@
   (federated / centralized).
 - **local-only**: each silo alone, with the same rounds and steps as in the federation.
 
-Both run as ordinary federations (one silo each), so they are tracked and inspectable like any other;
+Both run as ordinary federations (one silo each, with the plain FedAvg server step: a server learning
+rate would only rescale the one silo's own), so they are tracked and inspectable like any other;
 they carry no holdout while training (they are scored once, at the end, on every holdout).
 """
 
@@ -46,7 +47,15 @@ def _baseline(config: FederationConfig, suffix: str, kind: str, **changes: Any) 
     data = config.model_dump(mode="json")
     data.update(
         federation_id=f"{config.federation_id}-{suffix}",
-        aggregation={**data["aggregation"], "min_silos": 1, "root_data_path": None},
+        # One silo has nothing to aggregate: the server step (a server learning rate or momentum) would
+        # only rescale its own learning rate, which the baseline keeps at the federation's.
+        aggregation={
+            **data["aggregation"],
+            "min_silos": 1,
+            "root_data_path": None,
+            "server_optimizer": "sgd",
+            "server_options": {},
+        },
         tags={**config.tags, "silotune.kind": kind, "silotune.baseline_of": config.federation_id},
         **changes,
     )

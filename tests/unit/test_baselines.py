@@ -56,3 +56,17 @@ def test_centralized_baseline_pools_every_silo_with_the_same_tokens_and_budget(
     local = local_only_config(cfg, "bank")
     assert [s.name for s in local.silos] == ["bank"] and local.train == cfg.train
     assert local.privacy == cfg.privacy
+
+
+def test_baselines_take_the_plain_server_step_and_keep_their_fingerprint(demo_data, tmp_path: Path) -> None:
+    """A server learning rate rescales one silo's own step, so a baseline drops it; a federation without
+    one gives the same baseline as before (its fingerprint does not move, so stored baselines resume)."""
+    plain = _config(demo_data, tmp_path)
+    pooled = pool_training_data(plain, tmp_path / "pooled" / "train.jsonl")
+    data = plain.model_dump(mode="json")
+    data["aggregation"].update(server_optimizer="sgd", server_options={"lr": 2.0})
+    fast = parse_config(data)
+    for make in (lambda c: centralized_config(c, pooled), lambda c: local_only_config(c, "bank")):
+        base = make(fast)
+        assert base.aggregation.server_optimizer == "sgd" and base.aggregation.server_options == {}
+        assert base.fingerprint() == make(plain).fingerprint()
