@@ -369,15 +369,19 @@ class Row:
     rounds: int = 0
     per_round: dict[str, list[float]] = field(default_factory=dict)
 
-    def flat(self) -> dict[str, Any]:
+    def flat(self, *, digits: int | None = 4) -> dict[str, Any]:
+        """The row as one flat record; scores rounded to ``digits`` (None: exact, as the JSON keeps
+        them so a re-rendered table matches the first one)."""
         s = asdict(self.scores)
+        if digits is None:
+            digits = 17
         return {
             "name": self.name,
             "privacy": self.privacy,
             "method": self.method,
             "target_epsilon": "" if self.target_epsilon is None else self.target_epsilon,
             "epsilon_spent": "" if self.epsilon_spent is None else round(self.epsilon_spent, 3),
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()},
+            **{k: round(v, digits) if isinstance(v, float) else v for k, v in s.items()},
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "tokens": self.tokens,
@@ -554,8 +558,10 @@ def to_csv(rows: Sequence[Row]) -> str:
 
 
 def _train_seconds(row: Row) -> str:
-    secs = [v for v in row.per_round.get("train_seconds", ()) if not math.isnan(v)]
-    if row.per_round.get("train_seconds") and not secs:
+    if not row.per_round.get("train_seconds"):  # the base model: nothing trained
+        return ""
+    secs = [v for v in row.per_round["train_seconds"] if not math.isnan(v)]
+    if not secs:
         return "withheld"
     return f"{sum(secs):.0f}"
 
@@ -631,23 +637,33 @@ def plot_frontier(rows: Sequence[Row], *, title: str) -> bytes:
     for ax, (metric, label) in zip(axes[:2], panels, strict=False):
         for privacy in ("sample_dp", "client_dp"):
             for method in METHODS:
-                pts = sorted(
-                    (r.target_epsilon, getattr(r.scores, metric))
-                    for r in rows
-                    if r.privacy == privacy and r.method == method and r.target_epsilon is not None
+                cell = sorted(
+                    (r for r in rows if r.privacy == privacy and r.method == method and r.target_epsilon),
+                    key=lambda r: r.target_epsilon or 0.0,
                 )
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"{privacy} {method}")
+                if cell:  # ± one standard error where the report has them (older reports: none)
+                    ses = [getattr(r.scores, f"{metric}_se") for r in cell]
+                    ax.errorbar(
+                        [r.target_epsilon for r in cell],
+                        [getattr(r.scores, metric) for r in cell],
+                        yerr=None if None in ses else ses,
+                        marker="o",
+                        capsize=3,
+                        label=f"{privacy} {method}",
+                    )
         for ref, style in (("none", "-"), ("centralized", "--"), ("base", ":")):
             for r in rows:
                 if r.privacy == ref:
-                    ax.axhline(
-                        getattr(r.scores, metric),
+                    value, se = getattr(r.scores, metric), getattr(r.scores, f"{metric}_se")
+                    line = ax.axhline(
+                        value,
                         linestyle=style,
                         linewidth=1,
                         color="black" if ref != "none" else None,
                         label=f"{r.name}",
                     )
+                    if se and ref != "base":
+                        ax.axhspan(value - se, value + se, color=line.get_color(), alpha=0.08)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("target ε")
         ax.set_ylabel(label)
@@ -727,7 +743,7 @@ def write_results(
         json.dumps(
             {
                 "title": title,
-                "rows": [{**r.flat(), "per_round": r.per_round} for r in rows],
+                "rows": [{**r.flat(digits=None), "per_round": r.per_round} for r in rows],
                 "targets": targets(rows),
                 "recipe": asdict(recipe) if recipe else None,
                 "notes": list(notes),
@@ -748,7 +764,7 @@ def rows_from_json(path: str | Path) -> tuple[list[Row], Recipe | None, list[str
     rows = []
     for r in data["rows"]:
         scores = Scores(**{f: r[f] for f in Scores.__dataclass_fields__ if f in r})
-        if scores.exact_match_se is None:  # written before there were standard errors: 0/1, so derivable
+        if "exact_match_se" not in r:  # written before there were standard errors: 0/1, so derivable
             scores.exact_match_se = binary_standard_error(scores.exact_match, scores.num_holdout)
         rows.append(
             Row(

@@ -177,3 +177,23 @@ def test_round_costs_mark_withheld_training_seconds_as_unknown_not_zero() -> Non
     withheld = round_costs([summary({"a": {}, "b": {}})])
     assert shared["train_seconds"] == [10.0] and shared["epsilon"] == [3.0]
     assert math.isnan(withheld["train_seconds"][0]) and withheld["bytes_up"] == [20.0]
+
+
+def test_the_written_json_re_renders_the_same_table(tmp_path: Path) -> None:
+    """The JSON keeps exact scores, so a table re-rendered from it (after an upgrade) matches the first."""
+    from dataclasses import replace
+
+    from silotune.privacy_utility import rows_from_json, to_markdown, write_results
+
+    rows = [
+        _row("base model", "base", "-", None, 0.0, 0.1, 0.5),
+        replace(
+            _row("none-lora", "none", "lora", None, 0.2, 0.30250001, 0.6),
+            per_round={"epsilon": [math.nan], "bytes_up": [1.0], "bytes_down": [2.0], "train_seconds": [3.0]},
+        ),
+    ]
+    rows[1] = replace(rows[1], scores=replace(rows[1].scores, loss=0.80254, rouge_l_se=0.0325))
+    paths = write_results(rows, tmp_path, title="t", recipe=RECIPE)
+    again, recipe, notes, title = rows_from_json(paths["json"])
+    assert to_markdown(again, title=title, recipe=recipe, notes=notes) == paths["markdown"].read_text()
+    assert "| 0.803 |" in paths["markdown"].read_text() and "| 3 / 0 |" in paths["markdown"].read_text()
