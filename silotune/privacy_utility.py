@@ -373,20 +373,22 @@ class Row:
         """The row as one flat record; scores rounded to ``digits`` (None: exact, as the JSON keeps
         them so a re-rendered table matches the first one)."""
         s = asdict(self.scores)
-        if digits is None:
-            digits = 17
+        exact = digits is None
+        digits = 17 if exact else digits
         return {
             "name": self.name,
             "privacy": self.privacy,
             "method": self.method,
             "target_epsilon": "" if self.target_epsilon is None else self.target_epsilon,
-            "epsilon_spent": "" if self.epsilon_spent is None else round(self.epsilon_spent, 3),
+            "epsilon_spent": (
+                "" if self.epsilon_spent is None else round(self.epsilon_spent, 17 if exact else 3)
+            ),
             **{k: round(v, digits) if isinstance(v, float) else v for k, v in s.items()},
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "tokens": self.tokens,
             "rounds": self.rounds,
-            "seconds": round(self.seconds, 1),
+            "seconds": round(self.seconds, 17 if exact else 1),
         }
 
 
@@ -707,13 +709,14 @@ def plot_round_costs(rows: Sequence[Row], *, title: str) -> bytes:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in rows:
         pr = r.per_round
-        if not pr:
+        if not pr or not pr.get("bytes_up"):  # the base model: no rounds
             continue
         xs = list(range(1, len(pr["epsilon"]) + 1))
         if any(not math.isnan(e) for e in pr["epsilon"]):
             axes[0].plot(xs, pr["epsilon"], marker="o", label=r.name)
         axes[1].plot(xs, [b / 1e6 for b in pr["bytes_up"]], marker="o", label=f"{r.name} up")
-        axes[2].plot(xs, pr["train_seconds"], marker="o", label=r.name)
+        if any(not math.isnan(t) for t in pr["train_seconds"]):  # not withheld by the silos' policies
+            axes[2].plot(xs, pr["train_seconds"], marker="o", label=r.name)
     for ax, label in zip(
         axes, ("ε spent so far", "MB uploaded (all silos)", "training s (all silos)"), strict=True
     ):

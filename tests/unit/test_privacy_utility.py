@@ -192,8 +192,8 @@ def test_the_written_json_re_renders_the_same_table(tmp_path: Path) -> None:
             per_round={"epsilon": [math.nan], "bytes_up": [1.0], "bytes_down": [2.0], "train_seconds": [3.0]},
         ),
     ]
-    rows[1] = replace(rows[1], scores=replace(rows[1].scores, loss=0.80254, rouge_l_se=0.0325))
+    rows[1] = replace(rows[1], scores=replace(rows[1].scores, loss=0.80254, rouge_l_se=0.0325), seconds=75.46)
     paths = write_results(rows, tmp_path, title="t", recipe=RECIPE)
     again, recipe, notes, title = rows_from_json(paths["json"])
     assert to_markdown(again, title=title, recipe=recipe, notes=notes) == paths["markdown"].read_text()
-    assert "| 0.803 |" in paths["markdown"].read_text() and "| 3 / 0 |" in paths["markdown"].read_text()
+    assert "| 0.803 |" in paths["markdown"].read_text() and "| 3 / 75 |" in paths["markdown"].read_text()
