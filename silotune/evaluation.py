@@ -146,11 +146,15 @@ def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> lis
     return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
 
 
+def chrf_score(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (``sacrebleu``) of ``predictions`` against ``references``."""
+    return float(CHRF().corpus_score(list(predictions), [list(references)]).score)
+
+
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
     """(mean ROUGE-L F1, corpus chrF) of ``predictions`` against ``references``."""
     rouge = rouge_l_scores(predictions, references)
-    chrf = CHRF().corpus_score(list(predictions), [list(references)]).score
-    return sum(rouge) / max(1, len(rouge)), float(chrf)
+    return sum(rouge) / max(1, len(rouge)), chrf_score(predictions, references)
 
 
 def standard_error(values: Sequence[float]) -> float:
@@ -161,6 +165,11 @@ def standard_error(values: Sequence[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def binary_standard_error(rate: float, n: int) -> float:
+    """:func:`standard_error` of ``n`` 0/1 values whose mean is ``rate``, from the mean alone."""
+    return math.sqrt(rate * (1 - rate) / (n - 1)) if n >= 2 else 0.0
 
 
 @torch.no_grad()
@@ -209,7 +218,7 @@ def generate_eval(
             preds.append(tok.decode(gen, skip_special_tokens=True).strip())
             refs.append(tok.decode(ref, skip_special_tokens=True).strip())
     rouge_each = rouge_l_scores(preds, refs)
-    chrf = float(CHRF().corpus_score(preds, [refs]).score)
+    chrf = chrf_score(preds, refs)
     n = len(exact)
     return GenerationResult(
         num_examples=n,

@@ -54,7 +54,7 @@ from silotune.adapters import AdapterModel, global_norm
 from silotune.audit.mia import membership_inference
 from silotune.config import FederationConfig, parse_config
 from silotune.data import Example, collate, encode_dataset, per_sequence_loss, read_records
-from silotune.evaluation import evaluate, generate_eval, standard_error
+from silotune.evaluation import binary_standard_error, evaluate, generate_eval, standard_error
 from silotune.records import RoundSummary
 from silotune.report import figure_png
 from silotune.training import train_local
@@ -344,14 +344,6 @@ def score_adapter(
     )
 
 
-def binary_standard_error(rate: float, n: int) -> float:
-    """Standard error of a 0/1 metric's mean ``rate`` over ``n`` examples (its sample standard deviation
-    over sqrt(n), as :func:`silotune.evaluation.standard_error` gives for the 0/1 values themselves)."""
-    if n < 2:
-        return 0.0
-    return math.sqrt(rate * (1 - rate) * n / (n - 1) / n)
-
-
 @dataclass
 class Row:
     """One cell (or baseline) of the report."""
@@ -369,26 +361,26 @@ class Row:
     rounds: int = 0
     per_round: dict[str, list[float]] = field(default_factory=dict)
 
-    def flat(self, *, digits: int | None = 4) -> dict[str, Any]:
-        """The row as one flat record; scores rounded to ``digits`` (None: exact, as the JSON keeps
-        them so a re-rendered table matches the first one)."""
+    def flat(self, *, exact: bool = False) -> dict[str, Any]:
+        """The row as one flat record, rounded for the CSV; ``exact`` keeps every value as it is (the
+        JSON, so a table re-rendered from it matches the first one)."""
+
+        def rnd(v: float, digits: int) -> float:
+            return v if exact else round(v, digits)
+
         s = asdict(self.scores)
-        exact = digits is None
-        digits = 17 if exact else digits
         return {
             "name": self.name,
             "privacy": self.privacy,
             "method": self.method,
             "target_epsilon": "" if self.target_epsilon is None else self.target_epsilon,
-            "epsilon_spent": (
-                "" if self.epsilon_spent is None else round(self.epsilon_spent, 17 if exact else 3)
-            ),
-            **{k: round(v, digits) if isinstance(v, float) else v for k, v in s.items()},
+            "epsilon_spent": "" if self.epsilon_spent is None else rnd(self.epsilon_spent, 3),
+            **{k: rnd(v, 4) if isinstance(v, float) else v for k, v in s.items()},
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "tokens": self.tokens,
             "rounds": self.rounds,
-            "seconds": round(self.seconds, 17 if exact else 1),
+            "seconds": rnd(self.seconds, 1),
         }
 
 
@@ -640,7 +632,11 @@ def plot_frontier(rows: Sequence[Row], *, title: str) -> bytes:
         for privacy in ("sample_dp", "client_dp"):
             for method in METHODS:
                 cell = sorted(
-                    (r for r in rows if r.privacy == privacy and r.method == method and r.target_epsilon),
+                    (
+                        r
+                        for r in rows
+                        if r.privacy == privacy and r.method == method and r.target_epsilon is not None
+                    ),
                     key=lambda r: r.target_epsilon or 0.0,
                 )
                 if cell:  # ± one standard error where the report has them (older reports: none)
@@ -746,7 +742,7 @@ def write_results(
         json.dumps(
             {
                 "title": title,
-                "rows": [{**r.flat(digits=None), "per_round": r.per_round} for r in rows],
+                "rows": [{**r.flat(exact=True), "per_round": r.per_round} for r in rows],
                 "targets": targets(rows),
                 "recipe": asdict(recipe) if recipe else None,
                 "notes": list(notes),

@@ -92,8 +92,7 @@ def test_compare_adapters_reuses_known_teacher_forced_scores_and_adds_generation
 
 
 def test_standard_error_is_the_sample_deviation_over_root_n() -> None:
-    from silotune.evaluation import standard_error
-    from silotune.privacy_utility import binary_standard_error
+    from silotune.evaluation import binary_standard_error, standard_error
 
     assert standard_error([1.0]) == 0.0
     assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3 / 4))

@@ -128,7 +128,8 @@ def test_recipe_knobs_refuse_values_that_name_no_schedule() -> None:
 def test_the_kept_share_carries_its_standard_error_and_the_table_prints_it() -> None:
     from dataclasses import replace
 
-    from silotune.privacy_utility import binary_standard_error, to_markdown
+    from silotune.evaluation import binary_standard_error
+    from silotune.privacy_utility import to_markdown
 
     def with_se(row: Row) -> Row:
         s = row.scores
