@@ -740,20 +740,40 @@ def write_results(
     paths["markdown"].write_text(to_markdown(rows, title=title, recipe=recipe, notes=notes))
     paths["json"].write_text(
         json.dumps(
-            {
-                "title": title,
-                "rows": [{**r.flat(exact=True), "per_round": r.per_round} for r in rows],
-                "targets": targets(rows),
-                "recipe": asdict(recipe) if recipe else None,
-                "notes": list(notes),
-            },
+            _strict(
+                {
+                    "title": title,
+                    "rows": [{**r.flat(exact=True), "per_round": r.per_round} for r in rows],
+                    "targets": targets(rows),
+                    "recipe": asdict(recipe) if recipe else None,
+                    "notes": list(notes),
+                }
+            ),
             indent=2,
             default=str,
+            allow_nan=False,
         )
     )
     paths["frontier"].write_bytes(plot_frontier(rows, title=title))
     paths["round_costs"].write_bytes(plot_round_costs(rows, title=title))
     return paths
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: strict JSON (RFC 8259) has no NaN, and a
+    value that is not there (ε of a round without DP, seconds the silos withheld) reads as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _number(value: Any) -> float:
+    """A number of a written report; null (strict JSON's "not there") reads back as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def rows_from_json(path: str | Path) -> tuple[list[Row], Recipe | None, list[str], str]:
@@ -762,7 +782,13 @@ def rows_from_json(path: str | Path) -> tuple[list[Row], Recipe | None, list[str
     data = json.loads(Path(path).read_text())
     rows = []
     for r in data["rows"]:
-        scores = Scores(**{f: r[f] for f in Scores.__dataclass_fields__ if f in r})
+        scores = Scores(
+            **{
+                f: _number(r[f]) if r[f] is None and not f.endswith("_se") else r[f]  # an s.e. may be absent
+                for f in Scores.__dataclass_fields__
+                if f in r
+            }
+        )
         if "exact_match_se" not in r:  # written before there were standard errors: 0/1, so derivable
             scores.exact_match_se = binary_standard_error(scores.exact_match, scores.num_holdout)
         rows.append(
@@ -773,12 +799,12 @@ def rows_from_json(path: str | Path) -> tuple[list[Row], Recipe | None, list[str
                 target_epsilon=None if r["target_epsilon"] == "" else float(r["target_epsilon"]),
                 scores=scores,
                 epsilon_spent=None if r["epsilon_spent"] == "" else float(r["epsilon_spent"]),
-                seconds=float(r["seconds"]),
+                seconds=_number(r["seconds"]),
                 bytes_up=int(r["bytes_up"]),
                 bytes_down=int(r["bytes_down"]),
                 tokens=int(r["tokens"]),
                 rounds=int(r["rounds"]),
-                per_round=r.get("per_round", {}),
+                per_round={k: [_number(v) for v in vs] for k, vs in r.get("per_round", {}).items()},
             )
         )
     rec = data.get("recipe")
@@ -805,7 +831,8 @@ def dp_cost_line(model: str, *search: Path) -> str:
             key=lambda r: (-float(r["target_epsilon"]), r["method"] != "ffa_lora"),
         )
         if nodp and dps:
-            d = dps[0]
+            d = {k: _number(v) if v is None else v for k, v in dps[0].items()}
+            nodp = {k: _number(v) if v is None else v for k, v in nodp.items()}
             return (
                 f"what DP would cost (from {p}): DP-SGD at ε={float(d['target_epsilon']):g} ({d['method']}) "
                 f"gives union exact match {d['exact_match']:.3f} vs {nodp['exact_match']:.3f} without DP, "

@@ -374,7 +374,10 @@ def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
         assert get_json(store, lay.manifest(0))["included"] == ["clinic", "lab"]
         runs = {r.name: r for r in _silo_runs(stack, "stack-stock")}
         assert set(runs) == {f"{s}-{stage}-0" for s in SILOS for stage in ("round", "evaluate")}
-        assert all(r.state.is_completed() for r in runs.values())
+        not_completed = {
+            n: f"{r.state.name}: {r.state.message}" for n, r in runs.items() if not r.state.is_completed()
+        }
+        assert not not_completed, not_completed
         # lab's runs ran in processes the stock worker started (it records their pid; silotune's
         # in-process worker starts none)
         assert runs["lab-round-0"].infrastructure_pid and runs["lab-evaluate-0"].infrastructure_pid

@@ -198,3 +198,31 @@ def test_the_written_json_re_renders_the_same_table(tmp_path: Path) -> None:
     again, recipe, notes, title = rows_from_json(paths["json"])
     assert to_markdown(again, title=title, recipe=recipe, notes=notes) == paths["markdown"].read_text()
     assert "| 0.803 |" in paths["markdown"].read_text() and "| 3 / 75 |" in paths["markdown"].read_text()
+
+
+def test_the_written_json_is_strict_and_what_is_not_there_reads_back_as_nan(tmp_path: Path) -> None:
+    """ε of a round without DP and seconds the silos withheld are null in the JSON (a strict parser reads
+    it), and NaN again when the report is re-rendered from it."""
+    import json
+    from dataclasses import replace
+
+    from silotune.privacy_utility import dp_cost_line, rows_from_json, write_results
+
+    nan_round = {"epsilon": [math.nan], "bytes_up": [1.0], "bytes_down": [2.0], "train_seconds": [math.nan]}
+    rows = [
+        _row("base model", "base", "-", None, 0.0, 0.1, 0.5),
+        replace(_row("none-lora", "none", "lora", None, 0.2, 0.3, 0.6), per_round=nan_round),
+        replace(_row("dp8-lora", "sample_dp", "lora", 8.0, 0.15, 0.25, 0.52), seconds=math.nan),
+    ]
+    paths = write_results(rows, tmp_path / "privacy-utility", title="t", recipe=RECIPE)
+    text = paths["json"].read_text()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    data = json.loads(text, parse_constant=refuse)  # NaN, Infinity, -Infinity would call refuse
+    assert data["rows"][1]["per_round"]["epsilon"] == [None] and data["rows"][2]["seconds"] is None
+    again, *_ = rows_from_json(paths["json"])
+    assert math.isnan(again[1].per_round["epsilon"][0]) and math.isnan(again[1].per_round["train_seconds"][0])
+    assert math.isnan(again[2].seconds) and again[1].per_round["bytes_up"] == [1.0]
+    assert "DP-SGD at ε=8" in dp_cost_line("m", tmp_path)
