@@ -83,17 +83,61 @@ def evaluate(
     model = adapter.model
     model.eval()
     pad_id = adapter.tokenizer.pad_token_id
+    head_rows = response_head(model)
     total_loss = 0.0
     total_exact = 0
     for i in range(0, len(examples), batch_size):
         batch = adapter.to_device(collate(examples[i : i + batch_size], pad_id))  # batched on the device
         with adapter.autocast():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            seq_loss, _, exact = per_sequence_loss(out.logits, batch["labels"])
+            if head_rows is None:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                seq_loss, _, exact = per_sequence_loss(out.logits, batch["labels"])
+            else:
+                seq_loss, exact = _response_loss(*head_rows, batch)
         total_loss += float(seq_loss.sum())
         total_exact += int(exact.sum())
     n = len(examples)
     return EvalResult(num_examples=n, loss=total_loss / n, exact_match=total_exact / n)
+
+
+def response_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) of a model whose logits are ``head(decoder(...))`` alone (no soft-capping or
+    scaling; :data:`silotune.training.PLAIN_HEAD_MODELS`), so the head can run on the answer positions
+    only; None for any other model, and for prompt tuning (its virtual tokens shift the positions)."""
+    from silotune.training import PLAIN_HEAD_MODELS
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _response_loss(
+    decoder: torch.nn.Module, head: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean answer-token loss and greedy exact match [B], as :func:`per_sequence_loss`
+    gives them, with the LM head applied to the answer positions only.
+
+    Most positions of a chat example are prompt: on SmolLM2-135M the head is ~1/5 of the FLOPs
+    and the full [B, T, vocab] logits (49,152 columns) dominate the memory of an evaluation batch."""
+    labels = batch["labels"]
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    mask = shift_labels != IGNORE_INDEX
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[mask]).float()
+    targets = shift_labels[mask]
+    tok = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    row = mask.nonzero()[:, 0]
+    n = labels.size(0)
+    sums = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, row, tok)
+    counts = mask.sum(dim=1)
+    wrong = torch.zeros(n, dtype=torch.long, device=tok.device).index_add(
+        0, row, (logits.argmax(dim=-1) != targets).long()
+    )
+    return sums / counts.clamp_min(1), (wrong == 0) & (counts > 0)
 
 
 def weighted_mean(results: Sequence[EvalResult]) -> EvalResult:

@@ -350,6 +350,7 @@ def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
     import json
 
     from ops.stack import kill_worker, start_worker
+    from ops.supervise import tail
 
     kill_worker(stack, "silo-lab")
     try:
@@ -377,7 +378,9 @@ def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
         not_completed = {
             n: f"{r.state.name}: {r.state.message}" for n, r in runs.items() if not r.state.is_completed()
         }
-        assert not not_completed, not_completed
+        if not_completed:  # what the silos' workers logged, to tell the silo's failure from the stack's
+            logs = {p: tail(stack.logs / f"worker-{p}.log", 60) for p in ("silo-lab", "silo-clinic")}
+            raise AssertionError(f"silo runs not completed: {not_completed}; worker logs: {logs}")
         # lab's runs ran in processes the stock worker started (it records their pid; silotune's
         # in-process worker starts none)
         assert runs["lab-round-0"].infrastructure_pid and runs["lab-evaluate-0"].infrastructure_pid

@@ -28,29 +28,59 @@ def _teacher_forced_exact(adapter, examples) -> list[bool]:
     return [bool(x) for x in exact]
 
 
+def _own_and_real(adapter, demo_data) -> tuple[list[Example], list[Example]]:
+    """Holdout examples whose answers are the model's own greedy continuation (exact), and the real ones."""
+    adapter.load_state(adapter.initial_state(0))
+    chats = read_records(demo_data["clinic"]["eval"])[:3] + read_records(demo_data["lab"]["eval"])[:3]
+    real = encode_dataset(chats, adapter.tokenizer, 128)
+    own = []
+    for e in real:
+        prompt, _ = split_answer(e)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = adapter.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=5,
+                min_new_tokens=5,
+                do_sample=False,
+                pad_token_id=adapter.tokenizer.pad_token_id,
+            )[0, len(prompt) :].tolist()
+        own.append(Example(prompt + gen, [IGNORE_INDEX] * len(prompt) + gen))
+    return own, real
+
+
+def test_the_head_on_answer_positions_only_scores_as_the_full_logits(
+    tiny_adapter, demo_data, one_thread, monkeypatch
+) -> None:
+    """evaluate() applies the LM head to the answer positions only: the same loss and exact match, example
+    by example, as per_sequence_loss on the full logits (one example has no answer token)."""
+    import silotune.evaluation as ev
+
+    assert ev.response_head(tiny_adapter.model) is not None  # the tiny Llama takes the fast path
+    own, real = _own_and_real(tiny_adapter, demo_data)
+    empty = Example(real[0].input_ids, [IGNORE_INDEX] * len(real[0].input_ids))
+    examples = [*own, *real, empty]
+    batch = collate(examples, tiny_adapter.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, exact = ev._response_loss(*ev.response_head(tiny_adapter.model), batch)
+        out = tiny_adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    full_loss, _, full_exact = per_sequence_loss(out.logits, batch["labels"])
+    assert torch.allclose(loss, full_loss, atol=1e-5) and loss[-1] == 0
+    assert exact.tolist() == full_exact.tolist() == [True] * len(own) + [False] * (len(real) + 1)
+    fast = evaluate(tiny_adapter, examples, batch_size=4)
+    monkeypatch.setattr(ev, "response_head", lambda model: None)
+    slow = evaluate(tiny_adapter, examples, batch_size=4)
+    assert fast.exact_match == slow.exact_match and fast.loss == pytest.approx(slow.loss, abs=1e-6)
+
+
 def test_free_running_exact_match_equals_teacher_forced_when_the_limit_covers_the_answer(
     tiny_adapter, demo_data, one_thread
 ) -> None:
     """Greedy decoding reproduces the reference iff every reference token is the argmax given its
     prefix: on answers that are the model's own greedy continuation both say yes, on the real
     references both say no, example by example (prompts of different lengths: left padding)."""
-    tiny_adapter.load_state(tiny_adapter.initial_state(0))
-    chats = read_records(demo_data["clinic"]["eval"])[:3] + read_records(demo_data["lab"]["eval"])[:3]
-    real = encode_dataset(chats, tiny_adapter.tokenizer, 128)
-    own = []
-    for e in real:
-        prompt, _ = split_answer(e)
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = tiny_adapter.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=5,
-                min_new_tokens=5,
-                do_sample=False,
-                pad_token_id=tiny_adapter.tokenizer.pad_token_id,
-            )[0, len(prompt) :].tolist()
-        own.append(Example(prompt + gen, [IGNORE_INDEX] * len(prompt) + gen))
+    own, real = _own_and_real(tiny_adapter, demo_data)
     examples = own + real
     tf = _teacher_forced_exact(tiny_adapter, examples)
     fr = generate_eval(tiny_adapter, examples, max_new_tokens=40, batch_size=4)
