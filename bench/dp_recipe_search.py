@@ -16,7 +16,10 @@ The baseline, in the same run, is the config's own non-private recipe on the sam
 Each candidate prints the share of the non-private validation-loss gain over the base model it keeps,
 so the ratio holds on any machine. A candidate is a space-separated list of ``key=value``:
 ``batch`` (expected Poisson batch), ``steps`` (local steps per round), ``lr``, ``r`` and ``targets``
-(``v_proj,q_proj``: the DP cells' LoRA shape), ``ffa`` (1: FFA-LoRA, A frozen).
+(``v_proj,q_proj``: the DP cells' LoRA shape), ``ffa`` (1: FFA-LoRA, A frozen), ``server_lr`` (the
+global moves by ``server_lr`` × the weighted mean delta: a plain SGD server step,
+``aggregation.server_options.lr``; default the config's) and ``dp`` (0: a non-private candidate,
+e.g. ``--candidate "dp=0 ffa=0 server_lr=2"`` to choose a server learning rate for plain LoRA).
 
 Cost: about 0.5 s per sampled training record on this 2-core CPU (SmolLM2-135M, 65–100 tokens).
 """
@@ -63,8 +66,22 @@ def candidate_config(base: FederationConfig, spec: dict[str, str], *, dp: bool) 
         **data["security"],
         "ffa_lora": bool(int(ffa)) if ffa is not None else data["security"]["ffa_lora"],
     }
-    data.update(train=train, lora=lora, security=security)
+    aggregation = dict(data["aggregation"])
+    if "server_lr" in spec:
+        aggregation["server_options"] = {**aggregation["server_options"], "lr": float(spec["server_lr"])}
+    data.update(train=train, lora=lora, security=security, aggregation=aggregation)
     return parse_config(data)
+
+
+def server_lr(config: FederationConfig) -> float:
+    """The plain SGD server step this search applies; other server optimizers are not modelled."""
+    agg = config.aggregation
+    if agg.server_optimizer != "sgd" or set(agg.server_options) - {"lr"}:
+        raise SystemExit(
+            f"aggregation: server optimizer {agg.server_optimizer!r} with options {agg.server_options} "
+            "is not modelled by this search (only plain SGD with a learning rate)"
+        )
+    return float(agg.server_options.get("lr", 1.0))
 
 
 def run(
@@ -98,6 +115,7 @@ def run(
             )
             for name, ex in silos
         }
+    eta = server_lr(config)
     t0 = time.perf_counter()
     curve = []
     for r in range(config.rounds):
@@ -126,7 +144,8 @@ def run(
             deltas.append((len(ex), d))
         total = sum(n for n, _ in deltas)
         state = {
-            k: v + sum(n / total * d[k] for n, d in deltas) if k in keys else v for k, v in state.items()
+            k: v + eta * sum(n / total * d[k] for n, d in deltas) if k in keys else v
+            for k, v in state.items()
         }
         ev = evaluate(adapter, encoded_val, state=state, batch_size=20)
         curve.append({"round": r + 1, "val_loss": round(ev.loss, 4), "val_em": round(ev.exact_match, 4)})
@@ -135,6 +154,7 @@ def run(
     return {
         "tag": tag,
         "epsilon": epsilon,
+        "server_lr": eta,
         "clip": clip,
         "sigma": sigma,
         "trainable": trainable,
@@ -177,17 +197,18 @@ def main() -> None:
         results.append(run(base, val, None, delta, "non-private", clip_examples=clip_examples))
     for text in a.candidate:
         spec = dict(kv.split("=", 1) for kv in text.split())
+        private = spec.pop("dp", "1") != "0"
         results.append(
             run(
-                candidate_config(base, spec, dp=True),
+                candidate_config(base, spec, dp=private),
                 val,
-                a.epsilon,
+                a.epsilon if private else None,
                 delta,
                 text,
                 clip_examples=clip_examples,
             )
         )
-    nodp = next((r for r in results if r["epsilon"] is None), None)
+    nodp = next((r for r in results if r["epsilon"] is None), None)  # the first non-private run
     print(f"base model: validation loss {base_eval.loss:.3f}, exact match {base_eval.exact_match:.3f}")
     for r in results:
         kept = ""
