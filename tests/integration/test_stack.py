@@ -380,7 +380,17 @@ def test_stock_process_worker_serves_a_silo_pool(stack, demo_data) -> None:
         }
         if not_completed:  # what the silos' workers logged, to tell the silo's failure from the stack's
             logs = {p: tail(stack.logs / f"worker-{p}.log", 60) for p in ("silo-lab", "silo-clinic")}
-            raise AssertionError(f"silo runs not completed: {not_completed}; worker logs: {logs}")
+            recorded = [
+                {
+                    **{k: h.get(k) for k in ("round", "excluded", "eval_failures")},
+                    "evaluated": sorted(h.get("eval") or {}),
+                }
+                for h in get_json(store, lay.state())["history"]
+            ]
+            raise AssertionError(
+                f"silo runs not completed: {not_completed}; the federation recorded: {recorded}; "
+                f"worker logs: {logs}"
+            )
         # lab's runs ran in processes the stock worker started (it records their pid; silotune's
         # in-process worker starts none)
         assert runs["lab-round-0"].infrastructure_pid and runs["lab-evaluate-0"].infrastructure_pid
