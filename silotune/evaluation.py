@@ -32,6 +32,7 @@ from sacrebleu.metrics import CHRF
 from silotune.adapters import AdapterModel
 from silotune.data import IGNORE_INDEX, Example, PreferenceExample, collate, per_sequence_loss
 from silotune.methods.objectives import evaluate_pairs
+from silotune.training import response_head
 
 _PREF_FIELDS = ("dpo_loss", "pref_margin", "pref_accuracy", "reward_margin", "reward_accuracy")
 _GEN_FIELDS = ("gen_exact_match", "rouge_l", "chrf")
@@ -98,21 +99,6 @@ def evaluate(
         total_exact += int(exact.sum())
     n = len(examples)
     return EvalResult(num_examples=n, loss=total_loss / n, exact_match=total_exact / n)
-
-
-def response_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(decoder, LM head) of a model whose logits are ``head(decoder(...))`` alone (no soft-capping or
-    scaling; :data:`silotune.training.PLAIN_HEAD_MODELS`), so the head can run on the answer positions
-    only; None for any other model, and for prompt tuning (its virtual tokens shift the positions)."""
-    from silotune.training import PLAIN_HEAD_MODELS
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
-        return None
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
-        return None
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 def _response_loss(

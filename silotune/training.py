@@ -175,6 +175,35 @@ def padded(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def response_head_refusal(model: torch.nn.Module) -> str | None:
+    """Why the LM head of ``model`` cannot run on the answer positions alone (None: it can).
+
+    It can where the logits are ``head(decoder(...))`` and nothing else (:data:`PLAIN_HEAD_MODELS`: no
+    soft-capping or scaling), and not under prompt tuning (its virtual tokens shift the positions)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(getattr(base, "config", None), "model_type", "?")
+    if kind not in PLAIN_HEAD_MODELS:
+        return (
+            f"model type {kind!r} is not one whose logits are lm_head(hidden) alone; "
+            f"supported: {', '.join(sorted(PLAIN_HEAD_MODELS))}"
+        )
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
+        return "does not apply to prompt tuning"
+    return None
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def response_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) of ``model`` when the head can run on the answer positions alone
+    (:func:`response_head_refusal`), else None."""
+    return None if response_head_refusal(model) is not None else _decoder_and_head(model)
+
+
 class SequenceLoss(torch.nn.Module):
     """Per-example mean response-token loss [B] of ``model``, with the CPU speed levers.
 
@@ -189,17 +218,10 @@ class SequenceLoss(torch.nn.Module):
         self.model = model
         self.response_only = response_only
         if response_only:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            kind = getattr(base.config, "model_type", "?")
-            if kind not in PLAIN_HEAD_MODELS:
-                raise ConfigError(
-                    f"train.response_logits_only: model type {kind!r} is not one whose logits are "
-                    f"lm_head(hidden) alone; supported: {', '.join(sorted(PLAIN_HEAD_MODELS))}"
-                )
-            if getattr(model, "peft_config", None) and model.peft_config["default"].is_prompt_learning:
-                raise ConfigError("train.response_logits_only does not apply to prompt tuning")
-            self.decoder = base.get_decoder()
-            self.head = base.get_output_embeddings()
+            refusal = response_head_refusal(model)
+            if refusal is not None:
+                raise ConfigError(f"train.response_logits_only: {refusal}")
+            self.decoder, self.head = _decoder_and_head(model)
 
     def forward(
         self,
